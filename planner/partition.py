@@ -1,0 +1,95 @@
+"""Cut a prompt into the segments one method works on: anchor, context blocks (one per virtual
+host) or ring chunks, and the query block, with the static passing size of every block.
+
+Sizes follow SPAVA_SPEC.md sections 3-4 and 8. One deliberate refinement: the passing size is
+uniform over blocks, k = min(p, 128 * floor(B_min / 128)), so every selection all-gather moves
+equal-size buffers (the spec's per-block k_i differs only when balanced block lengths straddle a
+multiple of 128). With ``pass_all`` the anchor absorbs the (L - a) mod V remainder so that every
+block, hence every all-gather buffer, has the same length; Spava then equals exact attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spava_plan.config import MethodConfig
+from spava_plan.errors import InfeasiblePlanError
+
+from .layout import TokenLayout, apb_passing, balanced_split, paper_anchor, paper_passing
+
+MIN_SELECT_BLOCK = 128  # selection keeps whole 128-token tiles: a block needs at least one
+
+
+@dataclass(frozen=True)
+class Partition:
+    method: str
+    world: int  # ranks W this method runs on (dense: 1)
+    hosts_per_rank: int
+    anchor: tuple[int, int] | None  # global span of the anchor (every rank holds it)
+    blocks: tuple[tuple[int, int], ...]  # one span per virtual host (ring: per chunk)
+    block_kind: str  # "block" or "chunk"
+    keep: int  # tokens per KV head every block passes on (0: no passing)
+    query: tuple[int, int] | None  # the query block span (None when it is inside the chunks)
+    anchor_tokens: int
+    passing_tokens: int  # the budget p before the per-block cap
+
+    @property
+    def virtual_hosts(self) -> int:
+        return len(self.blocks)
+
+
+def _blocks_for(layout: TokenLayout, method: MethodConfig, world: int, hosts: int, anchor: int,
+                passing: int) -> tuple[int, tuple[tuple[int, int], ...], int]:
+    """(anchor, blocks, keep) for the anchor + passing methods (spava, apb)."""
+    L = layout.context_tokens
+    V = world * hosts
+    if anchor >= L:
+        raise InfeasiblePlanError(f"the anchor ({anchor} tokens) covers the whole context ({L} tokens); "
+                                  f"lower method.anchor_tokens or raise frames", setting="method.anchor_tokens")
+    if method.pass_all:
+        anchor += (L - anchor) % V  # equal blocks -> equal all-gather buffers
+        if L - anchor < V:
+            raise InfeasiblePlanError(f"{V} virtual hosts need at least one context token each but the context "
+                                      f"has {L - anchor} after the anchor; lower gpus or method.hosts_per_gpu",
+                                      setting="gpus")
+        blocks = tuple(balanced_split(anchor, L, V))
+        return anchor, blocks, blocks[0][1] - blocks[0][0]
+    b_min = (L - anchor) // V
+    if passing > 0 and b_min < MIN_SELECT_BLOCK:
+        raise InfeasiblePlanError(
+            f"{V} virtual hosts ({world} GPUs x {hosts}) leave {b_min} context tokens per block but selection "
+            f"needs at least {MIN_SELECT_BLOCK}; lower gpus or method.hosts_per_gpu, or raise frames",
+            setting="gpus")
+    if b_min < 1:
+        raise InfeasiblePlanError(f"{V} virtual hosts leave no context tokens per block; lower gpus or "
+                                  f"method.hosts_per_gpu, or raise frames", setting="gpus")
+    keep = min(passing, MIN_SELECT_BLOCK * (b_min // MIN_SELECT_BLOCK)) if passing > 0 else 0
+    return anchor, tuple(balanced_split(anchor, L, V)), keep
+
+
+def partition(layout: TokenLayout, method: MethodConfig, gpus: int) -> Partition:
+    L, total = layout.context_tokens, layout.total_tokens
+    query = (L, total)
+    name = method.name
+    if name in ("spava", "apb"):
+        hosts = method.hosts_per_gpu if name == "spava" else 1  # APB: one block per GPU, no ZigZag
+        anchor = paper_anchor(L) if method.anchor_tokens is None else method.anchor_tokens
+        default_p = paper_passing(L) if name == "spava" else apb_passing(L)
+        passing = default_p if method.passing_tokens is None else method.passing_tokens
+        anchor, blocks, keep = _blocks_for(layout, method, gpus, hosts, anchor, passing)
+        return Partition(name, gpus, hosts, (0, anchor) if anchor > 0 else None, blocks, "block", keep, query,
+                         anchor, passing)
+    if name == "star":
+        if L < gpus:
+            raise InfeasiblePlanError(f"star needs one context token per GPU but L={L} < gpus={gpus}", setting="gpus")
+        blocks = tuple(balanced_split(0, L, gpus))
+        # Star's anchor is the first block itself, prepended on every other rank.
+        return Partition(name, gpus, 1, None, blocks, "block", 0, query, blocks[0][1], 0)
+    if name == "zigzag_ring":
+        if total < 2 * gpus:
+            raise InfeasiblePlanError(f"zigzag_ring needs 2 tokens per GPU but the prompt has {total} for "
+                                      f"gpus={gpus}", setting="gpus")
+        chunks = tuple(balanced_split(0, total, 2 * gpus))
+        return Partition(name, gpus, 2, None, chunks, "chunk", 0, None, 0, 0)
+    if name == "dense":
+        return Partition(name, 1, 1, None, ((0, total),), "block", 0, None, 0, 0)
+    raise AssertionError(f"method {name!r} passed validation but has no partition")

@@ -1,0 +1,186 @@
+"""Per-rank work: local sequence, attention tasks, selections, collectives and KV cache shard.
+
+Given a Partition and a host -> rank placement this spells out, for every rank, exactly what
+SPAVA_SPEC.md sections 3-7 (and section 8 for the baselines) ask of it, with every size static.
+"""
+from __future__ import annotations
+
+from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan
+
+from .partition import Partition
+
+QUERY_RANK = 0  # the rank that attends the query's own keys and appends decoded tokens' K/V
+
+
+def _runs(sorted_ranks: list[int]) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: contiguous rank ranges of an all-gather buffer."""
+    runs: list[tuple[int, int]] = []
+    for r in sorted_ranks:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def host_slots(host_rank: tuple[int, ...], world: int) -> tuple[list[tuple[int, ...]], list[int]]:
+    """(hosts of each rank in ascending order, slot of each host = its index on its rank)."""
+    per_rank: list[list[int]] = [[] for _ in range(world)]
+    for v, r in enumerate(host_rank):
+        per_rank[r].append(v)
+    slot = [0] * len(host_rank)
+    for hosts in per_rank:
+        for s, v in enumerate(hosts):
+            slot[v] = s
+    return [tuple(h) for h in per_rank], slot
+
+
+def passing_refs(v: int, host_rank: tuple[int, ...], slot: list[int], keep: int) -> tuple[KVRef, ...]:
+    """The passing block of host v: the selections of hosts 0..v-1, as runs of all-gather rows."""
+    if keep == 0 or v == 0:
+        return ()
+    by_slot: dict[int, list[int]] = {}
+    for u in range(v):
+        by_slot.setdefault(slot[u], []).append(host_rank[u])
+    refs = []
+    for s in sorted(by_slot):
+        for a, b in _runs(sorted(by_slot[s])):
+            refs.append(KVRef(kind="passing", mask="full", slot=s, rank_start=a, rank_stop=b, keep=keep))
+    return tuple(refs)
+
+
+def _anchor_slice(anchor: tuple[int, int], rank: int, world: int) -> tuple[int, int] | None:
+    """Rank r's share of the anchor for the query: [r*ceil(a/W), (r+1)*ceil(a/W)) within [0, a)."""
+    start, stop = anchor
+    step = -(-(stop - start) // world)
+    lo, hi = start + rank * step, min(stop, start + (rank + 1) * step)
+    return (lo, hi) if lo < hi else None
+
+
+def _local(a: int, b: int, mask: str = "full") -> KVRef:
+    return KVRef(kind="local", mask=mask, start=a, stop=b)
+
+
+def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
+    """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
+    W = part.world
+    per_rank, slot = host_slots(host_rank, W)
+    ranks = []
+    for r in range(W):
+        hosts = per_rank[r]
+        local: list[tuple[int, int]] = []
+        tasks: list[AttnTask] = []
+        if part.anchor:
+            local.append(part.anchor)
+            tasks.append(AttnTask("anchor", *part.anchor, kv=(_local(*part.anchor, "causal"),)))
+        for v in hosts:
+            local.append(part.blocks[v])
+        assert part.query is not None
+        local.append(part.query)
+        for v in hosts:
+            a, b = part.blocks[v]
+            kv = list(passing_refs(v, host_rank, slot, part.keep))
+            if part.anchor:
+                kv.append(_local(*part.anchor))
+            if part.method == "apb":
+                kv.append(_local(*part.query))  # APB embeds the query in the anchor
+            kv.append(_local(a, b, "causal"))
+            tasks.append(AttnTask(f"host{v}", a, b, kv=tuple(kv)))
+        qkv: list[KVRef] = []
+        share = _anchor_slice(part.anchor, r, W) if part.anchor else None
+        if share:
+            qkv.append(_local(*share))
+        qkv.extend(_local(*part.blocks[v]) for v in hosts)
+        if r == QUERY_RANK:
+            qkv.append(_local(*part.query, "causal"))
+        tasks.append(AttnTask("query", *part.query, kv=tuple(qkv), merge="query"))
+        select = tuple((s, *part.blocks[v], part.keep) for s, v in enumerate(hosts)) if part.keep else ()
+        cache = ([share] if share else []) + [part.blocks[v] for v in hosts] + ([part.query] if r == QUERY_RANK else [])
+        ranks.append(RankPlan(rank=r, hosts=hosts, local=tuple(local), tasks=tuple(tasks), select=select,
+                              cache=tuple(cache), decode_appends=(r == QUERY_RANK)))
+    return ranks
+
+
+def _star_ranks(part: Partition) -> list[RankPlan]:
+    """Star: block 0 is the anchor, prepended on ranks > 0; no communication in the context pass."""
+    W = part.world
+    assert part.query is not None
+    first = part.blocks[0]
+    ranks = []
+    for r in range(W):
+        own = part.blocks[r]
+        if r == 0:
+            local = (own, part.query)
+            tasks = [AttnTask("host0", *own, kv=(_local(*own, "causal"),))]
+        else:
+            local = (first, own, part.query)
+            tasks = [AttnTask("anchor", *first, kv=(_local(*first, "causal"),)),
+                     AttnTask(f"host{r}", *own, kv=(_local(*first), _local(*own, "causal")))]
+        qkv = [_local(*own)] + ([_local(*part.query, "causal")] if r == QUERY_RANK else [])
+        tasks.append(AttnTask("query", *part.query, kv=tuple(qkv), merge="query"))
+        cache = (own, part.query) if r == QUERY_RANK else (own,)
+        ranks.append(RankPlan(rank=r, hosts=(r,), local=local, tasks=tuple(tasks), select=(), cache=cache,
+                              decode_appends=(r == QUERY_RANK)))
+    return ranks
+
+
+def _ring_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
+    """ZigZag ring: chunk c attends chunks j < c fully and itself causally; remote K/V arrive over
+    W-1 ring steps."""
+    W = part.world
+    per_rank, _ = host_slots(host_rank, W)
+    last_owner = host_rank[len(part.blocks) - 1]
+    ranks = []
+    for r in range(W):
+        chunks = per_rank[r]
+        tasks = []
+        for c in chunks:
+            kv = []
+            for j in range(c):
+                a, b = part.blocks[j]
+                owner = host_rank[j]
+                kv.append(_local(a, b) if owner == r else KVRef(kind="remote", mask="full", start=a, stop=b, owner=owner))
+            kv.append(_local(*part.blocks[c], "causal"))
+            tasks.append(AttnTask(f"chunk{c}", *part.blocks[c], kv=tuple(kv)))
+        local = tuple(part.blocks[c] for c in chunks)
+        ranks.append(RankPlan(rank=r, hosts=chunks, local=local, tasks=tuple(tasks), select=(), cache=local,
+                              decode_appends=(r == last_owner)))
+    return ranks
+
+
+def _dense_ranks(part: Partition) -> list[RankPlan]:
+    span = part.blocks[0]
+    task = AttnTask("host0", *span, kv=(_local(*span, "causal"),))
+    return [RankPlan(rank=0, hosts=(0,), local=(span,), tasks=(task,), select=(), cache=(span,), decode_appends=True)]
+
+
+def rank_plans(part: Partition, host_rank: tuple[int, ...]) -> tuple[RankPlan, ...]:
+    if part.method in ("spava", "apb"):
+        return tuple(_anchor_pass_ranks(part, host_rank))
+    if part.method == "star":
+        return tuple(_star_ranks(part))
+    if part.method == "zigzag_ring":
+        return tuple(_ring_ranks(part, host_rank))
+    if part.method == "dense":
+        return tuple(_dense_ranks(part))
+    raise AssertionError(part.method)
+
+
+def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Collective, ...]:
+    """Per-layer exchanges with their static sizes (bytes each rank contributes)."""
+    out: list[Collective] = []
+    hkv, d = model.num_kv_heads, model.head_dim
+    if part.keep:
+        for s in range(part.hosts_per_rank):
+            out.append(Collective(f"select{s}", "select_all_gather", slot=s, rows_per_rank=part.keep,
+                                  bytes_per_rank=part.keep * hkv * 2 * d * dtype_bytes))
+    if part.query is not None and part.world > 1:
+        lq = part.query[1] - part.query[0]
+        # (out, lse) partials travel in fp32 so the merge is exact to fp32 rounding
+        out.append(Collective("query", "query_all_gather", rows_per_rank=lq,
+                              bytes_per_rank=lq * model.num_heads * (d + 1) * 4))
+    if part.method == "zigzag_ring" and part.world > 1:
+        chunk = max(b - a for a, b in part.blocks)
+        out.append(Collective("ring", "ring", rows_per_rank=2 * chunk,
+                              bytes_per_rank=2 * chunk * hkv * 2 * d * dtype_bytes))
+    return tuple(out)

@@ -1,0 +1,45 @@
+"""The one family of user-facing errors.
+
+Every problem a user can fix (a bad config value, an infeasible plan, a plan that does not match
+the launched world or the model) raises a subclass of ``SpavaError``. Its message is a single line
+that names the setting to change; entry points print it and exit with code 2. ``assert`` is kept
+for internal invariants only.
+"""
+from __future__ import annotations
+
+
+class SpavaError(ValueError):
+    """A user error. ``setting`` names the knob to change (e.g. ``video.frames``)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, setting: str | None = None):
+        self.setting = setting
+        text = " ".join(str(message).split())  # always one line
+        if setting and setting not in text:
+            text = f"{setting}: {text}"
+        super().__init__(text)
+
+
+class ConfigError(SpavaError):
+    """A configuration value is out of range, malformed or inconsistent."""
+
+
+class InfeasiblePlanError(SpavaError):
+    """The configuration is valid but no plan satisfies it (memory, block sizes)."""
+
+
+class PlanFormatError(SpavaError):
+    """A plan file is unreadable, of an unknown schema version, or fails its content hash."""
+
+
+class PlanMismatchError(SpavaError):
+    """A plan does not match what it is run with (world size, model, input tokens)."""
+
+
+class InputError(SpavaError):
+    """An input (checkpoint, video, question, tensor) is missing, unreadable or malformed."""
+
+
+class DistributedError(SpavaError):
+    """A peer rank failed or timed out; the message names the rank."""

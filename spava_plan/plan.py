@@ -1,0 +1,382 @@
+"""The Plan: the immutable contract between planner, codegen and runtime.
+
+Everything the runtime needs is here, with every size fixed statically: token segments, which
+rank runs which virtual host, the attention tasks of each rank (query rows x KV sources with
+their masks), the selection all-gathers, the KV cache shard, the per-layer op schedule and the
+cost model's predictions. ``Plan.to_json`` writes ``plan.json`` (schema version, fully resolved
+config, content hash); ``load_plan`` reads it back into an equal object and refuses an unknown
+schema version or a hash mismatch.
+
+Notation (SPAVA_SPEC.md): W ranks, V virtual hosts, L context tokens, Lq query tokens.
+Token positions are global indices into the full prompt sequence [context | query].
+
+Vocabulary of the contract
+- Segment: a contiguous, named range of global tokens: the anchor, a context block owned by one
+  virtual host (``block``), a ring chunk (``chunk``, zigzag_ring), or the query block.
+- KVRef: one source of keys/values for an attention task.
+    kind="local":   tokens [start, stop) held in this rank's local K/V buffer.
+    kind="passing": the packed selections (K|V, ``keep`` rows per KV head) that the other ranks'
+                    hosts sent through collective ``slot``: rows of ranks [rank_start, rank_stop).
+    kind="remote":  tokens [start, stop) whose K/V live on rank ``owner`` (ring attention).
+  mask="full": every query row sees every key. mask="causal": causal with the LAST query row
+  aligned to the LAST key (bottom-right); for a query span equal to the key span this is the usual
+  causal mask.
+- AttnTask: query rows [q_start, q_stop) attending to the concatenation of its KV sources, with
+  one softmax over all of them. merge="none": the rows are final. merge="query": the result is a
+  partial (out, lse) that is all-gathered and LSE-merged across ranks.
+- Collective: a per-layer exchange. kind="select_all_gather": every rank sends the packed
+  selection of its host in ``slot``; kind="query_all_gather": (out, lse) partials of the query;
+  kind="ring": W-1 point-to-point K/V steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import PlanFormatError, PlanMismatchError
+
+SCHEMA_VERSION = 1
+
+SEGMENT_KINDS = ("anchor", "block", "chunk", "query")
+KV_KINDS = ("local", "passing", "remote")
+MASKS = ("full", "causal")
+MERGES = ("none", "query")
+COLLECTIVE_KINDS = ("select_all_gather", "query_all_gather", "ring")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str  # unique: "anchor", "block3", "chunk5", "query"
+    kind: str  # one of SEGMENT_KINDS
+    start: int  # first global token
+    stop: int  # one past the last global token
+    host: int = -1  # virtual host owning a block/chunk (-1 for anchor and query)
+    keep: int = 0  # tokens per KV head this block passes on to later hosts (0: none)
+    # Position-id bounds (inclusive) of the segment's tokens: (t, h, w) M-RoPE components for
+    # Qwen2-VL family models, all three equal for 1-D RoPE models.
+    pos_min: tuple[int, int, int] = (0, 0, 0)
+    pos_max: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class KVRef:
+    kind: str  # one of KV_KINDS
+    mask: str = "full"  # one of MASKS
+    start: int = 0  # local / remote: global token range
+    stop: int = 0
+    slot: int = -1  # passing: collective slot
+    rank_start: int = 0  # passing: rows sent by ranks [rank_start, rank_stop) through that slot
+    rank_stop: int = 0
+    keep: int = 0  # passing: rows per rank in that slot
+    owner: int = -1  # remote: the rank that holds these tokens
+
+    @property
+    def length(self) -> int:
+        """Number of keys (per KV head) this source contributes."""
+        if self.kind == "passing":
+            return (self.rank_stop - self.rank_start) * self.keep
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class AttnTask:
+    name: str  # "anchor", "host3", "query", "chunk5"
+    q_start: int  # global token range of the query rows
+    q_stop: int
+    kv: tuple[KVRef, ...]
+    merge: str = "none"  # one of MERGES
+
+    @property
+    def rows(self) -> int:
+        return self.q_stop - self.q_start
+
+    @property
+    def keys(self) -> int:
+        return sum(ref.length for ref in self.kv)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    hosts: tuple[int, ...]  # virtual hosts this rank runs, in slot order (slot i -> hosts[i])
+    local: tuple[tuple[int, int], ...]  # global token ranges of the local sequence, in local order
+    tasks: tuple[AttnTask, ...]  # every attention task of this rank, per layer
+    select: tuple[tuple[int, int, int, int], ...]  # (slot, start, stop, keep): blocks it selects from
+    cache: tuple[tuple[int, int], ...]  # global token ranges of its KV cache shard after prefill
+    decode_appends: bool = False  # this rank appends the new tokens' K/V during decode
+
+    @property
+    def local_tokens(self) -> int:
+        return sum(stop - start for start, stop in self.local)
+
+    def local_offset(self, position: int) -> int:
+        """Local buffer row of global token ``position`` (it must be held by this rank)."""
+        offset = 0
+        for start, stop in self.local:
+            if start <= position < stop:
+                return offset + position - start
+            offset += stop - start
+        raise KeyError(f"token {position} is not in rank {self.rank}'s local sequence")
+
+
+@dataclass(frozen=True)
+class Collective:
+    name: str
+    kind: str  # one of COLLECTIVE_KINDS
+    slot: int = -1  # select_all_gather: which host slot every rank contributes
+    rows_per_rank: int = 0  # select_all_gather: keep; query_all_gather: Lq
+    bytes_per_rank: int = 0  # bytes each rank contributes per layer
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a rank's per-layer schedule, with the cost model's predicted timing."""
+
+    name: str
+    kind: str  # "compute" | "comm_start" | "comm_wait"
+    stream: str = "compute"  # "compute" or "comm"
+    tasks: tuple[str, ...] = ()  # attention tasks fused into this launch
+    collective: str = ""  # collective started / waited on
+    start_us: float = 0.0
+    end_us: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankSchedule:
+    rank: int
+    ops: tuple[Op, ...]  # one layer; every layer repeats it
+    layer_us: float = 0.0  # predicted time of one layer on this rank
+    exposed_comm_us: float = 0.0  # communication the schedule does not hide, per layer
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Cost-model predictions for the whole prefill (all layers, vision encoder included)."""
+
+    rank_us: tuple[float, ...] = ()  # predicted prefill time per rank
+    makespan_us: float = 0.0  # slowest rank (critical path) plus unhidden communication
+    vision_us: float = 0.0
+    exposed_comm_us: float = 0.0
+    peak_memory_bytes: tuple[int, ...] = ()  # per rank
+    memory_breakdown: Mapping[str, int] = field(default_factory=dict)  # busiest rank's parts
+
+
+@dataclass(frozen=True)
+class Placement:
+    solver: str
+    host_rank: tuple[int, ...]  # rank of every virtual host
+    host_cost: tuple[float, ...] = ()  # work of every virtual host as the solver saw it
+    makespan: float = 0.0
+    lower_bound: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        """Relative distance of the makespan from the lower bound (0 = proven optimal)."""
+        return 0.0 if self.lower_bound <= 0 else self.makespan / self.lower_bound - 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class Layout:
+    total_tokens: int  # L + Lq
+    context_tokens: int  # L
+    query_tokens: int  # Lq
+    video_tokens: int
+    frames: int  # frames after padding
+    grid_thw: tuple[int, int, int]  # (temporal grids, merged-token rows, merged-token cols)
+    frame_size: tuple[int, int]  # (height, width) after the processor's resize
+    anchor_tokens: int  # a
+    passing_tokens: int  # p (the budget before the per-block cap)
+    virtual_hosts: int  # V
+    segments: tuple[Segment, ...]
+
+    def segment(self, name: str) -> Segment:
+        for seg in self.segments:
+            if seg.name == name:
+                return seg
+        raise KeyError(name)
+
+    @property
+    def blocks(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if s.kind in ("block", "chunk"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str
+    world_size: int
+    dtype: str
+    model: ModelSpec
+    layout: Layout
+    placement: Placement
+    ranks: tuple[RankPlan, ...]
+    collectives: tuple[Collective, ...]
+    schedule: tuple[RankSchedule, ...]
+    prediction: Prediction
+    config: Mapping[str, Any]  # the fully resolved config (config_to_dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = _plain(dataclasses.asdict(self))
+        data["hash"] = content_hash(data)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    @property
+    def hash(self) -> str:
+        return content_hash(_plain(dataclasses.asdict(self)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write plan.json atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    # -- checks the runtime makes --------------------------------------------------------------
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise PlanMismatchError(
+                f"the plan is for {self.world_size} ranks but {world_size} were launched; "
+                f"launch {self.world_size} processes or re-plan with gpus={world_size}", setting="gpus")
+
+    def check_model(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                    hidden_size: int | None = None) -> None:
+        seen = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        if hidden_size is not None:
+            seen["hidden_size"] = hidden_size
+        diffs = [f"{k} plan={getattr(self.model, k)} model={v}" for k, v in seen.items()
+                 if getattr(self.model, k) != v]
+        if diffs:
+            raise PlanMismatchError(f"the plan was made for model {self.model.name!r} and does not match "
+                                    f"the loaded model ({'; '.join(diffs)}); re-plan with the matching model=",
+                                    setting="model")
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, mappings -> dicts with sorted keys: the JSON-equal form used for hashing."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def content_hash(data: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a plan dict, ignoring any 'hash' key."""
+    body = {k: v for k, v in data.items() if k != "hash"}
+    text = json.dumps(_plain(body), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _build(cls: type, data: Any) -> Any:
+    """Rebuild a (nested, frozen) dataclass from its asdict() form."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__} expects an object, got {type(data).__name__}")
+    kwargs = {}
+    hints = _FIELD_BUILDERS.get(cls, {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    for name, value in data.items():
+        builder = hints.get(name)
+        kwargs[name] = builder(value) if builder else _freeze(value)
+    return cls(**kwargs)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _tuple_of(cls: type):
+    return lambda items: tuple(_build(cls, item) for item in items)
+
+
+_FIELD_BUILDERS: dict[type, dict[str, Any]] = {
+    Layout: {"segments": _tuple_of(Segment)},
+    AttnTask: {"kv": _tuple_of(KVRef)},
+    RankPlan: {"tasks": _tuple_of(AttnTask)},
+    RankSchedule: {"ops": _tuple_of(Op)},
+    Prediction: {"memory_breakdown": lambda d: dict(d)},
+    Plan: {
+        "model": lambda d: _build(ModelSpec, d),
+        "layout": lambda d: _build(Layout, d),
+        "placement": lambda d: _build(Placement, d),
+        "ranks": _tuple_of(RankPlan),
+        "collectives": _tuple_of(Collective),
+        "schedule": _tuple_of(RankSchedule),
+        "prediction": lambda d: _build(Prediction, d),
+        "config": lambda d: dict(d),
+    },
+}
+
+
+def plan_from_dict(data: Mapping[str, Any], *, source: str = "plan") -> Plan:
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PlanFormatError(f"{source} has schema version {version!r} but this spava-plan reads version "
+                              f"{SCHEMA_VERSION}; re-plan it with this version", setting="plan")
+    stored = data.get("hash")
+    if stored != content_hash(data):
+        raise PlanFormatError(f"{source} fails its content hash (edited or corrupted); re-plan it", setting="plan")
+    try:
+        return _build(Plan, {k: v for k, v in data.items() if k != "hash"})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise PlanFormatError(f"{source} is malformed: {exc}", setting="plan") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read plan.json back into a Plan equal to the one that was saved."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanFormatError(f"no plan file at {str(path)!r}", setting="plan") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanFormatError(f"cannot read {str(path)!r} as a plan: {str(exc).splitlines()[0]}",
+                              setting="plan") from None
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{str(path)!r} does not hold a plan object", setting="plan")
+    return plan_from_dict(data, source=str(path))
+
+
+def rank_tasks(plan: Plan, rank: int, names: Iterable[str]) -> tuple[AttnTask, ...]:
+    """The named attention tasks of one rank, in the given order."""
+    by_name = {t.name: t for t in plan.ranks[rank].tasks}
+    return tuple(by_name[n] for n in names)
