@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 from spava_plan.config import SpavaConfig, config_to_dict
-from spava_plan.plan import Layout, ModelSpec, Plan, Prediction, Segment
+from spava_plan.plan import Layout, ModelSpec, Plan, Prediction, RankSchedule, Segment
 
 from .layout import TokenLayout, token_layout
 from .partition import Partition, partition
 from .placement import place
 from .ranks import collectives, rank_plans
+from .schedule import rank_ops
 
 
 def model_spec(cfg: SpavaConfig) -> ModelSpec:
@@ -58,7 +59,9 @@ def build_plan(cfg: SpavaConfig) -> Plan:
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,
                     passing_tokens=part.passing_tokens, virtual_hosts=part.virtual_hosts,
                     segments=segments(tokens, part))
+    ranks = rank_plans(part, placement.host_rank)
+    colls = collectives(part, spec, cfg.dtype_bytes)
+    schedule = tuple(RankSchedule(rank=r.rank, ops=rank_ops(r, colls, part.world, cfg.method.overlap)) for r in ranks)
     return Plan(method=part.method, world_size=part.world, dtype=cfg.dtype, model=spec, layout=layout,
-                placement=placement, ranks=rank_plans(part, placement.host_rank),
-                collectives=collectives(part, spec, cfg.dtype_bytes), schedule=(), prediction=Prediction(),
+                placement=placement, ranks=ranks, collectives=colls, schedule=schedule, prediction=Prediction(),
                 config=config_to_dict(cfg))

@@ -138,13 +138,27 @@ class Collective:
 
 @dataclass(frozen=True)
 class Op:
-    """One step of a rank's per-layer schedule, with the cost model's predicted timing."""
+    """One step of a rank's per-layer schedule, with the cost model's predicted timing.
+
+    The runtime executes a rank's ops in order (every layer repeats them). Vocabulary:
+      kind="compute",    name="qkv" | "out_mlp": the model's own per-token work (projections,
+                         RoPE, o_proj, MLP); listed for the timeline, the attention layer skips it.
+      kind="compute",    name="select": score, top-k and pack every block in RankPlan.select.
+      kind="comm_start", name="start:<collective>": launch that collective asynchronously
+                         (ring: name="start:ring<step>", step=s sends/receives the K/V of step s).
+      kind="comm_wait",  name="wait:<collective>" (ring: "wait:ring<step>"): block on it.
+      kind="compute",    name="attend", tasks=(...): ONE fused launch of those attention tasks;
+                         ring: step=s restricts the chunk tasks to the keys owned by rank
+                         (r - s) mod W, and partials are LSE-merged across steps.
+      kind="compute",    name="merge", collective="query": LSE-merge the gathered query partials.
+    """
 
     name: str
     kind: str  # "compute" | "comm_start" | "comm_wait"
     stream: str = "compute"  # "compute" or "comm"
     tasks: tuple[str, ...] = ()  # attention tasks fused into this launch
-    collective: str = ""  # collective started / waited on
+    collective: str = ""  # collective started / waited on / merged
+    step: int = -1  # ring step (zigzag_ring only)
     start_us: float = 0.0
     end_us: float = 0.0
     flops: float = 0.0
