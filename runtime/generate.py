@@ -1,0 +1,141 @@
+"""Prefill and greedy decode of one rank under a plan (SPAVA_SPEC.md sections 2, 6, 7).
+
+    vision   frame-parallel ViT + one all-gather: every rank holds all visual embeddings
+    prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
+             layers, Spava attention via the attention interface (hf_attention.py), exact global
+             M-RoPE ids; the query rows come out identical on every rank
+    token 1  lm_head on the LAST query row only, greedy argmax on rank 0, broadcast
+    decode   each new token is replicated on every rank; per layer RankAttention.decode attends the
+             rank's KV cache shard, all-gathers and LSE-merges (exact), one rank appends the new
+             K/V; argmax on rank 0, broadcast, so every rank produces the same text
+
+Timing marks synchronise the device (CUDA) before reading the clock.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from spava_plan.plan import Plan
+
+from .comm import Communicator
+from .hf_attention import SpavaCall, language_model
+from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
+from .vision_parallel import encode_video_parallel, vision_module
+
+
+@dataclass
+class Timing:
+    vision_s: float = 0.0  # frame-parallel ViT + all-gather
+    prefill_s: float = 0.0  # embeddings + language model over the local sequence + last-row logits
+    first_token_s: float = 0.0  # from the start of vision to the first token on every rank
+    decode_s: float = 0.0  # every token after the first
+    decode_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # greedy tokens, the first one from prefill (eos included when reached)
+    first_logits: torch.Tensor  # (vocab,) logits of the last query row on this rank (fp32)
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass
+class PrefillOutput:
+    hidden: torch.Tensor  # (n_local, hidden) final-norm hidden states of the local rows
+    index: torch.Tensor  # (n_local,) global token of every local row
+    last_row: int  # local row of the last prompt token
+
+
+class RankRunner:
+    """One rank's model execution under a plan. ``make_attention()`` returns a fresh RankAttention
+    (its KV cache lives for one prompt)."""
+
+    def __init__(self, model: Any, plan: Plan, comm: Communicator, make_attention: Callable[[], Any],
+                 device: torch.device | str):
+        self.model, self.plan, self.comm = model, plan, comm
+        self.rank_plan = plan.ranks[comm.rank]
+        self.make_attention = make_attention
+        self.device = torch.device(device)
+        self.lm = language_model(model)
+        self.visual = vision_module(model)
+        self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
+        self.attention: Any = None
+
+    # -- timing -----------------------------------------------------------------------------------
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # -- stages -----------------------------------------------------------------------------------
+    def vision(self, inputs: ModelInputs) -> torch.Tensor:
+        pixels = inputs.pixel_values_videos.to(self.device)
+        grid = inputs.video_grid_thw.to(self.device)
+        return encode_video_parallel(self.visual, pixels, grid, self.comm, self.merge)
+
+    def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
+        index = local_indices(self.rank_plan, device=self.device)
+        emb = local_embeddings(self.lm.get_input_embeddings(), _to(inputs, self.device), video_embeds, index)
+        pos = slice_positions(positions.to(self.device), index)
+        self.attention = self.make_attention()
+        out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
+                      spava=SpavaCall(self.attention, "prefill"))
+        last = self.rank_plan.local_offset(self.plan.layout.total_tokens - 1)
+        return PrefillOutput(out.last_hidden_state[0], index, last)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """Greedy token on rank 0, broadcast: every rank continues with the same token."""
+        token = torch.argmax(logits, dim=-1).reshape(1).to(torch.long)
+        self.comm.broadcast(token, src=0)
+        return int(token.item())
+
+    def decode_step(self, token: int, position: int) -> torch.Tensor:
+        """Hidden state of one new token at ``position`` (all three M-RoPE components equal)."""
+        ids = torch.tensor([token], device=self.device)
+        emb = self.lm.get_input_embeddings()(ids).unsqueeze(0)
+        pos = torch.full((3, 1, 1), position, dtype=torch.long, device=self.device)
+        out = self.lm(inputs_embeds=emb, position_ids=pos, use_cache=False, spava=SpavaCall(self.attention, "decode"))
+        return out.last_hidden_state[0, -1]
+
+    # -- the whole request ------------------------------------------------------------------------
+    def generate(self, inputs: ModelInputs, positions: torch.Tensor, max_new_tokens: int,
+                 eos_ids: Sequence[int] = ()) -> GenerationResult:
+        timing = Timing()
+        t0 = self._now()
+        video = self.vision(inputs)
+        t1 = self._now()
+        pre = self.prefill(inputs, positions, video)
+        first_logits = self.logits(pre.hidden[pre.last_row])
+        t2 = self._now()
+        token = self.pick(first_logits)
+        t3 = self._now()
+        timing.vision_s, timing.prefill_s, timing.first_token_s = t1 - t0, t2 - t1, t3 - t0
+        tokens = [token]
+        eos = set(int(e) for e in eos_ids)
+        # Text after the prompt continues at (largest prompt position) + 1 on all three components.
+        position = int(positions.max()) + 1
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            hidden = self.decode_step(tokens[-1], position)
+            tokens.append(self.pick(self.logits(hidden)))
+            position += 1
+        t4 = self._now()
+        timing.decode_s, timing.decode_tokens = t4 - t3, len(tokens) - 1
+        return GenerationResult(tokens, first_logits, timing)
+
+
+def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    if inputs.input_ids.device == device:
+        return inputs
+    return ModelInputs(inputs.input_ids.to(device), inputs.mm_token_type_ids.to(device), inputs.pixel_values_videos,
+                       inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size)

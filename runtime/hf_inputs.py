@@ -1,0 +1,342 @@
+"""Model inputs for Qwen2-VL / Qwen2.5-VL: prompt ids, video pixels, exact global M-RoPE position
+ids, the plan-vs-input check, and the per-rank slicing of the local sequence.
+
+Inputs come from the checkpoint's own processing classes. With torchvision present the model's
+processor (AutoProcessor: tokenizer + video processor + chat template) builds everything. Without
+it (the CPU machines here have no torchvision build, and transformers' video processor needs it)
+the same checkpoint's tokenizer, chat template and image processor are used: every frame goes
+through the image processor's resize / rescale / normalise and patch order, then frames are paired
+into temporal grids exactly as the video processor's patchify does (verified against the image
+processor on a still clip in tests/test_model_inputs.py). The only difference between the two
+paths is the resize library (PIL vs torchvision bicubic).
+
+Frame size: the plan's pixel bounds (model.vision.min_pixels / max_pixels) are passed to the
+processor so that the resized frame is the one the plan was made for.
+
+Position ids are computed once over the WHOLE prompt with the model's own ``get_rope_index`` and
+then sliced per rank, so every token keeps its true global position (SPAVA_SPEC.md section 1).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from spava_plan.errors import InputError, PlanMismatchError
+from spava_plan.plan import Plan, RankPlan
+
+VIDEO_PAD = "<|video_pad|>"
+SPECIAL_MARKERS = ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                   "<|im_end|>", "<|endoftext|>")
+# Qwen's chat layout, used only when a checkpoint ships no chat template.
+FALLBACK_TEMPLATE_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                          "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+
+
+@dataclass
+class Processing:
+    """The checkpoint's processing parts."""
+
+    tokenizer: Any
+    image_processor: Any  # used for frames when no video processor can be built
+    video_processor: Any | None
+    chat_template: str | None
+    source: str  # "processor" (AutoProcessor) or "parts" (tokenizer + image processor)
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # (1, N) long
+    mm_token_type_ids: torch.Tensor  # (1, N) int: 0 text, 2 video
+    pixel_values_videos: torch.Tensor  # (T*h*w patches, C*tp*ps*ps) float32
+    video_grid_thw: torch.Tensor  # (1, 3) long, in patches (merged tokens = t*h*w / merge^2)
+    second_per_grid_ts: torch.Tensor | None  # (1,) Qwen2.5-VL: seconds per temporal grid
+    video_token_id: int
+    frame_size: tuple[int, int]  # (height, width) after the processor's resize
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def video_mask(self) -> torch.Tensor:
+        return self.input_ids[0] == self.video_token_id
+
+    @property
+    def video_start(self) -> int:
+        return int(torch.nonzero(self.video_mask)[0, 0])
+
+    @property
+    def video_tokens(self) -> int:
+        return int(self.video_mask.sum())
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_processing(checkpoint: str) -> Processing:
+    """The checkpoint's processor, or its tokenizer + image processor when the processor class cannot
+    be built here (no torchvision). InputError when neither loads."""
+    import transformers
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise InputError(f"no checkpoint directory at {checkpoint!r}", setting="model.checkpoint")
+    try:
+        proc = transformers.AutoProcessor.from_pretrained(str(path))
+        if getattr(proc, "video_processor", None) is not None and getattr(proc, "tokenizer", None) is not None:
+            template = getattr(proc, "chat_template", None) or getattr(proc.tokenizer, "chat_template", None)
+            return Processing(proc.tokenizer, getattr(proc, "image_processor", None), proc.video_processor,
+                              template, "processor")
+    except Exception:  # no torchvision, or a checkpoint without processor files: try the parts
+        pass
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
+    except Exception as exc:
+        raise InputError(f"cannot load the tokenizer / image processor of {checkpoint!r}: "
+                         f"{_first_line(exc)}", setting="model.checkpoint") from None
+    template = getattr(tokenizer, "chat_template", None) or _template_file(path)
+    return Processing(tokenizer, image_processor, None, template, "parts")
+
+
+def default_processing(tokenizer: Any = None) -> Processing:
+    """Processing for a random-weight model with no checkpoint: the Qwen image processor class with
+    its defaults (no files needed) and no tokenizer (the prompt is then synthetic ids)."""
+    import transformers
+
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return Processing(tokenizer, cls(), None, None, "default")
+
+
+def _template_file(path: Path) -> str | None:
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = path / "chat_template.json"
+    if js.is_file():
+        try:
+            return json.loads(js.read_text()).get("chat_template")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+# -- prompt and pixels --------------------------------------------------------------------------
+def prompt_text(processing: Processing, question: str) -> str:
+    """The chat prompt with one video placeholder and the generation prompt."""
+    check_question(question)
+    template = processing.chat_template
+    if template is None:
+        return FALLBACK_TEMPLATE_TEXT.format(question=question)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processing.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+    if text.count(VIDEO_PAD) != 1:
+        raise InputError(f"the checkpoint's chat template does not place exactly one {VIDEO_PAD} for a video",
+                         setting="model.checkpoint")
+    return text
+
+
+def check_question(question: str) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty; pass question=\"...\"", setting="question")
+    for marker in SPECIAL_MARKERS:
+        if marker in question:
+            raise InputError(f"the question contains the special token {marker}, which would break the prompt "
+                             f"layout", setting="question")
+
+
+def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int, max_pixels: int,
+                 temporal_patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values_videos, video_grid_thw) for uint8 frames (F, H, W, 3)."""
+    size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    if processing.video_processor is not None:
+        out = processing.video_processor(videos=[torch.from_numpy(frames).permute(0, 3, 1, 2)], size=size,
+                                         do_sample_frames=False, return_tensors="pt")
+        return out["pixel_values_videos"].float(), out["video_grid_thw"].long()
+    return frames_to_video_patches(processing.image_processor, frames, size=size, temporal_patch=temporal_patch)
+
+
+def frames_to_video_patches(image_processor: Any, frames: np.ndarray, *, size: dict,
+                            temporal_patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video patches from the image processor: each frame is resized / normalised / patchified as an
+    image (which repeats it over the temporal patch), then consecutive frames are paired into
+    temporal grids in the video processor's layout (T, h/m, w/m, m, m | C, tp, ps, ps)."""
+    out = image_processor(images=list(frames), size=size, return_tensors="pt")
+    pixels, grids = out["pixel_values"], out["image_grid_thw"]
+    _, gh, gw = (int(x) for x in grids[0])
+    f = int(frames.shape[0])
+    patch = int(image_processor.patch_size)
+    tp_img = int(image_processor.temporal_patch_size)
+    # (F, gh*gw, C, tp_img, ps, ps): every frame's copies over the temporal patch are identical
+    per_frame = pixels.reshape(f, gh * gw, -1, tp_img, patch, patch)[:, :, :, 0]
+    if pad := -f % temporal_patch:  # the video processor repeats the last frame
+        per_frame = torch.cat([per_frame, per_frame[-1:].expand(pad, -1, -1, -1, -1)])
+    t = per_frame.shape[0] // temporal_patch
+    grid = per_frame.reshape(t, temporal_patch, gh * gw, -1, patch, patch).permute(0, 2, 3, 1, 4, 5)
+    return grid.reshape(t * gh * gw, -1).float().contiguous(), torch.tensor([[t, gh, gw]], dtype=torch.long)
+
+
+def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, family: str, min_pixels: int,
+                 max_pixels: int, temporal_patch: int, merge: int, fps: float,
+                 video_token_id: int | None = None) -> ModelInputs:
+    """Prompt ids + pixels for one video and one question, as the model's processor builds them."""
+    pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
+                                temporal_patch=temporal_patch)
+    n_video = int(grid.prod()) // (merge * merge)
+    tok = processing.tokenizer
+    text = prompt_text(processing, question).replace(VIDEO_PAD, VIDEO_PAD * n_video)
+    ids = tok(text, return_tensors="pt")["input_ids"].long()
+    vid = tok.convert_tokens_to_ids(VIDEO_PAD) if video_token_id is None else video_token_id
+    if int((ids[0] == vid).sum()) != n_video:
+        raise InputError(f"the tokenizer does not map {VIDEO_PAD} to one token id", setting="model.checkpoint")
+    return _inputs(ids, pixels, grid, vid, family=family, fps=fps, temporal_patch=temporal_patch, merge=merge,
+                   patch=int(processing.image_processor.patch_size) if processing.image_processor else 14)
+
+
+def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: Any, system_tokens: int,
+                     question_tokens: int, family: str, min_pixels: int, max_pixels: int, temporal_patch: int,
+                     merge: int, fps: float, seed: int = 0) -> ModelInputs:
+    """For a random-weight model with no tokenizer: the Qwen layout with random text ids.
+
+    [random system ids | <|vision_start|> | video | <|vision_end|> | random question ids | 5 suffix ids]
+    """
+    pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
+                                temporal_patch=temporal_patch)
+    n_video = int(grid.prod()) // (merge * merge)
+    specials = {int(getattr(hf_config, k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                     "vision_end_token_id") if getattr(hf_config, k, None) is not None}
+    vocab = int(hf_config.text_config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+
+    def text_ids(n: int) -> torch.Tensor:
+        ids = torch.randint(0, min(vocab, min(specials) if specials else vocab), (n,), generator=gen)
+        return ids
+
+    vid = int(hf_config.video_token_id)
+    parts = [text_ids(max(0, system_tokens - 1)), torch.tensor([int(hf_config.vision_start_token_id)]),
+             torch.full((n_video,), vid), torch.tensor([int(hf_config.vision_end_token_id)]),
+             text_ids(question_tokens + 5)]
+    ids = torch.cat(parts).long().unsqueeze(0)
+    return _inputs(ids, pixels, grid, vid, family=family, fps=fps, temporal_patch=temporal_patch, merge=merge,
+                   patch=int(processing.image_processor.patch_size))
+
+
+def _inputs(ids, pixels, grid, vid, *, family, fps, temporal_patch, merge, patch) -> ModelInputs:
+    mm = torch.where(ids == vid, 2, 0).to(torch.int32)
+    # Qwen2.5-VL temporal positions: seconds per grid = temporal_patch / fps (the plan's video.fps).
+    sec = torch.tensor([temporal_patch / fps], dtype=torch.float32) if family == "qwen2_5_vl" else None
+    frame_size = (int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)
+    return ModelInputs(ids, mm, pixels, grid, sec, vid, frame_size)
+
+
+# -- positions ----------------------------------------------------------------------------------
+def global_position_ids(model: Any, inputs: ModelInputs) -> torch.Tensor:
+    """(3, N) M-RoPE position ids of the whole prompt from the model's own get_rope_index."""
+    inner = getattr(model, "model", model)
+    fn = getattr(inner, "get_rope_index", None) or getattr(model, "get_rope_index")
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"input_ids": inputs.input_ids, "video_grid_thw": inputs.video_grid_thw}
+    optional = {"mm_token_type_ids": inputs.mm_token_type_ids, "image_grid_thw": None, "attention_mask": None,
+                "second_per_grid_ts": inputs.second_per_grid_ts}
+    kwargs.update({k: v for k, v in optional.items() if k in params})
+    device = inputs.input_ids.device
+    positions, _ = fn(**kwargs)
+    return positions[:, 0].to(device=device, dtype=torch.long)
+
+
+# -- the plan-vs-input check --------------------------------------------------------------------
+REPLAN_HINT = "or add replan=true to re-plan for this input"
+
+
+def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor) -> None:
+    """Refuse inputs whose token layout differs from the plan's (PlanMismatchError naming the setting)."""
+    lay = plan.layout
+    grid = tuple(int(x) for x in inputs.video_grid_thw[0])
+    merge = plan.config["model"]["vision"]["spatial_merge"]
+    got_grid = (grid[0], grid[1] // merge, grid[2] // merge)
+    if got_grid != tuple(lay.grid_thw):
+        h, w = inputs.frame_size
+        want_h, want_w = lay.frame_size
+        raise PlanMismatchError(
+            f"the video gives {got_grid[0]} temporal grids of {h}x{w} pixels but the plan expects {lay.grid_thw[0]} "
+            f"of {want_h}x{want_w}; re-plan with frames= and video.resolution= of this video {REPLAN_HINT}",
+            setting="video.resolution")
+    system = plan.config["video"]["system_tokens"]
+    if inputs.video_start != system:
+        raise PlanMismatchError(f"the prompt has {inputs.video_start} tokens before the video but the plan has "
+                                f"{system}; re-plan with video.system_tokens={inputs.video_start} {REPLAN_HINT}",
+                                setting="video.system_tokens")
+    context = inputs.video_start + inputs.video_tokens + 1
+    query = inputs.total_tokens - context
+    if context != lay.context_tokens:
+        raise PlanMismatchError(f"the prompt's context has {context} tokens but the plan's has {lay.context_tokens}; "
+                                f"re-plan for this input {REPLAN_HINT}", setting="video")
+    if query != lay.query_tokens:
+        q_now = query - (lay.query_tokens - plan.config["video"]["question_tokens"])
+        raise PlanMismatchError(
+            f"the question does not fit the plan's query block: it takes {q_now} tokens but the plan has "
+            f"{plan.config['video']['question_tokens']}; re-plan with video.question_tokens={q_now} {REPLAN_HINT}",
+            setting="video.question_tokens")
+    for seg in lay.segments:
+        span = positions[:, seg.start:seg.stop]
+        lo = tuple(int(x) for x in span.min(dim=1).values)
+        hi = tuple(int(x) for x in span.max(dim=1).values)
+        if lo != tuple(seg.pos_min) or hi != tuple(seg.pos_max):
+            raise PlanMismatchError(
+                f"segment {seg.name} has position ids {lo}..{hi} but the plan has {tuple(seg.pos_min)}.."
+                f"{tuple(seg.pos_max)} (Qwen2.5-VL: video.fps must be the sampling rate); re-plan {REPLAN_HINT}",
+                setting="video.fps")
+
+
+def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, int], frames: int) -> list[str]:
+    """Config overrides that describe this input, for re-planning (the entry point uses them)."""
+    context = inputs.video_start + inputs.video_tokens + 1
+    query = inputs.total_tokens - context
+    suffix = plan.layout.query_tokens - plan.config["video"]["question_tokens"]
+    return [f"frames={frames}", f"video.resolution={source_size[0]}x{source_size[1]}",
+            f"video.system_tokens={inputs.video_start}", f"video.question_tokens={max(1, query - suffix)}"]
+
+
+# -- per-rank slicing ---------------------------------------------------------------------------
+def local_indices(rank_plan: RankPlan, device: torch.device | str | None = None) -> torch.Tensor:
+    """Global token index of every row of the rank's local sequence, in local order."""
+    return torch.cat([torch.arange(a, b, device=device) for a, b in rank_plan.local])
+
+
+def local_embeddings(embed_tokens: torch.nn.Module, inputs: ModelInputs, video_embeds: torch.Tensor,
+                     index: torch.Tensor) -> torch.Tensor:
+    """Embeddings of the local rows only: token embeddings with the video rows replaced by the
+    visual embeddings (the model's masked_scatter, restricted to this rank's tokens)."""
+    ids = inputs.input_ids[0].to(index.device)[index]
+    emb = embed_tokens(ids)
+    is_video = ids == inputs.video_token_id
+    rows = index[is_video] - inputs.video_start
+    emb[is_video] = video_embeds[rows].to(emb.dtype)
+    return emb
+
+
+def video_rows_are_contiguous(inputs: ModelInputs) -> bool:
+    """The layout this module assumes: one contiguous run of video tokens."""
+    idx = torch.nonzero(inputs.video_mask)[:, 0]
+    return bool(idx.numel() > 0 and int(idx[-1] - idx[0]) + 1 == idx.numel())
+
+
+def slice_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(3, N) global ids -> (3, 1, n_local) for the language model."""
+    return positions[:, index.to(positions.device)].unsqueeze(1)
+
+
+__all__: Sequence[str] = ("Processing", "ModelInputs", "load_processing", "default_processing", "build_inputs",
+                          "synthetic_inputs", "global_position_ids", "check_against_plan", "observed_settings",
+                          "local_indices", "local_embeddings", "slice_positions")

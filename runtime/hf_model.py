@@ -1,0 +1,136 @@
+"""Load a Qwen2-VL / Qwen2.5-VL model: a checkpoint, or real-size random weights for benchmarks.
+
+Only transformers' own model classes are used (no copied modeling files). Loading problems are
+InputErrors naming ``model.checkpoint``; a model that does not match the plan is a
+PlanMismatchError naming ``model``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from spava_plan.errors import InputError, PlanMismatchError
+from spava_plan.plan import Plan
+
+FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+# Qwen's vision special token ids (vocabularies of ~152K); tiny vocabularies use their last ids.
+QWEN_SPECIAL_IDS = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
+                    "video_token_id": 151656}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def _model_class(family: str) -> Any:
+    import transformers
+
+    return getattr(transformers, FAMILIES[family])
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def checkpoint_family(checkpoint: str) -> str:
+    """The model family a checkpoint declares in config.json (InputError when unreadable/unsupported)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise InputError(f"no checkpoint directory at {checkpoint!r}", setting="model.checkpoint")
+    cfg = path / "config.json"
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except FileNotFoundError:
+        raise InputError(f"{checkpoint!r} has no config.json: not a Hugging Face checkpoint",
+                         setting="model.checkpoint") from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"cannot read {str(cfg)!r}: {_first_line(exc)}", setting="model.checkpoint") from None
+    if model_type not in FAMILIES:
+        raise InputError(f"{checkpoint!r} is a {model_type!r} model; spava-plan runs "
+                         f"{' and '.join(FAMILIES)} checkpoints", setting="model.checkpoint")
+    return model_type
+
+
+def load_checkpoint(checkpoint: str, *, dtype: torch.dtype, device: torch.device | str) -> Any:
+    """from_pretrained with the stock sdpa attention (install() switches the language model later).
+    Missing, corrupt or incomplete weights are refused instead of silently re-initialised."""
+    family = checkpoint_family(checkpoint)
+    cls = _model_class(family)
+    try:
+        model, info = cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa",
+                                          output_loading_info=True)
+    except Exception as exc:  # safetensors / json / shape errors all mean a broken checkpoint
+        raise InputError(f"cannot load the weights of {checkpoint!r}: {_first_line(exc)}",
+                         setting="model.checkpoint") from None
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        bad = (missing + [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in mismatched])
+        raise InputError(f"{checkpoint!r} is incomplete: {len(bad)} weights missing or of the wrong shape "
+                         f"(e.g. {bad[0]})", setting="model.checkpoint")
+    return model.to(device).eval()
+
+
+def hf_config_from_plan(model_cfg: Mapping[str, Any]) -> Any:
+    """A transformers config with the plan's model dims (for model.init=random)."""
+    import transformers
+
+    m, vis = model_cfg, model_cfg["vision"]
+    family = m["family"]
+    if family not in FAMILIES:
+        raise InputError(f"model.init=random supports {', '.join(FAMILIES)}, not {family!r}", setting="model.family")
+    if m["hidden_size"] != m["num_heads"] * m["head_dim"]:
+        raise InputError(f"transformers' Qwen attention needs hidden_size = num_heads x head_dim, got "
+                         f"{m['hidden_size']} != {m['num_heads']} x {m['head_dim']}", setting="model.head_dim")
+    vocab = int(m["vocab_size"])
+    ids = dict(QWEN_SPECIAL_IDS) if vocab > max(QWEN_SPECIAL_IDS.values()) else {
+        k: vocab - 4 + i for i, k in enumerate(sorted(QWEN_SPECIAL_IDS))}
+    text = dict(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                num_key_value_heads=m["num_kv_heads"], max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"]),
+                                 "mrope_section": list(m["mrope_section"])})
+    common = dict(patch_size=vis["patch_size"], spatial_merge_size=vis["spatial_merge"],
+                  temporal_patch_size=vis["temporal_patch"], num_heads=vis["num_heads"], depth=vis["depth"])
+    if family == "qwen2_5_vl":
+        depth = int(vis["depth"])
+        full = [i for i in range(7, depth, 8)] or [depth - 1]  # the 3B/7B pattern: every 8th block
+        vision = dict(common, hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
+                      out_hidden_size=vis["out_hidden_size"], tokens_per_second=m["tokens_per_second"],
+                      fullatt_block_indexes=full)
+        cls = transformers.Qwen2_5_VLConfig
+    else:
+        ratio, rem = divmod(int(vis["intermediate_size"]), int(vis["hidden_size"]))
+        if rem:
+            raise InputError("Qwen2-VL's ViT needs intermediate_size to be a multiple of hidden_size",
+                             setting="model.vision.intermediate_size")
+        vision = dict(common, embed_dim=vis["hidden_size"], mlp_ratio=ratio, hidden_size=vis["out_hidden_size"])
+        cls = transformers.Qwen2VLConfig
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=bool(m["tie_word_embeddings"]), **ids)
+
+
+def random_model(model_cfg: Mapping[str, Any], *, dtype: torch.dtype, device: torch.device | str,
+                 seed: int = 0) -> Any:
+    """A real-size model with random weights, built directly on ``device`` (fast on a GPU)."""
+    config = hf_config_from_plan(model_cfg)
+    cls = _model_class(model_cfg["family"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def check_model(plan: Plan, model: Any) -> None:
+    """The plan was made for this model's family and dims (PlanMismatchError otherwise)."""
+    family = getattr(model.config, "model_type", None)
+    if family != plan.model.family:
+        raise PlanMismatchError(f"the plan was made for a {plan.model.family} model ({plan.model.name!r}) but the "
+                                f"checkpoint is {family}; re-plan with the matching model=", setting="model")
+    tc = getattr(model.config, "text_config", model.config)
+    heads = int(tc.num_attention_heads)
+    plan.check_model(num_layers=int(tc.num_hidden_layers), num_heads=heads, num_kv_heads=int(tc.num_key_value_heads),
+                     head_dim=int(tc.hidden_size) // heads, hidden_size=int(tc.hidden_size))
+    if int(tc.vocab_size) != plan.model.vocab_size:
+        raise PlanMismatchError(f"the plan's vocabulary has {plan.model.vocab_size} tokens but the model's has "
+                                f"{tc.vocab_size}; re-plan with the matching model=", setting="model")

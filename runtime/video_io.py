@@ -1,0 +1,126 @@
+"""Decode a video file into uniformly sampled RGB frames with PyAV.
+
+The sampling matches transformers' video processors with ``num_frames``: frame indices
+``floor(i * total / n)`` for i in 0..n-1 over the whole clip. Frames are decoded in one streaming
+pass and only the sampled ones are converted and kept, so a long high-resolution clip never sits
+in memory whole. Every failure is an InputError naming the ``video`` setting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spava_plan.errors import InputError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    total_frames: int  # frames in the file
+    fps: float  # the file's frame rate (0 when the container does not say)
+    height: int
+    width: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.total_frames / self.fps if self.fps > 0 else 0.0
+
+
+def sample_indices(total: int, num: int) -> list[int]:
+    """Uniform indices over [0, total), the rule transformers' ``sample_frames`` uses."""
+    return [int(i * total / num) for i in range(num)]
+
+
+def _open(path: str):
+    import av
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no video file at {path!r}", setting="video")
+    try:
+        container = av.open(str(p))
+    except Exception as exc:  # PyAV raises a family of FFmpeg errors; all mean "unreadable"
+        raise InputError(f"cannot open {path!r} as a video: {_first_line(exc)}", setting="video") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{path!r} has no video stream", setting="video")
+    return container
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _count_frames(path: str) -> int:
+    """Count frames by decoding (containers may omit or misreport the count)."""
+    container = _open(path)
+    try:
+        return sum(1 for _ in container.decode(video=0))
+    except Exception as exc:
+        raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
+    finally:
+        container.close()
+
+
+def probe(path: str) -> VideoInfo:
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        total = int(stream.frames or 0)
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        height, width = int(stream.codec_context.height), int(stream.codec_context.width)
+    finally:
+        container.close()
+    if total <= 0:
+        total = _count_frames(path)
+    if total <= 0 or height <= 0 or width <= 0:
+        raise InputError(f"{path!r} holds no decodable frames", setting="video")
+    return VideoInfo(path=str(path), total_frames=total, fps=fps, height=height, width=width)
+
+
+def read_frames(path: str, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
+    """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info.
+
+    Raises InputError when the file is missing, unreadable, or has fewer frames than asked for.
+    """
+    info = probe(path)
+    if info.total_frames < num_frames:
+        raise InputError(f"{path!r} has {info.total_frames} frames but the plan samples {num_frames}; use a "
+                         f"longer video or re-plan with frames<={info.total_frames}", setting="video")
+    frames = _decode(path, sample_indices(info.total_frames, num_frames))
+    if len(frames) < num_frames:
+        # The container over-reported its frame count: count by decoding and sample again.
+        counted = _count_frames(path)
+        info = VideoInfo(info.path, counted, info.fps, info.height, info.width)
+        if counted < num_frames:
+            raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
+                             f"longer video or re-plan with frames<={counted}", setting="video")
+        frames = _decode(path, sample_indices(counted, num_frames))
+    return np.stack(frames), info
+
+
+def _decode(path: str, indices: list[int]) -> list[np.ndarray]:
+    wanted: dict[int, int] = {}
+    for idx in indices:  # an index may repeat only if total < num (refused above); count anyway
+        wanted[idx] = wanted.get(idx, 0) + 1
+    last = max(indices)
+    out: list[np.ndarray] = []
+    container = _open(path)
+    try:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                rgb = frame.to_ndarray(format="rgb24")
+                out.extend([rgb] * wanted[i])
+            if i >= last:
+                break
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
+    finally:
+        container.close()
+    return out

@@ -1,0 +1,152 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints, tokenizer and video files, built locally at test time.
+
+Nothing is downloaded: the tokenizer is a small byte-level BPE trained here (tokenizers library)
+carrying the models' special tokens and a Qwen-style chat template; the model is a tiny config
+with random weights saved with save_pretrained; the video is written with PyAV. The model dims
+match conf/model/tiny.yaml (Qwen2-VL) and TINY_25_OVERRIDES (Qwen2.5-VL) so plans built with
+``model=tiny`` fit these checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from the tests
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# The Qwen2-VL chat template's structure (default system prompt, video placeholder, generation
+# prompt), written compactly for the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant.",
+    "What happens in this video? Describe the scene in one sentence.",
+    "A red square moves from the left to the right over a blue background.",
+    "The camera pans slowly; a person walks across the room and opens a door.",
+    "How many objects are visible, and what colour is the largest one?",
+    "system user assistant video frame scene colour motion answer question",
+] * 4
+
+# Tiny model dims (conf/model/tiny.yaml mirrors them; keep the two in sync).
+TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                 rope_theta=10000.0, mrope_section=[2, 3, 3])
+TINY_VISION = dict(depth=2, width=32, num_heads=2, intermediate_size=64)
+# Plan overrides that turn conf/model/tiny.yaml into the tiny Qwen2.5-VL below.
+TINY_25_OVERRIDES = ["model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2"]
+
+
+def build_tokenizer(vocab_size: int = TINY_TEXT["vocab_size"]):
+    """A byte-level BPE with Qwen's special tokens, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 16, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) <= vocab_size, len(fast)
+    return fast
+
+
+def build_image_processor():
+    """The model's own image processor (PIL backend: no torchvision on CPU machines) with tiny
+    pixel bounds; the runtime reuses its resize/rescale/normalize settings for video frames."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 1024})
+
+
+def tiny_config(family: str, tokenizer):
+    """A tiny HF config whose special token ids come from the tokenizer."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    t = TINY_TEXT
+    text = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=t["max_position_embeddings"],
+                rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"],
+                                 "mrope_section": list(t["mrope_section"])},
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    v = TINY_VISION
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as cls
+        vision = dict(depth=v["depth"], hidden_size=v["width"], num_heads=v["num_heads"],
+                      intermediate_size=v["intermediate_size"], out_hidden_size=t["hidden_size"],
+                      window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+    else:
+        from transformers import Qwen2VLConfig as cls
+        vision = dict(depth=v["depth"], embed_dim=v["width"], num_heads=v["num_heads"],
+                      mlp_ratio=v["intermediate_size"] // v["width"], hidden_size=t["hidden_size"])
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def build_checkpoint(path: str | Path, family: str = "qwen2_vl", seed: int = 0) -> Path:
+    """Save a tiny model + processor to ``path`` (a directory AutoProcessor/from_pretrained can read)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_config(family, tokenizer)
+    # Larger-than-default init spreads the logits so greedy argmax has clear winners (no near-ties
+    # that rounding could flip between two exact computations).
+    config.text_config.initializer_range = 0.15
+    config.vision_config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = cls(config).eval()
+    model.save_pretrained(path)
+    # Processing files as a Qwen checkpoint has them: tokenizer (with the chat template) and the
+    # image processor config. (The Qwen2VLProcessor class itself needs torchvision, which has no
+    # CPU build here; the runtime loads the parts when the processor cannot be built.)
+    tokenizer.save_pretrained(path)
+    build_image_processor().save_pretrained(path)
+    return path
+
+
+def write_video(path: str | Path, frames: int = 8, height: int = 56, width: int = 84, fps: int = 4,
+                seed: int = 0, codec: str = "mpeg4") -> Path:
+    """A small video: moving colour blocks over noise (content varies per frame and per pixel)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = rng.integers(0, 64, size=(height, width, 3), dtype=np.uint8)
+            x = (i * 7) % max(1, width - 16)
+            img[8:24, x:x + 16] = (220, 40, 40)
+            img[height // 2:, :, 2] = np.uint8(40 + (i * 23) % 200)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
