@@ -1,0 +1,261 @@
+"""The ``triton`` kernel backend: runs the kernels codegen rendered for the plan.
+
+The kernel dir (``kernels/`` beside plan.json) holds the generated module, its manifest and
+``autotune.json``. The runtime never imports codegen: an entry point that wants the module
+rendered on demand passes ``render`` (a callable that writes the kernel dir), e.g.
+``TritonBackend(dir, plan_hash=plan.hash, render=lambda d: render_kernels(plan, d))``.
+
+attention(): the tasks' mask structure picks one fused launch kernel of the module (LAUNCHES);
+a grouping the plan never made runs task by task, and a task structure it never made runs
+segment by segment through the one-segment kernels plus the LSE merge (slower, still exact).
+Block sizes come from autotune.json for this device; a launch not tuned yet is tuned on first use
+on a GPU (each candidate timed with triton.testing.do_bench, median) and recorded there.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from spava_plan.errors import InputError, PlanMismatchError
+
+from .base import TaskInput
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
+                 render: Callable[[Path], object] | None = None):
+    """Import the generated module of ``kernel_dir`` (rendering it first when allowed)."""
+    kernel_dir = Path(kernel_dir)
+    manifest_path = kernel_dir / "manifest.json"
+
+    def read() -> dict | None:
+        try:
+            data = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    manifest = read()
+    if render is not None and (manifest is None or (plan_hash and manifest.get("plan_hash") != plan_hash)):
+        render(kernel_dir)
+        manifest = read()
+    if manifest is None:
+        raise InputError(f"no rendered kernels in {str(kernel_dir)!r}; run spava-plan with kernels=true "
+                         f"(or use the torch backend)", setting="kernels")
+    if plan_hash and manifest.get("plan_hash") != plan_hash:
+        raise PlanMismatchError(f"the kernels in {str(kernel_dir)!r} were rendered for plan "
+                                f"{str(manifest.get('plan_hash'))[:16]} but the run uses plan {plan_hash[:16]}; "
+                                f"re-plan to re-render them", setting="kernels")
+    path = kernel_dir / str(manifest.get("module"))
+    try:
+        body = path.read_bytes()
+    except OSError:
+        raise InputError(f"the kernel module {str(path)!r} named by the manifest is missing; re-plan",
+                         setting="kernels") from None
+    if hashlib.sha256(body).hexdigest() != manifest.get("module_sha256"):
+        raise InputError(f"the kernel module {str(path)!r} does not match its manifest (edited?); re-plan",
+                         setting="kernels")
+    name = f"spava_kernels_{manifest['module_sha256'][:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module  # one import per process, shared by every backend instance
+    return module
+
+
+class Tuner:
+    """Block sizes per (device, launch, dtype): read from / recorded in autotune.json."""
+
+    def __init__(self, path: Path, candidates: Sequence[tuple[int, int, int, int]], default: tuple[int, int, int, int]):
+        self.path = Path(path)
+        self.candidates = tuple(tuple(c) for c in candidates)
+        self.default = tuple(default)
+        self.table: dict = self._read()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data.get("devices", {}) if isinstance(data, dict) else {}
+
+    def get(self, device: str, key: str) -> tuple[int, int, int, int] | None:
+        entry = self.table.get(device, {}).get(key)
+        return tuple(entry["config"]) if entry else None
+
+    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, int, int, int]:
+        import triton.testing
+
+        timings = {}
+        for cfg in self.candidates:
+            try:
+                run(cfg)  # compile + check it launches at all (too much shared memory fails here)
+                torch.cuda.synchronize()
+                timings[cfg] = triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median")
+            except Exception:  # noqa: BLE001 - a candidate that cannot compile or launch is skipped
+                continue
+        if not timings:
+            return self.default
+        best = min(timings, key=timings.get)
+        self.table = self._read()  # other ranks may have recorded launches meanwhile
+        self.table.setdefault(device, {})[key] = {
+            "config": list(best), "ms": round(timings[best], 4),
+            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"],
+            "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items())},
+        }
+        text = json.dumps({"version": 1, "devices": self.table}, indent=1, sort_keys=True) + "\n"
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only kernel dir: keep the choice in memory for this process
+        return best
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, kernel_dir: str | Path, *, plan_hash: str | None = None,
+                 render: Callable[[Path], object] | None = None, tune: bool = True):
+        self.kernel_dir = Path(kernel_dir)
+        self.mod = load_kernels(self.kernel_dir, plan_hash=plan_hash, render=render)
+        self.tuning = tune
+        self.tuner = Tuner(self.kernel_dir / "autotune.json", self.mod.ATTENTION_CONFIGS, self.mod.DEFAULT_CONFIG)
+        self._configs: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+
+    # -- checks at the boundary --------------------------------------------------------------------
+    def _check(self, task: TaskInput) -> tuple:
+        q = task.q
+        hq, d, hkv = self.mod.Q_HEADS, self.mod.HEAD_DIM, self.mod.KV_HEADS
+        if q.dim() != 3 or q.shape[1] != hq or q.shape[2] != d:
+            raise InputError(f"task {task.name!r}: q has shape {tuple(q.shape)} but the kernels were rendered for "
+                             f"(M, {hq}, {d})", setting="plan")
+        if q.dtype not in _DTYPES:
+            raise InputError(f"task {task.name!r}: the triton backend takes bf16/fp16/fp32, got {q.dtype}",
+                             setting="dtype")
+        M = q.shape[0]
+        segs = []
+        for i, seg in enumerate(task.segments):
+            k, v = seg.k, seg.v
+            if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (hkv, d):
+                raise InputError(f"task {task.name!r} segment {i}: k {tuple(k.shape)} / v {tuple(v.shape)}, "
+                                 f"expected (n, {hkv}, {d}) each", setting="plan")
+            if k.dtype != q.dtype or v.dtype != q.dtype:
+                raise InputError(f"task {task.name!r} segment {i}: k/v dtype {k.dtype}/{v.dtype} differs from q's "
+                                 f"{q.dtype}", setting="dtype")
+            if seg.mask not in ("full", "causal"):
+                raise InputError(f"task {task.name!r} segment {i}: unknown mask {seg.mask!r}", setting="plan")
+            if seg.mask == "causal" and k.shape[0] < M:
+                raise InputError(f"task {task.name!r} segment {i}: a causal segment needs n >= M, got n={k.shape[0]} "
+                                 f"< M={M}", setting="plan")
+            segs.append((_dense_last(k), _dense_last(v), seg.mask == "causal"))
+        out = task.out
+        if out is not None and (tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.stride(-1) != 1):
+            raise InputError(f"task {task.name!r}: out must be {tuple(q.shape)} {q.dtype} with contiguous head dim, "
+                             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}", setting="plan")
+        return (_dense_last(q), segs, out)
+
+    # -- attention ---------------------------------------------------------------------------------
+    def _config(self, name: str, tasks: list, scale: float) -> tuple[int, int, int, int]:
+        q = tasks[0][0]
+        if _interpreted() or not q.is_cuda:
+            return tuple(self.mod.INTERPRETER_CONFIG)
+        device = torch.cuda.get_device_name(q.device)
+        key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
+        cfg = self._configs.get((device, key)) or self.tuner.get(device, key)
+        if cfg is None:
+            cfg = (self.tuner.tune(device, key, lambda c: self.mod.attend(name, tasks, scale, c))
+                   if self.tuning else tuple(self.mod.DEFAULT_CONFIG))
+        self._configs[(device, key)] = cfg
+        return cfg
+
+    def _launch(self, name: str, tasks: list, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        q = tasks[0][0]
+        cfg = self._config(name, tasks, scale)
+        if q.is_cuda:
+            with torch.cuda.device(q.device):
+                return self.mod.attend(name, tasks, scale, cfg)
+        return self.mod.attend(name, tasks, scale, cfg)
+
+    def _signature(self, tasks: list) -> tuple:
+        return tuple(tuple("causal" if c else "full" for _, _, c in segs) for _, segs, _ in tasks)
+
+    def attention(self, tasks: Sequence[TaskInput], scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        checked = [self._check(t) for t in tasks]
+        if not checked:
+            return []
+        name = self.mod.LAUNCHES.get(self._signature(checked))
+        if name is not None:
+            return self._write_back(self._launch(name, checked, scale), checked, tasks)
+        results = []
+        for one in checked:  # a grouping the plan never made: task by task
+            single = self.mod.LAUNCHES.get(self._signature([one]))
+            results += self._launch(single, [one], scale) if single else [self._by_segment(one, scale)]
+        return self._write_back(results, checked, tasks)
+
+    def _by_segment(self, task: tuple, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fallback: every segment alone, then the LSE merge (exact, slower)."""
+        q, segs, out = task
+        parts = [self._launch(self.mod.LAUNCHES[(("causal" if c else "full",),)], [(q, [(k, v, c)], None)], scale)[0]
+                 for k, v, c in segs]
+        if not parts:
+            zero = torch.zeros_like(q, memory_format=torch.contiguous_format)
+            return zero, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        merged, lse = self.merge(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
+        return merged, lse
+
+    @staticmethod
+    def _write_back(results: list, checked: list, tasks: Sequence[TaskInput]) -> list:
+        """Tasks whose out was not dense in D (or came back from a fallback) get it copied in."""
+        final = []
+        for (out, lse), (_, _, dense_out), task in zip(results, checked, tasks):
+            if task.out is not None and out.data_ptr() != task.out.data_ptr():
+                task.out.copy_(out)
+                out = task.out
+            final.append((out, lse))
+        return final
+
+    # -- selection and merge -----------------------------------------------------------------------
+    def select(self, q_query: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, keep: int,
+               pool_window: int, score: str) -> torch.Tensor:
+        n = k_block.shape[0]
+        if not 0 <= keep <= n:
+            raise InputError(f"cannot keep {keep} of a {n}-token block", setting="method.passing_tokens")
+        if score not in ("query_aware", "key_norm"):
+            raise InputError(f"unknown selection score {score!r}", setting="method.selection")
+        if pool_window < 1 or pool_window % 2 == 0:
+            raise InputError(f"pool window must be odd and >= 1, got {pool_window}", setting="method.pool_window")
+        args = (_dense_last(q_query), _dense_last(k_block), _dense_last(v_block), keep, pool_window, score)
+        if k_block.is_cuda:
+            with torch.cuda.device(k_block.device):
+                return self.mod.select(*args)
+        return self.mod.select(*args)
+
+    def merge(self, outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if outs.dim() != 4 or lses.shape != outs.shape[:3]:
+            raise InputError(f"merge takes outs (P, M, Hq, D) and lses (P, M, Hq), got {tuple(outs.shape)} and "
+                             f"{tuple(lses.shape)}", setting="plan")
+        if outs.is_cuda:
+            with torch.cuda.device(outs.device):
+                return self.mod.merge(_dense_last(outs), lses)
+        return self.mod.merge(_dense_last(outs), lses)
+
+
+def _dense_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels read any token/head strides in place but need the head dim contiguous."""
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
