@@ -299,13 +299,13 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
                 setting="video.fps")
 
 
-def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, int], frames: int) -> list[str]:
-    """Config overrides that describe this input, for re-planning (the entry point uses them)."""
+def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, int], frames: int) -> dict[str, Any]:
+    """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them)."""
     context = inputs.video_start + inputs.video_tokens + 1
     query = inputs.total_tokens - context
     suffix = plan.layout.query_tokens - plan.config["video"]["question_tokens"]
-    return [f"frames={frames}", f"video.resolution={source_size[0]}x{source_size[1]}",
-            f"video.system_tokens={inputs.video_start}", f"video.question_tokens={max(1, query - suffix)}"]
+    return {"video.frames": int(frames), "video.resolution": f"{source_size[0]}x{source_size[1]}",
+            "video.system_tokens": int(inputs.video_start), "video.question_tokens": max(1, query - suffix)}
 
 
 # -- per-rank slicing ---------------------------------------------------------------------------

@@ -134,3 +134,36 @@ def check_model(plan: Plan, model: Any) -> None:
     if int(tc.vocab_size) != plan.model.vocab_size:
         raise PlanMismatchError(f"the plan's vocabulary has {plan.model.vocab_size} tokens but the model's has "
                                 f"{tc.vocab_size}; re-plan with the matching model=", setting="model")
+
+
+def plan_model_settings(model: Any) -> dict[str, Any]:
+    """The loaded model's dims as plan config settings (dotted keys), for re-planning on a mismatch."""
+    cfg = model.config
+    tc = getattr(cfg, "text_config", cfg)
+    vc = cfg.vision_config
+    heads = int(tc.num_attention_heads)
+    rope = getattr(tc, "rope_parameters", None) or {}
+    family = cfg.model_type
+    out: dict[str, Any] = {
+        "model.name": f"{family}-checkpoint", "model.family": family, "model.num_layers": int(tc.num_hidden_layers),
+        "model.hidden_size": int(tc.hidden_size), "model.intermediate_size": int(tc.intermediate_size),
+        "model.num_heads": heads, "model.num_kv_heads": int(tc.num_key_value_heads),
+        "model.head_dim": int(tc.hidden_size) // heads, "model.vocab_size": int(tc.vocab_size),
+        "model.vision.patch_size": int(vc.patch_size), "model.vision.spatial_merge": int(vc.spatial_merge_size),
+        "model.vision.temporal_patch": int(vc.temporal_patch_size), "model.vision.depth": int(vc.depth),
+        "model.vision.num_heads": int(vc.num_heads),
+    }
+    if "mrope_section" in rope:
+        out["model.mrope_section"] = [int(x) for x in rope["mrope_section"]]
+    if "rope_theta" in rope:
+        out["model.rope_theta"] = float(rope["rope_theta"])
+    if family == "qwen2_5_vl":
+        out.update({"model.vision.hidden_size": int(vc.hidden_size),
+                    "model.vision.intermediate_size": int(vc.intermediate_size),
+                    "model.vision.out_hidden_size": int(vc.out_hidden_size),
+                    "model.tokens_per_second": int(vc.tokens_per_second)})
+    else:
+        out.update({"model.vision.hidden_size": int(vc.embed_dim),
+                    "model.vision.intermediate_size": int(vc.embed_dim * vc.mlp_ratio),
+                    "model.vision.out_hidden_size": int(vc.hidden_size)})
+    return out

@@ -1,0 +1,439 @@
+"""``python -m spava_plan.run``: answer a question about a video with Qwen2-VL / Qwen2.5-VL under a plan.
+
+    torchrun --nproc-per-node W -m spava_plan.run plan=PATH model.checkpoint=PATH video=PATH question="..."
+    python -m spava_plan.run plan=PATH ...        # one process: W ranks emulated as threads
+
+Arguments are key=value (like the planner's):
+    plan=PATH               plan.json made by spava-plan (its world size = number of ranks)
+    model.checkpoint=PATH   Hugging Face checkpoint directory (weights, config, tokenizer, processor)
+    model.init=random       real-size random weights (benchmarks); with model.checkpoint only its
+                            config and tokenizer are used; without one, the plan's model dims and a
+                            synthetic prompt (random text ids) are used
+    video=PATH              video file (PyAV); with model.init=random it may be left out: random pixels
+    question="..."          the question (model.init=random without a tokenizer: not needed)
+    max_new_tokens=32       greedy tokens to generate (the first one comes from prefill)
+    replan=false            true: when the input does not match the plan (frames, resolution, prompt
+                            length), plan again for this input instead of stopping
+    backend=auto            auto | torch | triton (auto: triton on CUDA, the torch reference otherwise)
+    device=auto             auto | cpu | cuda
+    dtype=plan              plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
+    comm=auto               auto (torchrun -> torch.distributed, else emulated) | dist | emulated
+    timeout=300             seconds a rank waits for its peers before failing
+
+This is one of the two modules (with spava_plan.cli) that wire the stages together: it may call
+the planner (replan=true) and codegen (kernels for the triton backend). User errors print one
+line on every rank and exit with code 2; a failed peer never makes the others hang.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import InputError, SpavaError
+
+USAGE = __doc__.split("Arguments are", 1)[0].strip()
+
+DEFAULTS = {
+    "plan": None, "model.checkpoint": None, "model.init": "checkpoint", "video": None, "question": None,
+    "max_new_tokens": "32", "replan": "false", "backend": "auto", "device": "auto", "dtype": "plan",
+    "comm": "auto", "timeout": "300", "seed": "0",
+}
+
+
+@dataclass
+class Args:
+    plan: str
+    checkpoint: str | None
+    init: str
+    video: str | None
+    question: str | None
+    max_new_tokens: int
+    replan: bool
+    backend: str
+    device: str
+    dtype: str
+    comm: str
+    timeout: float
+    seed: int
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    values = dict(DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("-")
+        if not sep or key not in DEFAULTS:
+            raise InputError(f"unknown argument {arg!r}; expected key=value with key one of {', '.join(DEFAULTS)}",
+                             setting="arguments")
+        values[key] = value
+
+    def choice(key: str, options: Sequence[str]) -> str:
+        v = str(values[key]).lower()
+        if v not in options:
+            raise InputError(f"must be one of {', '.join(options)}, got {values[key]!r}", setting=key)
+        return v
+
+    def integer(key: str, lo: int) -> int:
+        try:
+            v = int(values[key])
+        except ValueError:
+            raise InputError(f"must be an integer, got {values[key]!r}", setting=key) from None
+        if v < lo:
+            raise InputError(f"must be >= {lo}, got {v}", setting=key)
+        return v
+
+    if not values["plan"]:
+        raise InputError("is required: plan=PATH to a plan.json made by spava-plan", setting="plan")
+    init = choice("model.init", ("checkpoint", "random"))
+    if init == "checkpoint" and not values["model.checkpoint"]:
+        raise InputError("is required (or model.init=random for random weights)", setting="model.checkpoint")
+    try:
+        timeout = float(values["timeout"])
+    except ValueError:
+        raise InputError(f"must be a number of seconds, got {values['timeout']!r}", setting="timeout") from None
+    return Args(plan=values["plan"], checkpoint=values["model.checkpoint"] or None, init=init,
+                video=values["video"] or None, question=values["question"],
+                max_new_tokens=integer("max_new_tokens", 1), replan=choice("replan", ("true", "false")) == "true",
+                backend=choice("backend", ("auto", "torch", "triton")), device=choice("device", ("auto", "cpu", "cuda")),
+                dtype=choice("dtype", ("plan", "bf16", "fp16", "fp32", "fp64")),
+                comm=choice("comm", ("auto", "dist", "emulated")), timeout=timeout, seed=integer("seed", 0))
+
+
+# -- set-up shared by both launch modes ----------------------------------------------------------
+@dataclass
+class Prepared:
+    plan: Any
+    plan_dir: Path
+    model: Any
+    processing: Any
+    inputs: Any
+    positions: Any
+    device: Any
+    eos: list[int]
+    notes: list[str]
+    input_s: float
+    replanned: bool = False
+
+
+def _device(args: Args, local_rank: int | None) -> Any:
+    import torch
+
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError("device=cuda but no CUDA device is visible", setting="device")
+    return torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+
+
+def _dtype(args: Args, plan: Any) -> Any:
+    from .runtime.hf_model import DTYPES
+
+    return DTYPES[plan.dtype if args.dtype == "plan" else args.dtype]
+
+
+def _random_frames(plan: Any, seed: int) -> Any:
+    """Random-pixel frames at the plan's source resolution (the paper's benchmark input)."""
+    import numpy as np
+
+    from .config import parse_resolution
+
+    h, w = parse_resolution(plan.config["video"]["resolution"])
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(int(plan.config["video"]["frames"]), h, w, 3), dtype=np.uint8)
+
+
+def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepared:
+    """Plan, model, inputs and the plan-vs-input check (identical on every rank; no communication)."""
+    import time
+
+    import torch
+
+    from .plan import load_plan
+    from .runtime import hf_inputs, hf_model
+    from .runtime.video_io import probe, read_frames
+    from .runtime.vision_parallel import check_grids
+
+    plan = load_plan(args.plan)
+    plan.check_world(world_size)
+    device = _device(args, local_rank)
+    dtype = _dtype(args, plan)
+    notes: list[str] = []
+    # Model.
+    if args.init == "checkpoint":
+        model = hf_model.load_checkpoint(args.checkpoint, dtype=dtype, device=device)
+    elif args.checkpoint:
+        model = _random_from_checkpoint(args.checkpoint, dtype, device, args.seed)
+        notes.append("random weights with the checkpoint's architecture (model.init=random)")
+    else:
+        model = hf_model.random_model(plan.config["model"], dtype=dtype, device=device, seed=args.seed)
+        notes.append("random weights with the plan's model dims (model.init=random)")
+    replanned: list[str] = []
+    try:
+        hf_model.check_model(plan, model)
+    except SpavaError:
+        if not args.replan:
+            raise
+        settings = hf_model.plan_model_settings(model)
+        plan = replan(plan, settings)
+        replanned.append(f"model dims of the checkpoint ({settings['model.family']})")
+    # Processing + input.
+    t0 = time.perf_counter()
+    processing = hf_inputs.load_processing(args.checkpoint) if args.checkpoint else hf_inputs.default_processing()
+    frames_n = int(plan.config["video"]["frames"])
+    if args.video:
+        info = probe(args.video)
+        if info.total_frames < frames_n and args.replan:
+            frames_n = info.total_frames
+            plan = replan(plan, {"video.frames": frames_n})
+            replanned.append(f"frames={frames_n}")
+        frames, info = read_frames(args.video, frames_n)
+        source = (info.height, info.width)
+        if info.duration_s > 0:
+            notes.append(f"video {info.width}x{info.height}, {info.total_frames} frames, {frames_n} sampled "
+                         f"(about {frames_n / info.duration_s:.2f} per second)")
+    elif args.init == "random":
+        frames = _random_frames(plan, args.seed)
+        source = frames.shape[1:3]
+        notes.append("random-pixel frames at the plan's resolution (no video=)")
+    else:
+        raise InputError("is required: video=PATH to a video file", setting="video")
+    inputs = _build_inputs(args, plan, processing, model, frames)
+    positions = hf_inputs.global_position_ids(model, inputs)
+    try:
+        hf_inputs.check_against_plan(plan, inputs, positions)
+    except SpavaError:
+        if not args.replan:
+            raise
+        overrides = hf_inputs.observed_settings(inputs, plan, tuple(source), frames_n)
+        before = {k: _setting(plan.config, k) for k in overrides}
+        plan = replan(plan, overrides)
+        hf_inputs.check_against_plan(plan, inputs, positions)
+        replanned += [f"{k}={v}" for k, v in overrides.items() if before[k] != v]
+    if replanned:
+        notes.append("re-planned for this input: " + " ".join(replanned))
+    vis = plan.config["model"]["vision"]
+    check_grids(int(inputs.video_grid_thw[0, 0]), world_size, int(vis["temporal_patch"]))
+    tok = processing.tokenizer
+    eos = [] if tok is None else [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+                                             tok.convert_tokens_to_ids("<|endoftext|>")}
+                                  if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
+    torch.manual_seed(args.seed)
+    return Prepared(plan, Path(args.plan).resolve().parent, model, processing, inputs, positions, device, eos,
+                    notes, time.perf_counter() - t0, bool(replanned))
+
+
+def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int) -> Any:
+    import torch
+    import transformers
+
+    from .runtime.hf_model import FAMILIES, checkpoint_family
+
+    family = checkpoint_family(checkpoint)
+    try:
+        config = transformers.AutoConfig.from_pretrained(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - a broken config.json
+        raise InputError(f"cannot read the config of {checkpoint!r}: {str(exc).splitlines()[0]}",
+                         setting="model.checkpoint") from None
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(transformers, FAMILIES[family])._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any) -> Any:
+    from .runtime import hf_inputs
+
+    m, v = plan.config["model"], plan.config["video"]
+    common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
+                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=v["fps"])
+    if processing.tokenizer is None:
+        return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
+                                          question_tokens=v["question_tokens"], seed=args.seed, **common)
+    if args.question is None:
+        raise InputError("is required: question=\"...\"", setting="question")
+    return hf_inputs.build_inputs(processing, frames, args.question, video_token_id=int(model.config.video_token_id),
+                                  **common)
+
+
+def _setting(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def replan(plan: Any, settings: Mapping[str, Any]) -> Any:
+    """The plan's configuration planned again with ``settings`` (dotted keys) for this input."""
+    import copy
+
+    from .config import to_config
+    from .planner.build import build_plan
+
+    data = copy.deepcopy(dict(plan.config))
+    for key, value in settings.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    data["topology"]["gpus"] = plan.world_size
+    data["gpus"], data["frames"] = plan.world_size, data["video"]["frames"]
+    data["kernels"] = False
+    return build_plan(to_config(data))
+
+
+def make_backend(args: Args, prepared: Prepared) -> Any:
+    """The kernel backend: triton (generated kernels, rendered on demand) on CUDA, torch otherwise."""
+    from .runtime.backends.torch_ref import TorchBackend
+
+    want = args.backend
+    if want == "auto":
+        want = "triton" if prepared.device.type == "cuda" else "torch"
+        if want == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                want = "torch"
+    if want == "torch":
+        return TorchBackend()
+    if prepared.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError("backend=triton needs a CUDA device (or TRITON_INTERPRET=1)", setting="backend")
+    from .codegen.render import render_kernels
+    from .runtime.backends.triton_gen import TritonBackend
+
+    plan = prepared.plan
+    kernel_dir = prepared.plan_dir / "kernels"
+    if prepared.replanned or not os.access(prepared.plan_dir, os.W_OK):  # never overwrite the plan's own kernels
+        import tempfile
+
+        kernel_dir = Path(tempfile.mkdtemp(prefix="spava-kernels-"))
+    return TritonBackend(kernel_dir, plan_hash=plan.hash, render=lambda d: render_kernels(plan, d))
+
+
+# -- one rank's run ------------------------------------------------------------------------------
+def execute(args: Args, prepared: Prepared, comm: Any, backend: Any) -> Any:
+    import torch
+
+    from .runtime.attention import RankAttention
+    from .runtime.generate import RankRunner
+
+    plan = prepared.plan
+    runner = RankRunner(prepared.model, plan, comm,
+                        lambda: RankAttention(plan, comm.rank, comm, backend,
+                                              decode_capacity=args.max_new_tokens + 8), prepared.device)
+    with torch.inference_mode():
+        result = runner.generate(prepared.inputs, prepared.positions, args.max_new_tokens, prepared.eos)
+    every = comm.all_gather_object(result.tokens)
+    if any(t != every[0] for t in every):
+        raise SpavaError(f"rank {comm.rank}: ranks generated different tokens: {every}", setting="runtime")
+    return result
+
+
+def report(args: Args, prepared: Prepared, result: Any, label: str, backend: str) -> str:
+    tok = prepared.processing.tokenizer
+    lay = prepared.plan.layout
+    if tok is not None:
+        answer = tok.decode(result.tokens, skip_special_tokens=True).strip()
+    else:
+        answer = "token ids " + " ".join(map(str, result.tokens))
+    t = result.timing
+    lines = [f"answer: {answer}"]
+    lines += [f"note: {n}" for n in prepared.notes]
+    lines.append(f"plan: {prepared.plan.method}, {prepared.plan.world_size} ranks, {lay.total_tokens} tokens "
+                 f"({lay.video_tokens} video, {lay.query_tokens} query), model {prepared.plan.model.name}, "
+                 f"backend {backend}, {label}")
+    lines.append(f"timing (rank 0): input {prepared.input_s:.3f} s | vision {t.vision_s:.3f} s | prefill "
+                 f"{t.prefill_s:.3f} s | first token {t.first_token_s:.3f} s | decode {t.decode_tokens_per_s:.1f} "
+                 f"tokens/s ({t.decode_tokens} tokens, max_new_tokens={args.max_new_tokens})")
+    return "\n".join(lines)
+
+
+def _fail(exc: SpavaError, rank: int | None) -> int:
+    where = "" if rank is None else f"[rank {rank}] "
+    print(f"spava-plan run: {where}error: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
+def _agree(comm: Any, error: SpavaError | None) -> None:
+    """All ranks learn whether any failed during set-up, and all fail with the same first error."""
+    seen = comm.all_gather_object(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    bad = [(r, e) for r, e in enumerate(seen) if e is not None]
+    if bad:
+        r, (_, text) = bad[0]
+        raise InputError(f"rank {r} failed: {text}", setting="runtime")
+
+
+def run_distributed(args: Args) -> int:
+    from .runtime.comm_dist import TorchDistComm
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        comm = TorchDistComm.from_env(timeout_s=args.timeout)
+    except SpavaError as exc:
+        return _fail(exc, rank)
+    try:
+        error: SpavaError | None = None
+        prepared, backend = None, None
+        try:
+            prepared = prepare(args, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)))
+            backend = make_backend(args, prepared)
+        except SpavaError as exc:
+            error = exc
+        _agree(comm, error)
+        assert prepared is not None
+        result = execute(args, prepared, comm, backend)
+        if comm.rank == 0:
+            print(report(args, prepared, result, comm.label, backend.name), flush=True)
+        comm.barrier()
+        return 0
+    except SpavaError as exc:
+        return _fail(exc, comm.rank)
+    finally:
+        comm.close()
+
+
+def run_emulated(args: Args) -> int:
+    from .plan import load_plan
+    from .runtime.comm_emulated import EmulatedWorld
+
+    try:
+        world_size = load_plan(args.plan).world_size
+        prepared = prepare(args, world_size)
+        backend = make_backend(args, prepared)
+        world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
+        results = world.run(lambda rank: execute(args, prepared, world.comm(rank), backend))
+    except SpavaError as exc:
+        return _fail(exc, None)
+    label = f"emulated {world_size}-rank (ranks share one device as threads: wall-clock, not a {world_size}-GPU time)"
+    print(report(args, prepared, results[0], label, backend.name), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local paths; never reach a hub
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ["RANK"]) if under_torchrun else None
+    try:
+        args = parse_args(argv)
+    except SpavaError as exc:
+        return _fail(exc, rank)
+    mode = args.comm if args.comm != "auto" else ("dist" if under_torchrun else "emulated")
+    if mode == "dist" and not under_torchrun:
+        return _fail(InputError("comm=dist needs torchrun (RANK/WORLD_SIZE are not set)", setting="comm"), rank)
+    if mode == "emulated" and under_torchrun and int(os.environ["WORLD_SIZE"]) > 1:
+        return _fail(InputError("comm=emulated runs in one process; do not launch it with torchrun", setting="comm"),
+                     rank)
+    return run_distributed(args) if mode == "dist" else run_emulated(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
