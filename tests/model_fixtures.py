@@ -150,3 +150,103 @@ def write_video(path: str | Path, frames: int = 8, height: int = 56, width: int 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# -- plans and inputs for the tiny models ---------------------------------------------------------
+QUESTION = "What happens in this video?"
+
+
+def tiny_inputs(checkpoint: str | Path, video: str | Path, frames: int, family: str, question: str = QUESTION,
+                fps: float = 2.0):
+    """Processor inputs for the tiny checkpoint (plan-independent: default tiny pixel bounds)."""
+    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.video_io import read_frames
+
+    pixels, _ = read_frames(str(video), frames)
+    proc = hf_inputs.load_processing(str(checkpoint))
+    return hf_inputs.build_inputs(proc, pixels, question, family=family, min_pixels=28 * 28,
+                                  max_pixels=28 * 28 * 16384, temporal_patch=2, merge=2, fps=fps)
+
+
+def tiny_plan(inputs, family: str, gpus: int, frames: int, resolution: str, *extra: str, fps: float = 2.0):
+    """A plan for the tiny model whose prompt counts are those of ``inputs`` (as a user would set
+    video.system_tokens / video.question_tokens for their tokenizer and question)."""
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+    from spava_plan.planner.layout import ASSISTANT_SUFFIX_TOKENS
+
+    context = inputs.video_start + inputs.video_tokens + 1
+    question = inputs.total_tokens - context - ASSISTANT_SUFFIX_TOKENS
+    overrides = ["model=tiny", f"gpus={gpus}", f"frames={frames}", f"video.resolution={resolution}",
+                 f"video.system_tokens={inputs.video_start}", f"video.question_tokens={question}", f"video.fps={fps}",
+                 "dtype=fp32", "kernels=false", *extra]
+    if family == "qwen2_5_vl":
+        overrides += TINY_25_OVERRIDES
+    return build_plan(compose_config(overrides))
+
+
+def dist_env(rank: int, world: int, port: int) -> dict:
+    """What torchrun sets for one worker (gloo on CPU)."""
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+def launch(argv_for_rank, world: int, cwd: str | Path, timeout: float = 180.0) -> list:
+    """Start ``world`` processes as torchrun would (RANK/WORLD_SIZE/MASTER_* set), wait for all;
+    returns [(returncode, stdout, stderr)] per rank. A process still running at ``timeout`` is killed
+    (the caller's assertion then fails instead of the test session hanging)."""
+    import subprocess
+    import sys
+
+    from spava_plan.runtime.comm_dist import free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *argv_for_rank(r)], cwd=str(cwd), env=dist_env(r, world, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    out = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so, se = p.communicate()
+            se += "\n<killed: timeout>"
+        out.append((p.returncode, so, se))
+    return out
+
+
+def exactness_worker(work: str, families: str, max_new_tokens: int) -> None:
+    """One rank of the gloo exactness test: frame-parallel ViT, prefill logits of every local row,
+    and greedy tokens under the plan in ``work``/<family>/plan_W<W>.json, saved for the parent."""
+    import torch
+
+    from spava_plan.plan import load_plan
+    from spava_plan.runtime import hf_attention, hf_inputs, hf_model
+    from spava_plan.runtime.attention import RankAttention
+    from spava_plan.runtime.backends.torch_ref import TorchBackend
+    from spava_plan.runtime.comm_dist import TorchDistComm
+    from spava_plan.runtime.generate import RankRunner
+
+    comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
+    W, rank = comm.world_size, comm.rank
+    try:
+        for family in families.split(","):
+            root = Path(work) / family
+            plan = load_plan(root / f"plan_W{W}.json")
+            inputs = torch.load(root / "inputs.pt", weights_only=False)
+            model = hf_attention.install(hf_model.load_checkpoint(str(root / "ckpt"), dtype=torch.float64,
+                                                                  device="cpu"))
+            positions = hf_inputs.global_position_ids(model, inputs)
+            runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, rank, comm, TorchBackend()), "cpu")
+            with torch.inference_mode():
+                video = runner.vision(inputs)
+                pre = runner.prefill(inputs, positions, video)
+                logits = runner.logits(pre.hidden)
+                result = runner.generate(inputs, positions, max_new_tokens)
+            torch.save({"video": video, "index": pre.index, "logits": logits, "tokens": result.tokens},
+                       root / f"out_W{W}_rank{rank}.pt")
+    finally:
+        comm.close()
