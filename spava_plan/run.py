@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local paths; never reach a hub
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    under_torchrun = bool(os.environ.get("RANK", "").isdigit() and os.environ.get("WORLD_SIZE", "").isdigit())
     rank = int(os.environ["RANK"]) if under_torchrun else None
     try:
         args = parse_args(argv)

@@ -1,0 +1,128 @@
+"""``python -m spava_plan.run`` end to end: a real (tiny) checkpoint, a real video file, the default
+Spava budget, W ranks as gloo processes (launched the way torchrun launches them) or emulated in
+one process; and every bad input ending with one clear line and exit code 2 on every rank."""
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+import model_fixtures as mf
+
+RUN = ["-m", "spava_plan.run"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """54 frames at 112x168: 27 grids x 24 tokens, so W=2's four blocks exceed 128 tokens each and the
+    default budget really selects (keep=128 of ~134 per block)."""
+    root = tmp_path_factory.mktemp("run")
+    ckpt = mf.build_checkpoint(root / "ckpt", "qwen2_vl")
+    video = mf.write_video(root / "v.mp4", frames=56, height=112, width=168)
+    inputs = mf.tiny_inputs(ckpt, video, 54, "qwen2_vl")
+    plan = mf.tiny_plan(inputs, "qwen2_vl", 2, 54, "112x168")
+    assert not plan.config["method"]["pass_all"] and plan.layout.segments[1].keep < plan.layout.segments[1].length
+    plan.save(root / "plan.json")
+    return root
+
+
+def _args(root, **over):
+    args = {"plan": root / "plan.json", "model.checkpoint": root / "ckpt", "video": root / "v.mp4",
+            "question": mf.QUESTION, "max_new_tokens": 5}
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items() if v is not None]
+
+
+def _single(root, **over):
+    import subprocess
+
+    env = {k: v for k, v in mf.dist_env(0, 1, 0).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, *RUN, *_args(root, **over)], cwd=str(root), env=env, capture_output=True,
+                       text=True, timeout=180)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _answer(stdout: str) -> tuple[str, int]:
+    answer = re.search(r"^answer: (.*)$", stdout, re.M)
+    tokens = re.search(r"decode .* \((\d+) tokens, max_new_tokens=5\)", stdout)
+    assert answer and tokens, stdout
+    return answer.group(1), int(tokens.group(1)) + 1
+
+
+def test_default_budget_gloo_run_completes_and_matches_the_emulated_run(setup):
+    results = mf.launch(lambda r: [*RUN, *_args(setup)], 2, cwd=setup)
+    for rank, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"rank {rank}:\n{err[-3000:]}"
+    out0, out1 = results[0][1], results[1][1]
+    assert out1 == ""  # only rank 0 reports (the ranks checked among themselves that their tokens agree)
+    answer, n = _answer(out0)
+    assert 1 <= n <= 5 and answer.isprintable()
+    assert "gloo 2-rank" in out0 and re.search(r"vision [\d.]+ s \| prefill [\d.]+ s \| first token", out0)
+    # The same plan emulated in one process (threads + in-process communicator) gives the same text.
+    rc, out, err = _single(setup)
+    assert rc == 0, err[-3000:]
+    assert _answer(out) == (answer, n) and "emulated 2-rank" in out
+
+
+def _one_error_line(stderr: str, rank: int | None = None) -> str:
+    lines = [ln for ln in stderr.splitlines() if "spava-plan run:" in ln]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if rank is not None:
+        assert f"[rank {rank}] error:" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("corrupt_checkpoint", "model.checkpoint: cannot load the weights"),
+    ("unreadable_video", "cannot open .*junk.mp4' as a video"),
+    ("short_video", "has 6 frames but the plan samples 54; .*re-plan with frames<=6"),
+    ("long_question", "does not fit the plan's query block.*video.question_tokens="),
+    ("one_rank_without_video", "no video file"),
+])
+def test_bad_input_fails_on_every_rank_with_exit_2(setup, tmp_path, case, match):
+    over: dict = {}
+    if case == "corrupt_checkpoint":
+        bad = mf.build_checkpoint(tmp_path / "ckpt")
+        (bad / "model.safetensors").write_bytes(b"\x00" * 256)
+        over["model.checkpoint"] = bad
+    elif case == "unreadable_video":
+        junk = tmp_path / "junk.mp4"
+        junk.write_bytes(b"not a video at all" * 64)
+        over["video"] = junk
+    elif case == "short_video":
+        over["video"] = mf.write_video(tmp_path / "short.mp4", frames=6, height=112, width=168)
+    elif case == "long_question":
+        over["question"] = mf.QUESTION + " Please describe every object and every motion in great detail."
+
+    def argv(rank):
+        if case == "one_rank_without_video":  # only rank 1 is missing its input: rank 0 must not hang
+            return [*RUN, *_args(setup, video=tmp_path / "missing.mp4" if rank == 1 else setup / "v.mp4")]
+        return [*RUN, *_args(setup, **over)]
+
+    results = mf.launch(argv, 2, cwd=setup, timeout=120)
+    for rank, (rc, _, err) in enumerate(results):
+        assert rc == 2, f"rank {rank} exited {rc}:\n{err[-3000:]}"
+        line = _one_error_line(err, rank)
+        assert re.search(match, line), line
+
+
+def test_replan_fits_a_different_question(setup):
+    question = mf.QUESTION + " Please describe every object and every motion in great detail."
+    rc, out, err = _single(setup, question=question, replan="true")
+    assert rc == 0, err[-3000:]
+    assert re.search(r"re-planned for this input: video.question_tokens=\d+", out)
+    _answer(out)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"model.checkpoint": "/nonexistent/ckpt"}, "model.checkpoint: no checkpoint directory"),
+    ({"plan": "/nonexistent/plan.json"}, "no plan file at '/nonexistent/plan.json'"),
+    ({"max_new_tokens": 0}, "max_new_tokens: must be >= 1"),
+    ({"bogus": 1}, "unknown argument 'bogus=1'"),
+])
+def test_single_process_errors_are_one_line_exit_2(setup, over, match):
+    rc, out, err = _single(setup, **over)
+    assert rc == 2, err[-3000:]
+    assert re.search(match, _one_error_line(err)), err
