@@ -80,8 +80,10 @@ def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
 class Tuner:
     """Block sizes per (device, launch, dtype): read from / recorded in autotune.json."""
 
-    def __init__(self, path: Path, candidates: Sequence[tuple[int, int, int, int]], default: tuple[int, int, int, int]):
+    def __init__(self, path: Path, candidates: Sequence[tuple[int, int, int, int]], default: tuple[int, int, int, int],
+                 timer: Callable[[Callable[[], object]], float] | None = None):
         self.path = Path(path)
+        self.timer = timer or _do_bench
         self.candidates = tuple(tuple(c) for c in candidates)
         self.default = tuple(default)
         self.table: dict = self._read()
@@ -97,15 +99,19 @@ class Tuner:
         entry = self.table.get(device, {}).get(key)
         return tuple(entry["config"]) if entry else None
 
-    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, int, int, int]:
-        import triton.testing
+    def nearest(self, device: str, key: str) -> tuple[int, int, int, int]:
+        """For a launch not tuned here: the config most launches of this dtype chose on this device."""
+        dtype = key.rsplit(":", 1)[-1]
+        chosen = [tuple(e["config"]) for k, e in sorted(self.table.get(device, {}).items())
+                  if k.rsplit(":", 1)[-1] == dtype]
+        return max(chosen, key=chosen.count) if chosen else self.default
 
+    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, int, int, int]:
         timings = {}
         for cfg in self.candidates:
             try:
                 run(cfg)  # compile + check it launches at all (too much shared memory fails here)
-                torch.cuda.synchronize()
-                timings[cfg] = triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median")
+                timings[cfg] = self.timer(lambda: run(cfg))
             except Exception:  # noqa: BLE001 - a candidate that cannot compile or launch is skipped
                 continue
         if not timings:
@@ -125,6 +131,13 @@ class Tuner:
         except OSError:
             pass  # a read-only kernel dir: keep the choice in memory for this process
         return best
+
+
+def _do_bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 class TritonBackend:
@@ -180,7 +193,7 @@ class TritonBackend:
         cfg = self._configs.get((device, key)) or self.tuner.get(device, key)
         if cfg is None:
             cfg = (self.tuner.tune(device, key, lambda c: self.mod.attend(name, tasks, scale, c))
-                   if self.tuning else tuple(self.mod.DEFAULT_CONFIG))
+                   if self.tuning else self.tuner.nearest(device, key))
         self._configs[(device, key)] = cfg
         return cfg
 
