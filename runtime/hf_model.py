@@ -91,6 +91,8 @@ def hf_config_from_plan(model_cfg: Mapping[str, Any]) -> Any:
                 num_key_value_heads=m["num_kv_heads"], max_position_embeddings=128000,
                 rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"]),
                                  "mrope_section": list(m["mrope_section"])})
+    if vocab <= 151645:  # Qwen's <|endoftext|> / <|im_end|> ids do not exist in a tiny vocabulary
+        text.update(bos_token_id=None, eos_token_id=None)
     common = dict(patch_size=vis["patch_size"], spatial_merge_size=vis["spatial_merge"],
                   temporal_patch_size=vis["temporal_patch"], num_heads=vis["num_heads"], depth=vis["depth"])
     if family == "qwen2_5_vl":

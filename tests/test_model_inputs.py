@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import model_fixtures as mf
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+import model_fixtures as mf  # noqa: E402
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.runtime import hf_inputs, hf_model
 from spava_plan.runtime.video_io import read_frames, sample_indices

@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model_fixtures as mf
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+import model_fixtures as mf  # noqa: E402
 from spava_plan.runtime import hf_model
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

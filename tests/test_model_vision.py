@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model_fixtures as mf
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+import model_fixtures as mf  # noqa: E402
 from spava_plan.errors import InputError
 from spava_plan.runtime import hf_model
 from spava_plan.runtime.comm_emulated import EmulatedWorld
