@@ -128,14 +128,20 @@ def check_model(plan: Plan, model: Any) -> None:
     family = getattr(model.config, "model_type", None)
     if family != plan.model.family:
         raise PlanMismatchError(f"the plan was made for a {plan.model.family} model ({plan.model.name!r}) but the "
-                                f"checkpoint is {family}; re-plan with the matching model=", setting="model")
+                                f"checkpoint is {family}; re-plan with the matching model= or add replan=true",
+                                setting="model")
     tc = getattr(model.config, "text_config", model.config)
     heads = int(tc.num_attention_heads)
-    plan.check_model(num_layers=int(tc.num_hidden_layers), num_heads=heads, num_kv_heads=int(tc.num_key_value_heads),
-                     head_dim=int(tc.hidden_size) // heads, hidden_size=int(tc.hidden_size))
+    try:
+        plan.check_model(num_layers=int(tc.num_hidden_layers), num_heads=heads,
+                         num_kv_heads=int(tc.num_key_value_heads), head_dim=int(tc.hidden_size) // heads,
+                         hidden_size=int(tc.hidden_size))
+    except PlanMismatchError as exc:
+        raise PlanMismatchError(f"{exc} or add replan=true to re-plan for this checkpoint", setting="model") from None
     if int(tc.vocab_size) != plan.model.vocab_size:
         raise PlanMismatchError(f"the plan's vocabulary has {plan.model.vocab_size} tokens but the model's has "
-                                f"{tc.vocab_size}; re-plan with the matching model=", setting="model")
+                                f"{tc.vocab_size}; re-plan with the matching model= or add replan=true",
+                                setting="model")
 
 
 def plan_model_settings(model: Any) -> dict[str, Any]:

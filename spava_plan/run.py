@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import InputError, SpavaError
+from .errors import InfeasiblePlanError, InputError, SpavaError
 
 USAGE = __doc__.split("Arguments are", 1)[0].strip()
 
@@ -324,8 +324,12 @@ def execute(args: Args, prepared: Prepared, comm: Any, backend: Any) -> Any:
     runner = RankRunner(prepared.model, plan, comm,
                         lambda: RankAttention(plan, comm.rank, comm, backend,
                                               decode_capacity=args.max_new_tokens + 8), prepared.device)
-    with torch.inference_mode():
-        result = runner.generate(prepared.inputs, prepared.positions, args.max_new_tokens, prepared.eos)
+    try:
+        with torch.inference_mode():
+            result = runner.generate(prepared.inputs, prepared.positions, args.max_new_tokens, prepared.eos)
+    except torch.OutOfMemoryError:
+        raise InfeasiblePlanError(f"rank {comm.rank} ran out of device memory ({plan.layout.total_tokens} tokens on "
+                                  f"{plan.world_size} ranks); plan more GPUs or fewer frames", setting="gpus") from None
     every = comm.all_gather_object(result.tokens)
     if any(t != every[0] for t in every):
         raise SpavaError(f"rank {comm.rank}: ranks generated different tokens: {every}", setting="runtime")

@@ -153,3 +153,16 @@ def test_random_init_builds_the_real_size_model(name, billions):
     model = random_model(cfg, dtype=torch.bfloat16, device="meta")
     n = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(n - billions) < 0.02, n
+
+
+def test_model_mismatch_is_reported_and_replan_fixes_it(setup, tmp_path):
+    from spava_plan.plan import load_plan
+    from spava_plan.run import replan
+
+    other = replan(load_plan(setup / "plan.json"), {"model.num_layers": 3, "model.name": "tiny3"})
+    other.save(tmp_path / "plan.json")
+    rc, _, err = _single(setup, plan=tmp_path / "plan.json")
+    assert rc == 2 and re.search(r"num_layers plan=3 model=2.*replan=true", _one_error_line(err)), err
+    rc, out, err = _single(setup, plan=tmp_path / "plan.json", replan="true")
+    assert rc == 0, err[-3000:]
+    assert "re-planned for this input: model dims of the checkpoint" in out
