@@ -1,18 +1,34 @@
 """config -> Plan: the planner's one entry point.
 
-    layout (tokens) -> partition (segments) -> placement (hosts -> ranks) -> rank plans
-    -> collectives -> schedule + predictions -> Plan
+    layout (tokens) -> partition (segments) -> host costs (cost model) -> placement (hosts -> ranks)
+    -> rank plans -> collectives (timed) -> schedule (ordered, then timed) -> vision encoder
+    -> memory -> Prediction -> Plan
+
+Every method goes through the same path, so baselines are planned and costed exactly like Spava.
+Solvers apply to Spava; the baselines keep their fixed placements (zigzag_ring: rank r holds
+chunks r and 2W-1-r; apb and star: block r on rank r; dense: one rank), which is the snake order
+of ``zigzag`` with 2 or 1 hosts per rank.
 """
 from __future__ import annotations
 
-from spava_plan.config import SpavaConfig, config_to_dict
-from spava_plan.plan import Layout, ModelSpec, Plan, Prediction, RankSchedule, Segment
+import gc
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
+from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
+from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
+
+from .cost import KERNELS, ZERO, CostModel, Work
 from .layout import TokenLayout, token_layout
+from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
 from .partition import Partition, partition
 from .placement import place
-from .ranks import collectives, rank_plans
-from .schedule import rank_ops
+from .ranks import RingSources, collectives, rank_plans
+from .schedule import NAME, STEP, TASKS, Step, Timeline, rank_schedules, rank_steps, simulate
+from .vision import vision_unit
+
+FIXED_PLACEMENT = SolverConfig(name="zigzag")
 
 
 def model_spec(cfg: SpavaConfig) -> ModelSpec:
@@ -38,30 +54,227 @@ def segments(tokens: TokenLayout, part: Partition) -> tuple[Segment, ...]:
     return tuple(out)
 
 
-def host_work(part: Partition) -> list[float]:
-    """Attention work of each virtual host in score-matrix entries (rows x keys it attends)."""
-    work = []
+def host_costs(part: Partition, cost: CostModel, query_tokens: int) -> list[float]:
+    """Per-layer time (us) of each virtual host's own work, independent of where it is placed:
+    its attention task, the selection of its block and the per-token work of its rows.
+
+    spava/apb: host v attends v * keep passing keys (the selections of hosts 0..v-1), the anchor
+    (apb: and the query) fully, and its block causally. star: block r attends block 0 fully.
+    zigzag_ring: chunk c attends every earlier chunk fully. dense: one host, the whole prompt.
+    """
     anchor = part.anchor_tokens if part.anchor else 0
+    out = []
     for v, (a, b) in enumerate(part.blocks):
         rows = b - a
-        passing = v * part.keep
-        work.append(float(rows * (passing + anchor) + rows * (rows + 1) / 2))
-    return work
+        if part.method in ("spava", "apb"):
+            sources = [(v * part.keep, False), (anchor, False)]
+            if part.method == "apb":
+                sources.append((query_tokens, False))
+        elif part.method == "star":
+            sources = [(part.blocks[0][1] - part.blocks[0][0], False)] if v else []
+        else:  # zigzag_ring, dense
+            sources = [(a, False)]
+        work = cost.attention(rows, tuple(s for s in sources if s[0]) + ((rows, True),)) + cost.layer_tokens(rows)
+        if part.keep:
+            work = work + cost.select(rows, part.keep, query_tokens)
+        out.append(work.us)
+    return out
 
 
-def build_plan(cfg: SpavaConfig) -> Plan:
+def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool], ...]]]:
+    """task name -> owner rank -> key sources (keys, causal); passing sources count as local.
+    (A ring plan has O(W) sources per task, so this loop is kept tight.)"""
+    out: dict[str, dict[int, tuple[tuple[int, bool], ...]]] = {}
+    me = rank.rank
+    for task in rank.tasks:
+        by_owner: dict[int, list[tuple[int, bool]]] = {}
+        for ref in task.kv:
+            kind = ref.kind
+            if kind == "remote":
+                owner, keys = ref.owner, ref.stop - ref.start
+            else:
+                owner = me
+                keys = (ref.rank_stop - ref.rank_start) * ref.keep if kind == "passing" else ref.stop - ref.start
+            src = by_owner.get(owner)
+            if src is None:
+                by_owner[owner] = [(keys, ref.mask == "causal")]
+            else:
+                src.append((keys, ref.mask == "causal"))
+        out[task.name] = {o: tuple(v) for o, v in by_owner.items()}
+    return out
+
+
+class _Durations:
+    """Work of every compute op of the schedule (see spava_plan.plan.Op), from the cost model."""
+
+    def __init__(self, cost: CostModel, world: int, query_tokens: int, ring: RingSources | None = None):
+        self.cost, self.world, self.lq, self.ring = cost, world, query_tokens, ring
+        self._rank_cache: dict[int, tuple[dict, dict]] = {}
+        self.launch = cost.launch_us
+        self._launch = Work(KERNELS["attend"] * cost.launch_us)  # one fused attention launch
+
+    def _rank(self, rank: RankPlan) -> tuple[dict, dict]:
+        hit = self._rank_cache.get(rank.rank)
+        if hit is None:
+            rows = {t.name: t.rows for t in rank.tasks}
+            if self.ring is not None:
+                sources = {f"chunk{c}": self.ring.by_owner(c, rank.rank) for c in rank.hosts}
+            else:
+                sources = _task_sources(rank)
+            hit = self._rank_cache[rank.rank] = (rows, sources)
+        return hit
+
+    def attend_by_owner(self, rank: RankPlan, tasks: tuple[str, ...]) -> dict[int, Work]:
+        rows, sources = self._rank(rank)
+        attention = self.cost.attention
+        sums: dict[int, list[float]] = {}
+        for task in tasks:
+            n = rows[task]
+            for owner, src in sources[task].items():
+                w = attention(n, src)
+                acc = sums.get(owner)
+                if acc is None:
+                    sums[owner] = [w[0], w[1], w[2]]
+                else:
+                    acc[0] += w[0]
+                    acc[1] += w[1]
+                    acc[2] += w[2]
+        base = self._launch.us
+        # plain (us, flops, bytes) tuples: a W=1024 ring builds a million of these
+        out = {o: (base + a[0], a[1], a[2]) for o, a in sums.items()}
+        out[-1] = tuple(self._launch)
+        return out  # type: ignore[return-value]
+
+    def __call__(self, rank: RankPlan, step: Step) -> Work:
+        cost, launch, name = self.cost, self.launch, step[NAME]
+        if name == "attend":
+            rows, sources = self._rank(rank)
+            owner = rank.rank if step[STEP] < 0 else (rank.rank - step[STEP]) % self.world
+            work = self._launch
+            for task in step[TASKS]:
+                work = work + cost.attention(rows[task], sources[task].get(owner, ()))
+            return work
+        if name == "qkv":
+            return cost.qkv(rank.local_tokens) + Work(KERNELS["qkv"] * launch)
+        if name == "out_mlp":
+            return cost.out_mlp(rank.local_tokens) + Work(KERNELS["out_mlp"] * launch)
+        if name == "select":
+            work = ZERO
+            for _, start, stop, keep in rank.select:
+                work = work + cost.select(stop - start, keep, self.lq) + Work(KERNELS["select_block"] * launch)
+            return work
+        if name == "merge":
+            return cost.merge(self.lq, self.world) + Work(KERNELS["merge"] * launch)
+        raise AssertionError(f"no cost for compute op {name!r}")
+
+
+def _timed_collectives(colls: tuple[Collective, ...], cost: CostModel) -> tuple[Collective, ...]:
+    out = []
+    for c in colls:
+        t = cost.p2p(c.bytes_per_rank) if c.kind == "ring" else cost.all_gather(c.bytes_per_rank)
+        out.append(Collective(c.name, c.kind, c.slot, c.rows_per_rank, c.bytes_per_rank, time_us=t))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Everything the planner derives for one config, before the Plan object is assembled."""
+
+    cfg: SpavaConfig
+    tokens: TokenLayout
+    part: Partition
+    layout: Layout
+    placement: Placement
+    ranks: tuple[RankPlan, ...]
+    collectives: tuple[Collective, ...]
+    steps: list
+    timeline: Timeline
+    prediction: Prediction
+    memory: list  # per rank: {part: bytes} (memory.PARTS and "peak")
+    fits: bool  # every rank's peak fits the device
+
+    @property
+    def world(self) -> int:
+        return self.part.world
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a large plan allocates millions of small acyclic
+    tuples, and the collector would rescan them over and over (it doubles the planning time of
+    a 1024-GPU ring). Reference counting still frees everything."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def derive(cfg: SpavaConfig, *, require_fit: bool = True, detail: bool = True) -> Derived:
+    with _gc_paused():
+        return _derive(cfg, require_fit=require_fit, detail=detail)
+
+
+def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
+    """Plan ``cfg`` up to its predictions; with ``require_fit`` an InfeasiblePlanError is raised
+    when a rank's peak memory exceeds the device (comparisons plan baselines with it off and
+    report it instead). ``detail=False`` skips the per-op timeline (only totals are kept), for
+    predictions that will not be assembled into a Plan."""
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
-    spec = model_spec(cfg)
-    placement = place(host_work(part), part.world, part.hosts_per_rank, cfg.solver)
+    world = part.world
+    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, world)
+    solver = cfg.solver if part.method == "spava" else FIXED_PLACEMENT
+    placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)
     layout = Layout(total_tokens=tokens.total_tokens, context_tokens=tokens.context_tokens,
                     query_tokens=tokens.query_tokens, video_tokens=tokens.video_tokens, frames=tokens.frames,
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,
                     passing_tokens=part.passing_tokens, virtual_hosts=part.virtual_hosts,
                     segments=segments(tokens, part))
     ranks = rank_plans(part, placement.host_rank)
-    colls = collectives(part, spec, cfg.dtype_bytes)
-    schedule = tuple(RankSchedule(rank=r.rank, ops=rank_ops(r, colls, part.world, cfg.method.overlap)) for r in ranks)
-    return Plan(method=part.method, world_size=part.world, dtype=cfg.dtype, model=spec, layout=layout,
-                placement=placement, ranks=ranks, collectives=colls, schedule=schedule, prediction=Prediction(),
-                config=config_to_dict(cfg))
+    colls = _timed_collectives(collectives(part, model_spec(cfg), cfg.dtype_bytes), cost)
+    steps = [rank_steps(r, colls, world, cfg.method.overlap) for r in ranks]
+    ring = RingSources(part, placement.host_rank) if part.method == "zigzag_ring" else None
+    durations = _Durations(cost, world, tokens.query_tokens, ring)
+    timeline = simulate(ranks, steps, colls, durations, world, record=detail)
+
+    # Frame-parallel vision encoder: rank r encodes T // W units (+1 for the first T % W ranks),
+    # then an all-gather hands every rank all embeddings (equal-size buffers: the largest share).
+    unit = vision_unit(cfg.model, tokens.grid_thw)
+    units = [unit.units // world + (1 if r < unit.units % world else 0) for r in range(world)]
+    gather_us = cost.all_gather(max(units) * unit.tokens * cfg.model.hidden_size * cfg.dtype_bytes)
+    vision_us = max(units) * cost.vision_unit(unit).us + gather_us
+
+    weights = weight_bytes(cfg)
+    memory = [rank_memory(cfg, r, colls, world, unit, units[r.rank], max(units), weights) for r in ranks]
+    fits = max(m["peak"] for m in memory) <= usable_bytes(cfg)
+    if require_fit and not fits:
+        check_fits(cfg, part.method, world, memory)
+    layers = cfg.model.num_layers
+    rank_us = tuple(vision_us + layers * t for t in timeline.layer_us)
+    critical = max(range(world), key=lambda r: rank_us[r])
+    busiest = max(range(world), key=lambda r: memory[r]["peak"])
+    prediction = Prediction(rank_us=rank_us, makespan_us=rank_us[critical], vision_us=vision_us,
+                            exposed_comm_us=gather_us + layers * timeline.exposed_us[critical],
+                            peak_memory_bytes=tuple(m["peak"] for m in memory),
+                            memory_breakdown=dict(memory[busiest]))
+    return Derived(cfg, tokens, part, layout, placement, ranks, colls, steps, timeline, prediction, memory, fits)
+
+
+def assemble(d: Derived) -> Plan:
+    """The immutable Plan of a derivation, with every op of the timed schedule."""
+    assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
+        "assemble() needs a derivation made with detail=True"
+    return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
+                layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
+                schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
+                config=config_to_dict(d.cfg))
+
+
+def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:
+    """config -> Plan (raises a SpavaError naming the setting when no plan satisfies it)."""
+    d = derive(cfg, require_fit=require_fit)
+    with _gc_paused():
+        return assemble(d)

@@ -126,26 +126,53 @@ def _star_ranks(part: Partition) -> list[RankPlan]:
 
 def _ring_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
     """ZigZag ring: chunk c attends chunks j < c fully and itself causally; remote K/V arrive over
-    W-1 ring steps."""
+    W-1 ring steps.
+
+    A task lists every earlier chunk, so the plan is O(W^2) in size; the KVRef objects are built
+    once per chunk and shared between tasks (tuples of the same frozen objects)."""
     W = part.world
     per_rank, _ = host_slots(host_rank, W)
     last_owner = host_rank[len(part.blocks) - 1]
+    remote = [KVRef(kind="remote", mask="full", start=a, stop=b, owner=host_rank[j])
+              for j, (a, b) in enumerate(part.blocks)]
     ranks = []
     for r in range(W):
         chunks = per_rank[r]
         tasks = []
         for c in chunks:
-            kv = []
-            for j in range(c):
-                a, b = part.blocks[j]
-                owner = host_rank[j]
-                kv.append(_local(a, b) if owner == r else KVRef(kind="remote", mask="full", start=a, stop=b, owner=owner))
+            kv = remote[:c]
+            for j in chunks:  # this rank's own earlier chunks are local
+                if j < c:
+                    kv[j] = _local(*part.blocks[j])
             kv.append(_local(*part.blocks[c], "causal"))
             tasks.append(AttnTask(f"chunk{c}", *part.blocks[c], kv=tuple(kv)))
         local = tuple(part.blocks[c] for c in chunks)
         ranks.append(RankPlan(rank=r, hosts=chunks, local=local, tasks=tuple(tasks), select=(), cache=local,
                               decode_appends=(r == last_owner)))
     return ranks
+
+
+class RingSources:
+    """Key sources of the ring's chunk tasks grouped by the rank that owns the keys, computed
+    from the chunk structure of ``_ring_ranks``: chunk c reads every earlier chunk in full and
+    itself causally. Equal to grouping the task's KVRefs by owner in order (a test checks it),
+    without walking its O(W) refs: the cost model needs these for all W^2 (rank, step) pairs."""
+
+    def __init__(self, part: Partition, host_rank: tuple[int, ...]):
+        per_rank, _ = host_slots(host_rank, part.world)
+        assert all(len(c) == 2 for c in per_rank), "the ring holds two chunks per rank"
+        self.chunks = per_rank
+        self.full = [((b - a, False),) for a, b in part.blocks]
+        self.lengths = [b - a for a, b in part.blocks]
+
+    def by_owner(self, chunk: int, rank: int) -> dict[int, tuple[tuple[int, bool], ...]]:
+        out: dict[int, tuple[tuple[int, bool], ...]] = {}
+        full, lengths = self.full, self.lengths
+        for owner, (lo, hi) in enumerate(self.chunks):  # lo < hi: hosts_per_rank sorted
+            if lo < chunk:
+                out[owner] = full[lo] + full[hi] if hi < chunk else full[lo]
+        out[rank] = out.get(rank, ()) + ((lengths[chunk], True),)
+        return out
 
 
 def _dense_ranks(part: Partition) -> list[RankPlan]:

@@ -300,6 +300,7 @@ def to_config(cfg: Any) -> SpavaConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    _reject_unknown_keys(cfg, SpavaConfig, "")
     try:
         structured = OmegaConf.merge(OmegaConf.structured(SpavaConfig), cfg)
         obj = OmegaConf.to_object(structured)
@@ -310,6 +311,25 @@ def to_config(cfg: Any) -> SpavaConfig:
         raise ConfigError(f"{exc.msg if hasattr(exc, 'msg') else exc}".splitlines()[0], setting=str(key)) from None
     assert isinstance(obj, SpavaConfig)
     return obj
+
+
+def _reject_unknown_keys(cfg: Any, cls: type, prefix: str) -> None:
+    """A key the schema does not know (e.g. a typo added with +key=) would be dropped silently."""
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, (dict, DictConfig)):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(fields)}", setting=name)
+        sub = fields[key].type
+        target = {"ModelConfig": ModelConfig, "VisionConfig": VisionConfig, "TopologyConfig": TopologyConfig,
+                  "VideoConfig": VideoConfig, "MethodConfig": MethodConfig, "SolverConfig": SolverConfig}.get(
+            sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
+        if target is not None:
+            _reject_unknown_keys(cfg[key], target, f"{name}.")
 
 
 def config_to_dict(cfg: SpavaConfig) -> dict:

@@ -5,9 +5,11 @@ by the dataclasses in spava_plan.config before the YAML groups supply values.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
-from .config import SpavaConfig, to_config
+from .config import MethodConfig, SpavaConfig, to_config
+from .errors import ConfigError
 
 CONFIG_MODULE = "spava_plan.conf"
 CONFIG_NAME = "config"
@@ -24,8 +26,6 @@ def compose_config(overrides: Sequence[str] = ()) -> SpavaConfig:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from .errors import ConfigError
-
     register_schema()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -35,5 +35,48 @@ def compose_config(overrides: Sequence[str] = ()) -> SpavaConfig:
     except ConfigError:
         raise
     except Exception as exc:  # Hydra's override / missing-config errors
-        raise ConfigError(str(exc).splitlines()[0], setting="overrides") from None
+        raise hydra_error(exc) from None
     return to_config(cfg)
+
+
+def hydra_error(exc: BaseException) -> ConfigError:
+    """A Hydra / OmegaConf composition error as one ConfigError line naming the setting:
+    an unknown group option (model=foo), a value of the wrong type (gpus=abc), an unknown key
+    (foo=1) or an override that does not parse."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        choices = f"; choose one of {', '.join(options)}" if options else ""
+        return ConfigError(f"unknown {group} {option!r}{choices}", setting=group.split("/")[-1])
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
+    if key:
+        reason = str(cause if cause is not None else exc).splitlines()[0]
+        if "not in" in reason:
+            reason = f"unknown setting {key!r} ({reason})"
+        return ConfigError(reason, setting=str(key))
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return ConfigError(first, setting="overrides")
+
+
+def method_preset(name: str) -> MethodConfig:
+    """The method group's YAML (conf/method/<name>.yaml) on its schema: a baseline planned for
+    comparison gets exactly the settings `method=<name>` would give it."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    text = files(CONFIG_MODULE).joinpath("method", f"{name}.yaml").read_text()
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.create(text)))
+    assert isinstance(obj, MethodConfig)
+    return obj
+
+
+def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
+    """``cfg`` with its method group replaced by method ``name``'s preset (model, topology, video
+    and solver unchanged)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, method=method_preset(name))

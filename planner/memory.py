@@ -1,0 +1,126 @@
+"""Peak device memory of every rank during prefill, and the check that it fits.
+
+A rank's memory has two phases that never overlap:
+- vision stage: the encoder's activations for one chunk of units, the embeddings of the units
+  this rank encodes, and the all-gather buffer that receives every rank's embeddings;
+- LLM stage: the KV cache shard (complete at the last layer), one layer's activations, the
+  passing buffers (selection all-gathers, or the ring's K/V buffers) and the query all-gather.
+Weights (LLM and vision tower, in the run dtype) are resident throughout, so
+
+    peak = weights + max(vision_stage, kv_cache + activations + passing + gather)
+
+One layer's activations on n local tokens: the residual stream, plus the larger of the attention
+phase (normed input, q, this layer's full local k/v, attention output, fp32 softmax state of
+merged rows, selection scores) and the MLP phase (o_proj output and one MLP chunk). The runtime is
+assumed to run the MLP in chunks of MLP_CHUNK_TOKENS tokens (gate, up and their product live
+together), and the vision tower in chunks of whole units (planner/vision.py): without chunking a
+single 1M-token MLP intermediate alone would exceed any GPU. The sum is conservative: passing
+buffers are counted during the MLP phase too.
+"""
+from __future__ import annotations
+
+from spava_plan.config import SpavaConfig
+from spava_plan.errors import InfeasiblePlanError
+from spava_plan.plan import Collective, RankPlan
+
+from .cost import LSE_BYTES
+from .vision import VisionUnit, chunk_activation_elements, vision_params
+
+MLP_CHUNK_TOKENS = 16384
+GIB = 1 << 30
+PARTS = ("weights", "kv_cache", "activations", "passing", "gather", "vision_stage")
+
+
+def llm_params(cfg: SpavaConfig) -> int:
+    """Parameters of the language model: embeddings, layers (q/k/v with bias), head."""
+    m = cfg.model
+    h, d = m.hidden_size, m.head_dim
+    q, kv = m.num_heads * d, m.num_kv_heads * d
+    layer = h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * m.intermediate_size + 2 * h
+    embed = m.vocab_size * h
+    return embed + m.num_layers * layer + h + (0 if m.tie_word_embeddings else embed)
+
+
+def weight_bytes(cfg: SpavaConfig) -> int:
+    return (llm_params(cfg) + vision_params(cfg.model)) * cfg.dtype_bytes
+
+
+def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool) -> int:
+    m, dt = cfg.model, cfg.dtype_bytes
+    n = rank.local_tokens
+    h, d = m.hidden_size, m.head_dim
+    merged_rows = sum(t.rows for t in rank.tasks if t.merge == "query")
+    fp32_rows = n if ring else merged_rows  # ring LSE-merges every row across steps
+    scores = max((stop - start for _, start, stop, keep in rank.select if keep < stop - start), default=0)
+    attention = (n * h + n * m.num_heads * d + 2 * n * m.num_kv_heads * d + n * m.num_heads * d) * dt \
+        + fp32_rows * m.num_heads * (d + 1) * LSE_BYTES + 2 * scores * m.num_kv_heads * LSE_BYTES
+    mlp = (n * h + 3 * min(n, MLP_CHUNK_TOKENS) * m.intermediate_size) * dt
+    return n * h * dt + max(attention, mlp)
+
+
+def _comm_buffers(collectives: tuple[Collective, ...], world: int) -> tuple[int, int]:
+    """(passing, gather) bytes: all-gather outputs hold ``world`` contributions; the ring keeps
+    the K/V block it sends and the one it receives."""
+    passing = gather = 0
+    for c in collectives:
+        if c.kind == "select_all_gather":
+            passing += world * c.bytes_per_rank
+        elif c.kind == "ring":
+            passing += 2 * c.bytes_per_rank
+        else:
+            gather += world * c.bytes_per_rank
+    return passing, gather
+
+
+def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, units: int, max_units: int, world: int) -> int:
+    dt = cfg.dtype_bytes
+    emb = unit.tokens * cfg.model.hidden_size * dt
+    gathered = world * max_units * emb if world > 1 else 0
+    return chunk_activation_elements(cfg.model, unit) * dt + units * emb + gathered
+
+
+def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective, ...], world: int,
+                unit: VisionUnit, units: int, max_units: int, weights: int) -> dict[str, int]:
+    """Peak bytes of one rank with its parts (keys: PARTS and "peak")."""
+    m, dt = cfg.model, cfg.dtype_bytes
+    cache_tokens = sum(stop - start for start, stop in rank.cache)
+    ring = any(c.kind == "ring" for c in collectives)
+    passing, gather = _comm_buffers(collectives, world)
+    parts = {
+        "weights": weights,
+        "kv_cache": cache_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim * dt,
+        "activations": _activations(cfg, rank, ring),
+        "passing": passing,
+        "gather": gather,
+        "vision_stage": _vision_stage(cfg, unit, units, max_units, world),
+    }
+    llm = parts["kv_cache"] + parts["activations"] + parts["passing"] + parts["gather"]
+    parts["peak"] = weights + max(parts["vision_stage"], llm)
+    return parts
+
+
+def usable_bytes(cfg: SpavaConfig) -> int:
+    t = cfg.topology
+    return int((t.memory_gib - t.reserved_gib) * GIB)
+
+
+def check_fits(cfg: SpavaConfig, method: str, world: int, memory: list[dict[str, int]]) -> None:
+    """Raise InfeasiblePlanError naming the setting to change when some rank does not fit."""
+    cap = usable_bytes(cfg)
+    t = cfg.topology
+    worst = max(range(len(memory)), key=lambda r: memory[r]["peak"])
+    parts = memory[worst]
+    if parts["peak"] <= cap:
+        return
+    usable = f"topology {t.name} has {cap / GIB:.1f} GiB usable per GPU"
+    if parts["weights"] > cap:
+        raise InfeasiblePlanError(f"topology={t.name}: the weights of {cfg.model.name} alone need "
+                                  f"{parts['weights'] / GIB:.1f} GiB but {usable}; choose a topology with more "
+                                  f"memory", setting="topology")
+    detail = ", ".join(f"{k.replace('_', ' ')} {parts[k] / GIB:.1f}" for k in PARTS if parts[k])
+    need = f"rank {worst} needs {parts['peak'] / GIB:.1f} GiB ({detail}) but {usable}"
+    if method == "dense" or world == 1:
+        raise InfeasiblePlanError(f"frames={cfg.video.frames} does not fit one GPU: {need}; lower frames or "
+                                  f"video.resolution, or choose a topology with more memory", setting="frames")
+    raise InfeasiblePlanError(f"gpus={world} does not fit: {need}; change gpus, lower frames or "
+                              f"video.resolution, or choose a topology with more memory", setting="gpus")

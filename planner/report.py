@@ -1,0 +1,191 @@
+"""Human-readable and tabular views of a plan: report.md, schedule.json, the CLI's summary table
+and the rows of a sweep's summary.csv / summary.md."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from spava_plan.config import SpavaConfig
+from spava_plan.plan import Plan
+
+from .compare import MethodRow
+from .memory import GIB, PARTS, usable_bytes
+
+MAX_RANK_ROWS = 32  # report.md lists every rank up to this many, then the extremes
+
+
+def _ms(us: float) -> str:
+    return f"{us / 1e3:,.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f}"
+
+
+def method_table(rows: Sequence[MethodRow], cap_bytes: int) -> list[str]:
+    """Markdown table comparing the methods."""
+    out = ["| method | GPUs | predicted prefill (ms) | slowest / fastest rank (ms) | exposed comm (ms) | "
+           "vs dense | vs zigzag_ring | peak GiB/GPU | fits | solver gap |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r.method}**" if r.planned else r.method
+        if r.error:
+            out.append(f"| {name} | | not plannable: {r.error} | | | | | | | |")
+            continue
+        fits = "yes" if r.fits else f"no (> {_gib(cap_bytes)})"
+        out.append(f"| {name} | {r.gpus} | {_ms(r.prefill_us)} | {_ms(r.rank_us_max)} / {_ms(r.rank_us_min)} | "
+                   f"{_ms(r.exposed_comm_us)} | {_x(r.speedup_vs_dense)} | {_x(r.speedup_vs_ring)} | "
+                   f"{_gib(r.peak_bytes)} | {fits} | {r.gap:.2%} |")
+    return out
+
+
+def _rank_indices(world: int) -> list[int]:
+    if world <= MAX_RANK_ROWS:
+        return list(range(world))
+    half = MAX_RANK_ROWS // 2
+    return list(range(half)) + list(range(world - half, world))
+
+
+def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str) -> str:
+    lay, pred, pl, m = plan.layout, plan.prediction, plan.placement, plan.model
+    cap = usable_bytes(cfg)
+    blocks = lay.blocks
+    sizes = sorted({b.length for b in blocks})
+    t = cfg.topology
+    lines = [
+        f"# spava-plan: {plan.method} for {m.name} on {plan.world_size} x {t.name}",
+        "",
+        f"Plan hash `{plan_hash}` (schema {plan.schema_version}). All times are the cost model's predictions "
+        f"for {t.device} ({t.gemm_tflops:g} TFLOP/s GEMM, {t.attention_tflops:g} TFLOP/s attention, "
+        f"{t.hbm_gbps:g} GB/s HBM, {t.intra_node_gbps:g} GB/s NVLink, {t.inter_node_gbps:g} GB/s between nodes, "
+        f"{t.num_nodes if plan.world_size > 1 else 1} node(s)); they are not measurements.",
+        "",
+        "## Tokens",
+        "",
+        f"- video: {cfg.video.frames} frames requested, {lay.frames} after padding, {cfg.video.resolution} resized to "
+        f"{lay.frame_size[0]}x{lay.frame_size[1]}; grid (t, h, w) = {tuple(lay.grid_thw)}",
+        f"- tokens: {lay.total_tokens:,} = context L {lay.context_tokens:,} (video {lay.video_tokens:,}) + "
+        f"query Lq {lay.query_tokens}",
+        f"- anchor a = {lay.anchor_tokens:,}; passing budget p = {lay.passing_tokens:,}; "
+        f"passed per block k = {blocks[0].keep if blocks else 0:,}",
+        f"- {lay.virtual_hosts} {'chunks' if blocks and blocks[0].kind == 'chunk' else 'virtual hosts'} of "
+        f"{' / '.join(f'{s:,}' for s in sizes)} tokens",
+        "",
+        "## Methods on the same work",
+        "",
+        "Dense runs on one GPU, the others on the configured GPUs. Speedups are ratios of predicted prefill time "
+        "(vision encoder included). A method that does not fit is still timed as if the device had room.",
+        "",
+        *method_table(rows, cap),
+        "",
+        "## Placement",
+        "",
+        f"solver `{pl.solver}`: makespan {pl.makespan:,.1f} us/layer of host work, lower bound "
+        f"{pl.lower_bound:,.1f} us, gap {pl.gap:.3%}.",
+        "",
+        "## Per rank (one layer, then the whole prefill)",
+        "",
+        "| rank | hosts | local tokens | layer (ms) | exposed comm (ms/layer) | prefill (ms) | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in _rank_indices(plan.world_size):
+        rank, sched = plan.ranks[r], plan.schedule[r]
+        hosts = ", ".join(str(h) for h in rank.hosts)
+        lines.append(f"| {r} | {hosts} | {rank.local_tokens:,} | {_ms(sched.layer_us)} | {_ms(sched.exposed_comm_us)} | "
+                     f"{_ms(pred.rank_us[r])} | {_gib(pred.peak_memory_bytes[r])} |")
+    if plan.world_size > MAX_RANK_ROWS:
+        lines.append(f"\n({plan.world_size - MAX_RANK_ROWS} middle ranks omitted; schedule.json has all.)")
+    parts = pred.memory_breakdown
+    lines += [
+        "",
+        f"Prefill: vision encoder {_ms(pred.vision_us)} ms (frame-parallel, all-gather included), "
+        f"{m.num_layers} layers; makespan {_ms(pred.makespan_us)} ms; exposed communication on the critical "
+        f"rank {_ms(pred.exposed_comm_us)} ms.",
+        "",
+        "## Memory of the busiest rank (GiB)",
+        "",
+        "| " + " | ".join(PARTS) + " | peak | usable |",
+        "|" + "---|" * (len(PARTS) + 2),
+        "| " + " | ".join(_gib(parts.get(k, 0)) for k in PARTS) + f" | {_gib(parts.get('peak', 0))} | {_gib(cap)} |",
+        "",
+        "peak = weights + max(vision_stage, kv_cache + activations + passing + gather). Activations assume the "
+        "runtime runs the MLP in 16K-token chunks and the vision tower in chunks of whole grids.",
+        "",
+        "## Collectives per layer",
+        "",
+        "| name | kind | bytes per rank | predicted time (us) |",
+        "|---|---|---|---|",
+        *[f"| {c.name} | {c.kind} | {c.bytes_per_rank:,} | {c.time_us:,.1f} |" for c in plan.collectives],
+        "",
+        "Artifacts: plan.json (the contract), schedule.json (timed ops per rank), graph.json (networkx "
+        "node-link block graph), timeline.png (one layer).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def schedule_dict(plan: Plan) -> dict[str, Any]:
+    """schedule.json: the timed per-rank op lists and the collectives (one layer)."""
+    return {
+        "method": plan.method,
+        "world_size": plan.world_size,
+        "num_layers": plan.model.num_layers,
+        "units": "microseconds per layer",
+        "collectives": [c.__dict__ for c in plan.collectives],
+        "ranks": [{"rank": s.rank, "layer_us": s.layer_us, "exposed_comm_us": s.exposed_comm_us,
+                   "ops": [{**o.__dict__, "tasks": list(o.tasks)} for o in s.ops]} for s in plan.schedule],
+    }
+
+
+def schedule_json(plan: Plan) -> str:
+    return json.dumps(schedule_dict(plan), indent=1) + "\n"
+
+
+def summary_table(rows: Sequence[MethodRow]) -> str:
+    """The short plain-text table the CLI prints."""
+    head = ("method", "GPUs", "prefill ms", "vs dense", "vs ring", "peak GiB", "fits")
+    body = []
+    for r in rows:
+        name = r.method + (" *" if r.planned else "")
+        if r.error:
+            body.append((name, "-", "not plannable", "", "", "", ""))
+            continue
+        body.append((name, str(r.gpus), _ms(r.prefill_us), _x(r.speedup_vs_dense), _x(r.speedup_vs_ring),
+                     _gib(r.peak_bytes), "yes" if r.fits else "NO"))
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in (head, *body))
+
+
+SUMMARY_COLUMNS = ("job", "model", "method", "gpus", "frames", "resolution", "tokens", "prefill_ms", "rank_ms_max",
+                   "rank_ms_min", "speedup_vs_dense", "speedup_vs_zigzag_ring", "peak_gib_per_gpu", "solver_gap",
+                   "status", "output_dir")
+
+
+def summary_row(job: str, plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], out_dir: str) -> dict[str, Any]:
+    """One row of a sweep's summary for a planned job."""
+    mine = next(r for r in rows if r.planned)
+    return {"job": job, "model": cfg.model.name, "method": plan.method, "gpus": plan.world_size,
+            "frames": cfg.video.frames, "resolution": cfg.video.resolution, "tokens": plan.layout.total_tokens,
+            "prefill_ms": round(mine.prefill_us / 1e3, 3), "rank_ms_max": round(mine.rank_us_max / 1e3, 3),
+            "rank_ms_min": round(mine.rank_us_min / 1e3, 3),
+            "speedup_vs_dense": None if mine.speedup_vs_dense is None else round(mine.speedup_vs_dense, 3),
+            "speedup_vs_zigzag_ring": None if mine.speedup_vs_ring is None else round(mine.speedup_vs_ring, 3),
+            "peak_gib_per_gpu": round(mine.peak_bytes / GIB, 2), "solver_gap": round(plan.placement.gap, 6),
+            "status": "ok", "output_dir": out_dir}
+
+
+def failed_row(job: str, overrides: str, error: str) -> dict[str, Any]:
+    return {**{c: None for c in SUMMARY_COLUMNS}, "job": job, "status": f"error: {error}", "output_dir": overrides}
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    cols = SUMMARY_COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

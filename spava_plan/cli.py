@@ -1,0 +1,313 @@
+"""`spava-plan`: the planning command (a Hydra app).
+
+    spava-plan model=qwen2vl gpus=8 frames=2048
+    spava-plan -m gpus=2,4,8 frames=256,1024,2048 method=spava,zigzag_ring
+
+Each job writes plan.json, report.md, graph.json, schedule.json, timeline.png and (with
+kernels=true) kernels/ into its Hydra job directory, then prints a short comparison table and the
+path. A multirun also gets summary.csv and summary.md at the sweep root (SweepSummary callback).
+
+This is one of the two entry points allowed to wire the stages together (config -> planner ->
+codegen). Errors a user can fix print one line naming the setting on stderr and exit with code 2,
+without a traceback and without leaving partial artifacts: everything is built in a temporary
+directory inside the job directory and moved into place only when all of it succeeded; a job
+directory that Hydra created for a failed job is removed again.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from .errors import SpavaError
+
+ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png")
+_FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
+
+
+class TimelineWorker:
+    """Draws timeline.png in a forked child process.
+
+    Importing matplotlib and drawing take about as long as everything else the command does, so
+    on POSIX the child is forked at start-up (before Hydra runs, no threads exist yet): it imports
+    matplotlib while the parent composes the config and plans, then draws the data the parent
+    sends through a pipe. Without fork (or when the child fails) the parent draws in-process.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.pid = 0
+        self._pipe = -1
+        if not enabled or not hasattr(os, "fork"):
+            return
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            os.close(write)
+            os._exit(self._child(read))
+        os.close(read)
+        self.pid, self._pipe = pid, write
+
+    @staticmethod
+    def _child(read: int) -> int:
+        try:
+            from .planner import timeline
+
+            timeline.preload()
+            with os.fdopen(read, "rb") as pipe:
+                payload = pipe.read()
+            if payload:  # empty: the parent planned nothing (an error) or drew it itself
+                data, path = pickle.loads(payload)
+                timeline.render(data, path)
+            return 0
+        except BaseException:  # noqa: BLE001 - report to the parent through the exit status
+            return 1
+
+    def render(self, plan: Any, path: Path) -> None:
+        """Draw (or hand to the child) timeline.png; ``wait`` must follow before it is used."""
+        from .planner import timeline
+
+        data = timeline.timeline_data(plan)
+        self._path = path
+        if self._pipe < 0:
+            timeline.render(data, path)
+            return
+        pipe, self._pipe = self._pipe, -1
+        with os.fdopen(pipe, "wb") as out:
+            out.write(pickle.dumps((data, str(path))))
+        self._data = data
+
+    def wait(self) -> None:
+        """Wait for the child; if it failed, draw in-process (which raises the real error)."""
+        if self.pid:
+            self.close()
+            if self._status != 0 and getattr(self, "_data", None) is not None:
+                from .planner import timeline
+
+                timeline.render(self._data, self._path)
+
+    def close(self) -> None:
+        """Release the child (it exits without drawing if nothing was sent)."""
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        if self.pid:
+            _, status = os.waitpid(self.pid, 0)
+            self._status = os.waitstatus_to_exitcode(status)
+            self.pid = 0
+
+
+_WORKER: TimelineWorker | None = None  # set by main() for single runs
+
+
+# -- one job ----------------------------------------------------------------------------------------
+def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None) -> tuple[Any, Any, list, str]:
+    """Plan one config and write its artifacts into ``out_dir`` (all or nothing).
+
+    Returns (plan, cfg, method rows, plan hash)."""
+    from .config import to_config
+    from .hydra_conf import with_method
+    from .planner.build import assemble, derive
+    from .planner.compare import COMPARED, compare
+
+    cfg = to_config(task_cfg)
+    main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
+    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method})
+    plan = assemble(main)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".spava-plan-", dir=out_dir))
+    try:
+        plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False))
+        for name in sorted(os.listdir(tmp)):
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # a previous run's kernels/ in a reused directory
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return plan, cfg, rows, plan_hash
+
+
+def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker) -> str:
+    from .planner.graph import build_graph, graph_json
+    from .planner.report import report_markdown, schedule_json
+
+    worker.render(plan, tmp / "timeline.png")  # first: the child draws while the rest is written
+    data = plan.to_dict()  # computes the content hash once; same text as Plan.to_json()
+    plan_hash = data["hash"]
+    (tmp / "plan.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    del data
+    (tmp / "schedule.json").write_text(schedule_json(plan))
+    (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
+    (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash))
+    if cfg.kernels:
+        from .codegen.render import render_kernels
+
+        render_kernels(plan, tmp / "kernels")
+    worker.wait()
+    return plan_hash
+
+
+def _discard_job_dir(out_dir: Path, hydra_subdir: str | None) -> None:
+    """Remove what Hydra wrote for a failed job (its config snapshot) and the job directory and
+    its parents up to the working directory while they are empty."""
+    if hydra_subdir:
+        shutil.rmtree(out_dir / hydra_subdir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    path = out_dir.resolve()
+    while path != cwd and cwd in path.parents:
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            break
+        path = path.parent
+
+
+def _task(task_cfg: Any) -> dict:
+    """The Hydra task function: plan, write, print; a SpavaError becomes one line on stderr."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    job = str(hc.job.num) if multirun else "0"
+    overrides = " ".join(hc.overrides.task)
+    try:
+        plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+    except SpavaError as exc:
+        _discard_job_dir(out_dir, hc.output_subdir)
+        where = f"job #{job} ({overrides}): " if multirun else ""
+        line = f"spava-plan: error: {where}{exc}"
+        print(line, file=sys.stderr, flush=True)
+        _FAILURES.append(line)
+        from .planner.report import failed_row
+
+        return failed_row(job, overrides, str(exc))
+    from .planner.report import summary_row, summary_table
+
+    mine = next(r for r in rows if r.planned)
+    if multirun:
+        print(f"#{job} {overrides}: {plan.method} {mine.prefill_us / 1e3:,.1f} ms predicted prefill -> {out_dir}")
+    else:
+        lay = plan.layout
+        print(f"{cfg.model.name}: {lay.total_tokens:,} tokens ({lay.frames} frames, {lay.virtual_hosts} blocks) "
+              f"on {plan.world_size} x {cfg.topology.name}; plan {plan_hash[:12]}")
+        print(summary_table(rows))
+        print(f"artifacts: {out_dir}")
+    return summary_row(job, plan, cfg, rows, str(out_dir))
+
+
+# -- multirun summary ------------------------------------------------------------------------------
+class SweepSummary(Callback):
+    """Collects each job's summary row and writes summary.csv + summary.md at the sweep root.
+
+    Rows travel through the jobs' return values, so this needs an in-process launcher (Hydra's
+    default basic launcher)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        value = getattr(job_return, "_return_value", None)  # not .return_value: it re-raises
+        if isinstance(value, dict):
+            self.rows.append(value)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from .planner.report import SUMMARY_COLUMNS, summary_markdown
+
+        if not self.rows:
+            return
+        root = Path(str(config.hydra.sweep.dir))
+        root.mkdir(parents=True, exist_ok=True)
+        rows = sorted(self.rows, key=lambda r: int(r["job"]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(root / "summary.csv", text.getvalue())
+        md = summary_markdown(rows)
+        _atomic_write(root / "summary.md", md)
+        print(md, end="")
+        print(f"summary: {root / 'summary.csv'}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def _is_multirun(args: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in args) or any(
+        a.replace(" ", "") in ("hydra.mode=MULTIRUN",) for a in args)
+
+
+def _prevalidate_sweep(args: list[str]) -> None:
+    """Compose every job of a sweep before any runs, so a bad value in a sweep list fails the
+    whole command up front instead of after earlier jobs wrote their artifacts."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .hydra_conf import compose_config, hydra_error
+
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except SpavaError:
+        raise
+    except Exception as exc:
+        raise hydra_error(exc) from None
+    for job in jobs:
+        compose_config(job)
+
+
+def main() -> None:
+    """Console script `spava-plan`."""
+    import hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, hydra_error, register_schema
+
+    args = sys.argv[1:]
+    # Let Hydra's exceptions reach this function instead of being printed with a stack trace.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_schema()
+    global _WORKER
+    app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME, version_base="1.3")(_task)
+    multirun = _is_multirun(args)
+    informational = any(a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--shell-completion",
+                              "-sc") or a.startswith("--info") for a in args)
+    _WORKER = TimelineWorker(enabled=not multirun and not informational)
+    try:
+        if multirun:
+            _prevalidate_sweep(args)
+        app()
+    except SpavaError as exc:
+        print(f"spava-plan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (OmegaConfBaseException, Exception) as exc:
+        from hydra.errors import HydraException
+
+        if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+            raise  # a bug, not a user error: keep the traceback
+        print(f"spava-plan: error: {hydra_error(exc)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _WORKER.close()
+    if _FAILURES:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
