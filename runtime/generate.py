@@ -77,9 +77,9 @@ class RankRunner:
 
     # -- stages -----------------------------------------------------------------------------------
     def vision(self, inputs: ModelInputs) -> torch.Tensor:
-        pixels = inputs.pixel_values_videos.to(self.device)
-        grid = inputs.video_grid_thw.to(self.device)
-        return encode_video_parallel(self.visual, pixels, grid, self.comm, self.merge)
+        # pixels stay on the host; each rank moves only its own temporal grids to the device
+        return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
+                                     self.merge, int(self.plan.config["model"]["vision"]["temporal_patch"]))
 
     def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
         index = local_indices(self.rank_plan, device=self.device)

@@ -237,6 +237,10 @@ def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: A
 
 
 def _inputs(ids, pixels, grid, vid, *, family, fps, temporal_patch, merge, patch) -> ModelInputs:
+    video = torch.nonzero(ids[0] == vid)[:, 0]
+    if video.numel() == 0 or int(video[-1] - video[0]) + 1 != video.numel():
+        raise InputError("the prompt must hold the video as one contiguous run of video tokens (does the chat "
+                         "template or the question add more?)", setting="question")
     mm = torch.where(ids == vid, 2, 0).to(torch.int32)
     # Qwen2.5-VL temporal positions: seconds per grid = temporal_patch / fps (the plan's video.fps).
     sec = torch.tensor([temporal_patch / fps], dtype=torch.float32) if family == "qwen2_5_vl" else None
@@ -328,12 +332,6 @@ def local_embeddings(embed_tokens: torch.nn.Module, inputs: ModelInputs, video_e
     rows = index[is_video] - inputs.video_start
     emb[is_video] = video_embeds[rows].to(emb.dtype)
     return emb
-
-
-def video_rows_are_contiguous(inputs: ModelInputs) -> bool:
-    """The layout this module assumes: one contiguous run of video tokens."""
-    idx = torch.nonzero(inputs.video_mask)[:, 0]
-    return bool(idx.numel() > 0 and int(idx[-1] - idx[0]) + 1 == idx.numel())
 
 
 def slice_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,8 @@ def check_grids(grids: int, world: int, temporal_patch: int) -> None:
 def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """The model's ViT + merger on one video: (t*h*w/merge^2, hidden). Works whether ``visual``
     returns a tensor (older transformers) or an output with ``pooler_output`` (5.x)."""
-    dtype = next(visual.parameters()).dtype
-    out = visual(pixels.to(dtype), grid_thw=grid_thw)
+    param = next(visual.parameters())
+    out = visual(pixels.to(device=param.device, dtype=param.dtype), grid_thw=grid_thw.to(param.device))
     if isinstance(out, torch.Tensor):
         return out
     pooled = getattr(out, "pooler_output", None)
@@ -54,7 +54,8 @@ def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: t
 
 def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
                           comm: Communicator, merge: int, temporal_patch: int = 2) -> torch.Tensor:
-    """Every rank returns the embeddings of ALL video tokens (t*h*w/merge^2, hidden)."""
+    """Every rank returns the embeddings of ALL video tokens (t*h*w/merge^2, hidden). ``pixels`` may
+    stay on the host: only this rank's grids are moved to the encoder's device."""
     t, h, w = (int(x) for x in grid_thw[0])
     W = comm.world_size
     check_grids(t, W, temporal_patch)

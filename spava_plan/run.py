@@ -19,6 +19,9 @@ Arguments are key=value (like the planner's):
     dtype=plan              plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
     comm=auto               auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout=300             seconds a rank waits for its peers before failing
+    emulated_timing=false   true (one process only): also replay every rank alone and report the
+                            emulated W-rank time to first token (vision + prefill + token 1; the
+                            critical path, communication charged from the plan's topology)
 
 This is one of the two modules (with spava_plan.cli) that wire the stages together: it may call
 the planner (replan=true) and codegen (kernels for the triton backend). User errors print one
@@ -39,7 +42,7 @@ USAGE = __doc__.split("Arguments are", 1)[0].strip()
 DEFAULTS = {
     "plan": None, "model.checkpoint": None, "model.init": "checkpoint", "video": None, "question": None,
     "max_new_tokens": "32", "replan": "false", "backend": "auto", "device": "auto", "dtype": "plan",
-    "comm": "auto", "timeout": "300", "seed": "0",
+    "comm": "auto", "timeout": "300", "seed": "0", "emulated_timing": "false",
 }
 
 
@@ -58,6 +61,7 @@ class Args:
     comm: str
     timeout: float
     seed: int
+    emulated_timing: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Args:
@@ -99,7 +103,8 @@ def parse_args(argv: Sequence[str]) -> Args:
                 max_new_tokens=integer("max_new_tokens", 1), replan=choice("replan", ("true", "false")) == "true",
                 backend=choice("backend", ("auto", "torch", "triton")), device=choice("device", ("auto", "cpu", "cuda")),
                 dtype=choice("dtype", ("plan", "bf16", "fp16", "fp32", "fp64")),
-                comm=choice("comm", ("auto", "dist", "emulated")), timeout=timeout, seed=integer("seed", 0))
+                comm=choice("comm", ("auto", "dist", "emulated")), timeout=timeout, seed=integer("seed", 0),
+                emulated_timing=choice("emulated_timing", ("true", "false")) == "true")
 
 
 # -- set-up shared by both launch modes ----------------------------------------------------------
@@ -314,25 +319,32 @@ def make_backend(args: Args, prepared: Prepared) -> Any:
 
 
 # -- one rank's run ------------------------------------------------------------------------------
-def execute(args: Args, prepared: Prepared, comm: Any, backend: Any) -> Any:
-    import torch
-
+def _runner(args: Args, prepared: Prepared, comm: Any, backend: Any) -> Any:
     from .runtime.attention import RankAttention
     from .runtime.generate import RankRunner
 
     plan = prepared.plan
-    runner = RankRunner(prepared.model, plan, comm,
-                        lambda: RankAttention(plan, comm.rank, comm, backend,
-                                              decode_capacity=args.max_new_tokens + 8), prepared.device)
+    return RankRunner(prepared.model, plan, comm,
+                      lambda: RankAttention(plan, comm.rank, comm, backend, decode_capacity=args.max_new_tokens + 8),
+                      prepared.device)
+
+
+def execute(args: Args, prepared: Prepared, comm: Any, backend: Any, max_new_tokens: int | None = None) -> Any:
+    import torch
+
+    plan = prepared.plan
+    runner = _runner(args, prepared, comm, backend)
+    n = args.max_new_tokens if max_new_tokens is None else max_new_tokens
     try:
         with torch.inference_mode():
-            result = runner.generate(prepared.inputs, prepared.positions, args.max_new_tokens, prepared.eos)
+            result = runner.generate(prepared.inputs, prepared.positions, n, prepared.eos)
     except torch.OutOfMemoryError:
         raise InfeasiblePlanError(f"rank {comm.rank} ran out of device memory ({plan.layout.total_tokens} tokens on "
                                   f"{plan.world_size} ranks); plan more GPUs or fewer frames", setting="gpus") from None
-    every = comm.all_gather_object(result.tokens)
-    if any(t != every[0] for t in every):
-        raise SpavaError(f"rank {comm.rank}: ranks generated different tokens: {every}", setting="runtime")
+    if max_new_tokens is None:
+        every = comm.all_gather_object(result.tokens)
+        if any(t != every[0] for t in every):
+            raise SpavaError(f"rank {comm.rank}: ranks generated different tokens: {every}", setting="runtime")
     return result
 
 
@@ -375,6 +387,10 @@ def _agree(comm: Any, error: SpavaError | None) -> None:
 def run_distributed(args: Args) -> int:
     from .runtime.comm_dist import TorchDistComm
 
+    if args.emulated_timing:
+        rank = int(os.environ.get("RANK", "0"))
+        return _fail(InputError("is for one process (comm=emulated); under torchrun the timing is measured",
+                                setting="emulated_timing"), rank)
     rank = int(os.environ.get("RANK", "0"))
     try:
         comm = TorchDistComm.from_env(timeout_s=args.timeout)
@@ -411,10 +427,20 @@ def run_emulated(args: Args) -> int:
         backend = make_backend(args, prepared)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
         results = world.run(lambda rank: execute(args, prepared, world.comm(rank), backend))
+        timing = None
+        if args.emulated_timing:
+            # Time to first token, each rank replayed alone (the same calls every time: one token).
+            timing = world.time(lambda rank: execute(args, prepared, world.comm(rank), backend, max_new_tokens=1),
+                                device=prepared.device)
     except SpavaError as exc:
         return _fail(exc, None)
     label = f"emulated {world_size}-rank (ranks share one device as threads: wall-clock, not a {world_size}-GPU time)"
     print(report(args, prepared, results[0], label, backend.name), flush=True)
+    if timing is not None:
+        ranks = ", ".join(f"{us / 1e3:.2f}" for us in timing.rank_compute_us)
+        print(f"{timing.label}: time to first token {timing.makespan_us / 1e3:.2f} ms on the critical path "
+              f"(each rank alone: {ranks} ms; exposed communication up to {max(timing.exposed_comm_us) / 1e3:.2f} ms, "
+              f"charged from the plan's topology; median of {timing.repeats})", flush=True)
     return 0
 
 
@@ -431,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpavaError as exc:
         return _fail(exc, rank)
     mode = args.comm if args.comm != "auto" else ("dist" if under_torchrun else "emulated")
+    if mode == "emulated":
+        # Emulated ranks are threads, each with its own OpenMP pool; idle pools must not spin while
+        # another rank computes (on a CPU that slows every rank many times over). Set before torch loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if mode == "dist" and not under_torchrun:
         return _fail(InputError("comm=dist needs torchrun (RANK/WORLD_SIZE are not set)", setting="comm"), rank)
     if mode == "emulated" and under_torchrun and int(os.environ["WORLD_SIZE"]) > 1:

@@ -134,9 +134,11 @@ def test_single_process_errors_are_one_line_exit_2(setup, over, match):
 def test_random_init_without_checkpoint_runs_the_plan(setup):
     """model.init=random with no checkpoint: the plan's dims, random-pixel frames, synthetic prompt ids."""
     rc, out, err = _single(setup, **{"model.checkpoint": None, "video": None, "question": None,
-                                     "model.init": "random"})
+                                     "model.init": "random", "emulated_timing": "true"})
     assert rc == 0, err[-3000:]
     assert re.search(r"^answer: token ids( \d+){1,5}$", out, re.M) and "random weights" in out
+    ttft = re.search(r"^emulated 2-rank on cpu: time to first token ([\d.]+) ms on the critical path", out, re.M)
+    assert ttft and float(ttft.group(1)) > 0, out
 
 
 @pytest.mark.parametrize("name, billions", [("qwen2_5vl_3b", 3.75), ("qwen2vl", 8.29)])
