@@ -417,6 +417,25 @@ def run_distributed(args: Args) -> int:
         comm.close()
 
 
+class _OneAtATime:
+    """Triton's CPU interpreter keeps global state: emulated ranks (threads) take turns in it."""
+
+    def __init__(self, backend: Any):
+        import threading
+
+        self._backend, self._lock, self.name = backend, threading.Lock(), backend.name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._backend, attr)
+        if not callable(value):
+            return value
+
+        def call(*a: Any, **k: Any) -> Any:
+            with self._lock:
+                return value(*a, **k)
+        return call
+
+
 def run_emulated(args: Args) -> int:
     from .plan import load_plan
     from .runtime.comm_emulated import EmulatedWorld
@@ -425,6 +444,8 @@ def run_emulated(args: Args) -> int:
         world_size = load_plan(args.plan).world_size
         prepared = prepare(args, world_size)
         backend = make_backend(args, prepared)
+        if backend.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            backend = _OneAtATime(backend)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
         results = world.run(lambda rank: execute(args, prepared, world.comm(rank), backend))
         timing = None

@@ -218,9 +218,11 @@ def launch(argv_for_rank, world: int, cwd: str | Path, timeout: float = 180.0) -
     return out
 
 
-def exactness_worker(work: str, families: str, max_new_tokens: int) -> None:
+def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str = "torch",
+                     dtype: str = "float64") -> None:
     """One rank of the gloo exactness test: frame-parallel ViT, prefill logits of every local row,
-    and greedy tokens under the plan in ``work``/<family>/plan_W<W>.json, saved for the parent."""
+    and greedy tokens under the plan in ``work``/<family>/plan_W<W>.json, saved for the parent.
+    backend="triton" loads the kernels the parent rendered into <family>/kernels_W<W>."""
     import torch
 
     from spava_plan.plan import load_plan
@@ -237,16 +239,22 @@ def exactness_worker(work: str, families: str, max_new_tokens: int) -> None:
             root = Path(work) / family
             plan = load_plan(root / f"plan_W{W}.json")
             inputs = torch.load(root / "inputs.pt", weights_only=False)
-            model = hf_attention.install(hf_model.load_checkpoint(str(root / "ckpt"), dtype=torch.float64,
+            model = hf_attention.install(hf_model.load_checkpoint(str(root / "ckpt"), dtype=getattr(torch, dtype),
                                                                   device="cpu"))
             positions = hf_inputs.global_position_ids(model, inputs)
-            runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, rank, comm, TorchBackend()), "cpu")
+            if backend == "triton":
+                from spava_plan.runtime.backends.triton_gen import TritonBackend
+
+                kernels = TritonBackend(root / f"kernels_W{W}", plan_hash=plan.hash)
+            else:
+                kernels = TorchBackend()
+            runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, rank, comm, kernels), "cpu")
             with torch.inference_mode():
                 video = runner.vision(inputs)
                 pre = runner.prefill(inputs, positions, video)
                 logits = runner.logits(pre.hidden)
                 result = runner.generate(inputs, positions, max_new_tokens)
             torch.save({"video": video, "index": pre.index, "logits": logits, "tokens": result.tokens},
-                       root / f"out_W{W}_rank{rank}.pt")
+                       root / f"out_{backend}_W{W}_rank{rank}.pt")
     finally:
         comm.close()

@@ -53,9 +53,9 @@ def work(tmp_path_factory):
     return root, refs
 
 
-def _run_workers(root, W):
-    code = (f"import model_fixtures as mf; mf.exactness_worker({str(root)!r}, {','.join(FAMILIES)!r}, "
-            f"{NEW_TOKENS})")
+def _run_workers(root, W, families=FAMILIES, backend="torch", dtype="float64"):
+    code = (f"import model_fixtures as mf; mf.exactness_worker({str(root)!r}, {','.join(families)!r}, "
+            f"{NEW_TOKENS}, {backend!r}, {dtype!r})")
     return mf.launch(lambda r: ["-c", code], W, cwd=mf.Path(mf.__file__).parent, timeout=240)
 
 
@@ -70,7 +70,7 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
         assert len(ref["tokens"]) == NEW_TOKENS
         seen_rows = set()
         for rank in range(W):
-            out = torch.load(root / family / f"out_W{W}_rank{rank}.pt")
+            out = torch.load(root / family / f"out_torch_W{W}_rank{rank}.pt")
             # fp64 ViT: the same per-grid computation, only the rows per GEMM differ
             torch.testing.assert_close(out["video"], ref["video"], atol=1e-10, rtol=1e-10)
             err = (out["logits"] - ref["logits"][out["index"]]).abs().max().item()
@@ -80,3 +80,26 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
         # the ranks' local sequences cover every prompt token, so every logit row was compared
         assert seen_rows == set(range(ref["logits"].shape[0]))
 
+
+
+def test_triton_backend_through_the_model_equals_stock_model(work):
+    """The generated Triton kernels (CPU interpreter here, compiled on a GPU) behind the same model
+    integration, W=2 gloo processes, fp32 (the kernels' widest dtype)."""
+    pytest.importorskip("triton")
+    from spava_plan.codegen.render import render_kernels
+    from spava_plan.plan import load_plan
+
+    root, refs = work
+    family = "qwen2_vl"
+    plan = load_plan(root / family / "plan_W2.json")
+    render_kernels(plan, root / family / "kernels_W2")
+    results = _run_workers(root, 2, (family,), "triton", "float32")
+    for rank, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    ref = refs[family]
+    for rank in range(2):
+        out = torch.load(root / family / f"out_triton_W2_rank{rank}.pt")
+        err = (out["logits"].double() - ref["logits"][out["index"]]).abs().max().item()
+        # fp32 kernels and fp32 model against the fp64 stock model: ~4e-6 seen
+        assert err <= 1e-4, f"rank {rank}: max |logit diff| {err:.2e}"
+        assert out["tokens"] == ref["tokens"]
