@@ -326,8 +326,13 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         score = str(plan.config["method"]["selection"])
         record("select", lambda i: [backend.select(sets[i][1], kb, vb, kp, pool, score) for kb, vb, kp in sets[i][2]])
         res["select_blocks"] = [[kb.shape[0], kp] for kb, _, kp in sets[0][2]]
+        mod = backend.mod  # where the selection time goes: score + top-k, then the packed gather
+        record("select/indices", lambda i: [mod.select_indices(sets[i][1], kb, kp, pool, score)
+                                            for kb, _, kp in sets[i][2]])
+        idx = [mod.select_indices(sets[0][1], kb, kp, pool, score) for kb, _, kp in sets[0][2]]
+        record("select/gather", lambda i: [mod.gather(ix, kb, vb) for ix, (kb, vb, _) in zip(idx, sets[i][2])])
     t = res["times_ms"]
-    res["tflops"] = {k: flops / (v * 1e-3) / 1e12 for k, v in t.items() if k != "select"}
+    res["tflops"] = {k: flops / (v * 1e-3) / 1e12 for k, v in t.items() if not k.startswith("select")}
     gen = t.get("generated/schedule") or t.get("generated/fused")
     if gen:
         res["ratios"] = {

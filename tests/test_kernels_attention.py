@@ -128,3 +128,97 @@ def test_schedule_launches_match_reference(spava_backend, rank):
             sig = tuple(tuple(s.mask for s in tasks[n].segments) for n in op.tasks)
             assert backend.mod.LAUNCHES[sig] in names  # rendered for exactly this launch
             _check_tasks(backend, [tasks[n] for n in op.tasks], scale)
+
+
+def test_whole_rank_in_one_launch(spava_backend):
+    """The fused forward: anchor, both hosts and the query partial of a rank in ONE launch, also
+    against the torch oracle backend (fp32 in, fp32 out)."""
+    plan, backend = spava_backend
+    gen = torch.Generator().manual_seed(5)
+    tasks = list(rank_inputs(plan, 0, torch.float32, "cpu", gen).values())
+    sig = tuple(tuple(s.mask for s in t.segments) for t in tasks)
+    assert sig in backend.mod.LAUNCHES  # rendered for the whole rank
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    _check_tasks(backend, tasks, scale)
+    from spava_plan.runtime.backends.torch_ref import TorchBackend
+
+    for (out, lse), (ref_o, ref_l) in zip(backend.attention(tasks, scale), TorchBackend().attention(tasks, scale)):
+        assert rel(out, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4
+
+
+@pytest.mark.parametrize("config", [(64, 16, 1, 1, 1), (16, 64, 1, 1, 0)])
+def test_tile_shapes_and_tma_path(spava_backend, config):
+    """Other tile shapes (BLOCK_M smaller and larger than BLOCK_N) and the tensor-descriptor loads."""
+    plan, backend = spava_backend
+    gen = torch.Generator().manual_seed(6)
+    tasks = rank_inputs(plan, 1, torch.float32, "cpu", gen)
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    inputs = [(t.q, [(s.k, s.v, s.mask == "causal") for s in t.segments], None) for t in tasks.values()]
+    sig = tuple(tuple("causal" if c else "full" for _, _, c in segs) for _, segs, _ in inputs)
+    for task, (out, lse) in zip(tasks.values(), backend.mod.attend(backend.mod.LAUNCHES[sig], inputs, scale, config)):
+        ref_o, ref_l = reference(task, scale)
+        assert rel(out, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, (task.name, config)
+
+
+def test_odd_group_and_head_dim(tmp_path):
+    """G = 3 (packed rows straddle tiles unevenly) and D = 32."""
+    plan = build_plan(compose_config(ODD_GROUP))
+    render_kernels(plan, tmp_path)
+    backend = TritonBackend(tmp_path, plan_hash=plan.hash)
+    tasks = list(rank_inputs(plan, 1, torch.float32, "cpu", torch.Generator().manual_seed(8)).values())
+    _check_tasks(backend, tasks, 1 / math.sqrt(32))
+
+
+def _task(name, M, segs, gen, hq=4, hkv=2, d=16, out=None):
+    """A task over fresh K/V segments: segs = [(n, mask)], K/V read from one packed buffer."""
+    q = torch.randn(M, hq, d, generator=gen)
+    buf = torch.randn(sum(n for n, _ in segs) + 3, hkv, 2 * d, generator=gen)
+    parts, o = [], 3
+    for n, mask in segs:
+        parts.append(KVSegment(buf[o:o + n, :, :d], buf[o:o + n, :, d:], mask))
+        o += n
+    return TaskInput(name, q, tuple(parts), out=out)
+
+
+def test_groupings_and_structures_the_plan_never_made(spava_backend):
+    """Fallbacks stay exact: an unknown grouping runs task by task; an unknown task structure
+    (causal segment first, a causal segment with n > M, an empty segment, no rows, no segments)
+    runs segment by segment plus the LSE merge; a strided out is written in place."""
+    _, backend = spava_backend
+    gen = torch.Generator().manual_seed(9)
+    big = torch.zeros(40, 8, 16)
+    out_view = big[5:25, 2:6]  # (20, 4, 16) with token stride 128 and head stride 16
+    tasks = [
+        _task("a", 20, [(30, "causal"), (7, "full")], gen, out=out_view),
+        _task("b", 9, [(9, "full"), (0, "full"), (33, "causal")], gen),
+        _task("c", 0, [(5, "full")], gen),
+        _task("d", 6, [], gen),
+        _task("e", 12, [(12, "causal")], gen),
+    ]
+    scale = 0.3
+    results = backend.attention(tasks, scale)
+    assert results[0][0].data_ptr() == out_view.data_ptr()
+    assert big[:5].abs().sum() == 0 and big[25:].abs().sum() == 0  # nothing outside the view
+    for task, (out, lse) in zip(tasks, results):
+        ref_o, ref_l = reference(task, scale)
+        assert out.shape == task.q.shape
+        if task.q.shape[0]:
+            assert rel(out, ref_o) <= FP32_TOL or ref_o.abs().max() == 0, task.name
+            assert lse_err(lse, ref_l) <= 1e-4, task.name
+    assert torch.equal(results[3][0], torch.zeros(6, 4, 16)) and torch.isinf(results[3][1]).all()
+    # the reversed order of a rendered launch is another grouping: task by task, same numbers
+    plan, _ = spava_backend
+    ranked = list(rank_inputs(plan, 0, torch.float32, "cpu", gen).values())[::-1]
+    for task, (out, _) in zip(ranked, backend.attention(ranked, scale)):
+        assert rel(out, reference(task, scale)[0]) <= FP32_TOL
+
+
+def test_bad_inputs_name_the_values(spava_backend):
+    from spava_plan.errors import InputError
+
+    _, backend = spava_backend
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(InputError, match=r"\(M, 4, 16\)"):
+        backend.attention([_task("x", 4, [(4, "full")], gen, hq=6)], 0.25)
+    with pytest.raises(InputError, match="n=3 < M=4"):
+        backend.attention([_task("y", 4, [(3, "causal")], gen)], 0.25)

@@ -79,6 +79,25 @@ def test_rank_attention_bf16(case, which, last):
                 assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)  # both from fp32 scores
 
 
+@pytest.mark.parametrize("config", [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (64, 64, 4, 3, 0)])
+def test_whole_rank_each_config(case, config):
+    """Every tile shape / load path the tuner may pick computes the same function (TMA=1: K/V tiles
+    through device-made tensor descriptors)."""
+    plan, backend = case
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    tasks = rank_inputs(plan, 0, torch.bfloat16, "cuda", torch.Generator().manual_seed(sum(config)))
+    inputs = [(t.q, [(s.k, s.v, s.mask == "causal") for s in t.segments], torch.full_like(t.q, float("nan")))
+              for t in tasks.values()]
+    sig = tuple(tuple("causal" if c else "full" for _, _, c in segs) for _, segs, _ in inputs)
+    results = backend.mod.attend(backend.mod.LAUNCHES[sig], inputs, scale, config)
+    oracle = TorchBackend()
+    for task, (out, lse) in zip(tasks.values(), results):
+        assert not torch.isnan(out).any(), task.name
+        ref_o, ref_l = oracle.attention([_fp32(task)], scale)[0]
+        assert rel(out, ref_o) <= BF16_TOL, (config, task.name, rel(out, ref_o))
+        assert lse_err(lse, ref_l) <= 1e-3, (config, task.name)
+
+
 def test_fp32_inputs_use_ieee_dots(case):
     """fp32 inputs run the dots in IEEE fp32 (not tf32): error at fp32 rounding (1e-5)."""
     plan, backend = case

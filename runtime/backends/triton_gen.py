@@ -80,7 +80,7 @@ def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
 class Tuner:
     """Block sizes per (device, launch, dtype): read from / recorded in autotune.json."""
 
-    def __init__(self, path: Path, candidates: Sequence[tuple[int, int, int, int]], default: tuple[int, int, int, int],
+    def __init__(self, path: Path, candidates: Sequence[tuple[int, ...]], default: tuple[int, ...],
                  timer: Callable[[Callable[[], object]], float] | None = None):
         self.path = Path(path)
         self.timer = timer or _do_bench
@@ -95,18 +95,18 @@ class Tuner:
             return {}
         return data.get("devices", {}) if isinstance(data, dict) else {}
 
-    def get(self, device: str, key: str) -> tuple[int, int, int, int] | None:
+    def get(self, device: str, key: str) -> tuple[int, ...] | None:
         entry = self.table.get(device, {}).get(key)
         return tuple(entry["config"]) if entry else None
 
-    def nearest(self, device: str, key: str) -> tuple[int, int, int, int]:
+    def nearest(self, device: str, key: str) -> tuple[int, ...]:
         """For a launch not tuned here: the config most launches of this dtype chose on this device."""
         dtype = key.rsplit(":", 1)[-1]
         chosen = [tuple(e["config"]) for k, e in sorted(self.table.get(device, {}).items())
                   if k.rsplit(":", 1)[-1] == dtype]
         return max(chosen, key=chosen.count) if chosen else self.default
 
-    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, int, int, int]:
+    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, ...]:
         timings = {}
         for cfg in self.candidates:
             try:
@@ -120,7 +120,7 @@ class Tuner:
         self.table = self._read()  # other ranks may have recorded launches meanwhile
         self.table.setdefault(device, {})[key] = {
             "config": list(best), "ms": round(timings[best], 4),
-            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"],
+            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA"],
             "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items())},
         }
         text = json.dumps({"version": 1, "devices": self.table}, indent=1, sort_keys=True) + "\n"
@@ -149,7 +149,7 @@ class TritonBackend:
         self.mod = load_kernels(self.kernel_dir, plan_hash=plan_hash, render=render)
         self.tuning = tune
         self.tuner = Tuner(self.kernel_dir / "autotune.json", self.mod.ATTENTION_CONFIGS, self.mod.DEFAULT_CONFIG)
-        self._configs: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+        self._configs: dict[tuple[str, str], tuple[int, ...]] = {}
 
     # -- checks at the boundary --------------------------------------------------------------------
     def _check(self, task: TaskInput) -> tuple:
@@ -184,7 +184,7 @@ class TritonBackend:
         return (_dense_last(q), segs, out)
 
     # -- attention ---------------------------------------------------------------------------------
-    def _config(self, name: str, tasks: list, scale: float) -> tuple[int, int, int, int]:
+    def _config(self, name: str, tasks: list, scale: float) -> tuple[int, ...]:
         q = tasks[0][0]
         if _interpreted() or not q.is_cuda:
             return tuple(self.mod.INTERPRETER_CONFIG)
