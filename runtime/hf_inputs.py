@@ -165,8 +165,8 @@ def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int,
         extra = {}
         if "cap_pixels_per_frame" in getattr(getattr(vp, "valid_kwargs", None), "__annotations__", {}):
             extra["cap_pixels_per_frame"] = False  # the plan's bounds alone decide the frame size
-        out = vp(videos=[torch.from_numpy(frames).permute(0, 3, 1, 2)], size=size, do_sample_frames=False,
-                 return_tensors="pt", **extra)
+        # frames as decoded (F, H, W, 3) uint8: the layout transformers' own video loaders return
+        out = vp(videos=[frames], size=size, do_sample_frames=False, return_tensors="pt", **extra)
         return out["pixel_values_videos"].float(), out["video_grid_thw"].long()
     return frames_to_video_patches(processing.image_processor, frames, size=size, temporal_patch=temporal_patch)
 

@@ -304,8 +304,26 @@ def make_backend(args: Args, prepared: Prepared) -> Any:
                 want = "torch"
     if want == "torch":
         return TorchBackend()
+    if prepared.model.dtype == _torch().float64:
+        raise InputError("the triton kernels take bf16/fp16/fp32; use dtype=fp32 or backend=torch", setting="dtype")
     if prepared.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError("backend=triton needs a CUDA device (or TRITON_INTERPRET=1)", setting="backend")
+    try:
+        return _triton_backend(prepared)
+    except SpavaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - triton missing or broken: one line naming the knob
+        raise InputError(f"cannot set up the triton kernels: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+                         f"use backend=torch", setting="backend") from None
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _triton_backend(prepared: Prepared) -> Any:
     from .codegen.render import render_kernels
     from .runtime.backends.triton_gen import TritonBackend
 
@@ -401,11 +419,20 @@ def run_distributed(args: Args) -> int:
         prepared, backend = None, None
         try:
             prepared = prepare(args, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)))
-            backend = make_backend(args, prepared)
         except SpavaError as exc:
             error = exc
         _agree(comm, error)
         assert prepared is not None
+        # Rank 0 first: it renders the plan's kernels (triton) that the other ranks then load, so no
+        # two processes write the kernel directory at once.
+        for turn in (True, False):
+            error = None
+            if (comm.rank == 0) == turn:
+                try:
+                    backend = make_backend(args, prepared)
+                except SpavaError as exc:
+                    error = exc
+            _agree(comm, error)
         result = execute(args, prepared, comm, backend)
         if comm.rank == 0:
             print(report(args, prepared, result, comm.label, backend.name), flush=True)
