@@ -226,7 +226,7 @@ class SweepSummary(Callback):
 
         if not self.rows:
             return
-        root = Path(str(config.hydra.sweep.dir))
+        root = Path(str(config.hydra.sweep.dir)).resolve()
         root.mkdir(parents=True, exist_ok=True)
         rows = sorted(self.rows, key=lambda r: int(r["job"]))
         text = io.StringIO()

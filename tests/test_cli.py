@@ -1,0 +1,99 @@
+"""`spava-plan` as a user runs it: artifacts of a run and a sweep, and one-line errors (exit 2, no
+traceback, no partial artifacts) for bad input."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spava_plan.plan import load_plan
+
+SMALL = ["model=qwen2vl_2b", "frames=64", "video.resolution=360p"]
+
+
+def spava_plan(args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spava_plan.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_run_writes_every_artifact(tmp_path):
+    res = spava_plan(SMALL + ["gpus=4", "hydra.run.dir=out"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    for name in ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".spava-plan-*")), "temporary directory left behind"
+    plan = load_plan(out / "plan.json")
+    assert plan.to_json() == (out / "plan.json").read_text()  # the CLI writes Plan.to_json() exactly
+    assert plan.world_size == 4 and plan.method == "spava"
+    graph = json.loads((out / "graph.json").read_text())
+    assert graph["directed"] and {n["id"] for n in graph["nodes"]} >= {"coll:select0", "coll:query"}
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert [r["rank"] for r in schedule["ranks"]] == [0, 1, 2, 3]
+    assert schedule["ranks"][0]["ops"][0]["name"] == "qkv"
+    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| **spava** | 4 |" in report and "| dense | 1 |" in report and plan.hash in report
+    kernels = out / "kernels"
+    assert kernels.is_dir() and any(kernels.iterdir())  # kernels=true is the default
+    lines = res.stdout.splitlines()
+    assert lines[1].split()[:3] == ["method", "GPUs", "prefill"] and lines[-1] == f"artifacts: {out.resolve()}"
+    assert any(line.startswith("spava *") for line in lines)
+
+
+@pytest.mark.parametrize("args, setting", [
+    (["gpus=0"], "gpus"),
+    (["frames=-5"], "frames"),
+    (["frames=100000000"], "frames"),  # absurd: beyond the sanity ceiling
+    (["video.resolution=sharp"], "video.resolution"),
+    (["model=nope"], "model"),
+    (["model.num_kv_heads=5"], "model.num_kv_heads"),  # 28 query heads cannot be grouped over 5
+    (["gpus=4096", "frames=8"], "gpus"),  # more virtual hosts than 128-token blocks
+    (["gpus=2", "frames=8192", "video.resolution=720p"], "gpus"),  # does not fit 80 GB GPUs
+    (["gpus=abc"], "gpus"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_artifacts(tmp_path, args, setting):
+    res = spava_plan(["model=qwen2vl", "hydra.run.dir=out/job"] + args, tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spava-plan: error: "), res.stderr
+    assert setting in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
+
+
+def test_sweep_writes_a_summary(tmp_path):
+    res = spava_plan(["-m", "gpus=2,4", "frames=32,64", "model=qwen2vl_2b", "video.resolution=360p",
+                      "method=spava,zigzag_ring", "kernels=false", "hydra.sweep.dir=sweep"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    sweep = tmp_path / "sweep"
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert {(r["gpus"], r["frames"], r["method"]) for r in rows} == {
+        (g, f, m) for g in ("2", "4") for f in ("32", "64") for m in ("spava", "zigzag_ring")}
+    for r in rows:
+        assert float(r["prefill_ms"]) > 0 and float(r["peak_gib_per_gpu"]) > 0 and int(r["tokens"]) > 0
+        assert (Path(r["output_dir"]) / "plan.json").is_file()
+        ring = r["method"] == "zigzag_ring"
+        assert float(r["speedup_vs_zigzag_ring"]) == pytest.approx(1.0) if ring else float(r["speedup_vs_dense"]) > 1
+    md = (sweep / "summary.md").read_text()
+    assert md.count("\n") == 2 + 8 and "| job |" in md
+    assert res.stdout.splitlines()[-1] == f"summary: {sweep.resolve() / 'summary.csv'}"
+
+
+def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
+    res = spava_plan(["-m", "gpus=2,4096", "frames=8", "model=qwen2vl_2b", "kernels=false",
+                      "hydra.sweep.dir=sweep"], tmp_path)
+    assert res.returncode == 2
+    errors = res.stderr.strip().splitlines()
+    assert len(errors) == 1 and "job #1" in errors[0] and "gpus" in errors[0], res.stderr
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert [r["status"] for r in rows][0] == "ok" and rows[1]["status"].startswith("error:")
+    assert (tmp_path / "sweep" / "0" / "plan.json").is_file() and not (tmp_path / "sweep" / "1").exists()
+
+
+def test_bad_value_in_a_sweep_fails_before_any_job(tmp_path):
+    res = spava_plan(["-m", "model=qwen2vl_2b,nope", "frames=8", "hydra.sweep.dir=sweep"], tmp_path)
+    assert res.returncode == 2 and "unknown model 'nope'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "sweep").exists()
