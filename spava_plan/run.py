@@ -121,6 +121,7 @@ class Prepared:
     notes: list[str]
     input_s: float
     replanned: bool = False
+    load_s: float = 0.0
 
 
 def _device(args: Args, local_rank: int | None) -> Any:
@@ -167,6 +168,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     dtype = _dtype(args, plan)
     notes: list[str] = []
     # Model.
+    t_load = time.perf_counter()
     if args.init == "checkpoint":
         model = hf_model.load_checkpoint(args.checkpoint, dtype=dtype, device=device)
     elif args.checkpoint:
@@ -175,6 +177,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     else:
         model = hf_model.random_model(plan.config["model"], dtype=dtype, device=device, seed=args.seed)
         notes.append("random weights with the plan's model dims (model.init=random)")
+    load_s = time.perf_counter() - t_load
     replanned: list[str] = []
     try:
         hf_model.check_model(plan, model)
@@ -227,7 +230,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
                                   if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
     torch.manual_seed(args.seed)
     return Prepared(plan, Path(args.plan).resolve().parent, model, processing, inputs, positions, device, eos,
-                    notes, time.perf_counter() - t0, bool(replanned))
+                    notes, time.perf_counter() - t0, bool(replanned), load_s)
 
 
 def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int) -> Any:
@@ -379,7 +382,7 @@ def report(args: Args, prepared: Prepared, result: Any, label: str, backend: str
     lines.append(f"plan: {prepared.plan.method}, {prepared.plan.world_size} ranks, {lay.total_tokens} tokens "
                  f"({lay.video_tokens} video, {lay.query_tokens} query), model {prepared.plan.model.name}, "
                  f"backend {backend}, {label}")
-    lines.append(f"timing (rank 0): input {prepared.input_s:.3f} s | vision {t.vision_s:.3f} s | prefill "
+    lines.append(f"timing (rank 0): model load {prepared.load_s:.2f} s | input {prepared.input_s:.3f} s | vision {t.vision_s:.3f} s | prefill "
                  f"{t.prefill_s:.3f} s | first token {t.first_token_s:.3f} s | decode {t.decode_tokens_per_s:.1f} "
                  f"tokens/s ({t.decode_tokens} tokens, max_new_tokens={args.max_new_tokens})")
     return "\n".join(lines)
