@@ -420,6 +420,10 @@ def run_distributed(args: Args) -> int:
     try:
         error: SpavaError | None = None
         prepared, backend = None, None
+        if comm.rank != 0:  # one progress bar per launch, not one per rank
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         try:
             prepared = prepare(args, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)))
         except SpavaError as exc:
