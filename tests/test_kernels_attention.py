@@ -146,7 +146,7 @@ def test_whole_rank_in_one_launch(spava_backend):
         assert rel(out, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4
 
 
-@pytest.mark.parametrize("config", [(64, 16, 1, 1, 1), (16, 64, 1, 1, 0)])
+@pytest.mark.parametrize("config", [(64, 16, 1, 1, 1, 0), (16, 64, 1, 1, 0, 1)])
 def test_tile_shapes_and_tma_path(spava_backend, config):
     """Other tile shapes (BLOCK_M smaller and larger than BLOCK_N) and the tensor-descriptor loads."""
     plan, backend = spava_backend

@@ -79,7 +79,7 @@ def test_rank_attention_bf16(case, which, last):
                 assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)  # both from fp32 scores
 
 
-@pytest.mark.parametrize("config", [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (64, 64, 4, 3, 0)])
+@pytest.mark.parametrize("config", [(128, 64, 8, 3, 1, 0), (128, 128, 8, 3, 1, 1), (64, 64, 4, 3, 0, 1)])
 def test_whole_rank_each_config(case, config):
     """Every tile shape / load path the tuner may pick computes the same function (TMA=1: K/V tiles
     through device-made tensor descriptors)."""

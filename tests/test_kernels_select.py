@@ -115,3 +115,11 @@ def test_merge(backend, dtype, tol):
     fin = torch.isfinite(ref_l)
     assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_l[fin]).abs().max() <= 10 * tol
     assert torch.equal(out[0, 0], torch.zeros(16, dtype=dtype))
+
+
+def test_all_equal_scores_take_the_earliest_tokens(backend):
+    """Every pooled score equal (constant keys): the first keep tokens, per head."""
+    q = torch.ones(2, 4, 16)
+    k = torch.full((200, 2, 16), -0.5)
+    idx = backend.mod.select_indices(q, k, 77, 5, "query_aware")
+    assert torch.equal(idx, torch.arange(77, dtype=torch.int32).repeat(2, 1))

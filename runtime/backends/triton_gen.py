@@ -120,7 +120,7 @@ class Tuner:
         self.table = self._read()  # other ranks may have recorded launches meanwhile
         self.table.setdefault(device, {})[key] = {
             "config": list(best), "ms": round(timings[best], 4),
-            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA"],
+            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "GROUPED"],
             "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items())},
         }
         text = json.dumps({"version": 1, "devices": self.table}, indent=1, sort_keys=True) + "\n"
