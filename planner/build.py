@@ -124,25 +124,22 @@ class _Durations:
             hit = self._rank_cache[rank.rank] = (rows, sources)
         return hit
 
-    def attend_by_owner(self, rank: RankPlan, tasks: tuple[str, ...]) -> dict[int, Work]:
+    def attend_by_owner(self, rank: RankPlan, tasks: tuple[str, ...]) -> list[tuple[float, float, float]]:
         rows, sources = self._rank(rank)
         attention = self.cost.attention
-        sums: dict[int, list[float]] = {}
-        for task in tasks:
-            n = rows[task]
-            for owner, src in sources[task].items():
-                w = attention(n, src)
-                acc = sums.get(owner)
-                if acc is None:
-                    sums[owner] = [w[0], w[1], w[2]]
-                else:
-                    acc[0] += w[0]
-                    acc[1] += w[1]
-                    acc[2] += w[2]
-        base = self._launch.us
-        # plain (us, flops, bytes) tuples: a W=1024 ring builds a million of these
-        out = {o: (base + a[0], a[1], a[2]) for o, a in sums.items()}
-        out[-1] = tuple(self._launch)
+        base = self._launch
+        if self.ring is not None:  # lists indexed by owner: one entry per rank, W^2 in all
+            table = [tuple(base)] * self.world
+            for t in tasks:
+                n = rows[t]
+                table = [(a[0] + w[0], a[1] + w[1], a[2] + w[2])
+                         for a, w in zip(table, [attention(n, src) for src in sources[t]])]
+            return table  # type: ignore[return-value]
+        out = [tuple(base)] * self.world
+        for owner in range(self.world):
+            ws = [attention(rows[t], sources[t][owner]) for t in tasks if owner in sources[t]]
+            if ws:
+                out[owner] = (base[0] + sum(w[0] for w in ws), sum(w[1] for w in ws), sum(w[2] for w in ws))
         return out  # type: ignore[return-value]
 
     def __call__(self, rank: RankPlan, step: Step) -> Work:
@@ -152,7 +149,8 @@ class _Durations:
             owner = rank.rank if step[STEP] < 0 else (rank.rank - step[STEP]) % self.world
             work = self._launch
             for task in step[TASKS]:
-                work = work + cost.attention(rows[task], sources[task].get(owner, ()))
+                src = sources[task]
+                work = work + cost.attention(rows[task], src[owner] if self.ring is not None else src.get(owner, ()))
             return work
         if name == "qkv":
             return cost.qkv(rank.local_tokens) + Work(KERNELS["qkv"] * launch)

@@ -5,6 +5,8 @@ SPAVA_SPEC.md sections 3-7 (and section 8 for the baselines) ask of it, with eve
 """
 from __future__ import annotations
 
+import bisect
+
 from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan
 
 from .partition import Partition
@@ -49,6 +51,36 @@ def passing_refs(v: int, host_rank: tuple[int, ...], slot: list[int], keep: int)
     return tuple(refs)
 
 
+def all_passing_refs(host_rank: tuple[int, ...], slot: list[int], keep: int) -> list[tuple[KVRef, ...]]:
+    """``passing_refs(v, ...)`` for every host v, in one pass over the hosts: each slot's rows
+    are kept as disjoint sorted runs that host v-1 extends or joins, so the cost is the number of
+    runs rather than O(V) per host (O(V^2) in all at W=1024)."""
+    out: list[tuple[KVRef, ...]] = [()]
+    starts: dict[int, list[int]] = {}  # slot -> sorted run starts
+    stops: dict[int, dict[int, int]] = {}  # slot -> run start -> run stop
+    for v in range(1, len(host_rank)):
+        if keep == 0:
+            out.append(())
+            continue
+        s, r = slot[v - 1], host_rank[v - 1]
+        lo, ends = starts.setdefault(s, []), stops.setdefault(s, {})
+        i = bisect.bisect_right(lo, r)
+        start, stop = r, r + 1
+        if i > 0 and ends[lo[i - 1]] == r:  # joins the run ending just before it
+            start = lo[i - 1]
+            del ends[start]
+            lo.pop(i - 1)
+            i -= 1
+        if i < len(lo) and lo[i] == r + 1:  # joins the run starting just after it
+            stop = ends.pop(lo[i])
+            lo.pop(i)
+        lo.insert(i, start)
+        ends[start] = stop
+        out.append(tuple(KVRef(kind="passing", mask="full", slot=t, rank_start=a, rank_stop=ends_t[a], keep=keep)
+                         for t in sorted(starts) for ends_t in (stops[t],) for a in starts[t]))
+    return out
+
+
 def _anchor_slice(anchor: tuple[int, int], rank: int, world: int) -> tuple[int, int] | None:
     """Rank r's share of the anchor for the query: [r*ceil(a/W), (r+1)*ceil(a/W)) within [0, a)."""
     start, stop = anchor
@@ -65,6 +97,7 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
     """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
     W = part.world
     per_rank, slot = host_slots(host_rank, W)
+    passing = all_passing_refs(host_rank, slot, part.keep)
     ranks = []
     for r in range(W):
         hosts = per_rank[r]
@@ -79,7 +112,7 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
         local.append(part.query)
         for v in hosts:
             a, b = part.blocks[v]
-            kv = list(passing_refs(v, host_rank, slot, part.keep))
+            kv = list(passing[v])
             if part.anchor:
                 kv.append(_local(*part.anchor))
             if part.method == "apb":
@@ -165,13 +198,12 @@ class RingSources:
         self.full = [((b - a, False),) for a, b in part.blocks]
         self.lengths = [b - a for a, b in part.blocks]
 
-    def by_owner(self, chunk: int, rank: int) -> dict[int, tuple[tuple[int, bool], ...]]:
-        out: dict[int, tuple[tuple[int, bool], ...]] = {}
-        full, lengths = self.full, self.lengths
-        for owner, (lo, hi) in enumerate(self.chunks):  # lo < hi: hosts_per_rank sorted
-            if lo < chunk:
-                out[owner] = full[lo] + full[hi] if hi < chunk else full[lo]
-        out[rank] = out.get(rank, ()) + ((lengths[chunk], True),)
+    def by_owner(self, chunk: int, rank: int) -> list[tuple[tuple[int, bool], ...]]:
+        """Sources of chunk ``chunk`` (held by ``rank``) per owner rank, () where it reads none."""
+        full = self.full
+        out = [(full[lo] + full[hi] if hi < chunk else full[lo]) if lo < chunk else ()  # lo < hi: sorted
+               for lo, hi in self.chunks]
+        out[rank] = out[rank] + ((self.lengths[chunk], True),)
         return out
 
 

@@ -140,9 +140,9 @@ class Durations(Protocol):
 
     def __call__(self, rank: RankPlan, step: Step) -> Work: ...
 
-    def attend_by_owner(self, rank: RankPlan, tasks: tuple[str, ...]) -> dict[int, Work]:
+    def attend_by_owner(self, rank: RankPlan, tasks: tuple[str, ...]) -> list[tuple[float, float, float]]:
         """One fused launch of ``tasks`` restricted to the keys each rank owns (ring steps), as
-        (us, flops, bytes) tuples; key -1 holds a launch that finds no keys (its overhead)."""
+        (us, flops, bytes) per owner rank (a launch that finds no keys costs its overhead)."""
         ...
 Timing = tuple  # (start_us, end_us, flops, bytes) of one op
 
@@ -261,7 +261,6 @@ def simulate_ring(ranks: tuple[RankPlan, ...], steps: list[list[Step]], ring: Co
     last = [durations(ranks[r], steps[r][-1]) for r in range(n)]
     # attend step s of rank r reads the keys owned by rank (r - s) mod W
     tables = [durations.attend_by_owner(ranks[r], steps[r][2][TASKS]) for r in range(n)]
-    idle = durations.attend_by_owner(ranks[0], ())[-1]  # a launch that finds no keys of that owner
     now = [w[0] for w in first]
     comm_free = [0.0] * n
     stalled = [0.0] * n
@@ -272,7 +271,7 @@ def simulate_ring(ranks: tuple[RankPlan, ...], steps: list[list[Step]], ring: Co
         more = s + 1 < world
         launch = now[:]
         for r in range(n):
-            w = tables[r].get((r - s) % world, idle)
+            w = tables[r][(r - s) % world]
             if record:
                 if more:
                     timings[r].append(())  # the transfer's timing, filled below

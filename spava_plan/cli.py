@@ -296,6 +296,9 @@ def main() -> None:
     except SpavaError as exc:
         print(f"spava-plan: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (OmegaConfBaseException, Exception) as exc:
         from hydra.errors import HydraException
 

@@ -31,6 +31,7 @@ Vocabulary of the contract
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -263,13 +264,15 @@ class Plan:
     def to_dict(self) -> dict:
         data = _plain(dataclasses.asdict(self))
         data["hash"] = content_hash(data)
+        self.__dict__.setdefault("hash", data["hash"])  # fill the cached ``hash`` (the same value)
         return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
+        """Content hash (computed once: a Plan is immutable, and every consumer asks for it)."""
         return content_hash(_plain(dataclasses.asdict(self)))
 
     def save(self, path: str | Path) -> Path:

@@ -65,3 +65,14 @@ def test_frame_parallel_vision_encoder():
     spava, dense = derive(cfg), derive(with_method(cfg, "dense"))
     # 32 temporal grids over 8 ranks: an eighth of the encoder each, plus the embedding all-gather
     assert spava.prediction.vision_us < dense.prediction.vision_us / 6
+
+
+def test_nodes_shorthand_moves_collectives_onto_the_network():
+    one = derive(compose_config(HEADLINE))  # 8 GPUs on one NVLink node
+    two = derive(compose_config(HEADLINE + ["nodes=2"]))  # 2 nodes of 4: the network bounds the ring
+    assert two.cfg.topology.num_nodes == 2 and two.cfg.nodes == 2
+    t = two.cfg.topology
+    for a, b in zip(one.collectives, two.collectives):
+        assert a.time_us == pytest.approx(3 * t.link_latency_us + 7 * a.bytes_per_rank / (t.intra_node_gbps * 1e3))
+        assert b.time_us == pytest.approx(3 * t.link_latency_us + 7 * b.bytes_per_rank / (t.inter_node_gbps * 1e3))
+    assert two.prediction.vision_us > one.prediction.vision_us  # the embedding all-gather too
