@@ -81,9 +81,13 @@ class TimelineWorker:
             timeline.render(data, path)
             return
         pipe, self._pipe = self._pipe, -1
-        with os.fdopen(pipe, "wb") as out:
-            out.write(pickle.dumps((data, str(path))))
-        self._data = data
+        try:
+            with os.fdopen(pipe, "wb") as out:
+                out.write(pickle.dumps((data, str(path))))
+            self._data = data
+        except OSError:  # the child is gone (it could not even import matplotlib): draw here
+            self.close()
+            timeline.render(data, path)
 
     def wait(self) -> None:
         """Wait for the child; if it failed, draw in-process (which raises the real error)."""
@@ -137,10 +141,20 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
 
 
 def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker) -> str:
+    worker.render(plan, tmp / "timeline.png")  # first: the child draws while the rest is written
+    try:
+        plan_hash = _write_rest(plan, cfg, rows, tmp)
+    except BaseException:
+        worker.close()  # the child must be done with ``tmp`` before it is removed
+        raise
+    worker.wait()
+    return plan_hash
+
+
+def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
     from .planner.graph import build_graph, graph_json
     from .planner.report import report_markdown, schedule_json
 
-    worker.render(plan, tmp / "timeline.png")  # first: the child draws while the rest is written
     data = plan.to_dict()  # computes the content hash once; same text as Plan.to_json()
     plan_hash = data["hash"]
     (tmp / "plan.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -152,7 +166,6 @@ def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: Timelin
         from .codegen.render import render_kernels
 
         render_kernels(plan, tmp / "kernels")
-    worker.wait()
     return plan_hash
 
 
@@ -258,16 +271,14 @@ def _prevalidate_sweep(args: list[str]) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .hydra_conf import compose_config, hydra_error
+    from .hydra_conf import compose_config
 
     overrides = [a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
-    except SpavaError:
-        raise
-    except Exception as exc:
-        raise hydra_error(exc) from None
+    except Exception:  # a sweep syntax this check does not expand (e.g. glob): Hydra reports it
+        return
     for job in jobs:
         compose_config(job)
 

@@ -97,3 +97,18 @@ def test_bad_value_in_a_sweep_fails_before_any_job(tmp_path):
     res = spava_plan(["-m", "model=qwen2vl_2b,nope", "frames=8", "hydra.sweep.dir=sweep"], tmp_path)
     assert res.returncode == 2 and "unknown model 'nope'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_timeline_worker_draws_in_a_child(tmp_path):
+    from spava_plan.cli import TimelineWorker
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    plan = build_plan(compose_config(SMALL + ["gpus=2"]))
+    worker = TimelineWorker()
+    worker.render(plan, tmp_path / "t.png")
+    worker.wait()
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and worker.pid == 0 and worker._status == 0
+    idle = TimelineWorker()  # released without work: the child exits cleanly and draws nothing
+    idle.close()
+    assert idle._status == 0 and not (tmp_path / "u.png").exists()
