@@ -437,10 +437,17 @@ class EmulatedWorld:
 
         threads = [threading.Thread(target=body, args=(r,), name=f"emulated-rank-{r}", daemon=True)
                    for r in range(self.world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # One intra-op thread per rank thread: W thread pools on a few cores oversubscribe them
+        # (spinning OpenMP workers), and one thread matches what each process of a real run uses.
+        intra = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            torch.set_num_threads(intra)
         return [o if o is not None else Outcome(r, error=RuntimeError("rank thread vanished"))
                 for r, o in enumerate(outcomes)]
 
