@@ -15,6 +15,7 @@ on a real process group.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -113,7 +114,8 @@ def link_gbps(topology: Mapping[str, Any], world_size: int) -> float:
 def transfer_time_us(kind: str, bytes_per_rank: int, world_size: int, topology: Mapping[str, Any]) -> float:
     """Predicted duration of one communication on the topology.
 
-    all_gather: ring algorithm, W-1 steps each moving one rank's share per GPU.
+    all_gather: (W-1) shares through each GPU's link (ring bandwidth term) plus log2(W)
+                latencies (NCCL's tree/PAT algorithms), as in the planner's cost model.
     broadcast: pipelined tree, about one full transfer plus log2(W) latencies.
     p2p: one transfer of ``bytes_per_rank`` (one ring step of ring attention).
     object / barrier: latency only (control messages).
@@ -123,13 +125,13 @@ def transfer_time_us(kind: str, bytes_per_rank: int, world_size: int, topology: 
     latency = float(topology.get("link_latency_us", 0.0))
     per_byte_us = 1.0 / (link_gbps(topology, world_size) * 1e3)  # GB/s -> bytes per microsecond
     if kind == ALL_GATHER:
-        return (world_size - 1) * (latency + bytes_per_rank * per_byte_us)
+        return math.ceil(math.log2(world_size)) * latency + (world_size - 1) * bytes_per_rank * per_byte_us
     if kind == BROADCAST:
-        return (world_size - 1).bit_length() * latency + bytes_per_rank * per_byte_us
+        return math.ceil(math.log2(world_size)) * latency + bytes_per_rank * per_byte_us
     if kind == P2P:
         return latency + bytes_per_rank * per_byte_us
     if kind in (OBJECT, BARRIER):
-        return (world_size - 1).bit_length() * latency
+        return math.ceil(math.log2(world_size)) * latency
     raise ValueError(f"unknown communication kind {kind!r}")
 
 

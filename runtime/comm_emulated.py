@@ -205,7 +205,7 @@ class EmulatedComm(Communicator):
         self._cursor = 0
         self._trace: _Trace | None = None  # set in replay mode
         self._n_coll = self._n_exchange = 0
-        self._n_p2p: dict[tuple[int, int], int] = defaultdict(int)  # (kind, peer) counters
+        self._n_p2p: dict[tuple[int, int], int] = defaultdict(int)  # blocking sends/recvs per (src, dst)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _reset(self, replay: _Trace | None) -> None:

@@ -135,8 +135,9 @@ class Collective:
     slot: int = -1  # select_all_gather: which host slot every rank contributes
     rows_per_rank: int = 0  # select_all_gather: keep; query_all_gather: Lq
     bytes_per_rank: int = 0  # bytes each rank contributes per layer
-    # Predicted duration of one instance on the plan's topology (the planner's cost model). The
-    # runtime's emulated communicator charges this for communication it cannot observe.
+    # Predicted duration of one instance on the plan's topology (the planner's cost model; ring:
+    # one point-to-point step). The runtime's emulated communicator charges this for communication
+    # it cannot observe.
     time_us: float = 0.0
 
 

@@ -51,6 +51,7 @@ def query_rows_identical(plan, outs):
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("variant", [("method.pass_all=true",),
                                      ("method.pass_all=true", "method.anchor_tokens=0"),
+                                     ("method.pass_all=true", "method.hosts_per_gpu=3", "method.overlap=false"),
                                      ("method=zigzag_ring",)])
 def test_exact_methods_equal_dense(world, variant):
     plan = plan_for(*SMALL, f"gpus={world}", *variant)
@@ -62,6 +63,32 @@ def test_exact_methods_equal_dense(world, variant):
         assert (out - want).abs().max() < TOL, f"rank {r}"
     if plan.method != "zigzag_ring":
         assert query_rows_identical(plan, outs)  # every rank merges the same gathered partials
+
+
+def test_any_placement_the_plan_describes_is_followed():
+    """Hosts placed off the zigzag snake: passing blocks read non-contiguous rank runs of a slot."""
+    import dataclasses
+
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.plan import RankSchedule
+    from spava_plan.planner.layout import token_layout
+    from spava_plan.planner.partition import partition
+    from spava_plan.planner.ranks import rank_plans
+    from spava_plan.planner.schedule import rank_ops
+
+    cfg = compose_config([*SMALL, "gpus=3", "method.pass_all=true"])
+    plan = plan_for(*SMALL, "gpus=3", "method.pass_all=true")
+    host_rank = (0, 2, 1, 0, 1, 2)  # host 2's passing block: slot 0 of ranks 0 and 2, not 1
+    ranks = rank_plans(partition(token_layout(cfg.model, cfg.video), cfg.method, 3), host_rank)
+    plan = dataclasses.replace(plan, ranks=ranks, placement=dataclasses.replace(plan.placement, host_rank=host_rank),
+                               schedule=tuple(RankSchedule(r.rank, rank_ops(r, plan.collectives, 3, True))
+                                              for r in ranks))
+    assert [(ref.rank_start, ref.rank_stop) for t in ranks[1].tasks if t.name == "host2"
+            for ref in t.kv if ref.kind == "passing"] == [(0, 1), (2, 3)]
+    q, k, v = inputs(plan.layout.total_tokens)
+    outs, _, _ = prefill_all(plan, q, k, v)
+    ref = dense_attention(q, k, v)
+    assert all((o - local_rows(plan, r, ref)[0]).abs().max() < TOL for r, o in enumerate(outs))
 
 
 def test_dense_plan_on_one_rank():

@@ -36,7 +36,7 @@ def test_deadlocked_traces_are_reported():
 
 def test_transfer_formula():
     topo = {"intra_node_gbps": 100.0, "inter_node_gbps": 10.0, "gpus_per_node": 4, "link_latency_us": 2.0}
-    # 1 MB per rank over 4 GPUs in one node: 3 ring steps of (2 us + 1e6 B / 1e5 B/us)
-    assert transfer_time_us(ALL_GATHER, 1_000_000, 4, topo) == pytest.approx(3 * (2 + 10))
+    # 1 MB per rank over 4 GPUs in one node: 3 shares of 1e6 B at 1e5 B/us, 2 latencies of 2 us
+    assert transfer_time_us(ALL_GATHER, 1_000_000, 4, topo) == pytest.approx(3 * 10 + 2 * 2)
     assert transfer_time_us(P2P, 1_000_000, 8, topo) == pytest.approx(2 + 100)  # 8 GPUs span nodes
     assert transfer_time_us(ALL_GATHER, 123, 1, topo) == 0.0
