@@ -76,7 +76,7 @@ class TorchDistComm(Communicator):
     @classmethod
     def init(cls, rank: int, world_size: int, *, master_addr: str = "127.0.0.1", master_port: int,
              backend: str | None = None, timeout_s: float = 300.0, device: int | None = None,
-             host_store: bool | None = None) -> "TorchDistComm":
+             host_store: bool | None = None, store_prefix: str = "") -> "TorchDistComm":
         """Create the default process group over a TCP store. Rank 0 hosts the store unless
         ``host_store=False`` everywhere (a launcher hosts it, so it outlives any rank and the
         peers of a failed rank 0 can still read why it failed)."""
@@ -91,6 +91,8 @@ class TorchDistComm(Communicator):
             is_host = rank == 0 if host_store is None else host_store
             store = dist.TCPStore(master_addr, master_port, world_size if is_host else None, is_host,
                                   timeout=timeout, wait_for_workers=False)
+            if store_prefix:
+                store = dist.PrefixStore(store_prefix, store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - rendezvous failures become one clear line
             raise DistributedError(f"rank {rank}: could not join the {world_size}-rank {backend} group at "
@@ -108,8 +110,13 @@ class TorchDistComm(Communicator):
             raise DistributedError(f"missing or bad torchrun environment variable {exc}; launch with torchrun",
                                    setting="runtime") from None
         local = int(os.environ.get("LOCAL_RANK", rank))
+        # torchrun's agent already serves the store at MASTER_PORT: join it as a client, under the
+        # key prefix torch's own env:// initialisation uses for this restart attempt.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        prefix = f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}" if agent else ""
         return cls.init(rank, world, master_addr=addr, master_port=port, backend=backend, timeout_s=timeout_s,
-                        device=local if torch.cuda.is_available() else None)
+                        device=local if torch.cuda.is_available() else None, host_store=False if agent else None,
+                        store_prefix=prefix)
 
     def close(self) -> None:
         if dist.is_initialized():
