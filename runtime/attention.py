@@ -143,14 +143,16 @@ class RankAttention:
 
     def _check_coverage(self) -> None:
         """Every local row is computed by exactly one task (a plan invariant worth a clear error)."""
-        hits = [0] * self.n_local
-        for t in self.tasks.values():
-            for i in range(t.lo, t.hi):
-                hits[i] += 1
-        bad = [i for i, h in enumerate(hits) if h != 1]
-        if bad:
-            raise PlanMismatchError(f"plan inconsistency: rank {self.rank}'s local rows {bad[:5]}... are covered by "
-                                    f"{[hits[i] for i in bad[:5]]} tasks instead of one", setting="plan")
+        at = 0
+        for t in sorted(self.tasks.values(), key=lambda t: t.lo):
+            if t.lo != at:
+                raise PlanMismatchError(f"plan inconsistency: rank {self.rank}'s local rows from {min(at, t.lo)} are "
+                                        f"{'computed twice' if t.lo < at else 'not computed'} (task {t.name})",
+                                        setting="plan")
+            at = t.hi
+        if at != self.n_local:
+            raise PlanMismatchError(f"plan inconsistency: rank {self.rank}'s local rows {at}..{self.n_local} are not "
+                                    f"computed by any task", setting="plan")
 
     # -- static buffers ----------------------------------------------------------------------------
     def _buf(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

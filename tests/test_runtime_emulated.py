@@ -252,3 +252,12 @@ def test_timing_pass_times_every_rank_and_charges_unhidden_communication():
             assert timing.makespan_us <= sum(timing.rank_compute_us) + 1e-6
         ref = assemble(plan, timing.results)
         assert torch.equal(ref[-plan.layout.query_tokens:], timing.results[0][-plan.layout.query_tokens:])
+
+
+def test_time_attention_layer_reports_an_emulated_critical_path():
+    from spava_plan.runtime.emulated_layer import time_attention_layer
+
+    plan = plan_for(*LARGE, "gpus=4")
+    timing = time_attention_layer(plan, device="cpu", dtype=torch.float32, warmup=1, repeats=1)
+    assert timing.label == "emulated 4-rank on cpu" and len(timing.rank_finish_us) == 4
+    assert timing.makespan_us == max(timing.rank_finish_us) >= max(timing.rank_compute_us) > 0
