@@ -131,6 +131,26 @@ def bench(fn_for_set, sets: int = 2) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
 
 
+def bench_graph(fn_for_set, sets: int = 2) -> float:
+    """Like bench() but each input set's work is captured once in a CUDA graph and replayed: the
+    GPU time without Python launch overhead (which an idle GPU would otherwise wait for)."""
+    import torch
+
+    graphs = []
+    for i in range(sets):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn_for_set(i)  # warm: compiled, tuned, caches filled (nothing may allocate host->device in capture)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn_for_set(i)
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    return bench(lambda i: graphs[i].replay(), sets)
+
+
 def _sync():
     import torch
 
@@ -285,14 +305,17 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
            "schedule": [list(x) for x in attend_ops], "useful_flops": flops, "times_ms": {}, "errors": {}}
 
     def record(label, fn):
-        t0 = time.time()
-        ms, err = _try(lambda: (fn(0), fn(1), _sync(), bench(fn))[-1])  # tune/compile first
-        if err:
-            res["errors"][label] = err
-        else:
-            res["times_ms"][label] = ms
-        print(f"  {label:24s} {ms if ms else float('nan'):9.3f} ms  ({time.time() - t0:.0f}s){'  ' + err if err else ''}",
-              flush=True)
+        for name, timer in ((label, bench), (label + " [graph]", bench_graph)):
+            if timer is bench_graph and DEVICE != "cuda":
+                continue
+            t0 = time.time()
+            ms, err = _try(lambda: (fn(0), fn(1), _sync(), timer(fn))[-1])  # tune/compile first
+            if err:
+                res["errors"][name] = err
+            else:
+                res["times_ms"][name] = ms
+            print(f"  {name:32s} {ms if ms else float('nan'):9.3f} ms  ({time.time() - t0:.0f}s)"
+                  f"{'  ' + err if err else ''}", flush=True)
 
     tasks_of = [[s[0][n] for n in names] for s in sets]
     # correctness in the same run: generated vs the reference path (both bf16)
@@ -333,14 +356,18 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         record("select/gather", lambda i: [mod.gather(ix, kb, vb) for ix, (kb, vb, _) in zip(idx, sets[i][2])])
     t = res["times_ms"]
     res["tflops"] = {k: flops / (v * 1e-3) / 1e12 for k, v in t.items() if not k.startswith("select")}
-    gen = t.get("generated/schedule") or t.get("generated/fused")
-    if gen:
-        res["ratios"] = {
-            "reference_over_generated_time": t.get("reference", math.nan) / gen,
-            "generated_over_cudnn_tflops": t.get("sdpa_cudnn/segments", math.nan) / gen,
-            "generated_over_flash_tflops": t.get("sdpa_flash/segments", math.nan) / gen,
-            "select_share_of_attention": t.get("select", math.nan) / gen,
-        }
+    res["ratios"] = {}
+    for suffix in ("", " [graph]"):  # eager and graph-replayed, each against the same kind of timing
+        for variant in ("generated/fused", "generated/schedule"):
+            gen = t.get(variant + suffix)
+            if not gen:
+                continue
+            res["ratios"][variant + suffix] = {
+                "reference_over_generated_time": t.get("reference" + suffix, math.nan) / gen,
+                "generated_over_cudnn_tflops": t.get("sdpa_cudnn/segments" + suffix, math.nan) / gen,
+                "generated_over_flash_tflops": t.get("sdpa_flash/segments" + suffix, math.nan) / gen,
+                "select_share_of_attention": t.get("select" + suffix, math.nan) / gen,
+            }
     res["autotune"] = json.loads((case / "kernels" / "autotune.json").read_text()) \
         if (case / "kernels" / "autotune.json").exists() else {}
     del sets, tasks_of, got, ref
@@ -357,14 +384,14 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['case']} | {r['rank']} | {k} | {v:.3f} | {tf:.0f} |" if tf else
                          f"| {r['case']} | {r['rank']} | {k} | {v:.3f} | - |")
     lines.append("")
-    lines.append("| case | ref/gen time | gen/cuDNN TFLOP/s | gen/flash TFLOP/s | select share |")
-    lines.append("| --- | --- | --- | --- | --- |")
+    lines.append("| case | generated variant | reference / generated time | generated / cuDNN TFLOP/s | "
+                 "generated / flash TFLOP/s | select / attention time |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        x = r.get("ratios", {})
-        lines.append(f"| {r['case']} | {x.get('reference_over_generated_time', math.nan):.2f} | "
-                     f"{x.get('generated_over_cudnn_tflops', math.nan):.2f} | "
-                     f"{x.get('generated_over_flash_tflops', math.nan):.2f} | "
-                     f"{x.get('select_share_of_attention', math.nan):.3f} |")
+        for variant, x in r.get("ratios", {}).items():
+            lines.append(f"| {r['case']} | {variant} | {x['reference_over_generated_time']:.2f} | "
+                         f"{x['generated_over_cudnn_tflops']:.2f} | {x['generated_over_flash_tflops']:.2f} | "
+                         f"{x['select_share_of_attention']:.3f} |")
     return "\n".join(lines)
 
 

@@ -149,7 +149,7 @@ class TritonBackend:
         self.mod = load_kernels(self.kernel_dir, plan_hash=plan_hash, render=render)
         self.tuning = tune
         self.tuner = Tuner(self.kernel_dir / "autotune.json", self.mod.ATTENTION_CONFIGS, self.mod.DEFAULT_CONFIG)
-        self._configs: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._configs: dict[tuple, tuple[int, ...]] = {}
 
     # -- checks at the boundary --------------------------------------------------------------------
     def _check(self, task: TaskInput) -> tuple:
@@ -186,21 +186,28 @@ class TritonBackend:
     # -- attention ---------------------------------------------------------------------------------
     def _config(self, name: str, tasks: list, scale: float) -> tuple[int, ...]:
         q = tasks[0][0]
+        fast = (name, q.dtype, q.device)  # hot path: no device-name query per call
+        cfg = self._configs.get(fast)
+        if cfg is not None:
+            return cfg
         if _interpreted() or not q.is_cuda:
-            return tuple(self.mod.INTERPRETER_CONFIG)
-        device = torch.cuda.get_device_name(q.device)
-        key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
-        cfg = self._configs.get((device, key)) or self.tuner.get(device, key)
-        if cfg is None:
-            cfg = (self.tuner.tune(device, key, lambda c: self.mod.attend(name, tasks, scale, c))
-                   if self.tuning else self.tuner.nearest(device, key))
-        self._configs[(device, key)] = cfg
+            cfg = tuple(self.mod.INTERPRETER_CONFIG)
+        else:
+            device = torch.cuda.get_device_name(q.device)
+            key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
+            cfg = self.tuner.get(device, key)
+            if cfg is None and q.dtype == torch.float32:
+                cfg = tuple(self.mod.FP32_CONFIG)  # not tuned: fp32 is the exact-check path, not the fast one
+            if cfg is None:
+                cfg = (self.tuner.tune(device, key, lambda c: self.mod.attend(name, tasks, scale, c))
+                       if self.tuning else self.tuner.nearest(device, key))
+        self._configs[fast] = cfg
         return cfg
 
     def _launch(self, name: str, tasks: list, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
         q = tasks[0][0]
         cfg = self._config(name, tasks, scale)
-        if q.is_cuda:
+        if q.is_cuda and q.device.index != torch.cuda.current_device():
             with torch.cuda.device(q.device):
                 return self.mod.attend(name, tasks, scale, cfg)
         return self.mod.attend(name, tasks, scale, cfg)
@@ -254,7 +261,7 @@ class TritonBackend:
         if pool_window < 1 or pool_window % 2 == 0:
             raise InputError(f"pool window must be odd and >= 1, got {pool_window}", setting="method.pool_window")
         args = (_dense_last(q_query), _dense_last(k_block), _dense_last(v_block), keep, pool_window, score)
-        if k_block.is_cuda:
+        if k_block.is_cuda and k_block.device.index != torch.cuda.current_device():
             with torch.cuda.device(k_block.device):
                 return self.mod.select(*args)
         return self.mod.select(*args)
@@ -263,7 +270,7 @@ class TritonBackend:
         if outs.dim() != 4 or lses.shape != outs.shape[:3]:
             raise InputError(f"merge takes outs (P, M, Hq, D) and lses (P, M, Hq), got {tuple(outs.shape)} and "
                              f"{tuple(lses.shape)}", setting="plan")
-        if outs.is_cuda:
+        if outs.is_cuda and outs.device.index != torch.cuda.current_device():
             with torch.cuda.device(outs.device):
                 return self.mod.merge(_dense_last(outs), lses)
         return self.mod.merge(_dense_last(outs), lses)
