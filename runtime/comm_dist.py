@@ -161,7 +161,8 @@ class TorchDistComm(Communicator):
         except DistributedError:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
-            timed_out = "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower()
+            # gloo says "Timed out waiting ..." or "Application timeout caused pair closure"
+            timed_out = any(w in f"{type(exc).__name__} {exc}".lower() for w in ("timed out", "timeout"))
             verb = f"timed out after {self.timeout_s:g} s" if timed_out and self.timeout_s else "failed"
             cause = self._blame() or "a peer rank crashed, hung or left"
             raise DistributedError(f"rank {self.rank}: {what} {verb}: {cause} [{self.backend}: {_first_line(exc)}]",
