@@ -238,6 +238,9 @@ def render_kernels(plan: Plan, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(module_path, source)
     _write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    for stale in out_dir.glob("spava_*.py"):  # an earlier plan's module (the dir is re-planned in place)
+        if stale != module_path:
+            stale.unlink(missing_ok=True)
     return module_path
 
 
