@@ -229,21 +229,22 @@ class TritonBackend:
         return self._write_back(results, checked, tasks)
 
     def _by_segment(self, task: tuple, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fallback: every segment alone, then the LSE merge (exact, slower)."""
-        q, segs, out = task
-        parts = [self._launch(self.mod.LAUNCHES[(("causal" if c else "full",),)], [(q, [(k, v, c)], None)], scale)[0]
+        """Fallback: every segment alone (fp32 partials), then the LSE merge (exact, slower)."""
+        q, segs, _ = task
+        parts = [self._launch(self.mod.LAUNCHES[(("causal" if c else "full",),)],
+                              [(q, [(k, v, c)], torch.empty(q.shape, dtype=torch.float32, device=q.device))], scale)[0]
                  for k, v, c in segs]
         if not parts:
             zero = torch.zeros_like(q, memory_format=torch.contiguous_format)
             return zero, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         merged, lse = self.merge(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
-        return merged, lse
+        return merged.to(q.dtype), lse
 
     @staticmethod
     def _write_back(results: list, checked: list, tasks: Sequence[TaskInput]) -> list:
-        """Tasks whose out was not dense in D (or came back from a fallback) get it copied in."""
+        """A task whose result did not land in its given out (the fallbacks) gets it copied in."""
         final = []
-        for (out, lse), (_, _, dense_out), task in zip(results, checked, tasks):
+        for (out, lse), task in zip(results, tasks):
             if task.out is not None and out.data_ptr() != task.out.data_ptr():
                 task.out.copy_(out)
                 out = task.out
