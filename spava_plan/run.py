@@ -444,11 +444,18 @@ def run_distributed(args: Args) -> int:
         if comm.rank == 0:
             print(report(args, prepared, result, comm.label, backend.name), flush=True)
         comm.barrier()
+        comm.close()
         return 0
     except SpavaError as exc:
-        return _fail(exc, comm.rank)
-    finally:
-        comm.close()
+        code = _fail(exc, comm.rank)
+        # Every rank fails here, in no fixed order: tearing the group down would race with the
+        # peers (rank 0 may already have taken the store away), and gloo's threads then abort the
+        # process at exit instead of returning 2. The line is printed; leave without teardown.
+        sys.stdout.flush()
+        os._exit(code)
+    except Exception as exc:
+        comm.report_failure(exc)  # a bug on this rank: the peers fail now, naming it, not at the timeout
+        raise
 
 
 class _OneAtATime:
