@@ -10,7 +10,9 @@ No torch import here: planning runs on a laptop with only the light dependencies
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -50,6 +52,42 @@ def _positive_int(value: Any, setting: str, maximum: int | None = None) -> None:
         _require(value <= maximum, setting, f"must be at most {maximum}, got {value}")
 
 
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    return True  # nested dataclasses validate themselves
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Every field holds a value of its annotated type (dataclasses built directly, not through
+    OmegaConf, get no type checking otherwise: a string in a bool field would slip through)."""
+    hints = _field_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        hint = hints[f.name]
+        if not _matches(value, hint):
+            name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            _require(False, f"{prefix}{f.name}", f"must be of type {name}, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """The vision tower: how frames become tokens, and its size (for cost and memory)."""
@@ -69,6 +107,7 @@ class VisionConfig:
     out_hidden_size: int = 3584  # merger output width (= LLM hidden size)
 
     def __post_init__(self) -> None:
+        _check_types(self, "model.vision.")
         for name in ("patch_size", "spatial_merge", "temporal_patch", "min_pixels", "max_pixels",
                      "tile_size", "tile_tokens", "depth", "hidden_size", "num_heads",
                      "intermediate_size", "out_hidden_size"):
@@ -109,6 +148,7 @@ class ModelConfig:
     init: str = "checkpoint"  # "checkpoint" or "random" (real-size random weights for benchmarks)
 
     def __post_init__(self) -> None:
+        _check_types(self, "model.")
         _require(self.family in MODEL_FAMILIES, "model.family",
                  f"unknown model family {self.family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
@@ -150,6 +190,7 @@ class TopologyConfig:
     launch_overhead_us: float = 5.0  # fixed cost per kernel launch
 
     def __post_init__(self) -> None:
+        _check_types(self, "topology.")
         _positive_int(self.gpus, "gpus", MAX_GPUS)
         _positive_int(self.gpus_per_node, "topology.gpus_per_node")
         if self.nodes is not None:
@@ -205,6 +246,7 @@ class VideoConfig:
     path: Optional[str] = None  # the video file (runtime only; the planner needs only the counts)
 
     def __post_init__(self) -> None:
+        _check_types(self, "video.")
         _positive_int(self.frames, "frames", MAX_FRAMES)
         parse_resolution(self.resolution)
         _require(isinstance(self.fps, (int, float)) and self.fps > 0, "video.fps",
@@ -233,6 +275,7 @@ class MethodConfig:
     overlap: bool = True  # hide the selection all-gathers behind host-1 attention
 
     def __post_init__(self) -> None:
+        _check_types(self, "method.")
         _require(self.name in METHODS, "method", f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
         for name in ("anchor_tokens", "passing_tokens"):
             value = getattr(self, name)
@@ -257,6 +300,7 @@ class SolverConfig:
     seed: int = 0  # local_search randomness (deterministic for a given seed)
 
     def __post_init__(self) -> None:
+        _check_types(self, "solver.")
         _require(self.name in SOLVERS, "solver", f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
         _positive_int(self.exact_max_hosts, "solver.exact_max_hosts", 64)
         _positive_int(self.iterations, "solver.iterations")
@@ -280,6 +324,7 @@ class SpavaConfig:
     kernels: bool = True  # render the plan's Triton kernels next to plan.json
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         # topology/video hold the truth (conf/config.yaml feeds the shorthands into them); mirror
         # them back so the stored config never disagrees with itself.

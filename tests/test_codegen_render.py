@@ -124,7 +124,9 @@ def test_hostile_strings_in_every_config_field_never_reach_generated_code(tmp_pa
         for text in (out.read_text(), (tmp_path / str(i) / "manifest.json").read_text()):
             assert "HOSTILE" not in text and "pwned" not in text, path
         rendered += 1
-    assert rendered >= 8  # free-text fields (names, paths, device) were accepted and still did not leak
+    # the free-text string fields (model.name, model.hf_id, model.checkpoint, topology.name,
+    # topology.device, video.path) are accepted by validation and still did not leak
+    assert rendered >= 6
     assert isinstance(SpavaConfig(), SpavaConfig)
 
 
