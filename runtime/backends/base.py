@@ -11,8 +11,9 @@ Conventions (all backends):
 - A task's keys are the concatenation of its segments in order, under ONE softmax with scale
   ``scale`` (1/sqrt(D)). Segment mask "full": every row sees every key; "causal": row i of M sees
   key j of n iff j <= i + (n - M) (bottom-right aligned; n >= M).
-- lse is the natural-log sum-exp of the scaled scores per (row, head), fp32; out is normalised.
-  A row with no visible key has out = 0 and lse = -inf.
+- lse is the natural-log sum-exp of the scaled scores per (row, head), fp32 (fp64 when the inputs
+  are fp64, so an fp64 merge stays exact); out is normalised. A row with no visible key has
+  out = 0 and lse = -inf.
 - Packed selections: (keep, Hkv, 2D) with K in [..., :D] and V in [..., D:], post-RoPE.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ class KernelBackend(Protocol):
         score="query_aware": s[j, h] = <k[j, h], qbar[h]> in fp32 where qbar[h] is the mean of
         q_query over its Lq rows and the G query heads of KV head h (one GEMV per KV head); then a
         max-pool along j (window ``pool_window``, stride 1, same padding, -inf outside the block);
-        then the top ``keep`` per head, packed in ascending token order.
+        then the top ``keep`` per head (ties go to the earlier token), packed in ascending token
+        order.
         score="key_norm": s[j, h] = ||k[j, h]||_2 (query-unaware, the APB stand-in), same pooling.
         keep == len(block): every token, in order (no scoring needed).
         """
@@ -57,7 +59,7 @@ class KernelBackend(Protocol):
 
     def attention(self, tasks: Sequence[TaskInput], scale: float) -> list[tuple["Tensor", "Tensor"]]:
         """Run several attention tasks (one fused launch where the backend can), returns
-        [(out (M, Hq, D) in q's dtype, lse (M, Hq) fp32)] in task order."""
+        [(out (M, Hq, D) in q's dtype, lse (M, Hq) fp32, fp64 for fp64 inputs)] in task order."""
         ...
 
     def merge(self, outs: "Tensor", lses: "Tensor") -> tuple["Tensor", "Tensor"]:
