@@ -22,7 +22,7 @@ from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Pred
 from .cost import KERNELS, ZERO, CostModel, Work
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
-from .partition import Partition, partition
+from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
 from .schedule import NAME, STEP, TASKS, Step, Timeline, rank_schedules, rank_steps, simulate
@@ -223,6 +223,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
     world = part.world
+    check_vision_units(tokens, world, cfg.model.vision.temporal_patch)
     cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, world)
     solver = cfg.solver if part.method == "spava" else FIXED_PLACEMENT
     placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)

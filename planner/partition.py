@@ -66,6 +66,15 @@ def _blocks_for(layout: TokenLayout, method: MethodConfig, world: int, hosts: in
     return anchor, tuple(balanced_split(anchor, L, V)), keep
 
 
+def check_vision_units(layout: TokenLayout, world: int, temporal_patch: int) -> None:
+    """Frame-parallel vision: every rank encodes at least one temporal grid (InternVL3: frame)."""
+    units = layout.grid_thw[0]
+    if world > 1 and units < world:
+        raise InfeasiblePlanError(f"the video gives {units} temporal grids but frame-parallel vision needs one per "
+                                  f"rank ({world}); use frames>={world * temporal_patch} or fewer gpus",
+                                  setting="frames")
+
+
 def partition(layout: TokenLayout, method: MethodConfig, gpus: int) -> Partition:
     L, total = layout.context_tokens, layout.total_tokens
     query = (L, total)

@@ -42,8 +42,9 @@ def test_a_baseline_that_does_not_fit_is_reported_not_raised():
 
 
 def test_a_baseline_that_cannot_be_planned_carries_its_error():
-    # star plans 64 GPUs of 360p video; spava's 128 blocks would have fewer than 128 tokens each
-    rows = _rows(["method=star", "gpus=64", "frames=32", "video.resolution=360p"])
+    # star plans 64 GPUs of small frames (one temporal grid per rank); spava's 128 blocks would
+    # have fewer than 128 tokens each
+    rows = _rows(["method=star", "gpus=64", "frames=128", "video.resolution=224x224"])
     assert rows["star"].planned and not rows["star"].error
     assert "virtual hosts" in rows["spava"].error and rows["spava"].speedup_vs_dense is None
 

@@ -40,3 +40,16 @@ def test_ring_sources_equal_the_tasks_refs_grouped_by_owner(gpus):
         for c in rank.hosts:
             fast = ring.by_owner(c, rank.rank)
             assert {o: s for o, s in enumerate(fast) if s} == grouped[f"chunk{c}"]
+
+
+def test_fewer_temporal_grids_than_ranks_is_refused_at_planning_time():
+    # frame-parallel vision needs one grid per rank (the runtime refuses the same input)
+    from spava_plan.errors import InfeasiblePlanError
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    with pytest.raises(InfeasiblePlanError, match=r"frames>=8") as err:
+        build_plan(compose_config(["model=tiny", "gpus=4", "frames=6", "video.resolution=56x84",
+                                   "method.pass_all=true"]))
+    assert err.value.setting == "frames"
+    build_plan(compose_config(["model=tiny", "gpus=4", "frames=8", "video.resolution=56x84", "method.pass_all=true"]))
