@@ -463,12 +463,16 @@ class EmulatedWorld:
 
     # -- timing pass -------------------------------------------------------------------------------
     def time(self, fn: Callable[[int], Any], *, warmup: int = 1, repeats: int = 3,
-             device: torch.device | str | None = None) -> EmulatedTiming:
+             device: torch.device | str | None = None, observer: Any = None) -> EmulatedTiming:
         """Functional pass, then replay every rank alone ``warmup + repeats`` times, timing each of
         its compute stretches; medians go through the critical-path model.
 
         ``fn`` must issue the same communication every call. A first, untimed functional call
-        absorbs one-time work (RankAttention's first-call agreement between the ranks)."""
+        absorbs one-time work (RankAttention's first-call agreement between the ranks).
+        ``observer`` (optional) gets ``before(rank, i)`` and ``after(rank, i, events)`` around replay
+        i of each rank (i < warmup: a warm-up; events: that replay's trace), outside the timed
+        stretch with the device synchronised: e.g. to read each rank's peak memory, or to simulate
+        every repeat on its own for the spread."""
         self.run(fn)
         results = self.run(fn)
         dev = torch.device(device) if device is not None else _result_device(results)
@@ -478,13 +482,18 @@ class EmulatedWorld:
             runs: list[list[Event]] = []
             for i in range(warmup + repeats):
                 clock.sync()
+                if observer is not None:
+                    observer.before(rank, i)
                 trace = _Trace(clock)
                 self.comms[rank]._reset(trace)
                 fn(rank)
                 trace.end = clock.mark()
                 clock.sync()
+                events = trace.events()
+                if observer is not None:
+                    observer.after(rank, i, events)
                 if i >= warmup:
-                    runs.append(trace.events())
+                    runs.append(events)
                 if self.comms[rank]._cursor != len(self.comms[rank].log):
                     raise DistributedError(f"rank {rank}: the timing replay issued fewer communication calls "
                                            f"than the functional pass", setting="runtime")

@@ -22,7 +22,7 @@ import torch
 from spava_plan.plan import Plan
 
 from .comm import Communicator
-from .hf_attention import SpavaCall, language_model
+from .hf_attention import SpavaCall, install, language_model
 from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
 from .vision_parallel import encode_video_parallel, vision_module
 
@@ -43,7 +43,9 @@ class Timing:
 @dataclass
 class GenerationResult:
     tokens: list[int]  # greedy tokens, the first one from prefill (eos included when reached)
-    first_logits: torch.Tensor  # (vocab,) logits of the last query row on this rank (fp32)
+    # (vocab,) fp32 logits of the last prompt token; None on a rank that does not hold that token
+    # (zigzag_ring: only the rank with the last chunk; every rank for the replicated-query methods)
+    first_logits: torch.Tensor | None
     timing: Timing = field(default_factory=Timing)
 
 
@@ -51,7 +53,7 @@ class GenerationResult:
 class PrefillOutput:
     hidden: torch.Tensor  # (n_local, hidden) final-norm hidden states of the local rows
     index: torch.Tensor  # (n_local,) global token of every local row
-    last_row: int  # local row of the last prompt token
+    last_row: int | None  # local row of the last prompt token (None: not on this rank)
 
 
 class RankRunner:
@@ -60,7 +62,9 @@ class RankRunner:
 
     def __init__(self, model: Any, plan: Plan, comm: Communicator, make_attention: Callable[[], Any],
                  device: torch.device | str):
-        self.model, self.plan, self.comm = model, plan, comm
+        # The language model must route attention through Spava (idempotent): without this the
+        # stock attention would run on the rank's local rows alone, ignoring the plan.
+        self.model, self.plan, self.comm = install(model), plan, comm
         self.rank_plan = plan.ranks[comm.rank]
         self.make_attention = make_attention
         self.device = torch.device(device)
@@ -68,6 +72,9 @@ class RankRunner:
         self.visual = vision_module(model)
         self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
         self.attention: Any = None
+        # The first token comes from the lowest rank holding the last prompt token, broadcast.
+        last = plan.layout.total_tokens - 1
+        self.source = min(r.rank for r in plan.ranks if any(a <= last < b for a, b in r.local))
 
     # -- timing -----------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -88,16 +95,21 @@ class RankRunner:
         self.attention = self.make_attention()
         out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
                       spava=SpavaCall(self.attention, "prefill"))
-        last = self.rank_plan.local_offset(self.plan.layout.total_tokens - 1)
-        return PrefillOutput(out.last_hidden_state[0], index, last)
+        last = self.plan.layout.total_tokens - 1
+        held = any(a <= last < b for a, b in self.rank_plan.local)
+        return PrefillOutput(out.last_hidden_state[0], index, self.rank_plan.local_offset(last) if held else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """Greedy token on rank 0, broadcast: every rank continues with the same token."""
-        token = torch.argmax(logits, dim=-1).reshape(1).to(torch.long)
-        self.comm.broadcast(token, src=0)
+    def pick(self, logits: torch.Tensor | None) -> int:
+        """Greedy token on the source rank, broadcast: every rank continues with the same token."""
+        if self.comm.rank == self.source:
+            assert logits is not None, "the source rank holds the last prompt token"
+            token = torch.argmax(logits, dim=-1).reshape(1).to(torch.long)
+        else:
+            token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.comm.broadcast(token, src=self.source)
         return int(token.item())
 
     def decode_step(self, token: int, position: int) -> torch.Tensor:
@@ -116,7 +128,7 @@ class RankRunner:
         video = self.vision(inputs)
         t1 = self._now()
         pre = self.prefill(inputs, positions, video)
-        first_logits = self.logits(pre.hidden[pre.last_row])
+        first_logits = None if pre.last_row is None else self.logits(pre.hidden[pre.last_row])
         t2 = self._now()
         token = self.pick(first_logits)
         t3 = self._now()
