@@ -1,0 +1,710 @@
+"""End-to-end prefill benchmark: time to first token (vision encoder + prefill + first token, as the
+paper times it) of dense attention on one GPU against Spava and its baselines emulated on W ranks.
+
+Methods (the same random-weight model object for all of them, built once per process on the GPU):
+  dense_flash   the stock Hugging Face model (attn_implementation="sdpa") on one GPU inside
+                sdpa_kernel(FLASH_ATTENTION): the paper's FlashAttn
+  dense_cudnn   the same inside sdpa_kernel(CUDNN_ATTENTION)
+  spava, zigzag_ring, apb, star
+                "emulated W-rank": the runtime (spava_plan.run's execute, EmulatedWorld.time, the
+                generated Triton kernels on CUDA) replays each rank's real work alone on the one GPU
+                (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
+                charged from the plan's topology. Never a measured multi-GPU time.
+Both: first token from the last prompt position only (logits_to_keep=1 / the last row); random
+uint8 pixel frames (never zeros) through the Qwen image processor; pixels start on the host (the
+dense model copies all of them, each rank its own temporal grids, inside the timed region).
+The vision tower runs its attention as one SDPA call per window size for every method
+(runtime/vision_attention.py; ``--vision-attn stock`` keeps transformers' per-window loop).
+
+Steps (each a subcommand; ``run`` does all three, ``smoke`` does them on a CPU with a tiny model):
+  plan     --table T --plans DIR        plans + kernels + the planner's predictions (needs hydra)
+  measure  --plans DIR --out RUNS.jsonl one JSON line per measurement, flushed (needs the GPU)
+  report   RUNS.jsonl... --plans DIR --out PREFIX
+                                        PREFIX.{json,md,png}, calibration (conf/topology preset)
+  run      --table T                    plan + measure + report in one process
+  smoke    --out DIR                    the whole pipeline on CPU (model=tiny Qwen2.5-VL, W=2, fp32)
+
+Timing: CUDA events; dense: ``--warmup`` untimed calls then ``--repeats`` timed ones (median,
+min-max); emulated: the two functional passes of EmulatedWorld.time warm up, then every rank is
+replayed ``--repeats`` times; each repeat's emulated TTFT is simulated from that repeat's traces.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+W_DEFAULT = 8
+EMULATED = ("spava", "zigzag_ring", "apb", "star")
+DENSE = ("dense_flash", "dense_cudnn")
+METHODS = DENSE + EMULATED
+MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b"}
+# The tiny Qwen2.5-VL of the tests (model_fixtures.TINY_25_OVERRIDES): window attention included.
+TINY_25 = ("model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting: a model, a frame count and a resolution (the paper's table rows)."""
+
+    model: str  # conf/model name, or "tiny_25" (smoke)
+    frames: int
+    resolution: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.frames}f-{self.resolution}"
+
+    def overrides(self, method: str, gpus: int, topology: str) -> list[str]:
+        model = list(TINY_25) + ["dtype=fp32"] if self.model == "tiny_25" else [f"model={self.model}"]
+        return model + [f"gpus={1 if method == 'dense' else gpus}", f"frames={self.frames}",
+                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={method}",
+                        "kernels=false"]
+
+
+def _cells(model: str, frames: tuple[int, ...], res: str) -> list[Cell]:
+    return [Cell(MODELS[model], f, res) for f in frames]
+
+
+# Ordered by value: the headline first, then the ablation rows, 720p, then the 7B model.
+TABLES: dict[str, list[Cell]] = {
+    "headline": _cells("3b", (64,), "1440p"),
+    "3b_1440p": _cells("3b", (64, 16, 32, 56), "1440p"),
+    "3b_720p": _cells("3b", (16, 56), "720p"),
+    "7b_1440p": _cells("7b", (64, 16, 32, 56), "1440p"),
+    "7b_720p": _cells("7b", (16, 56), "720p"),
+}
+TABLES["all"] = (TABLES["3b_1440p"] + TABLES["3b_720p"] + TABLES["7b_1440p"][:1] + TABLES["7b_1440p"][1:]
+                 + TABLES["7b_720p"])
+# Fail-fast check before the long loop: small, but every method runs on the real model.
+CHECK = Cell(MODELS["3b"], 16, "360p")
+SMOKE = [Cell("tiny_25", 16, "336x504"), Cell("tiny_25", 24, "336x504"), Cell("tiny_25", 16, "252x420")]
+
+
+# ---- plan (CPU, hydra) ----------------------------------------------------------------------------
+def plan_cells(cells: list[Cell], root: Path, *, gpus: int, topology: str, kernels: bool, check: bool) -> dict:
+    """plan.json (+ rendered kernels) per emulated method and the planner's prediction for every
+    method (dense: one GPU, as planner/compare.py plans it) -> root/manifest.json."""
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan, derive
+
+    from calibrate import predicted_phases  # noqa: E402 - benchmarks/ is on sys.path
+
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for cell in ([CHECK] if check else []) + cells:
+        entry: dict[str, Any] = {"id": cell.id, "model": cell.model, "frames": cell.frames,
+                                 "resolution": cell.resolution, "gpus": gpus, "check": cell is CHECK,
+                                 "overrides": {}, "plans": {}, "predicted": {}}
+        for method in EMULATED + ("dense",):
+            overrides = cell.overrides(method, gpus, topology)
+            cfg = compose_config(overrides)
+            entry["overrides"][method] = overrides
+            names = DENSE if method == "dense" else (method,)
+            if method == "dense":
+                pred = derive(cfg, require_fit=False, detail=False).prediction
+            else:
+                plan = build_plan(cfg, require_fit=False)
+                pred = plan.prediction
+                d = root / cell.id / method
+                d.mkdir(parents=True, exist_ok=True)
+                plan.save(d / "plan.json")
+                if kernels:
+                    from spava_plan.codegen import render_kernels
+
+                    render_kernels(plan, d / "kernels")
+                entry["plans"][method] = f"{cell.id}/{method}/plan.json"
+                entry["tokens"] = plan.layout.total_tokens
+                entry["dtype"] = plan.dtype
+            row = {"makespan_us": pred.makespan_us, "rank_us": list(pred.rank_us), "vision_us": pred.vision_us,
+                   "exposed_comm_us": pred.exposed_comm_us, "peak_memory_bytes": list(pred.peak_memory_bytes),
+                   "phases": predicted_phases(cfg)}
+            for name in names:
+                entry["predicted"][name] = row
+        entries.append(entry)
+        print(f"planned {cell.id}: {entry['tokens']} tokens", flush=True)
+    manifest = {"topology": topology, "gpus": gpus, "cells": entries}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+# ---- measurement helpers (torch) ------------------------------------------------------------------
+class ThreadedImages:
+    """The image processor with the frames split over threads (PIL's resize and numpy release the
+    GIL). Each frame is processed exactly as in one call; outputs are concatenated in order."""
+
+    def __init__(self, inner: Any, workers: int):
+        self.inner, self.workers = inner, max(1, workers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, images: list, **kwargs: Any) -> dict:
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(images)
+        bounds = [(n * i // self.workers, n * (i + 1) // self.workers) for i in range(self.workers)]
+        chunks = [images[a:b] for a, b in bounds if b > a]
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            outs = list(pool.map(lambda c: self.inner(images=c, **kwargs), chunks))
+        return {k: torch.cat([o[k] for o in outs]) for k in ("pixel_values", "image_grid_thw")}
+
+
+class Spans:
+    """Named device-time spans: CUDA event pairs while recording (read after a synchronise), host
+    clock on CPU. Thread-safe; ``serial`` also serialises the wrapped calls (the emulated ranks'
+    functional pass runs them from W threads: one compiles a Triton kernel while the others wait)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.recording = cuda, False
+        self.lock = threading.RLock()
+        self._open: list[tuple[str, Any, Any]] = []
+
+    def start(self) -> None:
+        self._open, self.recording = [], True
+
+    def stop(self) -> dict[str, float]:
+        """Microseconds per span name since start() (the device must be synchronised)."""
+        import torch
+
+        self.recording = False
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for name, a, b in self._open:
+            us = a.elapsed_time(b) * 1e3 if self.cuda else (b - a) * 1e6
+            out[name] = out.get(name, 0.0) + us
+        self._open = []
+        return out
+
+    def _mark(self) -> Any:
+        import torch
+
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def call(self, name: str, fn: Callable[[], Any]) -> Any:
+        with self.lock:
+            if not self.recording:
+                return fn()
+            a = self._mark()
+            out = fn()
+            self._open.append((name, a, self._mark()))
+            return out
+
+
+class TimedBackend:
+    """The kernel backend with every attention / select / merge call timed during replays."""
+
+    def __init__(self, inner: Any, spans: Spans):
+        self.inner, self.spans, self.name = inner, spans, inner.name
+
+    def attention(self, tasks: Any, scale: float) -> Any:
+        return self.spans.call("attention", lambda: self.inner.attention(tasks, scale))
+
+    def select(self, *a: Any) -> Any:
+        return self.spans.call("select", lambda: self.inner.select(*a))
+
+    def merge(self, outs: Any, lses: Any) -> Any:
+        return self.spans.call("merge", lambda: self.inner.merge(outs, lses))
+
+
+BENCH_SDPA = "spava_bench_sdpa"  # transformers' own sdpa attention + mask, with the attention call timed
+
+
+def register_bench_sdpa(spans: Spans) -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        return spans.call("attention", lambda: sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                                       **kwargs))
+
+    AttentionInterface.register(BENCH_SDPA, forward)
+    AttentionMaskInterface.register(BENCH_SDPA, sdpa_mask)  # the stock sdpa mask (None: is_causal)
+
+
+def sdpa_backends(name: str, device: Any) -> tuple[list, str]:
+    """The SDPA backend list for a dense run and its label (CPU has no cuDNN: math, labelled)."""
+    from torch.nn.attention import SDPBackend
+
+    want = {"dense_flash": SDPBackend.FLASH_ATTENTION, "dense_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    if device.type != "cuda" and want == SDPBackend.CUDNN_ATTENTION:
+        return [SDPBackend.MATH], "MATH (no cuDNN on CPU)"
+    return [want], want.name
+
+
+def weights_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# ---- measurement (GPU; CPU in smoke) -----------------------------------------------------------------
+class Runner:
+    """Measures every method of every cell of a manifest with one model object per model."""
+
+    def __init__(self, root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
+                 vision_attn: str, workers: int, write: Callable[[dict], None]):
+        import torch
+
+        self.root, self.out, self.write = root, out, write
+        self.repeats, self.warmup, self.heavy_s = repeats, warmup, heavy_s
+        self.deadline = time.monotonic() + budget_s
+        self.vision_attn, self.workers = vision_attn, workers
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        self.spans = Spans(self.cuda)
+        self.model_name: str | None = None
+        self.model: Any = None
+        # measured / predicted device time, learned as cells finish: budget estimates for the next
+        self.factor = {"dense": 2.5, "emulated": 2.0}
+
+    # -- set-up --------------------------------------------------------------------------------
+    def get_model(self, name: str, plan: Any) -> Any:
+        import torch
+
+        from spava_plan.runtime import hf_model, vision_attention
+
+        if self.model_name == name:
+            return self.model
+        self.model = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        self.model = hf_model.random_model(plan.config["model"], dtype=hf_model.DTYPES[plan.dtype],
+                                           device=self.device, seed=0)
+        if self.vision_attn == "batched":
+            vision_attention.install(self.model)
+        self.model_name = name
+        self.write({"kind": "model", "model": name, "build_s": time.perf_counter() - t0,
+                    "weights_bytes": weights_bytes(self.model), "vision_attention": self.vision_attn})
+        return self.model
+
+    def inputs(self, plan: Any, model: Any) -> tuple[Any, Any, Any, float]:
+        from spava_plan import run
+        from spava_plan.runtime import hf_inputs
+        from spava_plan.runtime.vision_parallel import check_grids
+
+        t0 = time.perf_counter()
+        proc = hf_inputs.default_processing()
+        proc.image_processor = ThreadedImages(proc.image_processor, self.workers)
+        frames = run._random_frames(plan, seed=0)  # random uint8 pixels at the plan's source resolution
+        args = self.args(plan, "")
+        inputs = run._build_inputs(args, plan, proc, model, frames)
+        positions = hf_inputs.global_position_ids(model, inputs)
+        hf_inputs.check_against_plan(plan, inputs, positions)
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, int(plan.config["model"]["vision"]["temporal_patch"]))
+        return proc, inputs, positions, time.perf_counter() - t0
+
+    def args(self, plan: Any, path: str) -> Any:
+        from spava_plan.run import Args
+
+        return Args(plan=path, checkpoint=None, init="random", video=None, question=None, max_new_tokens=1,
+                    replan=False, backend="auto", device=self.device.type, dtype="plan", comm="emulated",
+                    timeout=1200.0, seed=0, emulated_timing=True)
+
+    def backend(self, plan: Any, plan_dir: Path) -> Any:
+        """triton (generated kernels, untuned default tiles: no autotuning inside the timed work)
+        on CUDA; the torch reference on CPU, as the runtime chooses."""
+        if not self.cuda:
+            from spava_plan.runtime.backends.torch_ref import TorchBackend
+
+            return TorchBackend()
+        from spava_plan.codegen.render import render_kernels
+        from spava_plan.runtime.backends.triton_gen import TritonBackend
+
+        return TritonBackend(plan_dir / "kernels", plan_hash=plan.hash, render=lambda d: render_kernels(plan, d),
+                             tune=False)
+
+    # -- budget --------------------------------------------------------------------------------
+    def fits(self, cell: dict, method: str, passes: int) -> tuple[bool, float]:
+        pred = cell["predicted"][method]
+        kind = "dense" if method in DENSE else "emulated"
+        base = pred["makespan_us"] if kind == "dense" else sum(pred["rank_us"])
+        est = passes * base / 1e6 * self.factor[kind] + 5.0
+        return time.monotonic() + est < self.deadline, est
+
+    def learn(self, cell: dict, method: str, seconds: float, passes: int) -> None:
+        pred = cell["predicted"][method]
+        kind = "dense" if method in DENSE else "emulated"
+        base = (pred["makespan_us"] if kind == "dense" else sum(pred["rank_us"])) / 1e6
+        if base > 0.05:  # small cells are dominated by fixed costs: they would overstate the factor
+            self.factor[kind] = max(1.0, seconds / (passes * base))
+
+    # -- dense -----------------------------------------------------------------------------------
+    def dense(self, cell: dict, method: str, inputs: Any, positions: Any, warmup: int) -> dict:
+        import inspect
+
+        import torch
+        from torch.nn.attention import sdpa_kernel
+
+        from spava_plan.runtime.hf_attention import language_model, text_config
+        from spava_plan.runtime.vision_parallel import vision_module
+
+        model, dev = self.model, self.device
+        backends, label = sdpa_backends(method, dev)
+        register_bench_sdpa(self.spans)
+        tc = text_config(model)
+        previous = tc._attn_implementation
+        tc._attn_implementation = BENCH_SDPA
+        marks: dict[str, Any] = {}
+
+        def hook(name: str) -> Callable:
+            def fn(*_: Any) -> None:
+                if self.spans.recording:
+                    marks[name] = self.spans._mark()
+            return fn
+
+        handles = [vision_module(model).register_forward_pre_hook(hook("vision0")),
+                   vision_module(model).register_forward_hook(hook("vision1")),
+                   language_model(model).register_forward_pre_hook(hook("lm0")),
+                   language_model(model).register_forward_hook(hook("lm1"))]
+        params = inspect.signature(model.forward).parameters
+        pos = positions.unsqueeze(1).to(dev)  # (3, 1, N): the global M-RoPE ids the runtime uses
+        fixed = {"video_grid_thw": inputs.video_grid_thw, "second_per_grid_ts": inputs.second_per_grid_ts,
+                 "mm_token_type_ids": inputs.mm_token_type_ids}
+        reps, token, logits = [], None, None
+        try:
+            for i in range(warmup + self.repeats):
+                self.sync()
+                base = self.mem_reset()
+                self.spans.start()
+                t0 = self.spans._mark()
+                with sdpa_kernel(backends), torch.inference_mode():
+                    kwargs = {k: (v.to(dev) if v is not None else None) for k, v in fixed.items() if k in params}
+                    out = model(input_ids=inputs.input_ids.to(dev),
+                                pixel_values_videos=inputs.pixel_values_videos.to(dev), position_ids=pos,
+                                use_cache=False, logits_to_keep=1, **kwargs)
+                    last = out.logits[0, -1].float()
+                    tok = torch.argmax(last)
+                t1 = self.spans._mark()
+                self.sync()
+                ops = self.spans.stop()
+                ms = (lambda a, b: a.elapsed_time(b) * 1e3) if self.cuda else (lambda a, b: (b - a) * 1e6)
+                rec = {"i": i, "warmup": i < warmup, "ttft_us": ms(t0, t1), "vision_us": ms(marks["vision0"], marks["vision1"]),
+                       "lm_us": ms(marks["lm0"], marks["lm1"]), "first_us": ms(marks["lm1"], t1),
+                       "attention_us": ops.get("attention", 0.0), "peak_bytes": self.mem_peak(base)}
+                reps.append(rec)
+                token, logits = int(tok.item()), last.detach().cpu()
+                del out
+        finally:
+            tc._attn_implementation = previous
+            for h in handles:
+                h.remove()
+        timed = [r for r in reps if not r["warmup"]]
+        return {"kind": "dense", "cell": cell["id"], "method": method, "label": f"one GPU, SDPA {label}",
+                "sdpa": label, "warmup": warmup, "repeats": len(timed), "runs": reps,
+                "ttft_us": _median([r["ttft_us"] for r in timed]), "token": token, "_logits": logits}
+
+    # -- emulated --------------------------------------------------------------------------------
+    def emulated(self, cell: dict, method: str, proc: Any, inputs: Any, positions: Any, input_s: float) -> dict:
+        import torch
+
+        from spava_plan import run
+        from spava_plan.plan import load_plan
+        from spava_plan.runtime import hf_inputs
+        from spava_plan.runtime.comm_emulated import EmulatedWorld
+        from spava_plan.runtime.emulated_timeline import Compute, simulate
+
+        path = self.root / cell["plans"][method]
+        plan = load_plan(path)
+        hf_inputs.check_against_plan(plan, inputs, positions)
+        prepared = run.Prepared(plan, path.parent, self.model, proc, inputs, positions, self.device, [], [], input_s)
+        args = self.args(plan, str(path))
+        backend = TimedBackend(self.backend(plan, path.parent), self.spans)
+        world = EmulatedWorld.for_plan(plan, timeout_s=args.timeout)
+        weights = weights_bytes(self.model)
+        replays: list[dict] = []
+        traces: dict[tuple[int, int], list] = {}
+        last: dict[str, Any] = {}
+        runner = self
+
+        class Observer:
+            def before(self, rank: int, i: int) -> None:
+                last["base"] = runner.mem_reset()
+                runner.spans.start()
+
+            def after(self, rank: int, i: int, events: list) -> None:
+                ops = runner.spans.stop()
+                t = last["result"].timing
+                traces[(rank, i)] = events
+                replays.append({"rank": rank, "i": i, "compute_us": sum(e.us for e in events if isinstance(e, Compute)),
+                                "vision_us": t.vision_s * 1e6, "prefill_us": t.prefill_s * 1e6,
+                                "first_us": (t.first_token_s - t.vision_s - t.prefill_s) * 1e6,
+                                "attention_us": ops.get("attention", 0.0), "select_us": ops.get("select", 0.0),
+                                "merge_us": ops.get("merge", 0.0),
+                                "peak_bytes": weights + runner.mem_peak(last["base"])})
+
+        def fn(rank: int) -> Any:
+            result = run.execute(args, prepared, world.comm(rank), backend, max_new_tokens=1)
+            last["result"] = result
+            return result
+
+        timing = world.time(fn, warmup=0, repeats=self.repeats, device=self.device, observer=Observer())
+        W = plan.world_size
+        per_repeat = []
+        for i in range(self.repeats):
+            line = simulate([traces[(r, i)] for r in range(W)])
+            per_repeat.append({"i": i, "ttft_us": line.makespan_us, "rank_finish_us": list(line.finish_us),
+                               "exposed_comm_us": list(line.exposed_comm_us)})
+        first = next(r for r in timing.results if r.first_logits is not None)  # the rank with the last token
+        tokens = [int(r.tokens[0]) for r in timing.results]
+        rec = {"kind": "emulated", "cell": cell["id"], "method": method, "world": W,
+               "label": timing.label, "backend": backend.name, "warmup": 0,
+               "functional_passes": 2, "repeats": self.repeats,
+               "ttft_us": _median([p["ttft_us"] for p in per_repeat]),
+               "median_trace_ttft_us": timing.makespan_us, "rank_compute_us": list(timing.rank_compute_us),
+               "rank_finish_us": list(timing.rank_finish_us), "exposed_comm_us": list(timing.exposed_comm_us),
+               "per_repeat": per_repeat, "replays": replays, "token": tokens[0],
+               "tokens_agree": len(set(tokens)) == 1, "_logits": first.first_logits.detach().float().cpu()}
+        del world, timing, prepared
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return rec
+
+    # -- memory / sync ----------------------------------------------------------------------------
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mem_reset(self) -> int:
+        import torch
+
+        if not self.cuda:
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def mem_peak(self, base: int) -> int:
+        """Bytes allocated above ``base`` at the peak since mem_reset (0 on CPU: not measured)."""
+        import torch
+
+        if not self.cuda:
+            return 0
+        return max(0, torch.cuda.max_memory_allocated() - base)
+
+    # -- one cell ----------------------------------------------------------------------------------
+    def cell(self, cell: dict, methods: tuple[str, ...]) -> None:
+        from spava_plan.plan import load_plan
+
+        plan0 = load_plan(self.root / cell["plans"][EMULATED[0]])
+        model = self.get_model(cell["model"], plan0)
+        proc, inputs, positions, input_s = self.inputs(plan0, model)
+        self.write({"kind": "cell", "cell": cell["id"], "tokens": int(inputs.total_tokens), "input_s": input_s,
+                    "frame_size": list(inputs.frame_size), "grid_thw": [int(x) for x in inputs.video_grid_thw[0]]})
+        logits: dict[str, Any] = {}
+        for method in methods:
+            heavy = cell["predicted"][method]["makespan_us"] / 1e6 * self.factor["dense"] > self.heavy_s
+            warmup = 0 if (method in DENSE and heavy) else (self.warmup if method in DENSE else 0)
+            passes = warmup + self.repeats + (0 if method in DENSE else 2)
+            ok, est = self.fits(cell, method, passes)
+            if not ok:
+                self.write({"kind": "skipped", "cell": cell["id"], "method": method,
+                            "reason": f"time budget (estimated {est:.0f} s)"})
+                continue
+            t0 = time.monotonic()
+            try:
+                if method in DENSE:
+                    rec = self.dense(cell, method, inputs, positions, warmup)
+                else:
+                    rec = self.emulated(cell, method, proc, inputs, positions, input_s)
+            except Exception as exc:  # noqa: BLE001 - recorded, the next method still runs
+                import traceback
+
+                self.write({"kind": "error", "cell": cell["id"], "method": method,
+                            "error": f"{type(exc).__name__}: {str(exc)[:2000]}",
+                            "trace": traceback.format_exc()[-3000:]})
+                if self.cuda:
+                    import torch
+
+                    torch.cuda.empty_cache()
+                continue
+            seconds = time.monotonic() - t0
+            self.learn(cell, method, seconds, passes)
+            logits[method] = rec.pop("_logits")
+            rec["wall_s"] = seconds
+            rec["check"] = logits_check(logits, method)
+            self.write(rec)
+
+
+def logits_check(logits: dict[str, Any], method: str) -> dict:
+    """First-token logits of ``method`` against the dense (flash) run of the same inputs: relative
+    L2 error and argmax agreement. Exact methods (zigzag_ring, the two dense backends) differ only
+    by rounding; the approximate ones (spava, apb, star) by their approximation too."""
+    ref = logits.get("dense_flash")
+    if ref is None or method == "dense_flash":
+        return {}
+    x = logits[method]
+    err = float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+    return {"vs": "dense_flash", "rel_err": err, "argmax_agree": int(x.argmax()) == int(ref.argmax())}
+
+
+def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
+            vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...]) -> int:
+    import torch
+    import transformers
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fh = out.open("a")
+    lock = threading.Lock()
+
+    def write(rec: dict) -> None:
+        rec = {"t": round(time.time(), 3), **rec}
+        with lock:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+        brief = {k: v for k, v in rec.items() if k not in ("runs", "replays", "per_repeat", "trace",
+                                                            "rank_compute_us", "rank_finish_us", "exposed_comm_us")}
+        print(json.dumps(brief)[:600], flush=True)
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    write({"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "triton": triton_version, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda, "topology": manifest["topology"], "repeats": repeats, "warmup": warmup,
+           "vision_attention": vision_attn, "command": " ".join([Path(sys.executable).name] + sys.argv)})
+    runner = Runner(root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s,
+                    vision_attn=vision_attn, workers=workers, write=write)
+    wanted = None if not cells else set(cells.split(","))
+    failed_check = False
+    for cell in manifest["cells"]:
+        if wanted is not None and cell["id"] not in wanted and not cell["check"]:
+            continue
+        runner.cell(cell, methods)
+        if cell["check"]:
+            failed_check = not check_ok(out, cell["id"], methods)
+            write({"kind": "check", "cell": cell["id"], "ok": not failed_check})
+            if failed_check:
+                break
+    fh.close()
+    return 3 if failed_check else 0
+
+
+def check_ok(out: Path, cell_id: str, methods: tuple[str, ...]) -> bool:
+    """The fail-fast check passed: every method ran, finite times, and the exact ring reproduces
+    dense attention's first-token logits up to bf16 rounding (0.2: a wrong mask or position is far
+    above that on a random-weight model, rounding over 36 bf16 layers far below)."""
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    mine = {r["method"]: r for r in recs if r.get("cell") == cell_id and r["kind"] in ("dense", "emulated")}
+    if set(mine) != set(methods):
+        return False
+    finite = all(0 < r["ttft_us"] < float("inf") for r in mine.values())
+    if "zigzag_ring" in mine and "dense_flash" in mine:
+        return finite and mine["zigzag_ring"]["check"].get("rel_err", 1.0) < 0.2
+    return finite
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common_measure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repeats", type=int, default=3, help="timed repeats (dense) / replays per rank (emulated)")
+        p.add_argument("--warmup", type=int, default=1, help="untimed dense calls before the repeats")
+        p.add_argument("--heavy-s", type=float, default=6.0,
+                       help="dense cells estimated above this many seconds skip the separate warm-up")
+        p.add_argument("--budget-s", type=float, default=1e9, help="skip what would not finish in this time")
+        p.add_argument("--vision-attn", choices=("batched", "stock"), default="batched")
+        p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+        p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all in the manifest)")
+        p.add_argument("--methods", default=",".join(METHODS))
+
+    p = sub.add_parser("plan")
+    p.add_argument("--table", choices=sorted(TABLES), default="headline")
+    p.add_argument("--plans", type=Path, required=True)
+    p.add_argument("--gpus", type=int, default=W_DEFAULT)
+    p.add_argument("--topology", default="h200")
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--check", action="store_true", help=f"also plan the fail-fast cell {CHECK.id}")
+    p = sub.add_parser("measure")
+    p.add_argument("--plans", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    common_measure(p)
+    p = sub.add_parser("report")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--plans", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="PREFIX of PREFIX.json / .md / .png")
+    p.add_argument("--preset-dir", type=Path, default=HERE.parent / "conf" / "topology")
+    p = sub.add_parser("run")
+    p.add_argument("--table", choices=sorted(TABLES), default="headline")
+    p.add_argument("--plans", type=Path, default=Path(".prefill_plans"))
+    p.add_argument("--gpus", type=int, default=W_DEFAULT)
+    p.add_argument("--topology", default="h200")
+    p.add_argument("--out", type=Path, default=None)
+    common_measure(p)
+    p = sub.add_parser("smoke")
+    p.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "plan":
+        plan_cells(TABLES[args.table], args.plans, gpus=args.gpus, topology=args.topology,
+                   kernels=not args.no_kernels, check=args.check)
+        return 0
+    if args.cmd == "measure":
+        return measure(args.plans, args.out, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
+                       budget_s=args.budget_s, vision_attn=args.vision_attn, workers=args.workers, cells=args.cells,
+                       methods=tuple(args.methods.split(",")))
+    from prefill_report import report  # noqa: E402
+
+    if args.cmd == "report":
+        report(args.runs, args.plans, args.out, preset_dir=args.preset_dir)
+        return 0
+    if args.cmd == "run":
+        plan_cells(TABLES[args.table], args.plans, gpus=args.gpus, topology=args.topology, kernels=True, check=False)
+        runs = args.plans / "runs.jsonl"
+        rc = measure(args.plans, runs, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
+                     budget_s=args.budget_s, vision_attn=args.vision_attn, workers=args.workers, cells=args.cells,
+                     methods=tuple(args.methods.split(",")))
+        out = args.out or default_prefix(runs)
+        report([runs], args.plans, out)
+        return rc
+    # smoke: the whole pipeline on CPU with the tiny model (W=2, fp32, torch backend)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # emulated ranks are threads (see spava_plan.run)
+    plans = args.out / "plans"
+    plan_cells(SMOKE, plans, gpus=2, topology="h200", kernels=False, check=False)
+    runs = args.out / "runs.jsonl"
+    if runs.exists():
+        runs.unlink()
+    rc = measure(plans, runs, repeats=2, warmup=1, heavy_s=1e9, budget_s=1e9, vision_attn="batched", workers=2,
+                 cells=None, methods=METHODS)
+    report([runs], plans, args.out / "smoke-cpu-prefill", preset_dir=args.out)
+    return rc
+
+
+def default_prefix(runs: Path) -> Path:
+    """benchmarks/results/<date>-<device>-prefill, the device from the runs' env line."""
+    env = next(json.loads(line) for line in runs.read_text().splitlines() if '"kind": "env"' in line)
+    device = env["device"].lower().replace("nvidia ", "").replace(" ", "_")
+    return HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{device}-prefill"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
