@@ -176,3 +176,28 @@ def test_model_mismatch_is_reported_and_replan_fixes_it(setup, tmp_path):
     rc, out, err = _single(setup, plan=tmp_path / "plan.json", replan="true")
     assert rc == 0, err[-3000:]
     assert "re-planned for this input: model dims of the checkpoint" in out
+
+
+def test_pass_all_run_answers_exactly_like_the_stock_model(setup, tmp_path):
+    """The entry point really runs the language model through the plan's attention: with every
+    token passed, its answer equals stock single-process ``generate`` (fp64, torch backend).
+    (Stock attention on each rank's local rows alone, a past bug, answers differently.)"""
+    import torch
+
+    from spava_plan.runtime import hf_inputs, hf_model
+
+    inputs = mf.tiny_inputs(setup / "ckpt", setup / "v.mp4", 54, "qwen2_vl")
+    mf.tiny_plan(inputs, "qwen2_vl", 2, 54, "112x168", "method.pass_all=true").save(tmp_path / "plan.json")
+    rc, out, err = _single(setup, plan=tmp_path / "plan.json", dtype="fp64", backend="torch")
+    assert rc == 0, err[-3000:]
+    answer, n = _answer(out)
+
+    tok = hf_inputs.load_processing(str(setup / "ckpt")).tokenizer
+    eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if i is not None and i >= 0]
+    stock = hf_model.load_checkpoint(str(setup / "ckpt"), dtype=torch.float64, device="cpu")
+    with torch.inference_mode():
+        gen = stock.generate(input_ids=inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
+                             pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw,
+                             max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    new = gen[0, inputs.total_tokens:].tolist()
+    assert (answer, n) == (tok.decode(new, skip_special_tokens=True).strip(), len(new))
