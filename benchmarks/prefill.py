@@ -417,7 +417,8 @@ class Runner:
                 ms = (lambda a, b: a.elapsed_time(b) * 1e3) if self.cuda else (lambda a, b: (b - a) * 1e6)
                 rec = {"i": i, "warmup": i < warmup, "ttft_us": ms(t0, t1), "vision_us": ms(marks["vision0"], marks["vision1"]),
                        "lm_us": ms(marks["lm0"], marks["lm1"]), "first_us": ms(marks["lm1"], t1),
-                       "attention_us": ops.get("attention", 0.0), "peak_bytes": self.mem_peak(base)}
+                       "attention_us": ops.get("attention", 0.0),
+                       "peak_bytes": weights_bytes(model) + self.mem_peak(base) if self.cuda else 0}
                 reps.append(rec)
                 token, logits = int(tok.item()), last.detach().cpu()
                 del out
@@ -467,7 +468,7 @@ class Runner:
                                 "first_us": (t.first_token_s - t.vision_s - t.prefill_s) * 1e6,
                                 "attention_us": ops.get("attention", 0.0), "select_us": ops.get("select", 0.0),
                                 "merge_us": ops.get("merge", 0.0),
-                                "peak_bytes": weights + runner.mem_peak(last["base"])})
+                                "peak_bytes": weights + runner.mem_peak(last["base"]) if runner.cuda else 0})
 
         def fn(rank: int) -> Any:
             result = run.execute(args, prepared, world.comm(rank), backend, max_new_tokens=1)
