@@ -31,6 +31,7 @@ replayed ``--repeats`` times; each repeat's emulated TTFT is simulated from that
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -274,8 +275,9 @@ class Runner:
         self.spans = Spans(self.cuda)
         self.model_name: str | None = None
         self.model: Any = None
-        # measured / predicted device time, learned as cells finish: budget estimates for the next
-        self.factor = {"dense": 2.5, "emulated": 2.0}
+        # measured / predicted device time per pass, learned from large cells as they finish (the
+        # starting values: an H200, 2026-11-23: dense 2.1, emulated 2.3-2.8 with Triton compiles)
+        self.factor = {"dense": 2.3, "emulated": 3.0}
 
     # -- set-up --------------------------------------------------------------------------------
     def get_model(self, name: str, plan: Any) -> Any:
@@ -346,11 +348,11 @@ class Runner:
         pred = cell["predicted"][method]
         kind = "dense" if method in DENSE else "emulated"
         base = (pred["makespan_us"] if kind == "dense" else sum(pred["rank_us"])) / 1e6
-        if base > 0.05:  # small cells are dominated by fixed costs: they would overstate the factor
+        if base > 1.0:  # small cells are dominated by fixed costs (compiles): they would overstate it
             self.factor[kind] = max(1.0, seconds / (passes * base))
 
     # -- dense -----------------------------------------------------------------------------------
-    def dense(self, cell: dict, method: str, inputs: Any, positions: Any, warmup: int,
+    def dense(self, cell: dict, method: str, inputs: Any, positions: Any, warmup: int, repeats: int,
               vision_flash: bool = False) -> dict:
         import inspect
 
@@ -399,9 +401,11 @@ class Runner:
                         vision_module(model).register_forward_hook(leave)]
             label += " (ViT attention: FLASH_ATTENTION, cuDNN refused it)"
         try:
-            for i in range(warmup + self.repeats):
+            for i in range(warmup + repeats):
                 self.sync()
                 base = self.mem_reset()
+                gc.collect()
+                gc.disable()
                 self.spans.start()
                 t0 = self.spans._mark()
                 with sdpa_kernel(backends), torch.inference_mode():
@@ -413,6 +417,7 @@ class Runner:
                     tok = torch.argmax(last)
                 t1 = self.spans._mark()
                 self.sync()
+                gc.enable()
                 ops = self.spans.stop()
                 ms = (lambda a, b: a.elapsed_time(b) * 1e3) if self.cuda else (lambda a, b: (b - a) * 1e6)
                 rec = {"i": i, "warmup": i < warmup, "ttft_us": ms(t0, t1), "vision_us": ms(marks["vision0"], marks["vision1"]),
@@ -423,6 +428,7 @@ class Runner:
                 token, logits = int(tok.item()), last.detach().cpu()
                 del out
         finally:
+            gc.enable()
             tc._attn_implementation = previous
             for h in handles:
                 h.remove()
@@ -432,7 +438,8 @@ class Runner:
                 "ttft_us": _median([r["ttft_us"] for r in timed]), "token": token, "_logits": logits}
 
     # -- emulated --------------------------------------------------------------------------------
-    def emulated(self, cell: dict, method: str, proc: Any, inputs: Any, positions: Any, input_s: float) -> dict:
+    def emulated(self, cell: dict, method: str, proc: Any, inputs: Any, positions: Any, input_s: float,
+                 repeats: int) -> dict:
         import torch
 
         from spava_plan import run
@@ -457,9 +464,12 @@ class Runner:
         class Observer:
             def before(self, rank: int, i: int) -> None:
                 last["base"] = runner.mem_reset()
+                gc.collect()
+                gc.disable()
                 runner.spans.start()
 
             def after(self, rank: int, i: int, events: list) -> None:
+                gc.enable()
                 ops = runner.spans.stop()
                 t = last["result"].timing
                 traces[(rank, i)] = events
@@ -475,10 +485,11 @@ class Runner:
             last["result"] = result
             return result
 
-        timing = world.time(fn, warmup=0, repeats=self.repeats, device=self.device, observer=Observer())
+        timing = world.time(fn, warmup=0, repeats=repeats, device=self.device, observer=Observer(),
+                            functional_passes=1)
         W = plan.world_size
         per_repeat = []
-        for i in range(self.repeats):
+        for i in range(repeats):
             line = simulate([traces[(r, i)] for r in range(W)])
             per_repeat.append({"i": i, "ttft_us": line.makespan_us, "rank_finish_us": list(line.finish_us),
                                "exposed_comm_us": list(line.exposed_comm_us)})
@@ -486,9 +497,11 @@ class Runner:
         tokens = [int(r.tokens[0]) for r in timing.results]
         rec = {"kind": "emulated", "cell": cell["id"], "method": method, "world": W,
                "label": timing.label, "backend": backend.name, "warmup": 0,
-               "functional_passes": 2, "repeats": self.repeats,
-               "ttft_us": _median([p["ttft_us"] for p in per_repeat]),
-               "median_trace_ttft_us": timing.makespan_us, "rank_compute_us": list(timing.rank_compute_us),
+               "functional_passes": 1, "repeats": repeats,
+               # the runtime's emulated TTFT: per-rank medians of every compute stretch over the
+               # repeats, then the critical path (one slow replay of one rank does not move it)
+               "ttft_us": timing.makespan_us, "median_trace_ttft_us": timing.makespan_us,
+               "per_repeat_median_ttft_us": _median([p["ttft_us"] for p in per_repeat]), "rank_compute_us": list(timing.rank_compute_us),
                "rank_finish_us": list(timing.rank_finish_us), "exposed_comm_us": list(timing.exposed_comm_us),
                "per_repeat": per_repeat, "replays": replays, "token": tokens[0],
                "tokens_agree": len(set(tokens)) == 1, "_logits": first.first_logits.detach().float().cpu()}
@@ -522,7 +535,8 @@ class Runner:
         return max(0, torch.cuda.max_memory_allocated() - base)
 
     # -- one cell ----------------------------------------------------------------------------------
-    def cell(self, cell: dict, methods: tuple[str, ...]) -> None:
+    def cell(self, cell: dict, methods: tuple[str, ...], repeats: int | None = None) -> None:
+        repeats = repeats or self.repeats
         from spava_plan.plan import load_plan
 
         plan0 = load_plan(self.root / cell["plans"][EMULATED[0]])
@@ -534,7 +548,7 @@ class Runner:
         for method in methods:
             heavy = cell["predicted"][method]["makespan_us"] / 1e6 * self.factor["dense"] > self.heavy_s
             warmup = 0 if (method in DENSE and heavy) else (self.warmup if method in DENSE else 0)
-            passes = warmup + self.repeats + (0 if method in DENSE else 2)
+            passes = warmup + repeats + (0 if method in DENSE else 1)
             ok, est = self.fits(cell, method, passes)
             if not ok:
                 self.write({"kind": "skipped", "cell": cell["id"], "method": method,
@@ -544,15 +558,15 @@ class Runner:
             try:
                 if method in DENSE:
                     try:
-                        rec = self.dense(cell, method, inputs, positions, warmup)
+                        rec = self.dense(cell, method, inputs, positions, warmup, repeats)
                     except RuntimeError as exc:
                         if method != "dense_cudnn" or "backend" not in str(exc).lower():
                             raise
                         self.write({"kind": "note", "cell": cell["id"], "method": method,
                                     "note": f"cuDNN refused a call ({str(exc)[:300]}); retrying with the ViT on FLASH"})
-                        rec = self.dense(cell, method, inputs, positions, warmup, vision_flash=True)
+                        rec = self.dense(cell, method, inputs, positions, warmup, repeats, vision_flash=True)
                 else:
-                    rec = self.emulated(cell, method, proc, inputs, positions, input_s)
+                    rec = self.emulated(cell, method, proc, inputs, positions, input_s, repeats)
             except Exception as exc:  # noqa: BLE001 - recorded, the next method still runs
                 import traceback
 
@@ -585,7 +599,7 @@ def logits_check(logits: dict[str, Any], method: str) -> dict:
 
 
 def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
-            vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...]) -> int:
+            vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True) -> int:
     import torch
     import transformers
 
@@ -616,18 +630,22 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
            "vision_attention": vision_attn, "command": " ".join([Path(sys.executable).name] + sys.argv)})
     runner = Runner(root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s,
                     vision_attn=vision_attn, workers=workers, write=write)
-    order = manifest["cells"]
-    if cells:  # the given cells in the given order, after the fail-fast check
-        by_id = {c["id"]: c for c in order}
-        unknown = [c for c in cells.split(",") if c not in by_id]
-        if unknown:
-            raise SystemExit(f"--cells: not in the manifest: {', '.join(unknown)}")
-        order = [c for c in order if c["check"]] + [by_id[c] for c in cells.split(",")]
+    order = [(c, methods, None) for c in manifest["cells"] if check or not c["check"]]
+    if cells:  # the given cells in the given order (after the fail-fast check): ID[:M1+M2][@REPEATS]
+        by_id = {c["id"]: c for c in manifest["cells"]}
+        wanted = []
+        for item in cells.split(","):
+            item, _, reps = item.partition("@")
+            cid, _, ms = item.partition(":")
+            if cid not in by_id:
+                raise SystemExit(f"--cells: {cid!r} is not in the manifest")
+            wanted.append((by_id[cid], tuple(ms.split("+")) if ms else methods, int(reps) if reps else None))
+        order = [o for o in order if o[0]["check"]] + wanted
     failed_check = False
-    for cell in order:
-        runner.cell(cell, methods)
+    for cell, ms, reps in order:
+        runner.cell(cell, ms, reps)
         if cell["check"]:
-            failed_check = not check_ok(out, cell["id"], methods)
+            failed_check = not check_ok(out, cell["id"], ms)
             write({"kind": "check", "cell": cell["id"], "ok": not failed_check})
             if failed_check:
                 break
@@ -664,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
         p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all in the manifest)")
         p.add_argument("--methods", default=",".join(METHODS))
+        p.add_argument("--no-check", action="store_true", help="skip the manifest's fail-fast check cell")
 
     p = sub.add_parser("plan")
     p.add_argument("--table", choices=sorted(TABLES), default="headline")
@@ -699,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "measure":
         return measure(args.plans, args.out, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
                        budget_s=args.budget_s, vision_attn=args.vision_attn, workers=args.workers, cells=args.cells,
-                       methods=tuple(args.methods.split(",")))
+                       methods=tuple(args.methods.split(",")), check=not args.no_check)
     from prefill_report import report  # noqa: E402
 
     if args.cmd == "report":

@@ -463,17 +463,21 @@ class EmulatedWorld:
 
     # -- timing pass -------------------------------------------------------------------------------
     def time(self, fn: Callable[[int], Any], *, warmup: int = 1, repeats: int = 3,
-             device: torch.device | str | None = None, observer: Any = None) -> EmulatedTiming:
+             device: torch.device | str | None = None, observer: Any = None,
+             functional_passes: int = 2) -> EmulatedTiming:
         """Functional pass, then replay every rank alone ``warmup + repeats`` times, timing each of
         its compute stretches; medians go through the critical-path model.
 
         ``fn`` must issue the same communication every call. A first, untimed functional call
-        absorbs one-time work (RankAttention's first-call agreement between the ranks).
+        absorbs one-time work (RankAttention's first-call agreement between the ranks);
+        ``functional_passes=1`` skips it where ``fn`` does that work on every call (a fresh
+        RankAttention per call) and the replays' per-stretch medians absorb a slow first replay.
         ``observer`` (optional) gets ``before(rank, i)`` and ``after(rank, i, events)`` around replay
         i of each rank (i < warmup: a warm-up; events: that replay's trace), outside the timed
         stretch with the device synchronised: e.g. to read each rank's peak memory, or to simulate
         every repeat on its own for the spread."""
-        self.run(fn)
+        for _ in range(max(0, functional_passes - 1)):
+            self.run(fn)
         results = self.run(fn)
         dev = torch.device(device) if device is not None else _result_device(results)
         clock = _Clock(dev)
