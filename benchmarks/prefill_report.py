@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calibrate import PARAMS, fit, predicted_phases, rates_of, relative_error, with_rates
+from calibrate import PARAMS, PHASES, ceilings, fit, predicted_phases, rates_of, relative_error, with_rates
 from prefill import DENSE, EMULATED, METHODS
 
 TARGETS = {"dense_flash": 12.72, "zigzag_ring": 1.70, "apb": 1.18}  # SPAVA_SPEC.md section 9 (W=8, 64f 1440p)
@@ -35,8 +35,9 @@ def load(runs: list[Path]) -> tuple[dict, dict, list]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if rec["kind"] == "env" and not env:
-                env = rec
+            if rec["kind"] == "env":
+                env = env or dict(rec, commands=[])
+                env["commands"].append(rec["command"])
             elif rec["kind"] in ("dense", "emulated"):
                 results[(rec["cell"], rec["method"])] = rec
             elif rec["kind"] in ("skipped", "error", "cell", "model", "check"):
@@ -60,7 +61,8 @@ def summarise(rec: dict) -> dict:
                    "llm_rest": med["lm_us"] - med["attention_us"], "first_token": med["first_us"],
                    "other": ttft["median"] - med["vision_us"] - med["lm_us"] - med["first_us"], "exposed_comm": 0.0}
         peaks = [max(r["peak_bytes"] for r in rec["runs"])]
-        phases = {"vision_us": [med["vision_us"]], "lm_us": [med["lm_us"]]}
+        phases = {"vision_us": [med["vision_us"]], "lm_us": [med["lm_us"]], "attention_us": [med["attention_us"]],
+                  "rest_us": [med["lm_us"] - med["attention_us"]]}
     else:
         # median: the runtime's emulated TTFT (per-rank medians of every compute stretch, then the
         # critical path); spread: each repeat simulated on its own (one slow replay of any rank
@@ -82,7 +84,9 @@ def summarise(rec: dict) -> dict:
         profile = {"rank": slow, "vision": m["vision_us"], "attention": attn, "llm_rest": m["prefill_us"] - attn,
                    "first_token": m["first_us"], "other": 0.0, "exposed_comm": exposed[slow]}
         peaks = [max(x["peak_bytes"] for x in reps) for reps in by_rank]
-        phases = {"vision_us": [m["vision_us"] for m in med], "lm_us": [m["prefill_us"] for m in med]}
+        att = [m["attention_us"] + m["select_us"] + m["merge_us"] for m in med]
+        phases = {"vision_us": [m["vision_us"] for m in med], "lm_us": [m["prefill_us"] for m in med],
+                  "attention_us": att, "rest_us": [m["prefill_us"] - a for m, a in zip(med, att)]}
     parts = {k: v for k, v in profile.items() if k not in ("rank",)}
     profile["dominant"] = max(parts, key=lambda k: parts[k])
     return {"ttft_us": ttft, "peak_bytes_per_rank": peaks, "profile": profile, "phases": phases}
@@ -117,15 +121,16 @@ def calibrate(cells: list[dict], results: dict, summaries: dict, topology: str, 
             if (c["id"], m) not in summaries:
                 continue
             ph = summaries[(c["id"], m)]["phases"]
-            for phase in ("vision_us", "lm_us"):
-                for rank, value in enumerate(ph[phase]):
-                    if value > 0:
-                        rows.append((configs[c["id"]][m], phase, rank, value))
+            for rank in range(len(ph["vision_us"])):
+                total = sum(ph[phase][rank] for phase in PHASES)
+                for phase in PHASES:
+                    if ph[phase][rank] > 0:
+                        rows.append((configs[c["id"]][m], phase, rank, ph[phase][rank], total))
     first = next(iter(configs.values()))["spava"]
     base = rates_of(first)
     if not rows:
         return {"error": "no emulated measurements to fit"}
-    fitted = fit(rows, base)
+    fitted = fit(rows, base, ceilings(first.topology))
     rates = {k: float(f"{v:.4g}") for k, v in fitted["rates"].items()}  # as the preset stores them
     preds = {}
     for c in cells:
@@ -282,8 +287,15 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"timed alone, TTFT = slowest rank + unhidden communication charged from the `{data['topology']}` "
              f"topology): never a measured {W}-GPU time.",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
-             f"vision attention: {env.get('vision_attention')}; repeats as listed (n).",
-             f"Command: `{env.get('command', '?')}`; lines: {', '.join(str(r) for r in runs)}", ""]
+             f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method).",
+             "Dense: median / min-max of n timed calls (cells estimated above 6 s per call: no separate warm-up "
+             "call at that size). Emulated: median = the runtime's emulated TTFT (each rank's compute stretches, "
+             "median over n replays of that rank, then the critical path with the plan's communication), so one "
+             "slow replay of one rank does not move it; min-max = every repeat simulated on its own (can lie "
+             "slightly above the median). Triton kernels: untuned default tiles (the kernel benchmark found them "
+             "within ~1-3% of tuned).",
+             f"Measurement lines: {', '.join(str(r) for r in runs)}; commands:",
+             *[f"- `{c}`" for c in env.get("commands", [])], ""]
     for t in data["targets"]:
         verdict = "met" if t["met"] else ("MISSED" if t["met"] is False else "not measured")
         lines.append(f"- target: spava over {t['over']} >= {t['target']}x at {t['cell']}: "
