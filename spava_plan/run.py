@@ -158,7 +158,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     import torch
 
     from .plan import load_plan
-    from .runtime import hf_inputs, hf_model
+    from .runtime import hf_inputs, hf_model, vision_attention
     from .runtime.video_io import probe, read_frames
     from .runtime.vision_parallel import check_grids
 
@@ -177,6 +177,9 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     else:
         model = hf_model.random_model(plan.config["model"], dtype=dtype, device=device, seed=args.seed)
         notes.append("random weights with the plan's model dims (model.init=random)")
+    # The ViT's window attention as one SDPA call per window size, not transformers' per-window
+    # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
+    vision_attention.install(model)
     load_s = time.perf_counter() - t_load
     replanned: list[str] = []
     try:
