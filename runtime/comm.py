@@ -23,6 +23,7 @@ import torch
 
 # Collective kinds as the timing model sees them.
 ALL_GATHER = "all_gather"
+ALL_TO_ALL = "all_to_all"
 BROADCAST = "broadcast"
 P2P = "p2p"
 OBJECT = "object"
@@ -55,6 +56,13 @@ class Communicator(ABC):
         """out (W * n, ...) <- the inp (n, ...) of every rank, in rank order. Equal sizes on every
         rank (the plan fixes them). With async_op a handle is returned: ``out`` is valid after
         ``handle.wait()`` and ``inp`` must not change before it."""
+
+    @abstractmethod
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
+                          in_splits: Sequence[int], tag: str = "") -> None:
+        """Blocking, uneven: rows [sum(in_splits[:d]), +in_splits[d]) of ``inp`` go to rank d, and
+        ``out`` holds what every rank sent here, in rank order (out_splits[s] rows from rank s).
+        in_splits[d] on rank s must equal out_splits[s] on rank d (the plan fixes both)."""
 
     @abstractmethod
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
@@ -116,6 +124,9 @@ def transfer_time_us(kind: str, bytes_per_rank: int, world_size: int, topology: 
 
     all_gather: (W-1) shares through each GPU's link (ring bandwidth term) plus log2(W)
                 latencies (NCCL's tree/PAT algorithms), as in the planner's cost model.
+    all_to_all: ``bytes_per_rank`` = the largest off-rank bytes one rank sends or receives (the
+                busiest link; every pair moves at once) plus log2(W) latencies, as for the other
+                collectives.
     broadcast: pipelined tree, about one full transfer plus log2(W) latencies.
     p2p: one transfer of ``bytes_per_rank`` (one ring step of ring attention).
     object / barrier: latency only (control messages).
@@ -126,6 +137,8 @@ def transfer_time_us(kind: str, bytes_per_rank: int, world_size: int, topology: 
     per_byte_us = 1.0 / (link_gbps(topology, world_size) * 1e3)  # GB/s -> bytes per microsecond
     if kind == ALL_GATHER:
         return math.ceil(math.log2(world_size)) * latency + (world_size - 1) * bytes_per_rank * per_byte_us
+    if kind == ALL_TO_ALL:
+        return math.ceil(math.log2(world_size)) * latency + bytes_per_rank * per_byte_us
     if kind == BROADCAST:
         return math.ceil(math.log2(world_size)) * latency + bytes_per_rank * per_byte_us
     if kind == P2P:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -176,6 +176,11 @@ class TorchDistComm(Communicator):
         if async_op:
             return _DistHandle(self, [work], what)
         return None
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
+                          in_splits: Sequence[int], tag: str = "") -> None:
+        self._guard(f"all_to_all {tag!r}", lambda: dist.all_to_all_single(
+            out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=self.group))
 
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
         self._guard(f"broadcast {tag!r} from rank {src}", lambda: dist.broadcast(t, src, group=self.group))

@@ -16,6 +16,7 @@ naming it; a rank that never shows up makes the others time out with the same ki
 """
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -27,8 +28,8 @@ import torch
 
 from spava_plan.errors import DistributedError, SpavaError
 
-from .comm import (ALL_GATHER, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle, tensor_bytes,
-                   transfer_time_us)
+from .comm import (ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle,
+                   tensor_bytes, transfer_time_us)
 from .emulated_timeline import Compute, Event, Start, Sync, Timeline, Wait, simulate
 
 _POLL_S = 0.05  # how often a blocked rank looks for a failed peer
@@ -284,6 +285,39 @@ class EmulatedComm(Communicator):
         land()
         return None
 
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
+                          in_splits: Sequence[int], tag: str = "") -> None:
+        ins, outs = [int(n) for n in in_splits], [int(n) for n in out_splits]
+        if (len(ins) != self.world_size or len(outs) != self.world_size or sum(ins) != inp.shape[0]
+                or sum(outs) != out.shape[0] or tuple(out.shape[1:]) != tuple(inp.shape[1:])):
+            raise DistributedError(f"rank {self.rank}: all_to_all {tag!r} splits (in {ins}, out {outs}) do not fit "
+                                   f"input {tuple(inp.shape)} and output {tuple(out.shape)} over {self.world_size} "
+                                   f"ranks", setting="runtime")
+        sig = (_sig(inp), _sig(out), tuple(ins), tuple(outs))
+        entry = self._next_entry(ALL_TO_ALL, tag, sig)
+        key = self._coll_key()
+        if self._trace is not None:
+            enter = self._trace.clock.mark()
+            received, busiest = entry.data
+            out.copy_(received)
+            self._record("sync", key, self._everyone(), self._cost(ALL_TO_ALL, tag, busiest), enter)
+            return
+        items = self._hub.collective(key[1], self.rank, ALL_TO_ALL, tag, sig, (ins, inp.detach().clone()))
+        wrong = [f"rank {s} sends {s_ins[self.rank]} rows, rank {self.rank} expects {outs[s]}"
+                 for s, (s_ins, _) in enumerate(items) if s_ins[self.rank] != outs[s]]
+        if wrong:
+            raise DistributedError(f"rank {self.rank}: all_to_all {tag!r} splits disagree: {'; '.join(wrong)}",
+                                   setting="runtime")
+        at = 0
+        for s, (s_ins, s_inp) in enumerate(items):
+            out.narrow(0, at, outs[s]).copy_(s_inp.narrow(0, sum(s_ins[:self.rank]), outs[s]))
+            at += outs[s]
+        # Charged on the busiest link: the most off-rank rows one rank sends or receives.
+        row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
+        sent = [sum(n for d, n in enumerate(s_ins) if d != s) for s, (s_ins, _) in enumerate(items)]
+        got = [sum(items[s][0][d] for s in range(self.world_size) if s != d) for d in range(self.world_size)]
+        entry.data = (out.detach().clone(), max(sent + got) * row_bytes)
+
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
         entry = self._next_entry(BROADCAST, tag, (_sig(t), src))
         key = self._coll_key()
@@ -417,7 +451,7 @@ class EmulatedWorld:
             return self.costs[tag]
         if self.topology is None:
             return 0.0
-        return transfer_time_us(kind if kind in (ALL_GATHER, BROADCAST, P2P, OBJECT, BARRIER) else P2P,
+        return transfer_time_us(kind if kind in (ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, OBJECT, BARRIER) else P2P,
                                 nbytes, self.world_size, self.topology)
 
     # -- functional pass ---------------------------------------------------------------------------

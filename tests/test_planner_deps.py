@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("planner", "codegen", "runtime")
-CORE = ("config.py", "plan.py", "errors.py", "hydra_conf.py", "__init__.py")
+CORE = ("config.py", "plan.py", "errors.py", "hydra_conf.py", "vision_exchange.py", "__init__.py")
 
 
 def _imported_stages(path: Path, own: str | None) -> set[str]:

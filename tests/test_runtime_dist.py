@@ -51,9 +51,24 @@ def _error(fn):
     return None
 
 
+def a2a_splits(world):
+    """Uneven all-to-all sizes with zeros: rank s sends (s + 2d) % 3 rows to rank d."""
+    return [[(s + 2 * d) % 3 for d in range(world)] for s in range(world)]
+
+
+def a2a_case(comm):
+    """One uneven all_to_all_single: rank s's rows are numbered 100 s + row."""
+    W, r = comm.world_size, comm.rank
+    m = a2a_splits(W)
+    inp = (torch.arange(sum(m[r]), dtype=torch.float64) + 100 * r).unsqueeze(1).repeat(1, 3)
+    out = torch.full((sum(m[s][r] for s in range(W)), 3), -1.0, dtype=torch.float64)
+    comm.all_to_all_single(out, inp, [m[s][r] for s in range(W)], m[r], tag="a2a")
+    return out
+
+
 # -- workers (run in the spawned processes) --------------------------------------------------------
 def _correctness_worker(comm, cases, other_world_plan):
-    results = {}
+    results = {"a2a": a2a_case(comm)}
     for name, plan_dict, seed in cases:
         plan = plan_from_dict(plan_dict)
         results[name] = run_case(RankAttention(plan, comm.rank, comm), plan, comm.rank, seed)
@@ -141,6 +156,12 @@ def test_gloo_world_matches_dense_and_the_emulation(world):
                 assert (out[-lq:] - want[-lq:]).abs().max() < TOL, f"{name} rank {r}"
             for (lo, hi), d in zip(((n, n + 1), (n + 1, n + EXTRA)), dec):  # decode is exact for all
                 assert (d - dense_attention(q[lo:hi], k[:hi], v[:hi], past=lo)).abs().max() < TOL
+    a2a_world = EmulatedWorld(world)
+    emulated_a2a = a2a_world.run(lambda r: a2a_case(a2a_world.comm(r)))
+    m = a2a_splits(world)
+    for r in range(world):  # rank r gets, from each s in order, s's rows meant for r
+        want = [100.0 * s + sum(m[s][:r]) + i for s in range(world) for i in range(m[s][r])]
+        assert got[r]["a2a"][:, 0].tolist() == want and torch.equal(got[r]["a2a"], emulated_a2a[r]), f"a2a rank {r}"
     for r in range(world):
         bad = got[r]["bad"]
         assert bad["world"][0] == "PlanMismatchError" and f"plan is for {world + 1} ranks but {world}" in bad["world"][1]

@@ -9,7 +9,9 @@ import torch
 
 from spava_plan.errors import DistributedError, InputError, PlanMismatchError
 from spava_plan.runtime.attention import RankAttention
+from spava_plan.runtime.comm import ALL_TO_ALL, transfer_time_us
 from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.emulated_timeline import Sync
 from spava_plan.runtime.reference import assemble, dense_attention, local_rows
 
 TOL = 1e-10  # fp64 end to end: segment softmaxes, LSE merges and all-gathers only add rounding
@@ -175,6 +177,37 @@ def test_a_missing_rank_times_out_with_its_name():
     outcomes = world.run_outcomes(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)) if r == 0 else None)
     assert isinstance(outcomes[0].error, DistributedError)
     assert "timed out after 1 s waiting for rank(s) [1]" in str(outcomes[0].error)
+
+
+def test_all_to_all_with_disagreeing_splits_fails_and_is_charged_on_the_busiest_link():
+    topology = {"intra_node_gbps": 100.0, "inter_node_gbps": 10.0, "gpus_per_node": 8, "link_latency_us": 2.0}
+    world = EmulatedWorld(3, timeout_s=10, topology=topology)
+    sends = [[0, 1, 0], [2, 0, 0], [3, 0, 1]]  # rows rank s sends rank d: rank 0 receives 5 off-rank
+
+    def fn(r):
+        out = torch.empty(sum(sends[s][r] for s in range(3)), 4)
+        world.comm(r).all_to_all_single(out, torch.zeros(sum(sends[r]), 4), [sends[s][r] for s in range(3)], sends[r])
+
+    charged = []
+
+    class Observer:
+        def before(self, rank, i):
+            pass
+
+        def after(self, rank, i, events):
+            charged.append(sum(e.cost_us for e in events if isinstance(e, Sync)))
+
+    world.time(fn, warmup=0, repeats=1, observer=Observer(), functional_passes=1)
+    # 5 rows of 4 fp32 values into rank 0, the most any rank sends or receives off-rank
+    assert charged == [pytest.approx(transfer_time_us(ALL_TO_ALL, 5 * 16, 3, topology))] * 3
+    assert charged[0] == pytest.approx(2 * 2.0 + 80 / 1e5)
+
+    def wrong(r):  # rank 1 expects 1 row from rank 0, which sends it none
+        out = torch.empty(1 if r == 1 else 0, 4)
+        world.comm(r).all_to_all_single(out, torch.zeros(0, 4), [0, 0, 0] if r != 1 else [1, 0, 0], [0, 0, 0])
+
+    errors = [o.error for o in world.run_outcomes(wrong)]
+    assert isinstance(errors[1], DistributedError) and "rank 0 sends 0 rows, rank 1 expects 1" in str(errors[1])
 
 
 # -- bad input -------------------------------------------------------------------------------------

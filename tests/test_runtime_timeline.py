@@ -1,7 +1,7 @@
 """The emulated critical-path model on hand-made traces (exact arithmetic, no torch)."""
 import pytest
 
-from spava_plan.runtime.comm import ALL_GATHER, P2P, transfer_time_us
+from spava_plan.runtime.comm import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, transfer_time_us
 from spava_plan.runtime.emulated_timeline import Compute, Start, Sync, Wait, simulate
 
 ALL = (0, 1)
@@ -39,4 +39,7 @@ def test_transfer_formula():
     # 1 MB per rank over 4 GPUs in one node: 3 shares of 1e6 B at 1e5 B/us, 2 latencies of 2 us
     assert transfer_time_us(ALL_GATHER, 1_000_000, 4, topo) == pytest.approx(3 * 10 + 2 * 2)
     assert transfer_time_us(P2P, 1_000_000, 8, topo) == pytest.approx(2 + 100)  # 8 GPUs span nodes
+    # broadcast and all-to-all: one transfer of the (busiest link's) bytes, 2 latencies on 4 GPUs
+    assert transfer_time_us(BROADCAST, 1_000_000, 4, topo) == pytest.approx(10 + 2 * 2)
+    assert transfer_time_us(ALL_TO_ALL, 1_000_000, 4, topo) == pytest.approx(10 + 2 * 2)
     assert transfer_time_us(ALL_GATHER, 123, 1, topo) == 0.0
