@@ -18,6 +18,7 @@ from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
 from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
+from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work
 from .layout import TokenLayout, token_layout
@@ -190,6 +191,7 @@ class Derived:
     prediction: Prediction
     memory: list  # per rank: {part: bytes} (memory.PARTS and "peak")
     fits: bool  # every rank's peak fits the device
+    exchange: VisionExchange  # who sends which visual embeddings to whom after the encoder
 
     @property
     def world(self) -> int:
@@ -240,14 +242,18 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     timeline = simulate(ranks, steps, colls, durations, world, record=detail)
 
     # Frame-parallel vision encoder: rank r encodes T // W units (+1 for the first T % W ranks),
-    # then an all-gather hands every rank all embeddings (equal-size buffers: the largest share).
+    # then each rank receives the embeddings of its own local video tokens only (the same
+    # exchange the runtime builds from the Plan: spava_plan.vision_exchange.plan_vision_exchange).
     unit = vision_unit(cfg.model, tokens.grid_thw)
-    units = [unit.units // world + (1 if r < unit.units % world else 0) for r in range(world)]
-    gather_us = cost.all_gather(max(units) * unit.tokens * cfg.model.hidden_size * cfg.dtype_bytes)
-    vision_us = max(units) * cost.vision_unit(unit).us + gather_us
+    grids = tokens.grid_thw[0]
+    exchange = vision_exchange(world, grids, tokens.video_tokens // grids, tokens.video_start,
+                               [r.local for r in ranks])
+    exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
+    most = max(b - a for a, b in exchange.grids)
+    vision_us = most * cost.vision_unit(unit).us + exchange_us
 
     weights = weight_bytes(cfg)
-    memory = [rank_memory(cfg, r, colls, world, unit, units[r.rank], max(units), weights) for r in ranks]
+    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights) for r in ranks]
     fits = max(m["peak"] for m in memory) <= usable_bytes(cfg)
     if require_fit and not fits:
         check_fits(cfg, part.method, world, memory)
@@ -256,10 +262,11 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     critical = max(range(world), key=lambda r: rank_us[r])
     busiest = max(range(world), key=lambda r: memory[r]["peak"])
     prediction = Prediction(rank_us=rank_us, makespan_us=rank_us[critical], vision_us=vision_us,
-                            exposed_comm_us=gather_us + layers * timeline.exposed_us[critical],
+                            exposed_comm_us=exchange_us + layers * timeline.exposed_us[critical],
                             peak_memory_bytes=tuple(m["peak"] for m in memory),
                             memory_breakdown=dict(memory[busiest]))
-    return Derived(cfg, tokens, part, layout, placement, ranks, colls, steps, timeline, prediction, memory, fits)
+    return Derived(cfg, tokens, part, layout, placement, ranks, colls, steps, timeline, prediction, memory, fits,
+                   exchange)
 
 
 def assemble(d: Derived) -> Plan:

@@ -15,8 +15,11 @@ that the schedule adds per op. Times are in microseconds.
   bound.
 - Communication: ``latency * ceil(log2 W) + (W - 1) * bytes_per_rank / bandwidth`` for an
   all-gather (ring bandwidth term; NCCL's tree/PAT algorithms keep the latency term
-  logarithmic), ``latency + bytes / bandwidth`` for one point-to-point ring step. Bandwidth is
-  the NVLink rate within a node and the per-GPU network rate once the ranks span several nodes.
+  logarithmic), ``latency + bytes / bandwidth`` for one point-to-point ring step, and
+  ``latency * ceil(log2 W) + bytes / bandwidth`` for a (pipelined) broadcast and for an
+  all-to-all, whose bytes are the busiest rank's off-rank traffic. Bandwidth is the NVLink rate
+  within a node and the per-GPU network rate once the ranks span several nodes. These mirror
+  runtime/comm.py's ``transfer_time_us``, which charges the emulated runs.
 
 Not modelled: SM contention between NCCL and compute kernels, clock throttling, the embedding
 lookup and the single-token LM head (negligible next to a prefill of many thousand tokens).
@@ -28,6 +31,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from spava_plan.config import ModelConfig, TopologyConfig
+from spava_plan.vision_exchange import VisionExchange
 
 from .vision import VisionUnit, unit_attention_pairs, unit_gemms
 
@@ -168,6 +172,21 @@ class CostModel:
         if w <= 1:
             return 0.0
         return self.latency_us * math.ceil(math.log2(w)) + (w - 1) * bytes_per_rank / self.link
+
+    def broadcast(self, nbytes: float) -> float:
+        if self.world <= 1:
+            return 0.0
+        return self.latency_us * math.ceil(math.log2(self.world)) + nbytes / self.link
+
+    def all_to_all(self, busiest_bytes: float) -> float:
+        """``busiest_bytes``: the most off-rank bytes one rank sends or receives."""
+        return self.broadcast(busiest_bytes)  # the same form: one transfer on the busiest link
+
+    def vision_exchange(self, ex: VisionExchange, row_bytes: int) -> float:
+        """The frame-parallel encoder's exchange: a broadcast per shared piece, then the all-to-all
+        (all blocking, one after the other, as the runtime issues them)."""
+        shared = sum(self.broadcast((b - a) * row_bytes) for _, a, b in ex.shared)
+        return shared + self.all_to_all(ex.busiest_rows() * row_bytes)
 
     def p2p(self, nbytes: float) -> float:
         if self.world <= 1:

@@ -2,7 +2,9 @@
 
 A rank's memory has two phases that never overlap:
 - vision stage: the encoder's activations for one chunk of units, the embeddings of the units
-  this rank encodes, and the all-gather buffer that receives every rank's embeddings;
+  this rank encodes, then the exchange's buffers (spava_plan/vision_exchange.py): the rows it
+  sends and the embeddings of its OWN local video tokens (not every rank's), so the stage grows
+  with the rank's share of the video, not with the whole video;
 - LLM stage: the KV cache shard (complete at the last layer), one layer's activations, the
   passing buffers (selection all-gathers, or the ring's K/V buffers) and the query all-gather.
 Weights (LLM and vision tower, in the run dtype) are resident throughout, so
@@ -22,6 +24,7 @@ from __future__ import annotations
 from spava_plan.config import SpavaConfig
 from spava_plan.errors import InfeasiblePlanError
 from spava_plan.plan import Collective, RankPlan
+from spava_plan.vision_exchange import VisionExchange
 
 from .cost import LSE_BYTES
 from .vision import VisionUnit, chunk_activation_elements, vision_params
@@ -72,15 +75,22 @@ def _comm_buffers(collectives: tuple[Collective, ...], world: int) -> tuple[int,
     return passing, gather
 
 
-def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, units: int, max_units: int, world: int) -> int:
-    dt = cfg.dtype_bytes
-    emb = unit.tokens * cfg.model.hidden_size * dt
-    gathered = world * max_units * emb if world > 1 else 0
-    return chunk_activation_elements(cfg.model, unit) * dt + units * emb + gathered
+def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, ex: VisionExchange, rank: int) -> int:
+    """Activations of one encoder chunk + the rank's own embeddings + the exchange's send buffer
+    and local rows (and a staging buffer where the all-to-all output cannot land in place); a
+    single rank that holds every video token keeps its own embeddings and exchanges nothing."""
+    row = cfg.model.hidden_size * cfg.dtype_bytes
+    g0, g1 = ex.grids[rank]
+    own = (g1 - g0) * unit.tokens * row
+    exchange = 0
+    if not ex.identity(rank):
+        staged = 0 if ex.in_place(rank) else ex.recv_rows(rank)
+        exchange = (ex.send_rows(rank) + ex.local_rows(rank) + staged) * row
+    return chunk_activation_elements(cfg.model, unit) * cfg.dtype_bytes + own + exchange
 
 
 def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective, ...], world: int,
-                unit: VisionUnit, units: int, max_units: int, weights: int) -> dict[str, int]:
+                unit: VisionUnit, exchange: VisionExchange, weights: int) -> dict[str, int]:
     """Peak bytes of one rank with its parts (keys: PARTS and "peak")."""
     m, dt = cfg.model, cfg.dtype_bytes
     cache_tokens = sum(stop - start for start, stop in rank.cache)
@@ -92,7 +102,7 @@ def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective,
         "activations": _activations(cfg, rank, ring),
         "passing": passing,
         "gather": gather,
-        "vision_stage": _vision_stage(cfg, unit, units, max_units, world),
+        "vision_stage": _vision_stage(cfg, unit, exchange, rank.rank),
     }
     llm = parts["kv_cache"] + parts["activations"] + parts["passing"] + parts["gather"]
     parts["peak"] = weights + max(parts["vision_stage"], llm)

@@ -102,7 +102,7 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
     parts = pred.memory_breakdown
     lines += [
         "",
-        f"Prefill: vision encoder {_ms(pred.vision_us)} ms (frame-parallel, all-gather included), "
+        f"Prefill: vision encoder {_ms(pred.vision_us)} ms (frame-parallel, embedding exchange included), "
         f"{m.num_layers} layers; makespan {_ms(pred.makespan_us)} ms; exposed communication on the critical "
         f"rank {_ms(pred.exposed_comm_us)} ms.",
         "",

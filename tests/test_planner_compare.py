@@ -64,7 +64,7 @@ def test_baselines_use_their_yaml_and_fixed_placements():
 def test_frame_parallel_vision_encoder():
     cfg = compose_config(HEADLINE)
     spava, dense = derive(cfg), derive(with_method(cfg, "dense"))
-    # 32 temporal grids over 8 ranks: an eighth of the encoder each, plus the embedding all-gather
+    # 32 temporal grids over 8 ranks: an eighth of the encoder each, plus the embedding exchange
     assert spava.prediction.vision_us < dense.prediction.vision_us / 6
 
 
@@ -76,4 +76,4 @@ def test_nodes_shorthand_moves_collectives_onto_the_network():
     for a, b in zip(one.collectives, two.collectives):
         assert a.time_us == pytest.approx(3 * t.link_latency_us + 7 * a.bytes_per_rank / (t.intra_node_gbps * 1e3))
         assert b.time_us == pytest.approx(3 * t.link_latency_us + 7 * b.bytes_per_rank / (t.inter_node_gbps * 1e3))
-    assert two.prediction.vision_us > one.prediction.vision_us  # the embedding all-gather too
+    assert two.prediction.vision_us > one.prediction.vision_us  # the embedding exchange too

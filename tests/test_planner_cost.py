@@ -5,6 +5,7 @@ import pytest
 
 from spava_plan.config import ModelConfig, TopologyConfig
 from spava_plan.hydra_conf import compose_config
+from spava_plan.planner.build import derive
 from spava_plan.planner.cost import ATTN_TILE_ROWS, CostModel, visible_pairs
 from spava_plan.planner.memory import llm_params
 from spava_plan.planner.vision import vision_params, vision_unit
@@ -57,6 +58,27 @@ def test_collectives_latency_plus_bandwidth_and_nodes():
     cross = CostModel(ModelConfig(), two_nodes, 2, 16)
     assert cross.multi_node and cross.all_gather(mb) == pytest.approx(15.0 * 4 + 15 * mb / (45.0 * 1e3), rel=1e-12)
     assert cross.p2p(mb) == pytest.approx(15.0 + mb / (45.0 * 1e3), rel=1e-12)
+    # broadcast / all-to-all (bytes of the busiest link): one transfer plus log2(W) latencies
+    assert cross.broadcast(mb) == cross.all_to_all(mb) == pytest.approx(15.0 * 4 + mb / (45.0 * 1e3), rel=1e-12)
+    assert CostModel(ModelConfig(), H100, 2, 1).broadcast(mb) == 0.0
+
+
+def test_vision_exchange_time_is_the_broadcasts_plus_the_all_to_all():
+    cfg = compose_config(["model=qwen2_5vl_3b", "gpus=8", "frames=64", "video.resolution=1440p"])
+    d = derive(cfg)
+    ex, row = d.exchange, cfg.model.hidden_size * cfg.dtype_bytes
+    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, 8)
+    # rank 0's 4 grids (18564 tokens) hold the whole anchor: one broadcast of its video rows
+    (src, a, b), = ex.shared
+    assert src == 0 and b == d.layout.segment("anchor").stop
+    link, latency = cfg.topology.intra_node_gbps * 1e3, cfg.topology.link_latency_us
+    busiest = ex.busiest_rows()
+    want = 2 * latency * 3 + ((b - a) + busiest) * row / link  # two collectives of log2(8) latencies
+    assert cost.vision_exchange(ex, row) == pytest.approx(want, rel=1e-12)
+    # each rank moves about its two blocks' video, not the 7 other ranks' 18564 rows each
+    assert busiest < 2 * 18564
+    unit = vision_unit(cfg.model, d.tokens.grid_thw)
+    assert d.prediction.vision_us == pytest.approx(4 * cost.vision_unit(unit).us + want, rel=1e-12)
 
 
 @pytest.mark.parametrize("name, published", [

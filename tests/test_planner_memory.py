@@ -5,6 +5,7 @@ from spava_plan.errors import InfeasiblePlanError
 from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import derive
 from spava_plan.planner.memory import GIB, PARTS, usable_bytes
+from spava_plan.planner.vision import chunk_activation_elements, vision_unit
 
 SMALL = ["model=qwen2vl_2b", "gpus=4", "frames=64", "video.resolution=360p"]
 
@@ -41,6 +42,45 @@ def test_passing_buffers_are_the_all_gather_outputs():
     keep = d.layout.blocks[0].keep
     expected = 2 * d.world * keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes  # two slots
     assert all(mem["passing"] == expected for mem in d.memory)
+
+
+def _vision_stage_parts(d, r):
+    """The vision stage rebuilt from its parts: encoder activations, own embeddings, send buffer
+    and the local video rows (every plan here lands the all-to-all in place)."""
+    cfg, ex = d.cfg, d.exchange
+    row = cfg.model.hidden_size * cfg.dtype_bytes
+    unit = vision_unit(cfg.model, d.tokens.grid_thw)
+    assert ex.in_place(r) and unit.tokens == ex.tokens_per_grid
+    return (chunk_activation_elements(cfg.model, unit) * cfg.dtype_bytes
+            + (ex.own_rows(r) + ex.send_rows(r) + ex.local_rows(r)) * row)
+
+
+def test_vision_stage_holds_own_and_local_rows_not_the_whole_video():
+    d = derive(compose_config(SMALL))
+    for r, mem in enumerate(d.memory):
+        assert mem["vision_stage"] == _vision_stage_parts(d, r)
+    dense = derive(compose_config(SMALL + ["method=dense"]))  # one rank: no exchange buffers
+    ex = dense.exchange
+    row = dense.cfg.model.hidden_size * dense.cfg.dtype_bytes
+    assert dense.memory[0]["vision_stage"] == _vision_stage_parts(dense, 0) - (ex.send_rows(0) + ex.local_rows(0)) * row
+
+
+def test_1024_gpus_of_131072_frames_plan_once_vision_is_exchanged_not_gathered():
+    """The all-gather put all 78M visual embeddings on every GPU (vision stage 525 GiB): this
+    plan failed on the vision stage. With the exchange each rank holds its own 64 grids, what it
+    sends and its local video rows (anchor + two blocks): about 11 GiB, and the plan fits."""
+    cfg = compose_config(["gpus=1024", "frames=131072", "method.passing_tokens=1024"])
+    d = derive(cfg)
+    assert d.fits
+    ex = d.exchange
+    for r in (0, 1, 16, 511, 1023):  # anchor encoders, the first non-anchor one, middle, last
+        assert d.memory[r]["vision_stage"] == _vision_stage_parts(d, r)
+        assert ex.local_rows(r) <= d.ranks[r].local_tokens and ex.send_rows(r) <= ex.own_rows(r)
+    video = ex.video[1] - ex.video[0]
+    assert max(ex.local_rows(r) for r in range(d.world)) < video / 50  # O(local), not O(video)
+    assert max(m["vision_stage"] for m in d.memory) < 12 * GIB
+    busiest = max(range(d.world), key=lambda r: d.memory[r]["peak"])
+    assert d.memory[busiest]["peak"] > d.memory[busiest]["vision_stage"] + d.memory[busiest]["weights"]
 
 
 def test_more_gpus_shrink_the_cache_shard():
