@@ -1,6 +1,7 @@
 """Prefill and greedy decode of one rank under a plan (SPAVA_SPEC.md sections 2, 6, 7).
 
-    vision   frame-parallel ViT + one all-gather: every rank holds all visual embeddings
+    vision   frame-parallel ViT, then each rank receives the visual embeddings of its own local
+             video tokens only (broadcasts of the rows every rank holds + one all_to_all_single)
     prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
              layers, Spava attention via the attention interface (hf_attention.py), exact global
              M-RoPE ids; the query rows come out identical on every rank
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from spava_plan.plan import Plan
+from spava_plan.vision_exchange import plan_vision_exchange
 
 from .comm import Communicator
 from .hf_attention import SpavaCall, install, language_model
@@ -29,7 +31,7 @@ from .vision_parallel import encode_video_parallel, vision_module
 
 @dataclass
 class Timing:
-    vision_s: float = 0.0  # frame-parallel ViT + all-gather
+    vision_s: float = 0.0  # frame-parallel ViT + the embedding exchange
     prefill_s: float = 0.0  # embeddings + language model over the local sequence + last-row logits
     first_token_s: float = 0.0  # from the start of vision to the first token on every rank
     decode_s: float = 0.0  # every token after the first
@@ -71,6 +73,7 @@ class RankRunner:
         self.lm = language_model(model)
         self.visual = vision_module(model)
         self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
+        self.exchange = plan_vision_exchange(plan)
         self.attention: Any = None
         # The first token comes from the lowest rank holding the last prompt token, broadcast.
         last = plan.layout.total_tokens - 1
@@ -84,9 +87,11 @@ class RankRunner:
 
     # -- stages -----------------------------------------------------------------------------------
     def vision(self, inputs: ModelInputs) -> torch.Tensor:
-        # pixels stay on the host; each rank moves only its own temporal grids to the device
+        """This rank's local video embeddings, in local order. Pixels stay on the host; each rank
+        moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
-                                     self.merge, int(self.plan.config["model"]["vision"]["temporal_patch"]))
+                                     self.exchange, self.merge,
+                                     int(self.plan.config["model"]["vision"]["temporal_patch"]))
 
     def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
         index = local_indices(self.rank_plan, device=self.device)

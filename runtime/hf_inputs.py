@@ -325,12 +325,16 @@ def local_indices(rank_plan: RankPlan, device: torch.device | str | None = None)
 def local_embeddings(embed_tokens: torch.nn.Module, inputs: ModelInputs, video_embeds: torch.Tensor,
                      index: torch.Tensor) -> torch.Tensor:
     """Embeddings of the local rows only: token embeddings with the video rows replaced by the
-    visual embeddings (the model's masked_scatter, restricted to this rank's tokens)."""
+    rank's local visual embeddings (``video_embeds``: its video tokens in local order, as the
+    frame-parallel encoder returns them): the model's masked_scatter, restricted to this rank."""
     ids = inputs.input_ids[0].to(index.device)[index]
     emb = embed_tokens(ids)
     is_video = ids == inputs.video_token_id
-    rows = index[is_video] - inputs.video_start
-    emb[is_video] = video_embeds[rows].to(emb.dtype)
+    if int(is_video.sum()) != video_embeds.shape[0]:
+        raise PlanMismatchError(f"this rank's local sequence holds {int(is_video.sum())} video tokens but the vision "
+                                f"encoder delivered {video_embeds.shape[0]}; re-plan for this input {REPLAN_HINT}",
+                                setting="video")
+    emb[is_video] = video_embeds.to(emb.dtype)
     return emb
 
 

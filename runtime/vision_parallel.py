@@ -1,13 +1,14 @@
-"""Frame-parallel vision encoder (SPAVA_SPEC.md section 2).
+"""Frame-parallel vision encoder (SPAVA_SPEC.md section 2) with a targeted exchange.
 
 The Qwen2-VL / Qwen2.5-VL ViT never attends across temporal grids (its attention is cut at every
 grid by ``cu_seqlens``; Qwen2.5-VL's windows also stay inside one grid), so rank r encodes a
-contiguous range of temporal grids with the model's own ``visual`` module, and one all-gather gives
-every rank all visual embeddings. The result equals the single-process encoder up to the
-floating-point effect of batching fewer rows (tests/test_model_vision.py bounds it).
-
-Ranks' ranges differ by at most one grid; the all-gather moves equal-size buffers padded to the
-longest range (the padding rows are dropped after the gather).
+contiguous range of temporal grids with the model's own ``visual`` module. Instead of all-gathering
+every embedding to every rank, each rank then receives only the video tokens of its own local
+sequence, in local order (spava_plan/vision_exchange.py: broadcasts of the rows every rank holds,
+one uneven all_to_all_single for the rest; every size fixed by the plan). The exchange only copies
+rows, so each rank's rows are the single-process encoder's at its tokens up to the floating-point
+effect of batching fewer grids per call, which is none in fp64 on CPU (tests/test_model_vision.py
+compares bit for bit).
 """
 from __future__ import annotations
 
@@ -15,20 +16,10 @@ from typing import Any
 
 import torch
 
-from spava_plan.errors import InputError
+from spava_plan.errors import InputError, PlanMismatchError
+from spava_plan.vision_exchange import VisionExchange
 
 from .comm import Communicator
-
-
-def grid_ranges(grids: int, world: int) -> list[tuple[int, int]]:
-    """Rank r encodes temporal grids [start, stop): grids // W each, one more for the first grids % W."""
-    base, extra = divmod(grids, world)
-    out, pos = [], 0
-    for r in range(world):
-        n = base + (1 if r < extra else 0)
-        out.append((pos, pos + n))
-        pos += n
-    return out
 
 
 def check_grids(grids: int, world: int, temporal_patch: int) -> None:
@@ -53,26 +44,46 @@ def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: t
 
 
 def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
-                          comm: Communicator, merge: int, temporal_patch: int = 2) -> torch.Tensor:
-    """Every rank returns the embeddings of ALL video tokens (t*h*w/merge^2, hidden). ``pixels`` may
-    stay on the host: only this rank's grids are moved to the encoder's device."""
+                          comm: Communicator, exchange: VisionExchange, merge: int,
+                          temporal_patch: int = 2) -> torch.Tensor:
+    """This rank's local video embeddings: (local video tokens, hidden), rows in local order.
+    ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device."""
     t, h, w = (int(x) for x in grid_thw[0])
-    W = comm.world_size
+    W, rank, ex = comm.world_size, comm.rank, exchange
     check_grids(t, W, temporal_patch)
-    patches_per_grid = h * w
-    tokens_per_grid = patches_per_grid // (merge * merge)
-    start, stop = grid_ranges(t, W)[comm.rank]
-    mine = pixels[start * patches_per_grid: stop * patches_per_grid]
+    if ex.world != W:
+        raise PlanMismatchError(f"the vision exchange is planned for {ex.world} ranks but {W} run it; re-plan with "
+                                f"gpus={W}", setting="gpus")
+    if (t, h * w // (merge * merge)) != (ex.grids[-1][1], ex.tokens_per_grid):
+        raise PlanMismatchError(f"the video gives {t} temporal grids of {h * w // (merge * merge)} tokens but the "
+                                f"plan has {ex.grids[-1][1]} of {ex.tokens_per_grid}; re-plan for this video",
+                                setting="video.resolution")
+    start, stop = ex.grids[rank]
+    patches = h * w
     grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
-    emb = visual_embeddings(visual, mine, grid)
-    if W == 1:
+    emb = visual_embeddings(visual, pixels[start * patches: stop * patches], grid)
+    if ex.identity(rank):
         return emb
-    longest = -(-t // W) * tokens_per_grid
-    buf = emb.new_zeros((longest, emb.shape[1]))
-    buf[: emb.shape[0]] = emb
-    gathered = comm.all_gather(buf, tag="vision")  # (W, longest, hidden)
-    parts = [gathered[r, : (b - a) * tokens_per_grid] for r, (a, b) in enumerate(grid_ranges(t, W))]
-    return torch.cat(parts)
+    first = ex.span(rank)[0]
+    out = emb.new_empty((ex.local_rows(rank), emb.shape[1]))
+    for src, a, b in ex.shared:  # rows every rank holds: straight into each rank's local rows
+        view = out.narrow(0, ex.local_offset(rank, a), b - a)
+        if src == rank:
+            view.copy_(emb[a - first: b - first])
+        comm.broadcast(view, src, tag="vision")
+    mine = [emb[a - first: b - first] for _, a, b in ex.sends[rank]]
+    send = torch.cat(mine) if mine else emb.new_empty((0, emb.shape[1]))
+    del emb, mine  # the shared rows are in ``out`` and the rows this rank sends in ``send``
+    got, n = ex.recvs[rank], ex.recv_rows(rank)
+    if ex.in_place(rank):
+        at = ex.local_offset(rank, got[0][1]) if got else 0
+        comm.all_to_all_single(out[at: at + n], send, ex.recv_splits(rank), ex.send_splits(rank), tag="vision")
+        return out
+    staged = out.new_empty((n, out.shape[1]))
+    comm.all_to_all_single(staged, send, ex.recv_splits(rank), ex.send_splits(rank), tag="vision")
+    rows = [torch.arange(o, o + b - a, device=out.device) for _, a, b in got for o in (ex.local_offset(rank, a),)]
+    out.index_copy_(0, torch.cat(rows), staged)
+    return out
 
 
 def encode_video(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

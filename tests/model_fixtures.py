@@ -168,11 +168,10 @@ def tiny_inputs(checkpoint: str | Path, video: str | Path, frames: int, family: 
                                   max_pixels=28 * 28 * 16384, temporal_patch=2, merge=2, fps=fps)
 
 
-def tiny_plan(inputs, family: str, gpus: int, frames: int, resolution: str, *extra: str, fps: float = 2.0):
-    """A plan for the tiny model whose prompt counts are those of ``inputs`` (as a user would set
-    video.system_tokens / video.question_tokens for their tokenizer and question)."""
-    from spava_plan.hydra_conf import compose_config
-    from spava_plan.planner.build import build_plan
+def tiny_overrides(inputs, family: str, gpus: int, frames: int, resolution: str, *extra: str,
+                   fps: float = 2.0) -> list[str]:
+    """Config overrides for the tiny model whose prompt counts are those of ``inputs`` (as a user
+    would set video.system_tokens / video.question_tokens for their tokenizer and question)."""
     from spava_plan.planner.layout import ASSISTANT_SUFFIX_TOKENS
 
     context = inputs.video_start + inputs.video_tokens + 1
@@ -182,7 +181,22 @@ def tiny_plan(inputs, family: str, gpus: int, frames: int, resolution: str, *ext
                  "dtype=fp32", "kernels=false", *extra]
     if family == "qwen2_5_vl":
         overrides += TINY_25_OVERRIDES
-    return build_plan(compose_config(overrides))
+    return overrides
+
+
+def tiny_plan(inputs, family: str, gpus: int, frames: int, resolution: str, *extra: str, fps: float = 2.0):
+    """A plan for the tiny model fitting ``inputs`` (see tiny_overrides)."""
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    return build_plan(compose_config(tiny_overrides(inputs, family, gpus, frames, resolution, *extra, fps=fps)))
+
+
+def local_video_rows(inputs, index):
+    """Rows of the whole video's embeddings at the video tokens among global tokens ``index``
+    (a tensor), in that order: what a rank with local sequence ``index`` must end up with."""
+    ids = inputs.input_ids[0][index]
+    return index[ids == inputs.video_token_id] - inputs.video_start
 
 
 def dist_env(rank: int, world: int, port: int) -> dict:

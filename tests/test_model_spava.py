@@ -3,8 +3,9 @@ stock single-process transformers model.
 
 With every token passed (method.pass_all=true) Spava is exact attention (SPAVA_SPEC.md section 6),
 so the prefill logits of EVERY local row on every rank must equal the stock model's logits at that
-token, the greedy tokens (prefill + distributed decode) must equal stock ``generate``, and the
-frame-parallel ViT must equal the single-process ViT. Everything runs in fp64.
+token, the greedy tokens (prefill + distributed decode) must equal stock ``generate``, and each
+rank's share of the frame-parallel ViT (its local video rows) must equal the single-process ViT's
+rows at those tokens, bit for bit, and the emulated world's. Everything runs in fp64.
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
+from spava_plan.plan import load_plan
 from spava_plan.runtime import hf_model
+from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.vision_parallel import encode_video_parallel, vision_module
+from spava_plan.vision_exchange import plan_vision_exchange
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 NEW_TOKENS = 6
@@ -36,8 +41,10 @@ def work(tmp_path_factory):
         inputs = mf.tiny_inputs(ckpt, video, 12, family)
         torch.save(inputs, d / "inputs.pt")
         for W in (2, 3):
+            # the anchor holds the first video tokens: the ViT exchange broadcasts them and
+            # all-to-alls the rest
             mf.tiny_plan(inputs, family, W, 12, "56x84", "method.pass_all=true",
-                         "method.anchor_tokens=8").save(d / f"plan_W{W}.json")
+                         "method.anchor_tokens=20").save(d / f"plan_W{W}.json")
         stock = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
         kw = dict(input_ids=inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
                   pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
@@ -51,6 +58,18 @@ def work(tmp_path_factory):
                                                                   inputs.video_grid_thw).pooler_output))
         refs[family] = dict(logits=logits, tokens=gen[0, inputs.total_tokens:].tolist(), video=video)
     return root, refs
+
+
+def _emulated_vision(root, family, W):
+    """Every rank's local video rows from the emulated world (threads), for the same plan and inputs."""
+    plan = load_plan(root / family / f"plan_W{W}.json")
+    inputs = torch.load(root / family / "inputs.pt", weights_only=False)
+    visual = vision_module(hf_model.load_checkpoint(str(root / family / "ckpt"), dtype=torch.float64, device="cpu"))
+    world, exchange = EmulatedWorld(W, timeout_s=60), plan_vision_exchange(plan)
+    assert exchange.shared and any(exchange.send_rows(r) for r in range(W))  # both kinds of exchange run
+    with torch.inference_mode():
+        return inputs, world.run(lambda r: encode_video_parallel(visual, inputs.pixel_values_videos,
+                                                                 inputs.video_grid_thw, world.comm(r), exchange, 2))
 
 
 def _run_workers(root, W, families=FAMILIES, backend="torch", dtype="float64"):
@@ -68,11 +87,13 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
     for family in FAMILIES:
         ref = refs[family]
         assert len(ref["tokens"]) == NEW_TOKENS
+        inputs, emulated = _emulated_vision(root, family, W)
         seen_rows = set()
         for rank in range(W):
             out = torch.load(root / family / f"out_torch_W{W}_rank{rank}.pt")
-            # fp64 ViT: the same per-grid computation, only the rows per GEMM differ
-            torch.testing.assert_close(out["video"], ref["video"], atol=1e-10, rtol=1e-10)
+            # fp64 ViT, the same per-grid computation, and an exchange that only copies: exact
+            assert torch.equal(out["video"], ref["video"][mf.local_video_rows(inputs, out["index"])])
+            assert torch.equal(out["video"], emulated[rank]), f"{family} W={W} rank {rank}: emulated != gloo"
             err = (out["logits"] - ref["logits"][out["index"]]).abs().max().item()
             assert err <= LOGIT_ATOL, f"{family} W={W} rank {rank}: max |logit diff| {err:.2e}"
             assert out["tokens"] == ref["tokens"], f"{family} W={W} rank {rank}"
@@ -87,7 +108,6 @@ def test_triton_backend_through_the_model_equals_stock_model(work):
     integration, W=2 gloo processes, fp32 (the kernels' widest dtype)."""
     pytest.importorskip("triton")
     from spava_plan.codegen.render import render_kernels
-    from spava_plan.plan import load_plan
 
     root, refs = work
     family = "qwen2_vl"

@@ -1,7 +1,9 @@
-"""Frame-parallel ViT (SPAVA_SPEC.md section 2) against the model's own single-process encoder.
+"""Frame-parallel ViT (SPAVA_SPEC.md section 2) with the targeted embedding exchange, against the
+model's own single-process encoder: every rank must end with exactly the rows of its local video
+tokens, in local order.
 
 Here the ranks are emulated as threads (runtime/comm_emulated.py); tests/test_model_spava.py
-repeats the comparison across real gloo processes."""
+repeats the comparison across real gloo processes and checks that both agree bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -12,10 +14,21 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 from spava_plan.errors import InputError
+from spava_plan.hydra_conf import compose_config
+from spava_plan.planner.build import assemble, derive
+from spava_plan.planner.cost import CostModel
 from spava_plan.runtime import hf_model
 from spava_plan.runtime.comm_emulated import EmulatedWorld
-from spava_plan.runtime.vision_parallel import (check_grids, encode_video, encode_video_parallel, grid_ranges,
-                                                vision_module)
+from spava_plan.runtime.emulated_timeline import Sync
+from spava_plan.runtime.hf_inputs import local_indices
+from spava_plan.runtime.vision_parallel import check_grids, encode_video, encode_video_parallel, vision_module
+from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision_exchange
+
+# 112x112 gives 4x4 merged tokens per grid (several Qwen2.5-VL attention windows per grid); 10
+# frames give 5 grids. An anchor of 24 tokens holds the first 9 video tokens, so the shared rows'
+# broadcast and the all-to-all both run.
+FRAMES, RESOLUTION = 10, "112x112"
+EXTRA = ("method.pass_all=true", "method.anchor_tokens=24")
 
 
 def test_grid_ranges_are_contiguous_and_balanced():
@@ -25,14 +38,25 @@ def test_grid_ranges_are_contiguous_and_balanced():
         check_grids(2, 3, temporal_patch=2)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_frame_parallel_vit_equals_single_process(tmp_path, family):
-    # 112x112 gives 4x4 merged tokens per grid: several Qwen2.5-VL attention windows per grid.
+def _setup(tmp_path, family, dtype=torch.float64):
     ckpt = mf.build_checkpoint(tmp_path / "ckpt", family)
-    video = mf.write_video(tmp_path / "v.mp4", frames=10, height=112, width=112)
-    inputs = mf.tiny_inputs(ckpt, video, 10, family)  # 5 temporal grids
-    model = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
-    visual = vision_module(model)
+    video = mf.write_video(tmp_path / "v.mp4", frames=FRAMES, height=112, width=112)
+    inputs = mf.tiny_inputs(ckpt, video, FRAMES, family)
+    model = hf_model.load_checkpoint(str(ckpt), dtype=dtype, device="cpu")
+    return inputs, model, vision_module(model)
+
+
+def _run(visual, inputs, world, exchange):
+    def rank_fn(rank: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return encode_video_parallel(visual, inputs.pixel_values_videos, inputs.video_grid_thw,
+                                         world.comm(rank), exchange, merge=2)
+    return rank_fn
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_each_rank_gets_exactly_its_local_video_rows(tmp_path, family):
+    inputs, model, visual = _setup(tmp_path, family)
     with torch.inference_mode():
         ref = encode_video(visual, inputs.pixel_values_videos, inputs.video_grid_thw)
         # the model's own path (get_video_features) agrees with the reference we compare against
@@ -40,13 +64,49 @@ def test_frame_parallel_vit_equals_single_process(tmp_path, family):
                                                               inputs.video_grid_thw).pooler_output))
     assert torch.equal(ref, stock)
     for world_size in (2, 3):
+        plan = mf.tiny_plan(inputs, family, world_size, FRAMES, RESOLUTION, *EXTRA)
+        exchange = plan_vision_exchange(plan)
+        assert exchange.shared and all(exchange.in_place(r) for r in range(world_size))
         world = EmulatedWorld(world_size, timeout_s=60)
+        for rank, out in enumerate(world.run(_run(visual, inputs, world, exchange))):
+            rows = mf.local_video_rows(inputs, local_indices(plan.ranks[rank]))
+            # Exact: fp64, the same per-grid computation (batching fewer grids per call changes no
+            # bit here), and the exchange only copies rows.
+            assert torch.equal(out, ref[rows]), f"W={world_size} rank {rank}"
 
-        def rank_fn(rank: int) -> torch.Tensor:
-            with torch.inference_mode():
-                return encode_video_parallel(visual, inputs.pixel_values_videos, inputs.video_grid_thw,
-                                             world.comm(rank), merge=2)
+    # Local spans out of ascending order (the Plan contract allows it): the all-to-all output is
+    # staged and scattered; rank 1 holds a piece of rank 0's range as well (broadcast to both).
+    s = inputs.video_start
+    locals_ = [[(s + 40, s + 80), (0, s + 8)], [(s + 8, s + 40), (s + 70, s + 80)]]
+    exchange = vision_exchange(2, FRAMES // 2, 16, s, locals_)
+    assert exchange.shared == ((1, s + 70, s + 80),) and not exchange.in_place(0) and exchange.in_place(1)
+    world = EmulatedWorld(2, timeout_s=60)
+    for rank, out in enumerate(world.run(_run(visual, inputs, world, exchange))):
+        want = torch.cat([ref[max(a, s) - s: b - s] for a, b in locals_[rank]])
+        assert torch.equal(out, want), f"rank {rank}"
 
-        for out in world.run(rank_fn):
-            # fp64: the same per-grid computation, only the number of rows per GEMM differs
-            torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+def test_emulated_exchange_is_charged_what_the_planner_predicts(tmp_path):
+    """The vision exchange's communication time: the planner's prediction (CostModel) and the
+    emulated run's charge (runtime/comm.py's formula on the bytes actually moved) agree."""
+    inputs, _, visual = _setup(tmp_path, "qwen2_vl", dtype=torch.float32)  # the plan's dtype: same bytes
+    cfg = compose_config(mf.tiny_overrides(inputs, "qwen2_vl", 3, FRAMES, RESOLUTION, *EXTRA))
+    d = derive(cfg)
+    plan = assemble(d)
+    assert d.exchange == plan_vision_exchange(plan)  # planner and runtime build the same exchange
+    predicted = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, 3).vision_exchange(
+        d.exchange, cfg.model.hidden_size * cfg.dtype_bytes)
+    charged: list[float] = []
+
+    class Observer:
+        def before(self, rank: int, i: int) -> None:
+            pass
+
+        def after(self, rank: int, i: int, events: list) -> None:
+            charged.append(sum(e.cost_us for e in events if isinstance(e, Sync)))
+
+    world = EmulatedWorld.for_plan(plan)
+    world.time(_run(visual, inputs, world, d.exchange), warmup=0, repeats=1, observer=Observer(),
+               functional_passes=1)
+    assert predicted > 0 and len(charged) == 3
+    assert all(c == pytest.approx(predicted, rel=1e-12) for c in charged)  # same formula, same bytes
