@@ -93,9 +93,16 @@ class RankRunner:
                                      self.exchange, self.merge,
                                      int(self.plan.config["model"]["vision"]["temporal_patch"]))
 
-    def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
+    def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
+        """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""
         index = local_indices(self.rank_plan, device=self.device)
-        emb = local_embeddings(self.lm.get_input_embeddings(), _to(inputs, self.device), video_embeds, index)
+        return local_embeddings(self.lm.get_input_embeddings(), _to(inputs, self.device), video_embeds, index)
+
+    def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
+        return self.prefill_embedded(self.embed(inputs, video_embeds), positions)
+
+    def prefill_embedded(self, emb: torch.Tensor, positions: torch.Tensor) -> PrefillOutput:
+        index = local_indices(self.rank_plan, device=self.device)
         pos = slice_positions(positions.to(self.device), index)
         self.attention = self.make_attention()
         out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
@@ -130,9 +137,12 @@ class RankRunner:
                  eos_ids: Sequence[int] = ()) -> GenerationResult:
         timing = Timing()
         t0 = self._now()
-        video = self.vision(inputs)
+        # The video rows become input embeddings right away, so no reference keeps them alive
+        # through the language model (at scale the anchor's rows alone are gigabytes per rank).
+        emb = self.embed(inputs, self.vision(inputs))
         t1 = self._now()
-        pre = self.prefill(inputs, positions, video)
+        pre = self.prefill_embedded(emb, positions)
+        del emb
         first_logits = None if pre.last_row is None else self.logits(pre.hidden[pre.last_row])
         t2 = self._now()
         token = self.pick(first_logits)
