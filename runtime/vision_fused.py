@@ -1,0 +1,242 @@
+"""Fused kernels for the Qwen2.5-VL vision tower: the memory-bound steps between its matmuls.
+
+transformers' ViT runs RMSNorm, the 2-D rotary embedding and the SiLU gate as chains of separate
+elementwise kernels in fp32 (``.float()``, ``pow``, ``mean``, ``rsqrt``, ``mul``, ``cat``, casts),
+each a full pass over (patches x 1280) or (patches x 3420) tensors: at 64 frames 1440p one rank
+holds 74K patches, and these passes are a large share of the tower's time. ``install(model)``
+replaces, on the model's vision tower only:
+
+  * every RMSNorm (blocks' norm1/norm2, the merger's ln_q) by one Triton kernel per row block,
+  * ``apply_rotary_pos_emb_vision`` of the tower's modeling module by one kernel for q and k,
+  * the SiLU-gated MLP by one GEMM over the concatenated gate|up weights and one kernel for
+    ``silu(gate) * up``, its intermediate size zero-padded to a multiple of 64 so every bf16 row
+    is 16-byte aligned (cuBLAS's fast Hopper kernels need it; the weights become views, no copy),
+  * the patch embedding's Conv3d (kernel == stride, so a plain matmul) by a linear layer.
+
+Same math in the same precision (fp32 inside, each result rounded to the input dtype where the stock
+code rounds it), so outputs match the stock tower to rounding (tests/test_vision_fused.py, fp32 on
+CPU under TRITON_INTERPRET=1; benchmarks/vision_speed.py on the GPU). ``uninstall`` restores it.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_ROWS = 4  # rows per program for the row-wise kernels
+_ALIGN = 64  # the MLP's intermediate size is padded to a multiple of this (see _pad_mlp)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, eps,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # int64 row indices: rows x stride passes 2**31 at full-video sizes (594K patches on one GPU)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=1)[:, None] / n_cols
+    y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # stock: hidden.to(input_dtype)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)  # stock: weight * hidden
+    tl.store(y_ptr + rows * stride_y + cols, out, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n_rows, n_heads,
+                 stride_qs, stride_qh, stride_ks, stride_kh, stride_cs,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)  # s x stride passes 2**31 at full-video sizes
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dm = d < HALF
+    m = (h < n_heads) & dm
+    c1 = tl.load(cos_ptr + s * stride_cs + d, mask=dm, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + s * stride_cs + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + s * stride_cs + d, mask=dm, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + s * stride_cs + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    out = s * n_heads * 2 * HALF + h * 2 * HALF + d  # outputs are contiguous (S, H, D)
+    q1 = tl.load(q_ptr + s * stride_qs + h * stride_qh + d, mask=m, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + s * stride_qs + h * stride_qh + HALF + d, mask=m, other=0.0).to(tl.float32)
+    # stock: q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q2, q1)
+    tl.store(qo_ptr + out, (q1 * c1 + (-q2) * s1).to(qo_ptr.dtype.element_ty), mask=m)
+    tl.store(qo_ptr + out + HALF, (q2 * c2 + q1 * s2).to(qo_ptr.dtype.element_ty), mask=m)
+    k1 = tl.load(k_ptr + s * stride_ks + h * stride_kh + d, mask=m, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + s * stride_ks + h * stride_kh + HALF + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(ko_ptr + out, (k1 * c1 + (-k2) * s1).to(ko_ptr.dtype.element_ty), mask=m)
+    tl.store(ko_ptr + out + HALF, (k2 * c2 + k1 * s2).to(ko_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, n_rows, n_cols, stride_gu, stride_y,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)  # int64: see above
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    g = tl.load(gu_ptr + rows * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + rows * stride_gu + n_cols + cols, mask=mask, other=0.0)
+    act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty)  # stock: silu in fp32, rounded
+    out = (act.to(tl.float32) * u.to(tl.float32)).to(y_ptr.dtype.element_ty)  # then act * up
+    tl.store(y_ptr + rows * stride_y + cols, out, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen's RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), fp32 inside."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    n, c = x2.shape
+    if n:
+        _rms_norm_kernel[(triton.cdiv(n, _ROWS),)](x2, weight, y, n, c, x2.stride(0), y.stride(0), float(eps),
+                                                  ROWS=_ROWS, BLOCK=triton.next_power_of_2(c), num_warps=4)
+    return y.reshape(shape)
+
+
+def rotary_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb_vision`` for (S, H, D) q and k (any row/head strides) and (S, D) cos/sin."""
+    if q.dim() != 3 or k.shape != q.shape or cos.shape != (q.shape[0], q.shape[2]) or sin.shape != cos.shape \
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or q.shape[-1] % 2:
+        return _STOCK_ROPE[0](q, k, cos, sin)  # a layout this kernel was not written for: the stock code
+    cos, sin = cos.contiguous(), sin.contiguous()
+    S, H, D = q.shape
+    qo = torch.empty((S, H, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((S, H, D), dtype=k.dtype, device=k.device)
+    if S:
+        half = D // 2
+        _rope_kernel[(S,)](q, k, cos, sin, qo, ko, S, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           cos.stride(0), HALF=half, BLOCK_H=triton.next_power_of_2(H),
+                           BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+    return qo, ko
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[..., :I]) * gu[..., I:] with the stock rounding (silu rounded, then the product)."""
+    shape = gu.shape
+    g2 = gu.reshape(-1, shape[-1])
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    n, c2 = g2.shape
+    c = c2 // 2
+    y = torch.empty((n, c), dtype=gu.dtype, device=gu.device)
+    if n:
+        block = 1024
+        _silu_mul_kernel[(triton.cdiv(n, _ROWS), triton.cdiv(c, block))](g2, y, n, c, g2.stride(0), y.stride(0),
+                                                                        ROWS=_ROWS, BLOCK=block, num_warps=4)
+    return y.reshape(*shape[:-1], c)
+
+
+# --- installing on a model -------------------------------------------------------------------------
+
+_STOCK_ROPE: list = [None]  # the modeling module's own function, for layouts the kernel does not take
+
+
+def _norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    gated = silu_mul(F.linear(hidden_state, self._spava_gate_up_w, self._spava_gate_up_b))
+    return F.linear(gated, self._spava_down_w, self.down_proj.bias)
+
+
+def _patch_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    w = self.proj.weight  # (embed, C, T, P, P): with kernel == stride each patch is one dot product per channel
+    x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
+    return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+def _is_rms_norm(m: torch.nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight")
+
+
+def _is_silu_mlp(m: torch.nn.Module) -> bool:
+    act = getattr(m, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' own class
+    return all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) and silu
+
+
+def _is_patch_conv(m: torch.nn.Module) -> bool:
+    conv = getattr(m, "proj", None)
+    return (type(m).__name__.endswith("PatchEmbed") and isinstance(conv, torch.nn.Conv3d)
+            and conv.kernel_size == conv.stride and conv.padding == (0, 0, 0) and conv.groups == 1)
+
+
+def _pad_mlp(mlp: torch.nn.Module) -> None:
+    """Give the MLP one (2 Ip, hidden) gate|up weight and a (hidden, Ip) down weight, Ip = the
+    intermediate size rounded up to _ALIGN with zero rows / columns, and make gate_proj's, up_proj's
+    and down_proj's own weights views into them (no second copy). Why: Qwen2.5-VL's 3420 is not a
+    multiple of 8, so a bf16 row of it is not 16-byte aligned and cuBLAS falls back to slow sm80
+    kernels for the down projection (3x slower on an H200). The zero padding adds exact zeros."""
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    n, hidden = g.out_features, g.in_features
+    n_pad = -(-n // _ALIGN) * _ALIGN
+    w = g.weight.new_zeros((2 * n_pad, hidden))
+    w[:n], w[n_pad:n_pad + n] = g.weight.detach(), u.weight.detach()
+    g.weight.data, u.weight.data = w[:n], w[n_pad:n_pad + n]
+    b = None
+    if g.bias is not None or u.bias is not None:
+        b = w.new_zeros(2 * n_pad)
+        for lin, at in ((g, 0), (u, n_pad)):
+            if lin.bias is not None:
+                b[at:at + n] = lin.bias.detach()
+                lin.bias.data = b[at:at + n]
+    dw = d.weight.new_zeros((d.out_features, n_pad))
+    dw[:, :n] = d.weight.detach()
+    d.weight.data = dw[:, :n]
+    mlp._spava_gate_up_w, mlp._spava_gate_up_b, mlp._spava_down_w = w, b, dw
+
+
+def install(model: Any) -> Any:
+    """Fuse the vision tower's elementwise steps (idempotent); returns the model. The language model
+    is left alone."""
+    from .vision_parallel import vision_module
+
+    visual = vision_module(model)
+    if getattr(visual, "_spava_fused", False):
+        return model
+    for m in visual.modules():
+        if _is_rms_norm(m):
+            m.forward = types.MethodType(_norm_forward, m)
+        elif _is_silu_mlp(m):
+            _pad_mlp(m)
+            m.forward = types.MethodType(_mlp_forward, m)
+        elif _is_patch_conv(m):
+            m.forward = types.MethodType(_patch_forward, m)
+    blocks = getattr(visual, "blocks", None)
+    if blocks:
+        mod = sys.modules[type(blocks[0].attn).__module__]
+        if hasattr(mod, "apply_rotary_pos_emb_vision"):
+            if _STOCK_ROPE[0] is None:
+                _STOCK_ROPE[0] = mod.apply_rotary_pos_emb_vision
+            mod.apply_rotary_pos_emb_vision = rotary_vision
+            visual._spava_rope_module = mod
+    visual._spava_fused = True
+    return model
+
+
+def uninstall(model: Any) -> Any:
+    """Back to transformers' own forward functions (the weights stay views into the padded storage:
+    same values)."""
+    from .vision_parallel import vision_module
+
+    visual = vision_module(model)
+    if not getattr(visual, "_spava_fused", False):
+        return model
+    for m in visual.modules():
+        if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) in (
+                _norm_forward, _mlp_forward, _patch_forward):
+            del m.forward
+    mod = getattr(visual, "_spava_rope_module", None)
+    if mod is not None and _STOCK_ROPE[0] is not None:
+        mod.apply_rotary_pos_emb_vision = _STOCK_ROPE[0]
+    visual._spava_fused = False
+    return model

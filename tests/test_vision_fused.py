@@ -1,0 +1,130 @@
+"""runtime/vision_fused.py: each fused kernel against transformers' own code on fresh random
+inputs (fp32: the kernels do the stock fp32 math, so only summation order and FMA contraction can
+differ), and the whole tiny Qwen2.5-VL tower with and without the fused kernels. Without CUDA the
+kernels run under TRITON_INTERPRET=1 (tests/conftest.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+import model_fixtures as mf  # noqa: E402
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25  # noqa: E402
+
+from spava_plan.runtime import hf_model, vision_attention, vision_fused  # noqa: E402
+from spava_plan.runtime.vision_parallel import encode_video, vision_module  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("rows,cols", [(13, 40), (1, 1280), (8, 7)])
+def test_rms_norm_matches_the_stock_norm(rows, cols):
+    g = torch.Generator().manual_seed(rows * cols)
+    norm = q25.Qwen2_5_VLRMSNorm(cols, eps=1e-6)
+    norm.weight.data = torch.randn(cols, generator=g) + 1
+    x = torch.randn(rows, cols, generator=g) * 3
+    norm, x = norm.to(DEV), x.to(DEV)
+    with torch.no_grad():
+        want = norm(x)
+    got = vision_fused.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert _rel(got, want) <= 1e-6
+
+
+def test_rotary_matches_the_stock_function_on_strided_qkv_views():
+    g = torch.Generator().manual_seed(1)
+    S, H, D = 11, 3, 16
+    qkv = torch.randn(S, 3 * H * D, generator=g).to(DEV)
+    # the attention's own layout: q, k, v are strided views of one (S, 3, H, D) projection
+    q, k, _ = qkv.reshape(S, 3, H, D).permute(1, 0, 2, 3).unbind(0)
+    assert not q.is_contiguous()
+    angles = torch.randn(S, D // 2, generator=g).to(DEV)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    wq, wk = q25.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    gq, gk = vision_fused.rotary_vision(q, k, cos, sin)
+    assert gq.shape == wq.shape and gq.is_contiguous()
+    assert _rel(gq, wq) <= 1e-6 and _rel(gk, wk) <= 1e-6
+    # a different (non-duplicated) cos/sin per half catches a kernel that mixes the halves up
+    cos2, sin2 = torch.randn(S, D, generator=g).to(DEV), torch.randn(S, D, generator=g).to(DEV)
+    wq, wk = q25.apply_rotary_pos_emb_vision(q, k, cos2, sin2)
+    gq, gk = vision_fused.rotary_vision(q, k, cos2, sin2)
+    assert _rel(gq, wq) <= 1e-6 and _rel(gk, wk) <= 1e-6
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 24), (9, 1100)])
+def test_silu_mul_matches_silu_gate_times_up(rows, cols):
+    g = torch.Generator().manual_seed(cols)
+    gu = (torch.randn(rows, 2 * cols, generator=g) * 4).to(DEV)
+    want = F.silu(gu[:, :cols]) * gu[:, cols:]
+    assert _rel(vision_fused.silu_mul(gu), want) <= 1e-6
+
+
+def test_padded_mlp_matches_the_stock_mlp_and_keeps_its_weights_as_views():
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    mlp = q25.Qwen2_5_VLMLP(SimpleNamespace(hidden_size=32, intermediate_size=70, hidden_act="silu"), bias=True)
+    mlp = mlp.to(DEV)
+    x = torch.randn(9, 32, device=DEV)
+    with torch.no_grad():
+        want = mlp(x)
+        vision_fused._pad_mlp(mlp)
+        assert mlp._spava_gate_up_w.shape == (256, 32) and mlp._spava_down_w.shape == (32, 128)  # 70 -> 128
+        assert mlp.up_proj.weight.data_ptr() == mlp._spava_gate_up_w[128:].data_ptr()
+        assert mlp.down_proj.weight.data_ptr() == mlp._spava_down_w.data_ptr()
+        assert _rel(vision_fused._mlp_forward(mlp, x), want) <= 1e-6
+        assert _rel(mlp(x), want) <= 1e-6  # the stock forward on the views: same weights
+
+
+def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path):
+    pytest.importorskip("av")  # the tiny video file
+    ckpt = mf.build_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
+    video = mf.write_video(tmp_path / "v.mp4", frames=6, height=112, width=112)
+    inputs = mf.tiny_inputs(ckpt, video, 6, "qwen2_5_vl")
+    model = hf_model.load_checkpoint(str(ckpt), dtype=torch.float32, device=DEV)
+    vision_attention.install(model)
+    visual = vision_module(model)
+
+    def encode() -> torch.Tensor:
+        with torch.inference_mode():
+            return encode_video(visual, inputs.pixel_values_videos, inputs.video_grid_thw)
+
+    stock = encode()
+    vision_fused.install(model)
+    vision_fused.install(model)  # idempotent: the gate|up weights are shared once
+    fused = encode()
+    mlp = visual.blocks[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == mlp._spava_gate_up_w.data_ptr()  # views, no second copy
+    assert q25.apply_rotary_pos_emb_vision is vision_fused.rotary_vision
+    assert _rel(fused, stock) <= 1e-5
+    assert not torch.equal(fused, torch.zeros_like(fused))
+    vision_fused.uninstall(model)
+    assert q25.apply_rotary_pos_emb_vision is not vision_fused.rotary_vision
+    assert torch.equal(encode(), stock)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: tensors past 2**31 elements")
+def test_kernels_address_rows_past_two_to_the_31_elements():
+    """Offsets are int64: a dense 64-frame 1440p video is 594K patches, and 594K x 6912 (gate|up)
+    or x 3840 (the qkv row stride) is past 2**31 (an int32 offset wraps: illegal memory access)."""
+    cols = 3456
+    rows = 2 ** 31 // (2 * cols) + 64
+    gu = torch.randn(rows, 2 * cols, device="cuda", dtype=torch.bfloat16)
+    tail = slice(rows - 64, rows)
+    y = vision_fused.silu_mul(gu)
+    assert _rel(y[tail], F.silu(gu[tail, :cols]) * gu[tail, cols:]) <= 1e-2
+    del gu, y
+    S, H, D = 2 ** 31 // 3840 + 16, 16, 80
+    qkv = torch.randn(S, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = qkv.reshape(S, 3, H, D).permute(1, 0, 2, 3).unbind(0)
+    angles = torch.randn(S, D // 2, device="cuda")
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    gq, gk = vision_fused.rotary_vision(q, k, cos, sin)
+    t = slice(S - 16, S)
+    wq, wk = q25.apply_rotary_pos_emb_vision(q[t], k[t], cos[t], sin[t])
+    assert _rel(gq[t], wq) <= 1e-2 and _rel(gk[t], wk) <= 1e-2
