@@ -11,10 +11,12 @@ Methods (the same random-weight model object for all of them, built once per pro
                 (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
                 charged from the plan's topology. Never a measured multi-GPU time.
 Both: first token from the last prompt position only (logits_to_keep=1 / the last row); random
-uint8 pixel frames (never zeros) through the Qwen image processor; pixels start on the host (the
-dense model copies all of them, each rank its own temporal grids, inside the timed region).
+uint8 pixel frames (never zeros) through the Qwen image processor; pixels start in page-locked host
+memory (the dense model copies all of them, each rank its own temporal grids, inside the timed region).
 The vision tower runs its attention as one SDPA call per window size for every method
-(runtime/vision_attention.py; ``--vision-attn stock`` keeps transformers' per-window loop).
+(runtime/vision_attention.py; ``--vision-attn stock`` keeps transformers' per-window loop) and, on a
+GPU, its elementwise steps as fused Triton kernels (runtime/vision_fused.py; ``--vision-kernels stock``
+keeps transformers' own).
 
 Steps (each a subcommand; ``run`` does all three, ``smoke`` does them on a CPU with a tiny model):
   plan     --table T --plans DIR        plans + kernels + the planner's predictions (needs hydra)
@@ -31,6 +33,7 @@ replayed ``--repeats`` times; each repeat's emulated TTFT is simulated from that
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -263,13 +266,13 @@ class Runner:
     """Measures every method of every cell of a manifest with one model object per model."""
 
     def __init__(self, root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
-                 vision_attn: str, workers: int, write: Callable[[dict], None]):
+                 vision_attn: str, workers: int, write: Callable[[dict], None], vision_kernels: str = "fused"):
         import torch
 
         self.root, self.out, self.write = root, out, write
         self.repeats, self.warmup, self.heavy_s = repeats, warmup, heavy_s
         self.deadline = time.monotonic() + budget_s
-        self.vision_attn, self.workers = vision_attn, workers
+        self.vision_attn, self.vision_kernels, self.workers = vision_attn, vision_kernels, workers
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.spans = Spans(self.cuda)
@@ -283,7 +286,7 @@ class Runner:
     def get_model(self, name: str, plan: Any) -> Any:
         import torch
 
-        from spava_plan.runtime import hf_model, vision_attention
+        from spava_plan.runtime import hf_model, vision_attention, vision_fused
 
         if self.model_name == name:
             return self.model
@@ -295,9 +298,12 @@ class Runner:
                                            device=self.device, seed=0)
         if self.vision_attn == "batched":
             vision_attention.install(self.model)
+        if self.vision_kernels == "fused" and self.cuda:
+            vision_fused.install(self.model)
         self.model_name = name
         self.write({"kind": "model", "model": name, "build_s": time.perf_counter() - t0,
-                    "weights_bytes": weights_bytes(self.model), "vision_attention": self.vision_attn})
+                    "weights_bytes": weights_bytes(self.model), "vision_attention": self.vision_attn,
+                    "vision_kernels": self.vision_kernels if self.cuda else "stock"})
         return self.model
 
     def inputs(self, plan: Any, model: Any) -> tuple[Any, Any, Any, float]:
@@ -314,6 +320,9 @@ class Runner:
         positions = hf_inputs.global_position_ids(model, inputs)
         hf_inputs.check_against_plan(plan, inputs, positions)
         check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, int(plan.config["model"]["vision"]["temporal_patch"]))
+        if self.cuda:  # page-locked, as a DataLoader(pin_memory=True) hands them over: every method's
+            # timed host-to-GPU copy runs at DMA speed (pageable: ~35 ms of 349 MB per rank at 64f 1440p)
+            inputs = dataclasses.replace(inputs, pixel_values_videos=inputs.pixel_values_videos.pin_memory())
         return proc, inputs, positions, time.perf_counter() - t0
 
     def args(self, plan: Any, path: str) -> Any:
@@ -599,7 +608,8 @@ def logits_check(logits: dict[str, Any], method: str) -> dict:
 
 
 def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
-            vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True) -> int:
+            vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True,
+            vision_kernels: str = "fused") -> int:
     import torch
     import transformers
 
@@ -627,9 +637,9 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
     write({"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "triton": triton_version, "transformers": transformers.__version__,
            "cuda": torch.version.cuda, "topology": manifest["topology"], "repeats": repeats, "warmup": warmup,
-           "vision_attention": vision_attn, "command": " ".join([Path(sys.executable).name] + sys.argv)})
+           "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock", "command": " ".join([Path(sys.executable).name] + sys.argv)})
     runner = Runner(root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s,
-                    vision_attn=vision_attn, workers=workers, write=write)
+                    vision_attn=vision_attn, workers=workers, write=write, vision_kernels=vision_kernels)
     order = [(c, methods, None) for c in manifest["cells"] if check or not c["check"]]
     if cells:  # the given cells in the given order (after the fail-fast check): ID[:M1+M2][@REPEATS]
         by_id = {c["id"]: c for c in manifest["cells"]}
@@ -679,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="dense cells estimated above this many seconds skip the separate warm-up")
         p.add_argument("--budget-s", type=float, default=1e9, help="skip what would not finish in this time")
         p.add_argument("--vision-attn", choices=("batched", "stock"), default="batched")
+        p.add_argument("--vision-kernels", choices=("fused", "stock"), default="fused",
+                       help="fused: runtime/vision_fused's Triton RMSNorm/rotary/SiLU-gate kernels in the ViT (GPU)")
         p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
         p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all in the manifest)")
         p.add_argument("--methods", default=",".join(METHODS))
@@ -717,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "measure":
         return measure(args.plans, args.out, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
-                       budget_s=args.budget_s, vision_attn=args.vision_attn, workers=args.workers, cells=args.cells,
-                       methods=tuple(args.methods.split(",")), check=not args.no_check)
+                       budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
+                       workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")),
+                       check=not args.no_check)
     from prefill_report import report  # noqa: E402
 
     if args.cmd == "report":
@@ -728,8 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         plan_cells(TABLES[args.table], args.plans, gpus=args.gpus, topology=args.topology, kernels=True, check=False)
         runs = args.plans / "runs.jsonl"
         rc = measure(args.plans, runs, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
-                     budget_s=args.budget_s, vision_attn=args.vision_attn, workers=args.workers, cells=args.cells,
-                     methods=tuple(args.methods.split(",")))
+                     budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
+                     workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")))
         out = args.out or default_prefix(runs)
         report([runs], args.plans, out)
         return rc

@@ -287,7 +287,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"timed alone, TTFT = slowest rank + unhidden communication charged from the `{data['topology']}` "
              f"topology): never a measured {W}-GPU time.",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
-             f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method).",
+             f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method); "
+             f"vision kernels: {env.get('vision_kernels', 'stock')} (every method).",
              "Dense: median / min-max of n timed calls (cells estimated above 6 s per call: no separate warm-up "
              "call at that size). Emulated: median = the runtime's emulated TTFT (each rank's compute stretches, "
              "median over n replays of that rank, then the critical path with the plan's communication), so one "
