@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -105,7 +106,7 @@ def rotary_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     """``apply_rotary_pos_emb_vision`` for (S, H, D) q and k (any row/head strides) and (S, D) cos/sin."""
     if q.dim() != 3 or k.shape != q.shape or cos.shape != (q.shape[0], q.shape[2]) or sin.shape != cos.shape \
             or q.stride(-1) != 1 or k.stride(-1) != 1 or q.shape[-1] % 2:
-        return _STOCK_ROPE[0](q, k, cos, sin)  # a layout this kernel was not written for: the stock code
+        return _rotary_torch(q, k, cos, sin)  # a layout this kernel was not written for
     cos, sin = cos.contiguous(), sin.contiguous()
     S, H, D = q.shape
     qo = torch.empty((S, H, D), dtype=q.dtype, device=q.device)
@@ -136,7 +137,20 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 # --- installing on a model -------------------------------------------------------------------------
 
-_STOCK_ROPE: list = [None]  # the modeling module's own function, for layouts the kernel does not take
+_STOCK_ROPE: dict[str, Any] = {}  # modeling module name -> its own apply_rotary_pos_emb_vision
+_INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # towers with the fused kernels
+
+
+def _rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb_vision, in torch (fp32 inside)."""
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    qf, kf = q.float(), k.float()
+    return (qf * c + rotate_half(qf) * s).to(q.dtype), (kf * c + rotate_half(kf) * s).to(k.dtype)
 
 
 def _norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -215,11 +229,12 @@ def install(model: Any) -> Any:
     if blocks:
         mod = sys.modules[type(blocks[0].attn).__module__]
         if hasattr(mod, "apply_rotary_pos_emb_vision"):
-            if _STOCK_ROPE[0] is None:
-                _STOCK_ROPE[0] = mod.apply_rotary_pos_emb_vision
+            if mod.apply_rotary_pos_emb_vision is not rotary_vision:
+                _STOCK_ROPE[mod.__name__] = mod.apply_rotary_pos_emb_vision
             mod.apply_rotary_pos_emb_vision = rotary_vision
             visual._spava_rope_module = mod
     visual._spava_fused = True
+    _INSTALLED.add(visual)
     return model
 
 
@@ -235,8 +250,10 @@ def uninstall(model: Any) -> Any:
         if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) in (
                 _norm_forward, _mlp_forward, _patch_forward):
             del m.forward
-    mod = getattr(visual, "_spava_rope_module", None)
-    if mod is not None and _STOCK_ROPE[0] is not None:
-        mod.apply_rotary_pos_emb_vision = _STOCK_ROPE[0]
+    _INSTALLED.discard(visual)
     visual._spava_fused = False
+    mod = getattr(visual, "_spava_rope_module", None)
+    still_used = any(getattr(m, "_spava_rope_module", None) is mod for m in _INSTALLED)  # another fused tower
+    if mod is not None and mod.__name__ in _STOCK_ROPE and not still_used:
+        mod.apply_rotary_pos_emb_vision = _STOCK_ROPE.pop(mod.__name__)
     return model

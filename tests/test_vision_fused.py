@@ -4,6 +4,8 @@ differ), and the whole tiny Qwen2.5-VL tower with and without the fused kernels.
 kernels run under TRITON_INTERPRET=1 (tests/conftest.py)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,11 @@ def test_rotary_matches_the_stock_function_on_strided_qkv_views():
     wq, wk = q25.apply_rotary_pos_emb_vision(q, k, cos2, sin2)
     gq, gk = vision_fused.rotary_vision(q, k, cos2, sin2)
     assert _rel(gq, wq) <= 1e-6 and _rel(gk, wk) <= 1e-6
+    # layouts the kernel does not take (odd head dim here) go to the torch copy of the stock math
+    q3, k3 = q[..., :15], k[..., :15]
+    want = q25.apply_rotary_pos_emb_vision(q3, k3, cos2[:, :15], sin2[:, :15])
+    got = vision_fused.rotary_vision(q3, k3, cos2[:, :15], sin2[:, :15])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("rows,cols", [(5, 24), (9, 1100)])
@@ -81,11 +88,13 @@ def test_padded_mlp_matches_the_stock_mlp_and_keeps_its_weights_as_views():
         assert _rel(mlp(x), want) <= 1e-6  # the stock forward on the views: same weights
 
 
-def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path, family):
+    """Qwen2.5-VL gets every replacement; Qwen2-VL (LayerNorm, GELU MLP) the rotary and patch ones."""
     pytest.importorskip("av")  # the tiny video file
-    ckpt = mf.build_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
+    ckpt = mf.build_checkpoint(tmp_path / "ckpt", family)
     video = mf.write_video(tmp_path / "v.mp4", frames=6, height=112, width=112)
-    inputs = mf.tiny_inputs(ckpt, video, 6, "qwen2_5_vl")
+    inputs = mf.tiny_inputs(ckpt, video, 6, family)
     model = hf_model.load_checkpoint(str(ckpt), dtype=torch.float32, device=DEV)
     vision_attention.install(model)
     visual = vision_module(model)
@@ -95,16 +104,21 @@ def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path):
             return encode_video(visual, inputs.pixel_values_videos, inputs.video_grid_thw)
 
     stock = encode()
+    stock_rope = sys.modules[type(visual.blocks[0].attn).__module__].apply_rotary_pos_emb_vision
     vision_fused.install(model)
     vision_fused.install(model)  # idempotent: the gate|up weights are shared once
     fused = encode()
-    mlp = visual.blocks[0].mlp
-    assert mlp.gate_proj.weight.data_ptr() == mlp._spava_gate_up_w.data_ptr()  # views, no second copy
-    assert q25.apply_rotary_pos_emb_vision is vision_fused.rotary_vision
+    modeling = sys.modules[type(visual.blocks[0].attn).__module__]
+    assert modeling.apply_rotary_pos_emb_vision is vision_fused.rotary_vision
+    assert "forward" in visual.patch_embed.__dict__
+    if family == "qwen2_5_vl":
+        mlp = visual.blocks[0].mlp
+        assert mlp.gate_proj.weight.data_ptr() == mlp._spava_gate_up_w.data_ptr()  # views, no second copy
+        assert "forward" in visual.blocks[0].norm1.__dict__
     assert _rel(fused, stock) <= 1e-5
     assert not torch.equal(fused, torch.zeros_like(fused))
     vision_fused.uninstall(model)
-    assert q25.apply_rotary_pos_emb_vision is not vision_fused.rotary_vision
+    assert modeling.apply_rotary_pos_emb_vision is stock_rope  # the module's own function is back
     assert torch.equal(encode(), stock)
 
 
