@@ -42,7 +42,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, ep
     mask = (rows < n_rows) & (cols < n_cols)
     x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, axis=1)[:, None] / n_cols
-    y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # stock: hidden.to(input_dtype)
+    y = (x * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)  # stock: hidden.to(input_dtype)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)  # stock: weight * hidden
     tl.store(y_ptr + rows * stride_y + cols, out, mask=mask)

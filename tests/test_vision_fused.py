@@ -25,12 +25,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("rows,cols", [(13, 40), (1, 1280), (8, 7)])
-def test_rms_norm_matches_the_stock_norm(rows, cols):
+@pytest.mark.parametrize("rows,cols,x_dtype", [(13, 40, torch.float32), (1, 1280, torch.float32),
+                                               (8, 7, torch.float32), (6, 24, torch.float16)])
+def test_rms_norm_matches_the_stock_norm(rows, cols, x_dtype):
+    """fp16 input with an fp32 weight: the normalised row is rounded to fp16 before the weight, as
+    the stock code rounds it, and the result is fp32."""
     g = torch.Generator().manual_seed(rows * cols)
     norm = q25.Qwen2_5_VLRMSNorm(cols, eps=1e-6)
     norm.weight.data = torch.randn(cols, generator=g) + 1
-    x = torch.randn(rows, cols, generator=g) * 3
+    x = (torch.randn(rows, cols, generator=g) * 3).to(x_dtype)
     norm, x = norm.to(DEV), x.to(DEV)
     with torch.no_grad():
         want = norm(x)
