@@ -637,7 +637,8 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
     write({"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "triton": triton_version, "transformers": transformers.__version__,
            "cuda": torch.version.cuda, "topology": manifest["topology"], "repeats": repeats, "warmup": warmup,
-           "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock", "command": " ".join([Path(sys.executable).name] + sys.argv)})
+           "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock",
+           "command": " ".join([Path(sys.executable).name] + sys.argv)})
     runner = Runner(root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s,
                     vision_attn=vision_attn, workers=workers, write=write, vision_kernels=vision_kernels)
     order = [(c, methods, None) for c in manifest["cells"] if check or not c["check"]]
