@@ -71,42 +71,14 @@ def busiest_rank(plan) -> int:
 
 # ---- inputs as the runtime views them ---------------------------------------------------------
 def rank_inputs(plan, rank, dtype, device, seed):
-    """Local q/k/v (N_local, H, D) and passing all-gather buffers (W, keep, Hkv, 2D) of one rank,
-    random normal; tasks whose segments are in-place views of them."""
+    """(tasks, the query task's rows, selection blocks) of one rank: random normal, drawn on
+    ``device`` with ``seed``; segments are in-place views (runtime/rank_inputs.py)."""
     import torch
 
-    from spava_plan.runtime.backends.base import KVSegment, TaskInput
+    from spava_plan.runtime.rank_inputs import random_rank_inputs
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rp, m = plan.ranks[rank], plan.model
-    D, hq, hkv, W = m.head_dim, m.num_heads, m.num_kv_heads, plan.world_size
-    n = rp.local_tokens
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-
-    q, k, v = rand(n, hq, D), rand(n, hkv, D), rand(n, hkv, D)
-    keep = {c.slot: c.rows_per_rank for c in plan.collectives if c.kind == "select_all_gather"}
-    passing = {s: rand(W, kp, hkv, 2 * D) for s, kp in keep.items()}
-
-    def segment(ref):
-        if ref.kind == "local":
-            a = rp.local_offset(ref.start)
-            return KVSegment(k[a:a + ref.length], v[a:a + ref.length], ref.mask)
-        rows = passing[ref.slot][ref.rank_start:ref.rank_stop].reshape(-1, hkv, 2 * D)
-        return KVSegment(rows[..., :D], rows[..., D:], ref.mask)
-
-    tasks = {}
-    for t in rp.tasks:
-        a = rp.local_offset(t.q_start)
-        tasks[t.name] = TaskInput(t.name, q[a:a + t.rows], tuple(segment(r) for r in t.kv))
-    query = next((t for t in rp.tasks if t.merge == "query"), None)
-    blocks = []
-    for _slot, start, stop, kp in rp.select:
-        a = rp.local_offset(start)
-        blocks.append((k[a:a + stop - start], v[a:a + stop - start], kp))
-    q_query = tasks[query.name].q if query else None
-    return tasks, q_query, blocks
+    r = random_rank_inputs(plan, rank, dtype, device, torch.Generator(device=device).manual_seed(seed))
+    return r.tasks, r.q_query, r.select_blocks
 
 
 # ---- timing -------------------------------------------------------------------------------------

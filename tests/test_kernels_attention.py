@@ -17,39 +17,15 @@ from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import build_plan
 from spava_plan.runtime.backends.base import KVSegment, TaskInput
 from spava_plan.runtime.backends.triton_gen import TritonBackend
+from spava_plan.runtime.rank_inputs import random_rank_inputs
 
 FP32_TOL = 1e-5  # fp32 inputs, fp32 accumulation vs fp64: rounding only
 
 
 # ---- helpers shared with the GPU tests --------------------------------------------------------
 def rank_inputs(plan, rank, dtype, device, gen):
-    """Random local q/k/v and passing buffers of one rank, and its tasks as the runtime views them:
-    local segments are slices of the (N_local, Hkv, D) buffers, passing segments are rows of the
-    (W, keep, Hkv, 2D) all-gather buffers with K = [..., :D], V = [..., D:]."""
-    rp, m = plan.ranks[rank], plan.model
-    D, hq, hkv, W = m.head_dim, m.num_heads, m.num_kv_heads, plan.world_size
-    n = rp.local_tokens
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-    q, k, v = rand(n, hq, D), rand(n, hkv, D), rand(n, hkv, D)
-    keep = {c.slot: c.rows_per_rank for c in plan.collectives if c.kind == "select_all_gather"}
-    passing = {s: rand(W, kp, hkv, 2 * D) for s, kp in keep.items()}
-
-    def segment(ref):
-        if ref.kind == "local":
-            a = rp.local_offset(ref.start)
-            return KVSegment(k[a:a + ref.length], v[a:a + ref.length], ref.mask)
-        assert ref.kind == "passing"
-        rows = passing[ref.slot][ref.rank_start:ref.rank_stop].reshape(-1, hkv, 2 * D)
-        return KVSegment(rows[..., :D], rows[..., D:], ref.mask)
-
-    tasks = {}
-    for t in rp.tasks:
-        a = rp.local_offset(t.q_start)
-        tasks[t.name] = TaskInput(t.name, q[a:a + t.rows], tuple(segment(r) for r in t.kv))
-    return tasks
+    """The tasks of one rank with random inputs, segments as in-place views (runtime/rank_inputs.py)."""
+    return random_rank_inputs(plan, rank, dtype, device, gen).tasks
 
 
 def reference(task: TaskInput, scale: float):
