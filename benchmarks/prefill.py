@@ -171,7 +171,12 @@ class Spans:
     functional pass runs them from W threads: one compiles a Triton kernel while the others wait)."""
 
     def __init__(self, cuda: bool):
+        import torch
+
+        from spava_plan.runtime.comm_emulated import Clock
+
         self.cuda, self.recording = cuda, False
+        self.clock = Clock(torch.device("cuda" if cuda else "cpu"))
         self.lock = threading.RLock()
         self._open: list[tuple[str, Any, Any]] = []
 
@@ -180,34 +185,21 @@ class Spans:
 
     def stop(self) -> dict[str, float]:
         """Microseconds per span name since start() (the device must be synchronised)."""
-        import torch
-
         self.recording = False
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.clock.sync()
         out: dict[str, float] = {}
         for name, a, b in self._open:
-            us = a.elapsed_time(b) * 1e3 if self.cuda else (b - a) * 1e6
-            out[name] = out.get(name, 0.0) + us
+            out[name] = out.get(name, 0.0) + self.clock.between_us(a, b)
         self._open = []
         return out
-
-    def _mark(self) -> Any:
-        import torch
-
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
 
     def call(self, name: str, fn: Callable[[], Any]) -> Any:
         with self.lock:
             if not self.recording:
                 return fn()
-            a = self._mark()
+            a = self.clock.mark()
             out = fn()
-            self._open.append((name, a, self._mark()))
+            self._open.append((name, a, self.clock.mark()))
             return out
 
 
@@ -382,7 +374,7 @@ class Runner:
         def hook(name: str) -> Callable:
             def fn(*_: Any) -> None:
                 if self.spans.recording:
-                    marks[name] = self.spans._mark()
+                    marks[name] = self.spans.clock.mark()
             return fn
 
         handles = [vision_module(model).register_forward_pre_hook(hook("vision0")),
@@ -416,7 +408,7 @@ class Runner:
                 gc.collect()
                 gc.disable()
                 self.spans.start()
-                t0 = self.spans._mark()
+                t0 = self.spans.clock.mark()
                 with sdpa_kernel(backends), torch.inference_mode():
                     kwargs = {k: (v.to(dev) if v is not None else None) for k, v in fixed.items() if k in params}
                     out = model(input_ids=inputs.input_ids.to(dev),
@@ -424,11 +416,11 @@ class Runner:
                                 use_cache=False, logits_to_keep=1, **kwargs)
                     last = out.logits[0, -1].float()
                     tok = torch.argmax(last)
-                t1 = self.spans._mark()
+                t1 = self.spans.clock.mark()
                 self.sync()
                 gc.enable()
                 ops = self.spans.stop()
-                ms = (lambda a, b: a.elapsed_time(b) * 1e3) if self.cuda else (lambda a, b: (b - a) * 1e6)
+                ms = self.spans.clock.between_us
                 rec = {"i": i, "warmup": i < warmup, "ttft_us": ms(t0, t1), "vision_us": ms(marks["vision0"], marks["vision1"]),
                        "lm_us": ms(marks["lm0"], marks["lm1"]), "first_us": ms(marks["lm1"], t1),
                        "attention_us": ops.get("attention", 0.0),

@@ -127,7 +127,7 @@ class _Hub:
             return box.popleft()
 
 
-class _Clock:
+class Clock:
     """Marks on the device timeline: CUDA events on GPU, perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
@@ -163,7 +163,7 @@ class _Entry:
 class _Trace:
     """Replay-mode recorder: the rank's comm calls with their enter/exit marks."""
 
-    def __init__(self, clock: _Clock):
+    def __init__(self, clock: Clock):
         self.clock = clock
         self.calls: list[tuple[str, Any, tuple[int, ...], float, Any, Any]] = []  # (type, key, peers, cost, enter, exit)
         self.begin = clock.mark()
@@ -514,7 +514,7 @@ class EmulatedWorld:
             self.run(fn)
         results = self.run(fn)
         dev = torch.device(device) if device is not None else _result_device(results)
-        clock = _Clock(dev)
+        clock = Clock(dev)
         traces: list[list[Event]] = []
         for rank in range(self.world_size):
             runs: list[list[Event]] = []
