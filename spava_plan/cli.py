@@ -124,6 +124,10 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     from .planner.compare import COMPARED, compare
 
     cfg = to_config(task_cfg)
+    if cfg.video.path:  # plan for that clip: frames and resolution from its metadata (PyAV, no decode)
+        from .video_meta import plan_for_clip
+
+        cfg = plan_for_clip(cfg)
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
     rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method})
     plan = assemble(main)

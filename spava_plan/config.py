@@ -248,7 +248,11 @@ class VideoConfig:
     # plan and kernels (the runtime pads the query block and keeps pad tokens out of every real
     # row's attention); a longer one needs a plan with a larger value.
     max_question_tokens: int = 32
-    path: Optional[str] = None  # the video file (runtime only; the planner needs only the counts)
+    # A clip to plan for: `spava-plan video.path=clip.mp4` takes frames (sampled at video.fps within
+    # min_frames..max_frames, as the model's processor samples) and resolution from its metadata.
+    path: Optional[str] = None
+    min_frames: int = 4  # the processor's bounds on fps-based sampling (Qwen2-VL video processor)
+    max_frames: int = 768
 
     def __post_init__(self) -> None:
         _check_types(self, "video.")
@@ -259,6 +263,10 @@ class VideoConfig:
         _require(isinstance(self.system_tokens, int) and self.system_tokens >= 0, "video.system_tokens",
                  f"must be >= 0, got {self.system_tokens!r}")
         _positive_int(self.max_question_tokens, "video.max_question_tokens", 1 << 20)
+        _positive_int(self.min_frames, "video.min_frames", MAX_FRAMES)
+        _positive_int(self.max_frames, "video.max_frames", MAX_FRAMES)
+        _require(self.min_frames <= self.max_frames, "video.min_frames",
+                 f"must not exceed video.max_frames ({self.min_frames} > {self.max_frames})")
 
     @property
     def size(self) -> tuple[int, int]:
