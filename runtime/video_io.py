@@ -93,16 +93,19 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
     return read_frames(path, n)
 
 
-def read_frames(path: str, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
+def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
     """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info.
 
+    ``size``: (height, width) to scale each sampled frame to while converting it (FFmpeg's
+    scaler), e.g. a plan family's frame size for a clip of another resolution
+    (plan_store.StoredPlan.frame_size); None keeps the clip's size.
     Raises InputError when the file is missing, unreadable, or has fewer frames than asked for.
     """
     info = probe(path)
     if info.total_frames < num_frames:
         raise InputError(f"{path!r} has {info.total_frames} frames but the plan samples {num_frames}; use a "
                          f"longer video or re-plan with frames<={info.total_frames}", setting="video")
-    frames = _decode(path, sample_indices(info.total_frames, num_frames))
+    frames = _decode(path, sample_indices(info.total_frames, num_frames), size)
     if len(frames) < num_frames:
         # The container over-reported its frame count: count by decoding and sample again.
         counted = _count_frames(path)
@@ -110,11 +113,12 @@ def read_frames(path: str, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
         if counted < num_frames:
             raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
                              f"longer video or re-plan with frames<={counted}", setting="video")
-        frames = _decode(path, sample_indices(counted, num_frames))
+        frames = _decode(path, sample_indices(counted, num_frames), size)
     return np.stack(frames), info
 
 
-def _decode(path: str, indices: list[int]) -> list[np.ndarray]:
+def _decode(path: str, indices: list[int], size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
     wanted: dict[int, int] = {}
     for idx in indices:  # an index may repeat only if total < num (refused above); count anyway
         wanted[idx] = wanted.get(idx, 0) + 1
@@ -124,7 +128,7 @@ def _decode(path: str, indices: list[int]) -> list[np.ndarray]:
     try:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = frame.to_ndarray(format="rgb24", **scale)
                 out.extend([rgb] * wanted[i])
             if i >= last:
                 break

@@ -5,7 +5,8 @@ fly and cache it on disk by hash.
     plan = store.plan_for(frames=96, height=720, width=1280, question_tokens=20)
     entry = store.choose(frames=96, height=720, width=1280, question_tokens=20)
     entry.plan, entry.directory                  # the Plan and its folder (plan.json, kernels/)
-    entry.frames, entry.source_size              # what the caller feeds it: see "Holding" below
+    entry.frames, entry.frame_size               # what the caller feeds it: see "Holding" below
+    # e.g. runtime.video_io.read_frames(clip, entry.frames, size=entry.frame_size)
 
 A family is a directory with an ``index.json`` at its root, one entry per plan; ``spava-plan -m
 frames=64,128,256,512 video.resolution=720p,1080p`` writes one at the sweep root (cli.py's
@@ -20,9 +21,9 @@ pixels, a question of ``question_tokens`` tokens) when
     topology and world size, dtype, solver and system prompt length (``compat_key``);
   - its padded frame count is at least the request's (the caller then samples ``entry.frames``
     frames from the clip: denser sampling, nothing dropped);
-  - its resized frame is at least the request's resized frame on both sides (the caller resizes
-    the source frames to ``entry.source_size`` before the processor: an upscale, nothing dropped;
-    a different aspect ratio is stretched);
+  - its resized frame is at least the request's resized frame on both sides (the caller scales
+    the sampled frames to ``entry.frame_size``, the size the processor gives the plan's frames:
+    an upscale, nothing dropped; a different aspect ratio is stretched);
   - its ``video.max_question_tokens`` is at least ``question_tokens`` (shorter questions run on
     the same plan, see runtime/attention.py).
 Among the plans that hold it, the one with the fewest tokens wins (then fewer frames, then hash).
@@ -113,9 +114,9 @@ class StoredPlan:
         return self.entry.frames
 
     @property
-    def source_size(self) -> tuple[int, int]:
-        """(height, width) to resize the source frames to before the processor."""
-        return self.entry.source_size
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) to scale the sampled frames to (the processor then keeps that size)."""
+        return self.entry.frame_size
 
 
 def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:

@@ -165,3 +165,22 @@ def test_without_pyav_the_error_names_the_extra(monkeypatch, clips):
     monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
     with pytest.raises(InputError, match=r"video.path: .*needs PyAV.*spava-plan\[video\]"):
         probe_clip(clips[(30, 10)])
+
+
+def test_a_clip_scaled_to_a_family_plans_frame_size_gets_its_grid(clips, tmp_path):
+    """PlanStore picks a larger plan for a small clip; its frames scaled to the plan's frame size
+    give exactly the plan's token grid through the processor."""
+    from spava_plan.plan_store import PlanStore
+    from spava_plan.runtime import hf_inputs
+
+    store = PlanStore(tmp_path / "family", [*PLAN, "video.resolution=56x84"])
+    chosen = store.choose(frames=8, height=56, width=84, question_tokens=5)  # planned on the fly
+    clip = clips[(30, 10)]  # 32x48: smaller than the plan's frames
+    assert store.choose(frames=6, height=32, width=48, question_tokens=5).plan.hash == chosen.plan.hash
+    frames, _ = read_frames(str(clip), chosen.frames, size=chosen.frame_size)
+    assert frames.shape == (8, *chosen.frame_size, 3)
+    vis = chosen.plan.config["model"]["vision"]
+    _, grid = hf_inputs.video_pixels(hf_inputs.default_processing(), frames, min_pixels=vis["min_pixels"],
+                                     max_pixels=vis["max_pixels"], temporal_patch=2)
+    lay = chosen.plan.layout
+    assert (int(grid[0, 0]), int(grid[0, 1]) // 2, int(grid[0, 2]) // 2) == tuple(lay.grid_thw)
