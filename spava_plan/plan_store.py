@@ -4,6 +4,7 @@ fly and cache it on disk by hash.
     store = PlanStore("plans/", ["model=qwen2_5vl_3b", "gpus=8"])      # or a SpavaConfig
     plan = store.plan_for(frames=96, height=720, width=1280, question_tokens=20)
     entry = store.choose(frames=96, height=720, width=1280, question_tokens=20)
+    entry = store.choose_for_clip("clip.mp4", question_tokens=20)   # frames at video.fps, like the processor
     entry.plan, entry.directory                  # the Plan and its folder (plan.json, kernels/)
     entry.frames, entry.frame_size               # what the caller feeds it: see "Holding" below
     # e.g. runtime.video_io.read_frames(clip, entry.frames, size=entry.frame_size)
@@ -274,6 +275,22 @@ class PlanStore:
                     f"video.resolution={height}x{width} video.max_question_tokens={question_tokens} into the family, "
                     f"or turn on planning on the fly", setting="plan_on_the_fly")
             return self._plan_now(frames, height, width, question_tokens)
+
+    def choose_for_clip(self, path: str | Path, question_tokens: int) -> StoredPlan:
+        """``choose`` for a video file: its size from the metadata and the frame count the model's
+        processor samples at the base config's video.fps (spava_plan.video_meta; PyAV, no decode).
+        A missing or unreadable file is an InputError naming ``video``."""
+        from .video_meta import frames_for_rate, probe_clip
+
+        info = probe_clip(path, setting="video")
+        video = self.base.video
+        tp = 1 if self.base.model.family == "internvl3" else self.base.model.vision.temporal_patch
+        frames = frames_for_rate(info.total_frames, info.fps, video.fps, min_frames=video.min_frames,
+                                 max_frames=video.max_frames, temporal_patch=tp)
+        if frames < 1:
+            raise InputError(f"{str(path)!r} has {info.total_frames} frames, fewer than one temporal patch ({tp})",
+                             setting="video")
+        return self.choose(frames, info.height, info.width, question_tokens)
 
     def plan_for(self, frames: int, height: int, width: int, question_tokens: int) -> Plan:
         """The Plan of ``choose``."""

@@ -177,6 +177,8 @@ def test_a_clip_scaled_to_a_family_plans_frame_size_gets_its_grid(clips, tmp_pat
     chosen = store.choose(frames=8, height=56, width=84, question_tokens=5)  # planned on the fly
     clip = clips[(30, 10)]  # 32x48: smaller than the plan's frames
     assert store.choose(frames=6, height=32, width=48, question_tokens=5).plan.hash == chosen.plan.hash
+    # the 3 s clip at video.fps=2 samples 6 frames of 32x48: the same plan holds it
+    assert store.choose_for_clip(clip, question_tokens=5).plan.hash == chosen.plan.hash
     frames, _ = read_frames(str(clip), chosen.frames, size=chosen.frame_size)
     assert frames.shape == (8, *chosen.frame_size, 3)
     vis = chosen.plan.config["model"]["vision"]
