@@ -50,7 +50,7 @@ def test_run_writes_every_artifact(tmp_path):
     (["video.resolution=sharp"], "video.resolution"),
     (["model=nope"], "model"),
     (["model.num_kv_heads=5"], "model.num_kv_heads"),  # 28 query heads cannot be grouped over 5
-    (["gpus=4096", "frames=8"], "gpus"),  # more virtual hosts than 128-token blocks
+    (["gpus=1024", "frames=8"], "gpus"),  # more virtual hosts than 128-token blocks
     (["gpus=2", "frames=8192", "video.resolution=720p"], "gpus"),  # does not fit 80 GB GPUs
     (["gpus=abc"], "gpus"),
 ])
@@ -83,7 +83,7 @@ def test_sweep_writes_a_summary(tmp_path):
 
 
 def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
-    res = spava_plan(["-m", "gpus=2,4096", "frames=8", "model=qwen2vl_2b", "kernels=false",
+    res = spava_plan(["-m", "gpus=2,1024", "frames=8", "model=qwen2vl_2b", "kernels=false",
                       "hydra.sweep.dir=sweep"], tmp_path)
     assert res.returncode == 2
     errors = res.stderr.strip().splitlines()
