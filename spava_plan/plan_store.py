@@ -302,7 +302,7 @@ class PlanStore:
         video = dataclasses.replace(self.base.video, frames=int(frames), resolution=f"{int(height)}x{int(width)}",
                                     max_question_tokens=max(self.base.video.max_question_tokens,
                                                             int(question_tokens)), path=None)
-        return dataclasses.replace(self.base, video=video, frames=int(frames))
+        return dataclasses.replace(self.base, video=video)  # the frames= shorthand follows video.frames
 
     def _plan_now(self, frames: int, height: int, width: int, question_tokens: int) -> StoredPlan:
         from .planner.build import build_plan

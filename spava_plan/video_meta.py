@@ -127,4 +127,4 @@ def plan_for_clip(cfg):
         raise InputError(f"{video.path!r} has {info.total_frames} frames, fewer than one temporal patch ({tp})",
                          setting="video.path")
     resolved = dataclasses.replace(video, frames=frames, resolution=f"{info.height}x{info.width}")
-    return dataclasses.replace(cfg, video=resolved, frames=frames)
+    return dataclasses.replace(cfg, video=resolved)  # the frames= shorthand follows video.frames
