@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
-from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
+from spava_plan.plan import (Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
+                             split_config)
 from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work
@@ -273,10 +274,11 @@ def assemble(d: Derived) -> Plan:
     """The immutable Plan of a derivation, with every op of the timed schedule."""
     assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
         "assemble() needs a derivation made with detail=True"
+    computation, deployment = split_config(config_to_dict(d.cfg))
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
                 schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
-                config=config_to_dict(d.cfg))
+                config=computation, deployment=deployment)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:
