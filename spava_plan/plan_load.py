@@ -244,6 +244,14 @@ def _contiguous(rank: RankPlan, start: int, stop: int, path: str) -> None:
     _fail(path, f"tokens [{start}, {stop}) are not one contiguous run of rank {rank.rank}'s local sequence")
 
 
+# KV source fields a kind does not use, with the values they must keep.
+_UNUSED = {
+    "local": {"slot": -1, "rank_start": 0, "rank_stop": 0, "keep": 0, "owner": -1},
+    "passing": {"start": 0, "stop": 0, "owner": -1},
+    "remote": {"slot": -1, "rank_start": 0, "rank_stop": 0, "keep": 0},
+}
+
+
 def check_plan(plan: Plan) -> None:
     """Every invariant the runtime and codegen rely on (raises _Bad naming the field)."""
     W, m, lay = plan.world_size, plan.model, plan.layout
@@ -338,6 +346,8 @@ def check_plan(plan: Plan) -> None:
                   f"must hold rank {r}'s {n_local} local tokens")
         for j, span in enumerate(rp.cache):
             _span(span, 0, total, f"{p}.cache[{j}]", empty=True)
+            if span[0] < span[1]:
+                _contiguous(rp, *span, f"{p}.cache[{j}]")
         for j, (slot, a, b, keep) in enumerate(rp.select):
             q = f"{p}.select[{j}]"
             _need(slot in select_slots, q, f"slot {slot} has no select_all_gather collective")
@@ -363,6 +373,9 @@ def check_plan(plan: Plan) -> None:
                 _need(query is not None, f"{q}.merge", "needs a query_all_gather collective")
             for k, ref in enumerate(t.kv):
                 s = f"{q}.kv[{k}]"
+                unused = _UNUSED[ref.kind]
+                _need(all(getattr(ref, f) == v for f, v in unused.items()), s,
+                      f"a {ref.kind} source leaves {', '.join(unused)} at their defaults")
                 if ref.kind == "passing":
                     c = select_slots.get(ref.slot)
                     _need(c is not None, f"{s}.slot", f"slot {ref.slot} has no select_all_gather collective")
@@ -397,6 +410,9 @@ def check_plan(plan: Plan) -> None:
             if op.kind == "compute":
                 _need(op.name in get_args(ComputeOp), f"{q}.name", f"must be one of {', '.join(get_args(ComputeOp))}")
                 _need(op.stream == "compute", f"{q}.stream", "a compute op runs on the compute stream")
+                _need(op.name == "attend" or (not op.tasks and op.step == -1), q,
+                      "only attend ops carry tasks and a ring step")
+                _need(op.name == "merge" or not op.collective, f"{q}.collective", "only merge ops name a collective")
                 for name in op.tasks:
                     _need(name in task_names, f"{q}.tasks", f"task {name!r} is not a task of rank {r}")
                 if op.name == "merge":
@@ -408,6 +424,13 @@ def check_plan(plan: Plan) -> None:
                     _need(ring is not None, f"{q}.step", "ring steps need a ring collective")
             else:
                 _need(op.collective in colls, f"{q}.collective", f"{op.collective!r} is not a collective")
+                _need(op.stream == "comm" and not op.tasks, q, "a communication op runs on the comm stream, no tasks")
+                is_ring = colls[op.collective].kind == "ring"
+                _need((op.step >= 1) if is_ring else (op.step == -1), f"{q}.step",
+                      "ring steps count from 1; other collectives have step -1")
+                verb = "start" if op.kind == "comm_start" else "wait"
+                expected = f"{verb}:{op.collective}{op.step if is_ring else ''}"
+                _need(op.name == expected, f"{q}.name", f"must be {expected!r}")
                 key = (op.collective, op.step)
                 if op.kind == "comm_start":
                     _need(key not in started, q, "starts a collective that is already in flight")
