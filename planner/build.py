@@ -18,10 +18,10 @@ from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
 from spava_plan.plan import (Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
-                             split_config)
+                             SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
-from .cost import KERNELS, ZERO, CostModel, Work
+from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
 from .partition import Partition, check_vision_units, partition
@@ -275,10 +275,15 @@ def assemble(d: Derived) -> Plan:
     assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
         "assemble() needs a derivation made with detail=True"
     computation, deployment = split_config(config_to_dict(d.cfg))
+    video, vision = d.cfg.video, d.cfg.model.vision
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
                 schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
-                config=computation, deployment=deployment)
+                selection=SelectionSpec(score=d.cfg.method.selection, pool_window=d.cfg.method.pool_window),
+                video=VideoSpec(frames=video.frames, source_size=video.size, fps=float(video.fps),
+                                system_tokens=video.system_tokens, question_tokens=video.question_tokens,
+                                spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch),
+                links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

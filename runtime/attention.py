@@ -88,9 +88,8 @@ class RankAttention:
         self.W = plan.world_size
         self.model = plan.model
         self.scale = softmax_scale(plan.model.head_dim)
-        method = plan.config.get("method", {})
-        self.selection = str(method.get("selection", "query_aware"))
-        self.pool_window = int(method.get("pool_window", 5))
+        self.selection = plan.selection.score
+        self.pool_window = plan.selection.pool_window
         self.decode_capacity = decode_capacity
         self.collectives = {c.name: c for c in plan.collectives}
         self.n_local = self.rp.local_tokens

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, get_args
 
 from .errors import PlanMismatchError
+from .links import Links
 
 SCHEMA_VERSION = 1
 
@@ -54,6 +55,7 @@ ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
 Method = Literal["spava", "apb", "star", "zigzag_ring", "dense"]
 DType = Literal["bf16", "fp16", "fp32"]
 Family = Literal["qwen2_vl", "qwen2_5_vl", "internvl3"]
+Selection = Literal["query_aware", "key_norm"]
 
 SEGMENT_KINDS = get_args(SegmentKind)
 KV_KINDS = get_args(KVKind)
@@ -240,6 +242,29 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    """How a host scores its block's tokens and picks the ``keep`` it passes on (the select
+    kernels): ``query_aware`` scores keys against the query block (Spava), ``key_norm`` by key
+    norm (the query-unaware APB stand-in); scores are max-pooled over ``pool_window`` tokens."""
+
+    score: Selection = "query_aware"
+    pool_window: int = 5  # odd; 1 disables smoothing
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """The prompt the plan was made for, as the runtime builds and checks its input."""
+
+    frames: int  # sampled frames of the input (layout.frames: after padding to whole temporal grids)
+    source_size: tuple[int, int]  # (height, width) of the source frames, before the processor's resize
+    fps: float  # sampling rate of the frames (temporal positions depend on it)
+    system_tokens: int  # tokens before the video
+    question_tokens: int  # tokens of the question text
+    spatial_merge: int  # vision patches merged per side into one LLM token
+    temporal_patch: int  # frames per temporal grid
+
+
+@dataclass(frozen=True)
 class Layout:
     total_tokens: int  # L + Lq
     context_tokens: int  # L
@@ -276,6 +301,9 @@ class Plan:
     collectives: tuple[Collective, ...]
     schedule: tuple[RankSchedule, ...]
     prediction: Prediction
+    selection: SelectionSpec  # the select kernels' settings
+    video: VideoSpec  # the prompt the runtime builds and checks
+    links: Links  # what communication costs on the plan's topology (the emulated runtime charges it)
     config: Mapping[str, Any]  # the resolved config minus DEPLOYMENT_SETTINGS (for humans and re-planning)
     schema_version: int = SCHEMA_VERSION
     # DEPLOYMENT_SETTINGS of the config the plan was made from: stored, but neither hashed nor

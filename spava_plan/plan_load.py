@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, get_args
 
 from .errors import PlanFormatError, SpavaError
+from .links import ALL_GATHER, P2P, plan_links
 from .plan import SCHEMA_VERSION, ComputeOp, Plan, RankPlan, content_hash, merge_config
 
 # plan.json of the largest plans the planner accepts (a 1024-GPU ring) is tens of MB.
@@ -322,6 +323,10 @@ def check_plan(plan: Plan) -> None:
         else:
             _need(c.slot == -1, f"{p}.slot", f"must be -1 for a {c.kind} collective")
             _need(sum(x.kind == c.kind for x in plan.collectives) == 1, f"{p}.kind", f"a plan has one {c.kind}")
+    for i, c in enumerate(plan.collectives):  # timed by the one communication model
+        kind = P2P if c.kind == "ring" else ALL_GATHER
+        _need(math.isclose(c.time_us, plan.links.transfer_us(kind, c.bytes_per_rank, W), rel_tol=1e-9, abs_tol=1e-9),
+              f"collectives[{i}].time_us", "must be the plan's links' time for its bytes")
     query = next((c for c in plan.collectives if c.kind == "query_all_gather"), None)
     ring = next((c for c in plan.collectives if c.kind == "ring"), None)
     if query is not None:
@@ -443,6 +448,18 @@ def check_plan(plan: Plan) -> None:
                     started.discard(key)
         _need(not started, f"schedule[{r}].ops", f"collectives {sorted(started)} are started but never waited on")
 
+    sel, vid, links = plan.selection, plan.video, plan.links
+    _need(1 <= sel.pool_window <= 1 << 16 and sel.pool_window % 2 == 1, "selection.pool_window",
+          f"must be a positive odd integer, got {sel.pool_window}")
+    _need(links.gbps > 0 and links.latency_us >= 0, "links", "needs gbps > 0 and latency_us >= 0")
+    _need(vid.fps > 0 and min(vid.frames, vid.spatial_merge, vid.temporal_patch, *vid.source_size) >= 1,
+          "video", "frames, source_size, fps, spatial_merge and temporal_patch must be positive")
+    _need(vid.frames <= lay.frames, "video.frames", "must not exceed layout.frames (the padded count)")
+    _need(vid.system_tokens >= 0 and vid.system_tokens + lay.video_tokens <= lay.context_tokens, "video.system_tokens",
+          "the video after the system tokens must lie inside the context")
+    _need(1 <= vid.question_tokens < lay.query_tokens, "video.question_tokens",
+          "the question must fit inside the query block")
+
     pred = plan.prediction
     _need(len(pred.rank_us) == W and len(pred.peak_memory_bytes) == W, "prediction",
           f"rank_us and peak_memory_bytes must have world_size={W} entries")
@@ -471,8 +488,18 @@ def _check_config(plan: Plan) -> None:
         _need(getattr(cfg.model, name) == getattr(plan.model, name), f"model.{name}",
               f"must match config.model.{name} ({getattr(cfg.model, name)!r})")
     _need(plan.world_size <= cfg.topology.gpus, "world_size", "must not exceed config.topology.gpus")
-    _need(cfg.video.system_tokens + plan.layout.video_tokens <= plan.layout.context_tokens, "layout.video_tokens",
-          "the video (after config.video.system_tokens) must lie inside the context")
+    t = cfg.topology
+    _need(plan.links == plan_links(world=plan.world_size, gpus=t.gpus, nodes=t.num_nodes, gpus_per_node=t.gpus_per_node,
+                                   intra_node_gbps=t.intra_node_gbps, inter_node_gbps=t.inter_node_gbps,
+                                   link_latency_us=t.link_latency_us), "links", "must match the config's topology")
+    _need((cfg.method.selection, cfg.method.pool_window) == (plan.selection.score, plan.selection.pool_window),
+          "selection", "must match config.method.selection and pool_window")
+    v = cfg.video
+    _need((v.frames, v.size, v.system_tokens, v.question_tokens, cfg.model.vision.spatial_merge,
+           cfg.model.vision.temporal_patch) == (plan.video.frames, plan.video.source_size, plan.video.system_tokens,
+                                                plan.video.question_tokens, plan.video.spatial_merge,
+                                                plan.video.temporal_patch) and v.fps == plan.video.fps,
+          "video", "must match the config's video and model.vision settings")
 
 
 # -- entry points -------------------------------------------------------------------------------------
