@@ -27,7 +27,7 @@ from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
-from .schedule import NAME, STEP, TASKS, Step, Timeline, rank_schedules, rank_steps, simulate
+from .schedule import Step, Timeline, rank_schedules, rank_steps, simulate
 from .vision import vision_unit
 
 FIXED_PLACEMENT = SolverConfig(name="zigzag")
@@ -91,12 +91,7 @@ def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool],
     for task in rank.tasks:
         by_owner: dict[int, list[tuple[int, bool]]] = {}
         for ref in task.kv:
-            kind = ref.kind
-            if kind == "remote":
-                owner, keys = ref.owner, ref.stop - ref.start
-            else:
-                owner = me
-                keys = (ref.rank_stop - ref.rank_start) * ref.keep if kind == "passing" else ref.stop - ref.start
+            owner, keys = (ref.owner if ref.kind == "remote" else me), ref.length
             src = by_owner.get(owner)
             if src is None:
                 by_owner[owner] = [(keys, ref.mask == "causal")]
@@ -145,12 +140,12 @@ class _Durations:
         return out  # type: ignore[return-value]
 
     def __call__(self, rank: RankPlan, step: Step) -> Work:
-        cost, launch, name = self.cost, self.launch, step[NAME]
+        cost, launch, name = self.cost, self.launch, step.name
         if name == "attend":
             rows, sources = self._rank(rank)
-            owner = rank.rank if step[STEP] < 0 else (rank.rank - step[STEP]) % self.world
+            owner = rank.rank if step.step < 0 else (rank.rank - step.step) % self.world
             work = self._launch
-            for task in step[TASKS]:
+            for task in step.tasks:
                 src = sources[task]
                 work = work + cost.attention(rows[task], src[owner] if self.ring is not None else src.get(owner, ()))
             return work

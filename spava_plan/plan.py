@@ -36,7 +36,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, get_args
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, get_args
 
 from .errors import PlanMismatchError
 from .links import Links
@@ -124,13 +124,24 @@ class AttnTask:
         return sum(ref.length for ref in self.kv)
 
 
+class SelectBlock(NamedTuple):
+    """A block a rank scores and packs for the selection all-gather of ``slot``: tokens
+    [start, stop) of one of its hosts, ``keep`` rows per KV head (a named tuple: it is written to
+    plan.json as [slot, start, stop, keep])."""
+
+    slot: int
+    start: int
+    stop: int
+    keep: int
+
+
 @dataclass(frozen=True)
 class RankPlan:
     rank: int
     hosts: tuple[int, ...]  # virtual hosts this rank runs, in slot order (slot i -> hosts[i])
     local: tuple[tuple[int, int], ...]  # global token ranges of the local sequence, in local order
     tasks: tuple[AttnTask, ...]  # every attention task of this rank, per layer
-    select: tuple[tuple[int, int, int, int], ...]  # (slot, start, stop, keep): blocks it selects from
+    select: tuple[SelectBlock, ...]  # the blocks it selects from
     cache: tuple[tuple[int, int], ...]  # global token ranges of its KV cache shard after prefill
     decode_appends: bool = False  # this rank appends the new tokens' K/V during decode
 

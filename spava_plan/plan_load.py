@@ -155,6 +155,14 @@ def _checker(hint: Any) -> Any:
                 raise _At(f"must be a one-line string of at most {MAX_STR} characters, got {_show(v)}")
             return v
         return string
+    if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields"):  # a NamedTuple
+        parts_nt = tuple(_checker(h) for h in typing.get_type_hints(hint).values())
+
+        def named(v: Any) -> Any:
+            if type(v) is not list or len(v) != len(parts_nt):
+                raise _At(f"must be a list of {len(parts_nt)} items ({', '.join(hint._fields)}), got {_show(v)}")
+            return hint(*(_within(f"[{i}]", c, x) for i, (c, x) in enumerate(zip(parts_nt, v))))
+        return named
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         item = _checker(args[0])
 
@@ -353,7 +361,7 @@ def check_plan(plan: Plan) -> None:
             _span(span, 0, total, f"{p}.cache[{j}]", empty=True)
             if span[0] < span[1]:
                 _contiguous(rp, *span, f"{p}.cache[{j}]")
-        for j, (slot, a, b, keep) in enumerate(rp.select):
+        for j, (slot, a, b, keep) in enumerate(rp.select):  # SelectBlock
             q = f"{p}.select[{j}]"
             _need(slot in select_slots, q, f"slot {slot} has no select_all_gather collective")
             _need(0 <= slot < len(rp.hosts), q, f"slot {slot} must index this rank's hosts")
@@ -441,7 +449,7 @@ def check_plan(plan: Plan) -> None:
                     _need(key not in started, q, "starts a collective that is already in flight")
                     started.add(key)
                     if colls[op.collective].kind == "select_all_gather":
-                        _need(colls[op.collective].slot in {s[0] for s in rp.select}, q,
+                        _need(colls[op.collective].slot in {s.slot for s in rp.select}, q,
                               "this rank selects nothing for that collective")
                 else:
                     _need(key in started, q, "waits on a collective that was not started")
