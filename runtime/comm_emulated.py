@@ -8,8 +8,8 @@ Two passes (DESIGN.md, "Multi-rank speed on one GPU"):
    communicator hands back the logged buffers instead of waiting for peers, and marks every
    communication call (CUDA events on GPU, perf_counter on CPU), so each rank's compute is timed
    without interference. runtime/emulated_timeline.py then adds the communication the schedule
-   cannot hide, charging each tagged collective the plan's predicted time (runtime/comm.py's
-   formula for untagged ones).
+   cannot hide, charging each tagged collective the plan's predicted time (and untagged ones
+   the plan's ``links``: spava_plan/links.py, the planner's own model).
 
 A rank that raises aborts the others' pending communication at once with a DistributedError
 naming it; a rank that never shows up makes the others time out with the same kind of error.
@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from spava_plan.errors import DistributedError, SpavaError
-
 from spava_plan.links import Links
 
 from .comm import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle, tensor_bytes
