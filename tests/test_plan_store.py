@@ -74,7 +74,7 @@ def test_planning_on_the_fly_caches_by_hash_and_reuses(tmp_path, family):
     store = PlanStore(root, BASE)
     first = store.choose(frames=48, height=56, width=84, question_tokens=40)
     assert first.planned_now and first.directory == root / "cache" / first.plan.hash[:16]
-    assert first.plan.layout.max_question_tokens == 40 and first.frames == 48
+    assert first.plan.video.max_question_tokens == 40 and first.frames == 48
     assert load_plan(first.directory / "plan.json") == first.plan
     assert len(read_index(root)) == 5
     # a new store (a restarted server) finds it in the index: no planning, the same plan
