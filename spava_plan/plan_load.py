@@ -465,7 +465,7 @@ def check_plan(plan: Plan) -> None:
     _need(vid.frames <= lay.frames, "video.frames", "must not exceed layout.frames (the padded count)")
     _need(vid.system_tokens >= 0 and vid.system_tokens + lay.video_tokens <= lay.context_tokens, "video.system_tokens",
           "the video after the system tokens must lie inside the context")
-    _need(1 <= vid.question_tokens < lay.query_tokens, "video.question_tokens",
+    _need(1 <= vid.max_question_tokens < lay.query_tokens, "video.max_question_tokens",
           "the question must fit inside the query block")
 
     pred = plan.prediction
