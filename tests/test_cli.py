@@ -22,7 +22,7 @@ def test_run_writes_every_artifact(tmp_path):
     res = spava_plan(SMALL + ["gpus=4", "hydra.run.dir=out"], tmp_path)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
-    for name in ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png"):
+    for name in ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".spava-plan-*")), "temporary directory left behind"
     plan = load_plan(out / "plan.json")
@@ -79,7 +79,9 @@ def test_sweep_writes_a_summary(tmp_path):
         assert float(r["speedup_vs_zigzag_ring"]) == pytest.approx(1.0) if ring else float(r["speedup_vs_dense"]) > 1
     md = (sweep / "summary.md").read_text()
     assert md.count("\n") == 2 + 8 and "| job |" in md
-    assert res.stdout.splitlines()[-1] == f"summary: {sweep.resolve() / 'summary.csv'}"
+    assert res.stdout.splitlines()[-1] == (f"summary: {sweep.resolve() / 'summary.csv'} "
+                                           f"(plot: {sweep.resolve() / 'sweep.png'})")
+    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
