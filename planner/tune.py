@@ -166,6 +166,129 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
 
 
 # -- lower bounds -----------------------------------------------------------------------------------
+def _attention_pairs(part: Partition) -> tuple[float, float]:
+    """(pairs split over the ranks, pairs every rank computes): scores of every context task of a
+    partition, each computed on exactly one rank, plus the query's pairs over the whole context
+    (split over the ranks); the anchor's own causal attention is recomputed on every rank."""
+    anchor = part.anchor_tokens if part.anchor else 0
+    total = 0.0
+    for v, (a, b) in enumerate(part.blocks):
+        rows = b - a
+        if part.method in ("spava", "apb"):
+            total += rows * (v * part.keep + anchor) + visible_pairs(rows, rows, True)
+        elif part.method == "star":
+            total += (rows * (part.blocks[0][1] - part.blocks[0][0]) if v else 0) + visible_pairs(rows, rows, True)
+        else:  # zigzag_ring, dense: every earlier token, causal inside the chunk
+            total += rows * a + visible_pairs(rows, rows, True)
+    if part.query is not None:
+        lq = part.query[1] - part.query[0]
+        total += lq * part.query[0] + visible_pairs(lq, lq, True)
+    replicated = visible_pairs(anchor, anchor, True) if anchor and part.method in ("spava", "apb") else 0.0
+    return total, replicated
+
+
+def _local_tokens(part: Partition, total_tokens: int) -> int:
+    """At least this many tokens on every rank: spava / apb hold the anchor, their blocks and the
+    query (the spec's local sequence); otherwise an even share of the prompt."""
+    if part.method in ("spava", "apb") and part.blocks:
+        least = min(b - a for a, b in part.blocks)
+        return (part.anchor_tokens if part.anchor else 0) + part.hosts_per_rank * least
+    return total_tokens // part.world
+
+
+def bounds(cfg: SpavaConfig) -> tuple[float, int, Partition]:
+    """(time, peak bytes) lower bounds of ``cfg``'s plan, from the cost model's primitives; raises
+    the planner's own SpavaError when the candidate cannot be partitioned at all."""
+    tokens = token_layout(cfg.model, cfg.video)
+    part = partition(tokens, cfg.method, cfg.topology.gpus)
+    w = part.world
+    check_vision_units(tokens, w, cfg.model.vision.temporal_patch)
+    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, w)
+    m = cfg.model
+    units = tokens.grid_thw[0]
+    vision = -(-units // w) * cost.vision_unit(vision_unit(m, tokens.grid_thw)).us
+    # Compute ops run one after another on a rank: per-token work on its local tokens, plus at
+    # least the average rank's share of the attention FLOPs (and all of the replicated ones) at
+    # the attention rate.
+    per_token = cost.layer_tokens(_local_tokens(part, tokens.total_tokens)).us
+    split, replicated = _attention_pairs(part)
+    attention = 4.0 * (split / w + replicated) * m.head_dim * m.num_heads / cost.attn_rate
+    time = vision + m.num_layers * (per_token + attention)
+    kv_row = m.num_layers * 2 * m.num_kv_heads * m.head_dim * cfg.dtype_bytes
+    passing = part.virtual_hosts * part.keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes \
+        if part.method in ("spava", "apb") else 0
+    peak = weight_bytes(cfg) + tokens.total_tokens // w * kv_row + passing
+    return time, peak, part
+
+
+# -- the search space -------------------------------------------------------------------------------
+def gpu_counts(gpus: int) -> list[int]:
+    """Powers of two up to ``gpus``, and ``gpus`` itself."""
+    out, w = [], 1
+    while w <= gpus:
+        out.append(w)
+        w *= 2
+    if out[-1] != gpus:
+        out.append(gpus)
+    return out
+
+
+def _ladder(floor: int, top: int) -> list[int]:
+    """floor, 2*floor, ... (multiples of 128), then top: the sizes from the floor to the rule."""
+    if floor >= top:
+        return [floor]
+    out, v = [floor], max(floor, 64)
+    while True:
+        v *= 2
+        if v >= top:
+            break
+        out.append(-(-v // 128) * 128)
+    return sorted(set(out + [top]))
+
+
+def _config(base: SpavaConfig, method: MethodConfig, gpus: int, solver: str) -> SpavaConfig:
+    topo = dataclasses.replace(base.topology, gpus=gpus, nodes=base.topology.nodes if gpus == base.topology.gpus
+                               else None)
+    solv = base.solver if solver == base.solver.name else SolverConfig(name=solver)
+    tune = dataclasses.replace(base.tune, target=None)  # the chosen plan is an ordinary plan
+    return dataclasses.replace(base, topology=topo, method=method, solver=solv, tune=tune, gpus=gpus,
+                               nodes=topo.nodes)
+
+
+def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tuple[list[Candidate], dict]:
+    """Every candidate of the search (solver refinement comes later), and the floors."""
+    t = base.tune
+    L = token_layout(base.model, base.video).context_tokens
+    rule_a, rule_p = paper_anchor(L), paper_passing(L)
+    floor_a = rule_a if t.min_anchor is None else min(t.min_anchor, rule_a)
+    floor_p = rule_p if t.min_passing is None else min(t.min_passing, rule_p)
+    floors = {"floor_anchor": floor_a, "floor_passing": floor_p, "paper_anchor": rule_a, "paper_passing": rule_p}
+    out: list[Candidate] = []
+    first_solver = t.solvers[0]
+    for method in t.methods:
+        preset = presets(method)
+        for w in ([1] if method == "dense" else gpu_counts(base.topology.gpus)):
+            if method == "spava":
+                for h in t.hosts_per_gpu:
+                    for a in _ladder(floor_a, rule_a):
+                        for p in _ladder(floor_p, rule_p):
+                            m = dataclasses.replace(preset, hosts_per_gpu=h, anchor_tokens=a, passing_tokens=p,
+                                                    pass_all=False)
+                            out.append(Candidate(len(out), method, w, h, a, p, first_solver,
+                                                 _config(base, m, w, first_solver)))
+            else:
+                c = Candidate(len(out), method, w, 1 if method in ("apb", "star", "dense") else 2, None, None,
+                              "fixed", _config(base, preset, w, base.solver.name))
+                passes = {"star": 0, "apb": apb_passing(L)}.get(method)
+                if passes is not None and passes < floor_p:
+                    c.status, c.reason = "rejected", (
+                        f"below the quality floor: passes {passes} tokens per block, floor {floor_p} "
+                        f"(set tune.min_passing={passes} to allow)")
+                out.append(c)
+    return out, floors
+
+
+# -- lower bounds -----------------------------------------------------------------------------------
 def _attention_pairs(part: Partition, query_tokens: int) -> float:
     """Scores of every context task of a partition (each computed on exactly one rank), the
     query's pairs over the whole context (split over the ranks) included."""
@@ -290,13 +413,13 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
             c = Candidate(len(cands), "spava", top.gpus, top.hosts_per_gpu, top.anchor_tokens, top.passing_tokens, s,
                           _config(base, m, top.gpus, s), bound_us=top.bound_us, bound_bytes=top.bound_bytes)
             cands.append(c)
-            if gap <= SOLVER_GAP_PRUNE:
-                c.status, c.reason = "pruned", (f"the {top.solver} placement of this candidate is within {gap:.3%} "
-                                                f"of the placement lower bound: no solver can gain more")
-                continue
             if s == "exact" and top.gpus * top.hosts_per_gpu > c.cfg.solver.exact_max_hosts:
                 c.status, c.reason = "rejected", (f"exact solver limited to solver.exact_max_hosts="
                                                   f"{c.cfg.solver.exact_max_hosts} hosts")
+                continue
+            if gap <= SOLVER_GAP_PRUNE:
+                c.status, c.reason = "pruned", (f"the {top.solver} placement of this candidate is within {gap:.3%} "
+                                                f"of the placement lower bound: no solver can gain more")
                 continue
             _plan(c, cache)
             if c.fits and better(c):

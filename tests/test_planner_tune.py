@@ -66,6 +66,11 @@ def test_quality_floor_rejects_star_and_small_passing_unless_allowed(small):
     allowed = T.tune(low, method_preset)
     assert {c.passing_tokens for c in allowed.candidates if c.method == "spava"} >= {0, result.paper_passing}
     assert not any("quality floor" in c.reason for c in allowed.candidates)
+    for c in allowed.candidates:  # star's and low-passing spava's bounds hold too
+        if (c.method == "star" or c.passing_tokens == 0) and (c.ttft_us is not None or c.status == "pruned"):
+            d = derive(c.cfg, require_fit=False, detail=False)
+            assert c.bound_us <= d.prediction.makespan_us * (1 + 1e-9), c.knobs()  # 1e-9: float sums
+            assert c.bound_bytes <= max(d.prediction.peak_memory_bytes), c.knobs()
 
 
 @pytest.mark.parametrize("target", ["memory", "throughput"])
