@@ -127,7 +127,7 @@ def _config(base: SpavaConfig, method: MethodConfig, gpus: int, solver: str) -> 
     topo = dataclasses.replace(base.topology, gpus=gpus, nodes=base.topology.nodes if gpus == base.topology.gpus
                                else None)
     solv = base.solver if solver == base.solver.name else SolverConfig(name=solver)
-    tune = dataclasses.replace(base.tune, target=None)  # the chosen plan is an ordinary plan
+    tune = type(base.tune)()  # the chosen plan is an ordinary plan: the same as its knobs give without tuning
     return dataclasses.replace(base, topology=topo, method=method, solver=solv, tune=tune, gpus=gpus,
                                nodes=topo.nodes)
 
@@ -250,7 +250,7 @@ def _config(base: SpavaConfig, method: MethodConfig, gpus: int, solver: str) -> 
     topo = dataclasses.replace(base.topology, gpus=gpus, nodes=base.topology.nodes if gpus == base.topology.gpus
                                else None)
     solv = base.solver if solver == base.solver.name else SolverConfig(name=solver)
-    tune = dataclasses.replace(base.tune, target=None)  # the chosen plan is an ordinary plan
+    tune = type(base.tune)()  # the chosen plan is an ordinary plan: the same as its knobs give without tuning
     return dataclasses.replace(base, topology=topo, method=method, solver=solv, tune=tune, gpus=gpus,
                                nodes=topo.nodes)
 

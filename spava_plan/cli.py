@@ -28,7 +28,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from .errors import SpavaError
+from .errors import InfeasiblePlanError, SpavaError
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
@@ -220,7 +220,10 @@ def _task(task_cfg: Any) -> dict:
     except SpavaError as exc:
         _discard_job_dir(out_dir, hc.output_subdir)
         where = f"job #{job} ({overrides}): " if multirun else ""
-        line = f"spava-plan: error: {where}{exc}"
+        hint = ""
+        if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
+            hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
+        line = f"spava-plan: error: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row
