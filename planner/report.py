@@ -89,8 +89,8 @@ def conclusion_lines(rows: Sequence[MethodRow]) -> list[str]:
         out.append(f"**Warning:** the planned method, {mine.method} ({_ms(mine.prefill_us)} ms"
                    f"{'' if mine.fits else ', does not fit'}), is not the fastest: {best.method} is predicted "
                    f"{mine.prefill_us / best.prefill_us:.2f}x faster on the same work, mostly in {phase} ({_ms(b)} vs "
-                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or let the planner choose knobs with "
-                   f"`tune=latency`{f' (note: {note})' if note else ''}.")
+                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or search every knob with `tune=latency` (which "
+                   f"keeps to a quality floor on anchor and passing sizes){f'; note: {note}' if note else ''}.")
     return out
 
 

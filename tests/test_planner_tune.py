@@ -132,7 +132,7 @@ def test_conclusion_names_the_fastest_and_warns_when_the_plan_is_not_it():
     assert "Why: attention" in lines[0]
     warn = warning_line(rows)
     assert warn and warn.startswith("Warning: the planned method, spava") and "52.88x faster" in warn
-    assert "passes no context" in warn  # what star gives up is said beside the recommendation
+    assert "passes no context" in warn and "tune=latency" in warn  # what star gives up, and the search
     rows[0], rows[1] = _row("spava", 10_000, planned=True), _row("star", 12_161)
     assert warning_line(rows) is None
 
