@@ -289,6 +289,23 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
         if c.fits and better(c):
             best = c
 
+    # The Pareto front (TTFT against GPUs used): the fastest plan that fits at every GPU count, by
+    # the same branch and bound within each count (smaller counts plan faster, so this costs at
+    # most about as much as the search above).
+    for w in sorted({c.gpus for c in live}):
+        group = [c for c in live if c.gpus == w]  # in order of the bound
+        fastest = min((c for c in group if c.fits), key=lambda c: (c.ttft_us, c.index), default=None)
+        for c in sorted(group, key=lambda c: (c.bound_us, c.index)):
+            if c.ttft_us is not None or c.status == "rejected":
+                continue
+            if fastest is not None and c.bound_us > fastest.ttft_us:
+                continue  # stays pruned: no faster plan at this GPU count either
+            _plan(c, cache)
+            if c.fits and (fastest is None or c.ttft_us < fastest.ttft_us):
+                fastest = c
+            if c.fits and better(c):
+                best = c
+
     # Solver refinement on the best Spava candidate: the solver only moves hosts between ranks.
     spava = [c for c in cands if c.method == "spava" and c.fits]
     if spava:
