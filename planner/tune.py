@@ -19,8 +19,11 @@ ring several): every candidate first gets cheap lower bounds from the cost model
 (vision encoder, per-token layer work and attention FLOPs spread evenly over the ranks; weights,
 KV-cache share and passing buffers for memory). Candidates whose memory bound exceeds the device
 are rejected unplanned; the rest are planned in order of their bound, and one whose bound is
-already worse than the best fitting plan found so far is pruned. Every candidate, with the reason
-it was not chosen, goes into tuning.csv / tuning.md.
+already worse than the best fitting plan found so far is pruned. The same branch and bound then
+finds the fastest fitting plan at every GPU count (pareto.png: predicted TTFT against GPUs used).
+Every candidate, with the reason it was not chosen, goes into tuning.csv / tuning.md. The tests
+plan every pruned candidate and check that none would have won (the bounds hold by construction:
+they count a subset of the work the cost model charges, at the same rates).
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class Candidate:
     fits: bool | None = None
     status: str = "pending"  # chosen / feasible / rejected / pruned
     reason: str = ""
-    derived: Derived | None = dataclasses.field(default=None, repr=False)
+    gap: float = 0.0  # placement solver's gap of the planned candidate
 
     @property
     def gpu_seconds(self) -> float | None:
@@ -241,8 +244,9 @@ def _plan(c: Candidate, cache: dict[str, Derived]) -> None:
     except SpavaError as exc:
         c.status, c.reason = "rejected", f"not plannable: {exc}"
         return
-    cache[repr(c.cfg)] = d
-    c.derived = d
+    if c.method != "spava":  # a baseline the chosen plan's comparison may need (spava's sizes differ there)
+        cache[repr(c.cfg)] = d
+    c.gap = d.placement.gap
     c.ttft_us, c.peak_bytes, c.fits = d.prediction.makespan_us, max(d.prediction.peak_memory_bytes), d.fits
     c.status = "feasible" if d.fits else "rejected"
     if not d.fits:
@@ -310,7 +314,7 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
     spava = [c for c in cands if c.method == "spava" and c.fits]
     if spava:
         top = min(spava, key=lambda c: (_score(target, c.ttft_us, c.peak_bytes, c.gpus), c.index))
-        gap = top.derived.placement.gap
+        gap = top.gap
         for s in base.tune.solvers:
             if s == top.solver:
                 continue
@@ -334,6 +338,8 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
             c.reason = _why_not(target, c, best)
     if best is not None:
         best.status, best.reason = "chosen", f"best predicted {target}"
+    for key in [k for k, d in cache.items() if best is None or d.world not in (1, best.gpus)]:
+        del cache[key]  # only baselines on the chosen GPU count (and dense) can serve its comparison
     return TuneResult(target, cands, best, **floors)
 
 
