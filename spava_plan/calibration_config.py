@@ -25,7 +25,11 @@ class CalibrationConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"must be a non-empty string, got {getattr(self, name)!r}",
                                   setting=f"topology.calibration.{name}")
+        for name in ("device", "date", "fitted_on", "held_out", "source"):  # report.md quotes them on one line
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).isprintable():
+                raise ConfigError(f"must be printable text, got {getattr(self, name)!r}",
+                                  setting=f"topology.calibration.{name}")
         for name in ("held_out_mean_abs_error", "held_out_max_abs_error"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"must be a number >= 0, got {value!r}", setting=f"topology.calibration.{name}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ConfigError(f"must be a finite number >= 0, got {value!r}", setting=f"topology.calibration.{name}")
