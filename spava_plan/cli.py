@@ -283,8 +283,12 @@ def _task(task_cfg: Any) -> dict:
 
 def _override_values(overrides: Any) -> dict[str, str]:
     """key -> value of a job's command-line overrides (for the sweep's per-key columns)."""
+    from omegaconf import OmegaConf
+
     out = {}
-    for item in overrides:
+    # unresolved, as _task reads them: an override may hold an interpolation that fails
+    items = OmegaConf.to_container(overrides, resolve=False) if OmegaConf.is_config(overrides) else overrides
+    for item in items:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out
