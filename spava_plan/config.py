@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError
+from .calibration_config import CalibrationConfig
+from .tune_config import TuneConfig
 
 # Resolution presets: (height, width) of the source video before the processor resizes it.
 RESOLUTION_PRESETS = {
@@ -238,9 +240,12 @@ class TopologyConfig:
     inter_node_gbps: float = 45.0  # per-GPU network bandwidth between nodes, GB/s
     link_latency_us: float = 15.0  # fixed cost per collective step
     launch_overhead_us: float = 5.0  # fixed cost per kernel launch
+    calibration: Optional[CalibrationConfig] = None  # set by calibrated presets: device, held-out error
 
     def __post_init__(self) -> None:
         _check_fields(self, "topology.")
+        if self.calibration is not None:  # its own module checks presence; finiteness and text here
+            _check_fields(self.calibration, "topology.calibration.")
         _positive_int(self.gpus, "gpus", MAX_GPUS)
         _positive_int(self.gpus_per_node, "topology.gpus_per_node", MAX_GPUS)
         if self.nodes is not None:
@@ -372,11 +377,13 @@ class SpavaConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # `tune=latency`: let the planner choose the knobs
     dtype: str = "bf16"  # activation / KV dtype of the run
     kernels: bool = True  # render the plan's Triton kernels next to plan.json
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
+        _check_fields(self.tune, "tune.")  # tune_config.py checks the choices; types, finiteness, text here
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.solver.name == "local_search":  # each move scans the ranks: bound the whole search
             ranks = max(self.topology.gpus, SEARCH_MIN_RANKS)
@@ -485,8 +492,17 @@ def _reject_unknown_keys(data: Any, cls: type, prefix: str) -> None:
         name = f"{prefix}{key}"
         if key not in hints:
             raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(hints)}", setting=name)
-        if dataclasses.is_dataclass(hints[key]):
-            _reject_unknown_keys(data[key], hints[key], f"{name}.")
+        sub = _dataclass_of(hints[key])
+        if sub is not None:
+            _reject_unknown_keys(data[key], sub, f"{name}.")
+
+
+def _dataclass_of(hint: Any) -> Any:
+    """The dataclass a field holds (Optional[X] included), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def config_to_dict(cfg: SpavaConfig) -> dict:
