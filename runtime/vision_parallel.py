@@ -118,6 +118,16 @@ class InternVLVision:
         return feats.reshape(-1, feats.shape[-1])
 
 
+def vision_bounds(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The modules the stock model's forward enters and leaves its vision path by (for timing hooks):
+    the ViT itself (Qwen), or InternVL's vision tower and multi-modal projector."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "internvl":
+        inner = getattr(model, "model", model)
+        return inner.vision_tower, inner.multi_modal_projector
+    visual = vision_module(model)
+    return visual, visual
+
+
 def vision_module(model: Any) -> Any:
     """The ViT of a Qwen2-VL / Qwen2.5-VL model (``model.model.visual`` in transformers 5, ``model.visual``
     in older releases); for InternVL, its vision path wrapped as one module (InternVLVision)."""
