@@ -244,6 +244,7 @@ def _internvl_settings(cfg: Any, tc: Any, vc: Any) -> dict[str, Any]:
            "model.head_dim": int(tc.hidden_size) // heads, "model.vocab_size": int(tc.vocab_size),
            "model.vision.patch_size": int(patch), "model.vision.tile_size": int(tile),
            "model.vision.tile_tokens": (int(tile) // int(patch) // 2) ** 2, "model.vision.temporal_patch": 1,
+           "model.vision.spatial_merge": 2, "model.vision.frame_text_tokens": 6,
            "model.vision.depth": int(vc.num_hidden_layers), "model.vision.num_heads": int(vc.num_attention_heads),
            "model.vision.hidden_size": int(vc.hidden_size), "model.vision.intermediate_size": int(vc.intermediate_size),
            "model.vision.out_hidden_size": int(tc.hidden_size)}

@@ -82,6 +82,24 @@ def test_planner_layout_equals_the_tokenized_prompt(tokenizer, frames):
     assert tokenizer.decode(ids[lay.context_tokens - 1:lay.context_tokens]) == "\n"
 
 
+def test_row_space_exchange_spans_equal_brute_force():
+    """Local token spans -> embedding-row spans (the exchange's coordinates): every image token of
+    every span, counted one by one."""
+    import random
+
+    from spava_plan.vision_exchange import _to_rows, frame_tile_spans
+
+    tiles = frame_tile_spans(7, 23, 5, 6)
+    rows_of = {t: f * 5 + t - a for f, (a, b) in enumerate(tiles) for t in range(a, b)}
+    rng = random.Random(0)
+    for _ in range(200):
+        a = rng.randrange(0, tiles[-1][1] + 5)
+        b = rng.randrange(a, tiles[-1][1] + 10)
+        want = [rows_of[t] for t in range(a, b) if t in rows_of]
+        got = [r for lo, hi in _to_rows([(a, b)], tiles) for r in range(lo, hi)]
+        assert got == want, (a, b)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Checkpoint, inputs, plans (W = 2, 3) and the stock model's logits, tokens and tile rows."""
