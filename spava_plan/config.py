@@ -145,7 +145,7 @@ class VisionConfig:
     max_pixels: int = 28 * 28 * 16384  # processor's upper pixel bound per frame
     tile_size: int = 448  # InternVL3: square tile side (one tile per frame)
     tile_tokens: int = 256  # InternVL3: LLM tokens per tile after pixel shuffle
-    frame_text_tokens: int = 0  # text tokens wrapped around each frame (InternVL3: "Frame i: <img>...</img>")
+    frame_text_tokens: int = 0  # InternVL3: text tokens of "Frame{i}: <img>...</img>\n" except i's digits (6)
     depth: int = 32  # ViT layers
     hidden_size: int = 1280  # ViT width
     num_heads: int = 16
