@@ -72,7 +72,7 @@ class RankRunner:
         self.device = torch.device(device)
         self.lm = language_model(model)
         self.visual = vision_module(model)
-        self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
+        self.merge = plan.video.spatial_merge
         self.exchange = plan_vision_exchange(plan)
         # InternVL3's language model (Qwen2) takes 1-D position ids (1, n); Qwen2-VL's M-RoPE (3, 1, n)
         self.one_d = plan.model.family == "internvl3"
@@ -93,7 +93,7 @@ class RankRunner:
         moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
                                      self.exchange, self.merge,
-                                     int(self.plan.config["model"]["vision"]["temporal_patch"]))
+                                     self.plan.video.temporal_patch)
 
     def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
         """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""

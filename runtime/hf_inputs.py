@@ -307,7 +307,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
     """Refuse inputs whose token layout differs from the plan's (PlanMismatchError naming the setting)."""
     lay = plan.layout
     grid = tuple(int(x) for x in inputs.video_grid_thw[0])
-    merge = plan.config["model"]["vision"]["spatial_merge"]
+    merge = plan.video.spatial_merge
     got_grid = (grid[0], grid[1] // merge, grid[2] // merge)
     if got_grid != tuple(lay.grid_thw):
         h, w = inputs.frame_size
@@ -316,7 +316,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
             f"the video gives {got_grid[0]} temporal grids of {h}x{w} pixels but the plan expects {lay.grid_thw[0]} "
             f"of {want_h}x{want_w}; re-plan with frames= and video.resolution= of this video {REPLAN_HINT}",
             setting="video.resolution")
-    system = plan.config["video"]["system_tokens"]
+    system = plan.video.system_tokens
     if inputs.video_start != system:
         raise PlanMismatchError(f"the prompt has {inputs.video_start} tokens before the video but the plan has "
                                 f"{system}; re-plan with video.system_tokens={inputs.video_start} {REPLAN_HINT}",
@@ -327,10 +327,10 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
         raise PlanMismatchError(f"the prompt's context has {context} tokens but the plan's has {lay.context_tokens}; "
                                 f"re-plan for this input {REPLAN_HINT}", setting="video")
     if query != lay.query_tokens:
-        q_now = query - (lay.query_tokens - plan.config["video"]["question_tokens"])
+        q_now = query - (lay.query_tokens - plan.video.question_tokens)
         raise PlanMismatchError(
             f"the question does not fit the plan's query block: it takes {q_now} tokens but the plan has "
-            f"{plan.config['video']['question_tokens']}; re-plan with video.question_tokens={q_now} {REPLAN_HINT}",
+            f"{plan.video.question_tokens}; re-plan with video.question_tokens={q_now} {REPLAN_HINT}",
             setting="video.question_tokens")
     for seg in lay.segments:
         span = positions[:, seg.start:seg.stop]
@@ -347,7 +347,7 @@ def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, i
     """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them)."""
     context = inputs.context_tokens
     query = inputs.total_tokens - context
-    suffix = plan.layout.query_tokens - plan.config["video"]["question_tokens"]
+    suffix = plan.layout.query_tokens - plan.video.question_tokens
     return {"video.frames": int(frames), "video.resolution": f"{source_size[0]}x{source_size[1]}",
             "video.system_tokens": int(inputs.video_start), "video.question_tokens": max(1, query - suffix)}
 

@@ -254,7 +254,7 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     the plan's ``video.system_tokens`` (as the runtime checks the prompt against the plan)."""
     lay = plan.layout
     grids = lay.grid_thw[0]
-    start = int(plan.config["video"]["system_tokens"])
+    start = plan.video.system_tokens
     tpg = lay.grid_thw[1] * lay.grid_thw[2]
     tiles = None
     if plan.model.family == "internvl3":
