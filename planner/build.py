@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
-from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
+from spava_plan.plan import Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
 from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work
 from .layout import TokenLayout, token_layout
-from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
+from .memory import check_fits, plan_chunking, rank_memory, usable_bytes, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
@@ -192,6 +192,7 @@ class Derived:
     memory: list  # per rank: {part: bytes} (memory.PARTS and "peak")
     fits: bool  # every rank's peak fits the device
     exchange: VisionExchange  # who sends which visual embeddings to whom after the encoder
+    chunking: Chunking = field(default_factory=Chunking)  # the runtime's activation chunks (memory.py)
 
     @property
     def world(self) -> int:
@@ -253,7 +254,8 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     vision_us = most * cost.vision_unit(unit).us + exchange_us
 
     weights = weight_bytes(cfg)
-    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights) for r in ranks]
+    chunking = plan_chunking(unit)
+    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights, chunking) for r in ranks]
     fits = max(m["peak"] for m in memory) <= usable_bytes(cfg)
     if require_fit and not fits:
         check_fits(cfg, part.method, world, memory)
@@ -266,7 +268,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                             peak_memory_bytes=tuple(m["peak"] for m in memory),
                             memory_breakdown=dict(memory[busiest]))
     return Derived(cfg, tokens, part, layout, placement, ranks, colls, steps, timeline, prediction, memory, fits,
-                   exchange)
+                   exchange, chunking)
 
 
 def assemble(d: Derived) -> Plan:
@@ -276,7 +278,7 @@ def assemble(d: Derived) -> Plan:
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
                 schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
-                config=config_to_dict(d.cfg))
+                config=config_to_dict(d.cfg), chunking=d.chunking)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from spava_plan.config import SpavaConfig
 from spava_plan.errors import InfeasiblePlanError
-from spava_plan.plan import Collective, RankPlan
+from spava_plan.plan import Chunking, Collective, RankPlan
 from spava_plan.vision_exchange import VisionExchange
 
 from .cost import LSE_BYTES
-from .vision import VisionUnit, chunk_activation_elements, vision_params
+from .vision import VisionUnit, chunk_activation_elements, chunk_units, vision_params
 
 MLP_CHUNK_TOKENS = 16384
 GIB = 1 << 30
@@ -44,11 +44,16 @@ def llm_params(cfg: SpavaConfig) -> int:
     return embed + m.num_layers * layer + h + (0 if m.tie_word_embeddings else embed)
 
 
+def plan_chunking(unit: VisionUnit) -> Chunking:
+    """The chunk sizes this memory model assumes, written into the Plan for the runtime to use."""
+    return Chunking(mlp_tokens=MLP_CHUNK_TOKENS, vision_units=chunk_units(unit))
+
+
 def weight_bytes(cfg: SpavaConfig) -> int:
     return (llm_params(cfg) + vision_params(cfg.model)) * cfg.dtype_bytes
 
 
-def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool) -> int:
+def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool, chunking: Chunking) -> int:
     m, dt = cfg.model, cfg.dtype_bytes
     n = rank.local_tokens
     h, d = m.hidden_size, m.head_dim
@@ -57,7 +62,7 @@ def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool) -> int:
     scores = max((stop - start for _, start, stop, keep in rank.select if keep < stop - start), default=0)
     attention = (n * h + n * m.num_heads * d + 2 * n * m.num_kv_heads * d + n * m.num_heads * d) * dt \
         + fp32_rows * m.num_heads * (d + 1) * LSE_BYTES + 2 * scores * m.num_kv_heads * LSE_BYTES
-    mlp = (n * h + 3 * min(n, MLP_CHUNK_TOKENS) * m.intermediate_size) * dt
+    mlp = (n * h + 3 * min(n, chunking.mlp_tokens) * m.intermediate_size) * dt
     return n * h * dt + max(attention, mlp)
 
 
@@ -75,7 +80,7 @@ def _comm_buffers(collectives: tuple[Collective, ...], world: int) -> tuple[int,
     return passing, gather
 
 
-def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, ex: VisionExchange, rank: int) -> int:
+def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, ex: VisionExchange, rank: int, chunking: Chunking) -> int:
     """Activations of one encoder chunk + the rank's own embeddings + the exchange's send buffer
     and local rows (and a staging buffer where the all-to-all output cannot land in place); a
     single rank that holds every video token keeps its own embeddings and exchanges nothing."""
@@ -86,23 +91,26 @@ def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, ex: VisionExchange, rank: 
     if not ex.identity(rank):
         staged = 0 if ex.in_place(rank) else ex.recv_rows(rank)
         exchange = (ex.send_rows(rank) + ex.local_rows(rank) + staged) * row
-    return chunk_activation_elements(cfg.model, unit) * cfg.dtype_bytes + own + exchange
+    units = min(chunking.vision_units, g1 - g0)
+    return chunk_activation_elements(cfg.model, unit, units) * cfg.dtype_bytes + own + exchange
 
 
 def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective, ...], world: int,
-                unit: VisionUnit, exchange: VisionExchange, weights: int) -> dict[str, int]:
+                unit: VisionUnit, exchange: VisionExchange, weights: int,
+                chunking: Chunking | None = None) -> dict[str, int]:
     """Peak bytes of one rank with its parts (keys: PARTS and "peak")."""
     m, dt = cfg.model, cfg.dtype_bytes
+    chunking = plan_chunking(unit) if chunking is None else chunking
     cache_tokens = sum(stop - start for start, stop in rank.cache)
     ring = any(c.kind == "ring" for c in collectives)
     passing, gather = _comm_buffers(collectives, world)
     parts = {
         "weights": weights,
         "kv_cache": cache_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim * dt,
-        "activations": _activations(cfg, rank, ring),
+        "activations": _activations(cfg, rank, ring, chunking),
         "passing": passing,
         "gather": gather,
-        "vision_stage": _vision_stage(cfg, unit, exchange, rank.rank),
+        "vision_stage": _vision_stage(cfg, unit, exchange, rank.rank, chunking),
     }
     llm = parts["kv_cache"] + parts["activations"] + parts["passing"] + parts["gather"]
     parts["peak"] = weights + max(parts["vision_stage"], llm)

@@ -106,11 +106,17 @@ def vision_params(model: ModelConfig) -> int:
     return weights + biases + norms
 
 
-def chunk_activation_elements(model: ModelConfig, unit: VisionUnit) -> int:
-    """Elements live while one chunk of units runs through a block: residual, normed input,
-    q/k/v, attention output and the MLP intermediate (SwiGLU keeps gate and up)."""
+def chunk_units(unit: VisionUnit) -> int:
+    """Whole units the encoder runs per call (written to the Plan as Chunking.vision_units)."""
+    return max(1, min(unit.units, VISION_CHUNK_PATCHES // unit.patches))
+
+
+def chunk_activation_elements(model: ModelConfig, unit: VisionUnit, units: int | None = None) -> int:
+    """Elements live while one chunk of ``units`` units (default chunk_units) runs through a
+    block: residual, normed input, q/k/v, attention output and the MLP intermediate (SwiGLU keeps
+    gate and up)."""
     vis = model.vision
-    units = max(1, VISION_CHUNK_PATCHES // unit.patches)
+    units = chunk_units(unit) if units is None else units
     rows = units * unit.patches
     mlp = (2 if model.family == "qwen2_5_vl" else 1) * vis.intermediate_size
     return rows * (6 * vis.hidden_size + mlp)

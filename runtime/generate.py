@@ -23,6 +23,7 @@ import torch
 from spava_plan.plan import Plan
 from spava_plan.vision_exchange import plan_vision_exchange
 
+from . import chunking
 from .comm import Communicator
 from .hf_attention import SpavaCall, install, language_model
 from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
@@ -67,6 +68,8 @@ class RankRunner:
         # The language model must route attention through Spava (idempotent): without this the
         # stock attention would run on the rank's local rows alone, ignoring the plan.
         self.model, self.plan, self.comm = install(model), plan, comm
+        # Activations bounded as planner/memory.py assumes (MLP, norms and vision tower in chunks).
+        chunking.install(model, plan.chunking)
         self.rank_plan = plan.ranks[comm.rank]
         self.make_attention = make_attention
         self.device = torch.device(device)
