@@ -139,6 +139,9 @@ class RankRunner:
     def generate(self, inputs: ModelInputs, positions: torch.Tensor, max_new_tokens: int,
                  eos_ids: Sequence[int] = ()) -> GenerationResult:
         timing = Timing()
+        # The previous request's KV cache goes now, not when prefill makes the next one: kept, it
+        # would sit beside this request's vision stage (8 GB at a 170K-token rank of a 7B model).
+        self.attention = None
         t0 = self._now()
         # The video rows become input embeddings right away, so no reference keeps them alive
         # through the language model (at scale the anchor's rows alone are gigabytes per rank).

@@ -1,0 +1,234 @@
+"""Single-rank scale measurements: one rank of a large plan alone on one GPU, against its plan.
+
+For each plan: the rank with the largest predicted peak memory runs alone (spava_plan.run's
+single-rank mode, runtime/solo.py: its peers' data are random tensors of the real shapes) with
+real-size random weights, in a fresh process (a clean GPU). Recorded per plan: time of each phase
+(vision, prefill, first token) of a warm run (the first run compiles the Triton kernels; the
+median of the timed runs is reported), torch.cuda.max_memory_allocated over the whole request and
+per stage (vision encoder + exchange; language model), the bytes resident before the request
+(weights), and the plan's predictions for that rank.
+
+    python3 benchmarks/scale.py measure --plans DIR [DIR ...] --out runs.jsonl   # on the GPU
+    python benchmarks/scale.py report runs.jsonl --out benchmarks/results/<date>-h100-scale
+
+Each DIR holds a plan.json made here with spava-plan (hydra is not needed on the GPU machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 2 ** 30
+
+
+def busiest_rank(plan) -> int:
+    peaks = plan.prediction.peak_memory_bytes
+    return max(range(plan.world_size), key=lambda r: (peaks[r], plan.prediction.rank_us[r]))
+
+
+def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str] | None = None) -> dict:
+    """Runs in its own process: load, warm up, time ``repeats`` requests of one token."""
+    import torch
+
+    from spava_plan import run as runmod
+    from spava_plan.plan import load_plan
+    from spava_plan.runtime.attention import RankAttention
+    from spava_plan.runtime.generate import RankRunner
+    from spava_plan.runtime.solo import SoloComm
+
+    extra = list(extra or [])
+    plan = load_plan(plan_path)
+    r = busiest_rank(plan) if rank is None else rank
+    args = runmod.parse_args([f"plan={plan_path}", "model.init=random", f"rank={r}", "max_new_tokens=1", *extra])
+    t0 = time.perf_counter()
+    prepared = runmod.prepare(args, plan.world_size, solo_rank=r)
+    prep_s = time.perf_counter() - t0
+    from prefill import Spans, TimedBackend  # benchmarks/ is on sys.path (the script's folder)
+
+    spans = Spans(prepared.device.type == "cuda")
+    backend = TimedBackend(runmod.make_backend(args, prepared), spans)
+    comm = SoloComm(r, plan.world_size)
+    dev = prepared.device
+    cuda = dev.type == "cuda"
+    if not cuda:  # a CPU smoke run of this script: no memory statistics
+        for name in ("synchronize", "reset_peak_memory_stats"):
+            setattr(torch.cuda, name, lambda *a, **k: None)
+        torch.cuda.max_memory_allocated = torch.cuda.memory_allocated = lambda *a, **k: 0
+        torch.cuda.memory_reserved = lambda *a, **k: 0
+    runner = RankRunner(prepared.model, prepared.plan, comm,
+                        lambda: RankAttention(prepared.plan, r, comm, backend, decode_capacity=8), dev)
+    stage: dict[str, int] = {}
+    stock_vision = runner.vision
+
+    def vision(inputs):  # the vision stage's own peak (encoder + exchange), then reset for the LM
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = stock_vision(inputs)
+        torch.cuda.synchronize(dev)
+        stage["vision_peak"] = torch.cuda.max_memory_allocated(dev)
+        stage["after_vision"] = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return out
+
+    runner.vision = vision
+    # Peaks of the last layer's attention and MLP phases (its KV cache is then complete): the
+    # pieces planner/memory.py models as activations.
+    from spava_plan.runtime.hf_attention import language_model
+
+    last = language_model(prepared.model).layers[-1]
+
+    def probe(name):
+        def pre(module, inputs):
+            torch.cuda.synchronize(dev)
+            stage[name + "_before"] = torch.cuda.memory_allocated(dev)
+            stage["lm_peak_so_far"] = max(stage.get("lm_peak_so_far", 0), torch.cuda.max_memory_allocated(dev))
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def post(module, inputs, output):
+            torch.cuda.synchronize(dev)
+            stage[name + "_peak"] = torch.cuda.max_memory_allocated(dev)
+        return pre, post
+
+    for name in ("self_attn", "mlp"):
+        pre, post = probe("last_" + name)
+        getattr(last, name).register_forward_pre_hook(pre)
+        getattr(last, name).register_forward_hook(post)
+    torch.cuda.synchronize(dev)
+    resident = torch.cuda.memory_allocated(dev)
+    runs = []
+    for i in range(repeats + 1):
+        stage.clear()
+        torch.cuda.reset_peak_memory_stats(dev)
+        spans.start()
+        with torch.inference_mode():
+            res = runner.generate(prepared.inputs, prepared.positions, 1)
+        torch.cuda.synchronize(dev)
+        ops = spans.stop()
+        t = res.timing
+        lm_peak = max(stage.get("lm_peak_so_far", 0), stage.get("last_self_attn_peak", 0),
+                      stage.get("last_mlp_peak", 0), torch.cuda.max_memory_allocated(dev))
+        runs.append({"vision_s": t.vision_s, "prefill_s": t.prefill_s, "first_token_s": t.first_token_s,
+                     "attention_s": sum(ops.values()) / 1e6, "ops_us": ops,
+                     "vision_peak": stage["vision_peak"], "lm_peak": lm_peak, "warm": i > 0,
+                     **{k: v for k, v in stage.items() if k != "lm_peak_so_far"}})
+        del res
+    warm = [x for x in runs if x["warm"]] or runs
+    pred = plan.prediction
+    return {
+        "plan": plan_path, "plan_hash": plan.hash, "label": comm.label, "rank": r, "world": plan.world_size,
+        "method": plan.method, "model": plan.model.name, "frames": plan.layout.frames,
+        "resolution": plan.config["video"]["resolution"], "tokens": plan.layout.total_tokens,
+        "local_tokens": plan.ranks[r].local_tokens, "topology": plan.config["topology"]["name"],
+        "chunking": {"mlp_tokens": plan.chunking.mlp_tokens, "vision_units": plan.chunking.vision_units},
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+        "backend": backend.name, "prepare_s": prep_s, "resident_bytes": resident,
+        "measured": {k: statistics.median(x[k] for x in warm)
+                     for k in ("vision_s", "prefill_s", "first_token_s", "attention_s")},
+        "peak_bytes": max(max(x["vision_peak"], x["lm_peak"]) for x in runs),
+        # the caching allocator keeps what it reserved (no empty_cache here): its high-water mark
+        "reserved_bytes": torch.cuda.memory_reserved(dev),
+        "vision_peak_bytes": max(x["vision_peak"] for x in runs), "lm_peak_bytes": max(x["lm_peak"] for x in runs),
+        "runs": runs,
+        "predicted": {"rank_us": pred.rank_us[r], "vision_us": pred.vision_us,
+                      "peak_bytes": pred.peak_memory_bytes[r], "makespan_us": pred.makespan_us,
+                      "breakdown_busiest": dict(pred.memory_breakdown)},
+    }
+
+
+def measure(plans: list[str], out: str, repeats: int, timeout: float) -> int:
+    for p in plans:
+        plan_path = str(Path(p) / "plan.json") if Path(p).is_dir() else p
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "one", plan_path, "--repeats", str(repeats)],
+                              capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - t0
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not line:
+            row = {"plan": plan_path, "error": (proc.stderr or proc.stdout)[-3000:], "wall_s": wall}
+        else:
+            row = json.loads(line[-1])
+            row["wall_s"] = wall
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(_row_text(row), flush=True)
+    return 0
+
+
+def _row_text(row: dict) -> str:
+    if "error" in row:
+        return f"{row['plan']}: FAILED\n{row['error']}"
+    m, p = row["measured"], row["predicted"]
+    return (f"{row['model']} {row['frames']}f {row['resolution']} W={row['world']} rank {row['rank']} "
+            f"({row['local_tokens']} local tokens), single-rank: first token {m['first_token_s']:.2f} s "
+            f"(vision {m['vision_s']:.2f}, prefill {m['prefill_s']:.2f}) vs predicted {p['rank_us'] / 1e6:.2f} s; "
+            f"peak {row['peak_bytes'] / GIB:.2f} GiB (vision {row['vision_peak_bytes'] / GIB:.2f}, "
+            f"LM {row['lm_peak_bytes'] / GIB:.2f}, resident {row['resident_bytes'] / GIB:.2f}) vs predicted "
+            f"{p['peak_bytes'] / GIB:.2f} GiB; wall {row.get('wall_s', 0):.0f} s")
+
+
+def report(runs_path: str, out: str, commands: list[str], notes: list[str]) -> int:
+    """benchmarks/results/<name>.{json,md} from the measured lines (errors relative to measured)."""
+    rows = [json.loads(ln) for ln in Path(runs_path).read_text().splitlines() if ln.strip()]
+    ok = [r for r in rows if "error" not in r]
+    dev = ok[0]["device"] if ok else "?"
+    for r in ok:
+        m, p = r["measured"], r["predicted"]
+        r["time_error"] = p["rank_us"] / 1e6 / m["first_token_s"] - 1
+        r["peak_error"] = p["peak_bytes"] / r["peak_bytes"] - 1
+    Path(out + ".json").write_text(json.dumps({"device": dev, "commands": commands, "notes": notes, "rows": rows},
+                                              indent=1) + "\n")
+    lines = [f"# Single-rank scale runs ({dev})", "",
+             "One rank of each plan alone on one GPU (spava_plan.run single-rank mode, runtime/solo.py): its real "
+             "work and buffers, its peers' data random. **Single-rank**: no communication time is included; not a "
+             "W-GPU time. Real-size random weights, bf16, random pixels in the rank's own grids.", "",
+             "| plan | rank (local tokens) | measured first token s (vision + prefill) | predicted s | error | "
+             "measured peak GiB (vision / LM) | predicted peak GiB | error |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['plan']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
+            continue
+        m, p = r["measured"], r["predicted"]
+        lines.append(f"| {r['model']} {r['frames']}f {r['resolution']} W={r['world']} ({r['tokens']:,} tokens) | "
+                     f"{r['rank']} ({r['local_tokens']:,}) | {m['first_token_s']:.2f} ({m['vision_s']:.2f} + "
+                     f"{m['prefill_s']:.2f}) | {p['rank_us'] / 1e6:.2f} | {r['time_error']:+.0%} | "
+                     f"{r['peak_bytes'] / GIB:.2f} ({r['vision_peak_bytes'] / GIB:.2f} / {r['lm_peak_bytes'] / GIB:.2f}) | "
+                     f"{p['peak_bytes'] / GIB:.2f} | {r['peak_error']:+.1%} |")
+    lines += ["", *notes, "", "Commands:", *[f"- `{c}`" for c in commands], ""]
+    Path(out + ".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--plans", nargs="+", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--repeats", type=int, default=2)
+    m.add_argument("--timeout", type=float, default=400)
+    rp = sub.add_parser("report")
+    rp.add_argument("runs")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--command", action="append", default=[])
+    rp.add_argument("--note", action="append", default=[])
+    o = sub.add_parser("one")
+    o.add_argument("plan")
+    o.add_argument("--repeats", type=int, default=2)
+    o.add_argument("--rank", type=int, default=None)
+    o.add_argument("--run-arg", action="append", default=[], help="extra spava_plan.run key=value (smoke: device=cpu)")
+    a = ap.parse_args()
+    if a.cmd == "report":
+        return report(a.runs, a.out, a.command, a.note)
+    if a.cmd == "measure":
+        return measure(a.plans, a.out, a.repeats, a.timeout)
+    print(json.dumps(measure_one(a.plan, a.repeats, a.rank, a.run_arg)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
