@@ -170,33 +170,121 @@ def _row_text(row: dict) -> str:
             f"{p['peak_bytes'] / GIB:.2f} GiB; wall {row.get('wall_s', 0):.0f} s")
 
 
-def report(runs_path: str, out: str, commands: list[str], notes: list[str]) -> int:
-    """benchmarks/results/<name>.{json,md} from the measured lines (errors relative to measured)."""
+def plan_config(plan, **rates):
+    """The SpavaConfig a plan was made from (its resolved config), with topology ``rates`` swapped in."""
+    import copy
+
+    from spava_plan.config import to_config
+
+    data = copy.deepcopy(dict(plan.config))
+    data["topology"]["gpus"] = plan.world_size
+    data["gpus"], data["frames"] = plan.world_size, data["video"]["frames"]
+    data["kernels"] = False
+    data["topology"].update(rates)
+    return to_config(data)
+
+
+def _predict(cfg, rank: int) -> dict:
+    """The planner's single-rank view: compute phases (no communication) and peak memory."""
+    from calibrate import predicted_phases
+    from spava_plan.planner.build import derive
+
+    ph = predicted_phases(cfg)
+    d = derive(cfg, require_fit=False)
+    return {"vision_us": ph["vision_us"][rank], "attention_us": ph["attention_us"][rank],
+            "rest_us": ph["rest_us"][rank], "compute_us": ph["vision_us"][rank] + ph["lm_us"][rank],
+            "rank_us": d.prediction.rank_us[rank], "peak_bytes": d.memory[rank]["peak"],
+            "memory": dict(d.memory[rank])}
+
+
+def _measured_phases(r: dict) -> dict:
+    m = r["measured"]
+    return {"vision_us": m["vision_s"] * 1e6, "attention_us": m.get("attention_s", 0.0) * 1e6,
+            "rest_us": (m["prefill_s"] - m.get("attention_s", 0.0)) * 1e6}
+
+
+def report(runs_path: str, out: str, commands: list[str], notes: list[str], plans_root: str,
+           hold_out: list[str], preset_dir: str | None) -> int:
+    """benchmarks/results/<name>.{json,md} from the measured lines: each cell against the current
+    planner (h100_sxm as planned, and h200_calibrated's rates), and an H100 fit (calibrate.py) on
+    the cells not held out, written as <preset_dir>/h100_calibrated.yaml."""
+    from calibrate import PHASES, ceilings, fit, rates_of
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.plan import load_plan
+
     rows = [json.loads(ln) for ln in Path(runs_path).read_text().splitlines() if ln.strip()]
     ok = [r for r in rows if "error" not in r]
     dev = ok[0]["device"] if ok else "?"
+    h200 = rates_of(compose_config(["topology=h200_calibrated"]))
+    cells = []
     for r in ok:
-        m, p = r["measured"], r["predicted"]
-        r["time_error"] = p["rank_us"] / 1e6 / m["first_token_s"] - 1
-        r["peak_error"] = p["peak_bytes"] / r["peak_bytes"] - 1
-    Path(out + ".json").write_text(json.dumps({"device": dev, "commands": commands, "notes": notes, "rows": rows},
-                                              indent=1) + "\n")
+        plan = load_plan(Path(plans_root) / Path(r["plan"]).parent.name / "plan.json")
+        cfg = plan_config(plan)
+        cell = Path(r["plan"]).parent.name
+        cells.append((cell, plan, cfg, r))
+        r["cell"] = cell
+        r["now"] = {"h100_sxm": _predict(cfg, r["rank"]), "h200_calibrated": _predict(plan_config(plan, **h200), r["rank"])}
+    train = [c for c in cells if c[0] not in hold_out]
+    fitted = None
+    if train and any(c[3]["measured"].get("attention_s") for c in train):
+        fit_rows = []
+        for cell, plan, cfg, r in train:
+            ph = _measured_phases(r)
+            total = sum(ph.values())
+            fit_rows += [(cfg, phase, r["rank"], ph[phase], total) for phase in PHASES if ph[phase] > 0]
+        base = rates_of(train[0][2])
+        fitted = fit(fit_rows, base, ceilings(train[0][2].topology))
+        rates = {k: float(f"{v:.4g}") for k, v in fitted["rates"].items()}
+        fitted["rates"] = rates
+        for cell, plan, cfg, r in cells:
+            r["now"]["h100_calibrated"] = _predict(plan_config(plan, **rates), r["rank"])
+        if preset_dir:
+            from prefill_report import write_preset
+
+            how = (f"fit on {', '.join(c[0] for c in train)} (busiest rank, single-rank runs, "
+                   f"benchmarks/scale.py); held out: {', '.join(hold_out) or 'none'}")
+            write_preset(Path(preset_dir) / "h100_calibrated.yaml", train[0][2].topology, rates, dev, how,
+                         len(fit_rows))
+    for r in ok:
+        m = r["measured"]
+        for name, p in r["now"].items():
+            p["time_error"] = p["compute_us"] / 1e6 / m["first_token_s"] - 1
+            p["peak_error"] = p["peak_bytes"] / r["peak_bytes"] - 1
+    Path(out + ".json").write_text(json.dumps({"device": dev, "commands": commands, "notes": notes, "hold_out": hold_out,
+                                               "fit": fitted, "rows": rows}, indent=1) + "\n")
+    presets = ["h100_sxm", "h200_calibrated"] + (["h100_calibrated"] if fitted else [])
     lines = [f"# Single-rank scale runs ({dev})", "",
-             "One rank of each plan alone on one GPU (spava_plan.run single-rank mode, runtime/solo.py): its real "
+             "One rank of each plan alone on one GPU (`spava_plan.run` single-rank mode, runtime/solo.py): its real "
              "work and buffers, its peers' data random. **Single-rank**: no communication time is included; not a "
-             "W-GPU time. Real-size random weights, bf16, random pixels in the rank's own grids.", "",
-             "| plan | rank (local tokens) | measured first token s (vision + prefill) | predicted s | error | "
-             "measured peak GiB (vision / LM) | predicted peak GiB | error |", "|---|---|---|---|---|---|---|---|"]
+             "W-GPU time. Real-size random weights, bf16, random pixels in the rank's own grids, Triton kernels. "
+             "The rank is the plan's busiest by predicted peak memory.", "",
+             "## Peak memory (torch.cuda.max_memory_allocated over one request)", "",
+             "| cell | rank (local tokens) | measured GiB (vision stage / LM stage) | allocator reserved GiB | "
+             "predicted GiB (planner now) | error | predicted when planned |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['plan']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
+            lines.append(f"| {r['plan']} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
             continue
-        m, p = r["measured"], r["predicted"]
-        lines.append(f"| {r['model']} {r['frames']}f {r['resolution']} W={r['world']} ({r['tokens']:,} tokens) | "
-                     f"{r['rank']} ({r['local_tokens']:,}) | {m['first_token_s']:.2f} ({m['vision_s']:.2f} + "
-                     f"{m['prefill_s']:.2f}) | {p['rank_us'] / 1e6:.2f} | {r['time_error']:+.0%} | "
+        p = r["now"]["h100_sxm"]
+        lines.append(f"| {r['cell']} ({r['tokens']:,} tokens) | {r['rank']} ({r['local_tokens']:,}) | "
                      f"{r['peak_bytes'] / GIB:.2f} ({r['vision_peak_bytes'] / GIB:.2f} / {r['lm_peak_bytes'] / GIB:.2f}) | "
-                     f"{p['peak_bytes'] / GIB:.2f} | {r['peak_error']:+.1%} |")
+                     f"{r.get('reserved_bytes', 0) / GIB:.2f} | {p['peak_bytes'] / GIB:.2f} | {p['peak_error']:+.1%} | "
+                     f"{r['predicted']['peak_bytes'] / GIB:.2f} ({r['predicted']['peak_bytes'] / r['peak_bytes'] - 1:+.1%}) |")
+    lines += ["", "## Time (one warm request: vision + prefill + first token; predicted = the rank's compute "
+              "phases, no communication)", "",
+              "| cell | measured s: total (vision / attention / rest of LM) | " +
+              " | ".join(f"{n} s (error)" for n in presets) + " |", "|---|---|" + "---|" * len(presets)]
+    for r in ok:
+        m = r["measured"]
+        ph = _measured_phases(r)
+        cells_txt = " | ".join(f"{r['now'][n]['compute_us'] / 1e6:.2f} ({r['now'][n]['time_error']:+.0%})" for n in presets)
+        held = " (held out)" if r["cell"] in hold_out else ""
+        lines.append(f"| {r['cell']}{held} | {m['first_token_s']:.2f} ({ph['vision_us'] / 1e6:.2f} / "
+                     f"{ph['attention_us'] / 1e6:.2f} / {ph['rest_us'] / 1e6:.2f}) | {cells_txt} |")
+    if fitted:
+        lines += ["", f"h100_calibrated rates (conf/topology/h100_calibrated.yaml): " +
+                  ", ".join(f"{k} {v:g}" for k, v in fitted["rates"].items()) +
+                  f"; fit on {len(train)} cells, held out: {', '.join(hold_out) or 'none'}. " + " ".join(fitted["notes"])]
     lines += ["", *notes, "", "Commands:", *[f"- `{c}`" for c in commands], ""]
     Path(out + ".md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -216,6 +304,9 @@ def main() -> int:
     rp.add_argument("--out", required=True)
     rp.add_argument("--command", action="append", default=[])
     rp.add_argument("--note", action="append", default=[])
+    rp.add_argument("--plans-root", default=".scale_plans")
+    rp.add_argument("--hold-out", action="append", default=[])
+    rp.add_argument("--preset-dir", default=None)
     o = sub.add_parser("one")
     o.add_argument("plan")
     o.add_argument("--repeats", type=int, default=2)
@@ -223,7 +314,7 @@ def main() -> int:
     o.add_argument("--run-arg", action="append", default=[], help="extra spava_plan.run key=value (smoke: device=cpu)")
     a = ap.parse_args()
     if a.cmd == "report":
-        return report(a.runs, a.out, a.command, a.note)
+        return report(a.runs, a.out, a.command, a.note, a.plans_root, a.hold_out, a.preset_dir)
     if a.cmd == "measure":
         return measure(a.plans, a.out, a.repeats, a.timeout)
     print(json.dumps(measure_one(a.plan, a.repeats, a.rank, a.run_arg)), flush=True)
