@@ -139,12 +139,17 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     }
 
 
-def measure(plans: list[str], out: str, repeats: int, timeout: float) -> int:
+def measure(plans: list[str], out: str, repeats: int, timeout: float, alloc_conf: str | None = None) -> int:
+    import os
+
+    env = dict(os.environ)
+    if alloc_conf is not None:  # the caching allocator's settings for the measured process
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
     for p in plans:
         plan_path = str(Path(p) / "plan.json") if Path(p).is_dir() else p
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "one", plan_path, "--repeats", str(repeats)],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=env)
         wall = time.perf_counter() - t0
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not line:
@@ -152,6 +157,7 @@ def measure(plans: list[str], out: str, repeats: int, timeout: float) -> int:
         else:
             row = json.loads(line[-1])
             row["wall_s"] = wall
+            row["alloc_conf"] = env.get("PYTORCH_CUDA_ALLOC_CONF", "")
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(_row_text(row), flush=True)
@@ -167,7 +173,8 @@ def _row_text(row: dict) -> str:
             f"(vision {m['vision_s']:.2f}, prefill {m['prefill_s']:.2f}) vs predicted {p['rank_us'] / 1e6:.2f} s; "
             f"peak {row['peak_bytes'] / GIB:.2f} GiB (vision {row['vision_peak_bytes'] / GIB:.2f}, "
             f"LM {row['lm_peak_bytes'] / GIB:.2f}, resident {row['resident_bytes'] / GIB:.2f}) vs predicted "
-            f"{p['peak_bytes'] / GIB:.2f} GiB; wall {row.get('wall_s', 0):.0f} s")
+            f"{p['peak_bytes'] / GIB:.2f} GiB; reserved {row.get('reserved_bytes', 0) / GIB:.2f} GiB "
+            f"({row.get('alloc_conf') or 'default allocator'}); wall {row.get('wall_s', 0):.0f} s")
 
 
 def plan_config(plan, **rates):
@@ -241,10 +248,12 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
         if preset_dir:
             from prefill_report import write_preset
 
-            how = (f"fit on {', '.join(c[0] for c in train)} (busiest rank, single-rank runs, "
+            how = (f"fit on {', '.join(dict.fromkeys(c[0] for c in train))} (busiest rank, single-rank runs, "
                    f"benchmarks/scale.py); held out: {', '.join(hold_out) or 'none'}")
-            write_preset(Path(preset_dir) / "h100_calibrated.yaml", train[0][2].topology, rates, dev, how,
-                         len(fit_rows))
+            path = write_preset(Path(preset_dir) / "h100_calibrated.yaml", train[0][2].topology, rates, dev, how,
+                                len(fit_rows))
+            path.write_text(path.read_text().replace("to the prefill benchmark\n# (benchmarks/prefill.py)",
+                                                     "to single-rank runs\n# (benchmarks/scale.py)"))
     for r in ok:
         m = r["measured"]
         for name, p in r["now"].items():
@@ -261,6 +270,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
              "## Peak memory (torch.cuda.max_memory_allocated over one request)", "",
              "| cell | rank (local tokens) | measured GiB (vision stage / LM stage) | allocator reserved GiB | "
              "predicted GiB (planner now) | error | predicted when planned |", "|---|---|---|---|---|---|---|"]
+    alloc = lambda r: r.get("alloc_conf") or "default allocator"  # noqa: E731
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['plan']} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
@@ -268,7 +278,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
         p = r["now"]["h100_sxm"]
         lines.append(f"| {r['cell']} ({r['tokens']:,} tokens) | {r['rank']} ({r['local_tokens']:,}) | "
                      f"{r['peak_bytes'] / GIB:.2f} ({r['vision_peak_bytes'] / GIB:.2f} / {r['lm_peak_bytes'] / GIB:.2f}) | "
-                     f"{r.get('reserved_bytes', 0) / GIB:.2f} | {p['peak_bytes'] / GIB:.2f} | {p['peak_error']:+.1%} | "
+                     f"{r.get('reserved_bytes', 0) / GIB:.2f} ({alloc(r)}) | {p['peak_bytes'] / GIB:.2f} | {p['peak_error']:+.1%} | "
                      f"{r['predicted']['peak_bytes'] / GIB:.2f} ({r['predicted']['peak_bytes'] / r['peak_bytes'] - 1:+.1%}) |")
     lines += ["", "## Time (one warm request: vision + prefill + first token; predicted = the rank's compute "
               "phases, no communication)", "",
@@ -279,12 +289,12 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
         ph = _measured_phases(r)
         cells_txt = " | ".join(f"{r['now'][n]['compute_us'] / 1e6:.2f} ({r['now'][n]['time_error']:+.0%})" for n in presets)
         held = " (held out)" if r["cell"] in hold_out else ""
-        lines.append(f"| {r['cell']}{held} | {m['first_token_s']:.2f} ({ph['vision_us'] / 1e6:.2f} / "
+        lines.append(f"| {r['cell']}{held}, {alloc(r)} | {m['first_token_s']:.2f} ({ph['vision_us'] / 1e6:.2f} / "
                      f"{ph['attention_us'] / 1e6:.2f} / {ph['rest_us'] / 1e6:.2f}) | {cells_txt} |")
     if fitted:
         lines += ["", f"h100_calibrated rates (conf/topology/h100_calibrated.yaml): " +
                   ", ".join(f"{k} {v:g}" for k, v in fitted["rates"].items()) +
-                  f"; fit on {len(train)} cells, held out: {', '.join(hold_out) or 'none'}. " + " ".join(fitted["notes"])]
+                  f"; fit on {len(train)} runs of {len(set(c[0] for c in train))} cells, held out: {', '.join(hold_out) or 'none'}. " + " ".join(fitted["notes"])]
     lines += ["", *notes, "", "Commands:", *[f"- `{c}`" for c in commands], ""]
     Path(out + ".md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -299,6 +309,7 @@ def main() -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--repeats", type=int, default=2)
     m.add_argument("--timeout", type=float, default=400)
+    m.add_argument("--alloc-conf", default=None, help="PYTORCH_CUDA_ALLOC_CONF for the measured processes")
     rp = sub.add_parser("report")
     rp.add_argument("runs")
     rp.add_argument("--out", required=True)
@@ -316,7 +327,7 @@ def main() -> int:
     if a.cmd == "report":
         return report(a.runs, a.out, a.command, a.note, a.plans_root, a.hold_out, a.preset_dir)
     if a.cmd == "measure":
-        return measure(a.plans, a.out, a.repeats, a.timeout)
+        return measure(a.plans, a.out, a.repeats, a.timeout, a.alloc_conf)
     print(json.dumps(measure_one(a.plan, a.repeats, a.rank, a.run_arg)), flush=True)
     return 0
 

@@ -22,7 +22,7 @@ from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work
 from .layout import TokenLayout, token_layout
-from .memory import check_fits, plan_chunking, rank_memory, usable_bytes, weight_bytes
+from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
@@ -256,7 +256,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     weights = weight_bytes(cfg)
     chunking = plan_chunking(unit)
     memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights, chunking) for r in ranks]
-    fits = max(m["peak"] for m in memory) <= usable_bytes(cfg)
+    fits = fits_device(cfg, max(m["peak"] for m in memory))
     if require_fit and not fits:
         check_fits(cfg, part.method, world, memory)
     layers = cfg.model.num_layers

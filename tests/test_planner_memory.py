@@ -4,7 +4,7 @@ import pytest
 from spava_plan.errors import InfeasiblePlanError
 from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import derive
-from spava_plan.planner.memory import GIB, PARTS, usable_bytes
+from spava_plan.planner.memory import ALLOCATOR_SLACK, GIB, PARTS, usable_bytes
 from spava_plan.planner.vision import chunk_activation_elements, unit_pixel_elements, vision_unit
 
 SMALL = ["model=qwen2vl_2b", "gpus=4", "frames=64", "video.resolution=360p"]
@@ -108,4 +108,4 @@ def test_infeasible_plans_name_the_setting(overrides, setting):
     assert err.setting == setting and "\n" not in str(err) and "GiB" in str(err)
     assert f"{usable_bytes(cfg) / GIB:.1f} GiB usable" in str(err)
     d = derive(cfg, require_fit=False)  # the same plan without the check says why
-    assert not d.fits and max(d.prediction.peak_memory_bytes) > usable_bytes(cfg)
+    assert not d.fits and max(d.prediction.peak_memory_bytes) * (1 + ALLOCATOR_SLACK) > usable_bytes(cfg)
