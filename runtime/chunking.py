@@ -95,6 +95,20 @@ def _vision_chunked(stock: Callable[..., Any], units: int) -> Callable[..., Any]
     return forward
 
 
+ROW_MODULES = ("mlp", "input_layernorm", "post_attention_layernorm")  # row-wise parts of a decoder layer
+
+
+def _qwen_vision(model: Any) -> torch.nn.Module | None:
+    """The Qwen2-VL / Qwen2.5-VL tower (forward(pixels, grid_thw) over temporal grids), else None."""
+    from .vision_parallel import vision_module
+
+    try:
+        visual = vision_module(model)
+    except AttributeError:
+        return None
+    return visual if hasattr(visual, "spatial_merge_size") else None
+
+
 def _decoder_layers(model: Any) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     from .hf_attention import language_model
 
@@ -104,33 +118,34 @@ def _decoder_layers(model: Any) -> tuple[torch.nn.Module, list[torch.nn.Module]]
 
 def install(model: Any, chunking: Chunking) -> Any:
     """Chunk the MLPs, RMSNorms and vision tower of ``model`` as ``chunking`` says; returns it."""
-    from .vision_parallel import vision_module
-
     if getattr(model, "_spava_chunking", None) == chunking:
         return model
     rows = int(chunking.mlp_tokens)
     lm, layers = _decoder_layers(model)
     for layer in layers:
-        for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
-            _wrap(getattr(layer, name), lambda stock: _rows_chunked(stock, rows))
+        for name in ROW_MODULES:
+            if getattr(layer, name, None) is not None:
+                _wrap(getattr(layer, name), lambda stock: _rows_chunked(stock, rows))
     if getattr(lm, "norm", None) is not None:
         _wrap(lm.norm, lambda stock: _rows_chunked(stock, rows))
-    visual = vision_module(model)
-    _wrap(visual, lambda stock: _vision_chunked(stock, int(chunking.vision_units)))
+    visual = _qwen_vision(model)
+    if visual is not None:  # other towers (InternVL3's) are not chunked here yet
+        _wrap(visual, lambda stock: _vision_chunked(stock, int(chunking.vision_units)))
     model._spava_chunking = chunking
     return model
 
 
 def uninstall(model: Any) -> Any:
     """The stock forwards again (the unchunked reference in tests)."""
-    from .vision_parallel import vision_module
-
     lm, layers = _decoder_layers(model)
     for layer in layers:
-        for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
-            _unwrap(getattr(layer, name))
+        for name in ROW_MODULES:
+            if getattr(layer, name, None) is not None:
+                _unwrap(getattr(layer, name))
     if getattr(lm, "norm", None) is not None:
         _unwrap(lm.norm)
-    _unwrap(vision_module(model))
+    visual = _qwen_vision(model)
+    if visual is not None:
+        _unwrap(visual)
     model.__dict__.pop("_spava_chunking", None)
     return model
