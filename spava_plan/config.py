@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError
+from .calibration_config import CalibrationConfig
+from .tune_config import TuneConfig
 
 # Resolution presets: (height, width) of the source video before the processor resizes it.
 RESOLUTION_PRESETS = {
@@ -188,6 +190,7 @@ class TopologyConfig:
     inter_node_gbps: float = 45.0  # per-GPU network bandwidth between nodes, GB/s
     link_latency_us: float = 15.0  # fixed cost per collective step
     launch_overhead_us: float = 5.0  # fixed cost per kernel launch
+    calibration: Optional[CalibrationConfig] = None  # set by calibrated presets: device, held-out error
 
     def __post_init__(self) -> None:
         _check_types(self, "topology.")
@@ -316,6 +319,7 @@ class SpavaConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # `tune=latency`: let the planner choose the knobs
     # Shorthands: conf/config.yaml interpolates them into topology.gpus, topology.nodes, video.frames.
     gpus: int = 8
     nodes: Optional[int] = None
@@ -371,7 +375,8 @@ def _reject_unknown_keys(cfg: Any, cls: type, prefix: str) -> None:
             raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(fields)}", setting=name)
         sub = fields[key].type
         target = {"ModelConfig": ModelConfig, "VisionConfig": VisionConfig, "TopologyConfig": TopologyConfig,
-                  "VideoConfig": VideoConfig, "MethodConfig": MethodConfig, "SolverConfig": SolverConfig}.get(
+                  "VideoConfig": VideoConfig, "MethodConfig": MethodConfig, "SolverConfig": SolverConfig,
+                  "TuneConfig": TuneConfig, "CalibrationConfig": CalibrationConfig}.get(
             sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
         if target is not None:
             _reject_unknown_keys(cfg[key], target, f"{name}.")
