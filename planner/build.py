@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
-from spava_plan.plan import Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
-from spava_plan.vision_exchange import VisionExchange, vision_exchange
+from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
+                             SelectionSpec, VideoSpec, split_config)
+from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
 
-from .cost import KERNELS, ZERO, CostModel, Work
+from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
-from .schedule import NAME, STEP, TASKS, Step, Timeline, rank_schedules, rank_steps, simulate
+from .schedule import Step, Timeline, rank_schedules, rank_steps, simulate
 from .vision import vision_unit
 
 FIXED_PLACEMENT = SolverConfig(name="zigzag")
@@ -90,12 +91,7 @@ def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool],
     for task in rank.tasks:
         by_owner: dict[int, list[tuple[int, bool]]] = {}
         for ref in task.kv:
-            kind = ref.kind
-            if kind == "remote":
-                owner, keys = ref.owner, ref.stop - ref.start
-            else:
-                owner = me
-                keys = (ref.rank_stop - ref.rank_start) * ref.keep if kind == "passing" else ref.stop - ref.start
+            owner, keys = (ref.owner if ref.kind == "remote" else me), ref.length
             src = by_owner.get(owner)
             if src is None:
                 by_owner[owner] = [(keys, ref.mask == "causal")]
@@ -144,12 +140,12 @@ class _Durations:
         return out  # type: ignore[return-value]
 
     def __call__(self, rank: RankPlan, step: Step) -> Work:
-        cost, launch, name = self.cost, self.launch, step[NAME]
+        cost, launch, name = self.cost, self.launch, step.name
         if name == "attend":
             rows, sources = self._rank(rank)
-            owner = rank.rank if step[STEP] < 0 else (rank.rank - step[STEP]) % self.world
+            owner = rank.rank if step.step < 0 else (rank.rank - step.step) % self.world
             work = self._launch
-            for task in step[TASKS]:
+            for task in step.tasks:
                 src = sources[task]
                 work = work + cost.attention(rows[task], src[owner] if self.ring is not None else src.get(owner, ()))
             return work
@@ -247,8 +243,11 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     # exchange the runtime builds from the Plan: spava_plan.vision_exchange.plan_vision_exchange).
     unit = vision_unit(cfg.model, tokens.grid_thw)
     grids = tokens.grid_thw[0]
-    exchange = vision_exchange(world, grids, tokens.video_tokens // grids, tokens.video_start,
-                               [r.local for r in ranks])
+    tiles = None
+    if cfg.model.family == "internvl3":  # frame text between the tiles: plan in embedding-row space
+        tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
+    exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
+                               tiles)
     exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
     most = max(b - a for a, b in exchange.grids)
     vision_us = most * cost.vision_unit(unit).us + exchange_us
@@ -275,10 +274,17 @@ def assemble(d: Derived) -> Plan:
     """The immutable Plan of a derivation, with every op of the timed schedule."""
     assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
         "assemble() needs a derivation made with detail=True"
+    computation, deployment = split_config(config_to_dict(d.cfg))
+    video, vision = d.cfg.video, d.cfg.model.vision
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
                 schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
-                config=config_to_dict(d.cfg), chunking=d.chunking)
+                selection=SelectionSpec(score=d.cfg.method.selection, pool_window=d.cfg.method.pool_window),
+                video=VideoSpec(frames=video.frames, source_size=video.size, fps=float(video.fps),
+                                system_tokens=video.system_tokens, question_tokens=video.question_tokens,
+                                spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch),
+                links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
+                chunking=d.chunking)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

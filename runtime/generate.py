@@ -4,7 +4,7 @@
              video tokens only (broadcasts of the rows every rank holds + one all_to_all_single)
     prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
              layers, Spava attention via the attention interface (hf_attention.py), exact global
-             M-RoPE ids; the query rows come out identical on every rank
+             M-RoPE ids (InternVL3: 1-D ids); the query rows come out identical on every rank
     token 1  lm_head on the LAST query row only, greedy argmax on rank 0, broadcast
     decode   each new token is replicated on every rank; per layer RankAttention.decode attends the
              rank's KV cache shard, all-gathers and LSE-merges (exact), one rank appends the new
@@ -75,8 +75,10 @@ class RankRunner:
         self.device = torch.device(device)
         self.lm = language_model(model)
         self.visual = vision_module(model)
-        self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
+        self.merge = plan.video.spatial_merge
         self.exchange = plan_vision_exchange(plan)
+        # InternVL3's language model (Qwen2) takes 1-D position ids (1, n); Qwen2-VL's M-RoPE (3, 1, n)
+        self.one_d = plan.model.family == "internvl3"
         self.attention: Any = None
         # The first token comes from the lowest rank holding the last prompt token, broadcast.
         last = plan.layout.total_tokens - 1
@@ -94,7 +96,7 @@ class RankRunner:
         moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
                                      self.exchange, self.merge,
-                                     int(self.plan.config["model"]["vision"]["temporal_patch"]))
+                                     self.plan.video.temporal_patch)
 
     def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
         """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""
@@ -107,6 +109,8 @@ class RankRunner:
     def prefill_embedded(self, emb: torch.Tensor, positions: torch.Tensor) -> PrefillOutput:
         index = local_indices(self.rank_plan, device=self.device)
         pos = slice_positions(positions.to(self.device), index)
+        if self.one_d:
+            pos = pos[0]
         self.attention = self.make_attention()
         out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
                       spava=SpavaCall(self.attention, "prefill"))
@@ -131,7 +135,7 @@ class RankRunner:
         """Hidden state of one new token at ``position`` (all three M-RoPE components equal)."""
         ids = torch.tensor([token], device=self.device)
         emb = self.lm.get_input_embeddings()(ids).unsqueeze(0)
-        pos = torch.full((3, 1, 1), position, dtype=torch.long, device=self.device)
+        pos = torch.full((1, 1) if self.one_d else (3, 1, 1), position, dtype=torch.long, device=self.device)
         out = self.lm(inputs_embeds=emb, position_ids=pos, use_cache=False, spava=SpavaCall(self.attention, "decode"))
         return out.last_hidden_state[0, -1]
 
@@ -171,4 +175,5 @@ def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
     if inputs.input_ids.device == device:
         return inputs
     return ModelInputs(inputs.input_ids.to(device), inputs.mm_token_type_ids.to(device), inputs.pixel_values_videos,
-                       inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size)
+                       inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size,
+                       inputs.video_span, inputs.end_tokens)

@@ -32,6 +32,7 @@ from .errors import InfeasiblePlanError, SpavaError
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
+_CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
 
 
 class TimelineWorker:
@@ -214,12 +215,19 @@ def _task(task_cfg: Any) -> dict:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = str(hc.job.num) if multirun else "0"
-    overrides = " ".join(hc.overrides.task)
+    from omegaconf import OmegaConf
+
+    # unresolved: an override may itself hold an interpolation that fails (model.name=${oc.env:NOPE})
+    task_overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    overrides = " ".join(task_overrides)
+    where = f"job #{job} ({overrides}): " if multirun else ""
     try:
-        plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        try:
+            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        except OSError as exc:  # the output directory cannot be written (a file in the way, no space...)
+            raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
         _discard_job_dir(out_dir, hc.output_subdir)
-        where = f"job #{job} ({overrides}): " if multirun else ""
         hint = ""
         if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
             hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
@@ -228,7 +236,21 @@ def _task(task_cfg: Any) -> dict:
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(hc.overrides.task)}
+        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(task_overrides)}
+    except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
+        if not multirun:
+            raise
+        import traceback
+
+        _discard_job_dir(out_dir, hc.output_subdir)
+        traceback.print_exc()
+        line = f"spava-plan: internal error: {where}{type(exc).__name__}: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        _CRASHES.append(line)
+        from .planner.report import failed_row
+
+        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
+                "_overrides": _override_values(task_overrides)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
@@ -244,8 +266,10 @@ def _task(task_cfg: Any) -> dict:
         warning = warning_line(rows)
         if warning:
             print(warning)
+        for note in capped_notes(plan, cfg):
+            print(f"note: {note}")
         print(f"artifacts: {out_dir}")
-    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(hc.overrides.task),
+    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(task_overrides),
             "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
 
 
@@ -256,6 +280,25 @@ def _override_values(overrides: Any) -> dict[str, str]:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out
+
+
+def capped_notes(plan: Any, cfg: Any) -> list[str]:
+    """What the planner capped rather than refused, said out loud: a method.passing_tokens larger
+    than a block passes the block's whole 128-token tiles (k = min(p, 128 * floor(B_min / 128)),
+    SPAVA_SPEC.md section 4; the paper rule's p is capped the same way by design, without a note)."""
+    lay = plan.layout
+    keep = lay.blocks[0].keep if lay.blocks else 0
+    if cfg.method.passing_tokens is not None and lay.passing_tokens > keep and plan.method in ("spava", "apb"):
+        return [f"method.passing_tokens: passing budget p = {lay.passing_tokens:,} capped to k = {keep:,} tokens "
+                f"per block (the smallest block's whole 128-token tiles)"]
+    return []
+
+
+def output_dir_error(exc: OSError, setting: str) -> SpavaError:
+    from .errors import ConfigError
+
+    where = f" {exc.filename}" if exc.filename else ""
+    return ConfigError(f"cannot write the output directory{where}: {exc.strerror or exc}", setting=setting)
 
 
 # -- multirun summary ------------------------------------------------------------------------------
@@ -354,6 +397,10 @@ def main() -> None:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as exc:  # Hydra could not create the run / sweep directory
+        print(f"spava-plan: error: {output_dir_error(exc, 'hydra.sweep.dir' if multirun else 'hydra.run.dir')}",
+              file=sys.stderr)
+        sys.exit(2)
     except (OmegaConfBaseException, Exception) as exc:
         from hydra.errors import HydraException
 
@@ -363,6 +410,8 @@ def main() -> None:
         sys.exit(2)
     finally:
         _WORKER.close()
+    if _CRASHES:
+        sys.exit(1)
     if _FAILURES:
         sys.exit(2)
 

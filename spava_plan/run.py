@@ -1,4 +1,4 @@
-"""``python -m spava_plan.run``: answer a question about a video with Qwen2-VL / Qwen2.5-VL under a plan.
+"""``python -m spava_plan.run``: answer a question about a video with Qwen2-VL / Qwen2.5-VL / InternVL3 under a plan.
 
     torchrun --nproc-per-node W -m spava_plan.run plan=PATH model.checkpoint=PATH video=PATH question="..."
     python -m spava_plan.run plan=PATH ...        # one process: W ranks emulated as threads
@@ -199,7 +199,9 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
         replanned.append(f"model dims of the checkpoint ({settings['model.family']})")
     # Processing + input.
     t0 = time.perf_counter()
-    processing = hf_inputs.load_processing(args.checkpoint) if args.checkpoint else hf_inputs.default_processing()
+    m = plan.config["model"]
+    processing = (hf_inputs.load_processing(args.checkpoint) if args.checkpoint else
+                  hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"]))
     frames_n = int(plan.config["video"]["frames"])
     if args.video:
         info = probe(args.video)
@@ -275,10 +277,12 @@ def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: An
 
     m, v = plan.config["model"], plan.config["video"]
     common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
-                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=v["fps"])
+                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=v["fps"],
+                  tile_size=m["vision"]["tile_size"], tile_tokens=m["vision"]["tile_tokens"])  # InternVL3
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
-                                          question_tokens=v["question_tokens"], seed=args.seed, **common)
+                                          question_tokens=v["question_tokens"], seed=args.seed,
+                                          frame_text_tokens=m["vision"]["frame_text_tokens"], **common)
     if args.question is None:
         raise InputError("is required: question=\"...\"", setting="question")
     return hf_inputs.build_inputs(processing, frames, args.question, video_token_id=int(model.config.video_token_id),

@@ -91,7 +91,8 @@ def test_every_launch_the_plan_makes_is_rendered(method, tmp_path):
 
 
 # ---- nothing but planner numbers and identifiers reaches the templates ------------------------------
-HOSTILE = "__HOSTILE__'\"); import os; os.system('echo pwned')  # ${PLAN_HASH}\n\"\"\"{{x}}"
+# printable (config validation refuses control characters such as a newline in any string field)
+HOSTILE = "__HOSTILE__'\"); import os; os.system('echo pwned')  # ${PLAN_HASH} \"\"\"{{x}}"
 
 
 def _leaves(obj, path=()):
@@ -142,7 +143,7 @@ def test_malformed_plan_values_are_refused(plan, tmp_path):
         dataclasses.replace(plan, model=dataclasses.replace(plan.model, head_dim="16; import os")),
         dataclasses.replace(plan, model=dataclasses.replace(plan.model, num_heads=True)),
         dataclasses.replace(plan, dtype="bf16\nimport os"),
-        dataclasses.replace(plan, config={**plan.config, "method": {**plan.config["method"], "pool_window": "5)"}}),
+        dataclasses.replace(plan, selection=dataclasses.replace(plan.selection, pool_window="5)")),
     ]
     for i, bad in enumerate(cases):
         with pytest.raises(PlanFormatError, match="planner-produced number or identifier|need Hkv"):
