@@ -28,9 +28,11 @@ from pathlib import Path
 HEADLINE = ["model=qwen2vl", "gpus=8", "frames=2048"]
 LARGE = ["gpus=1024", "frames=131072"]
 # At 131072 frames of 720p video (78M tokens) the default passing budget needs 147 GiB of passing
-# buffers per GPU, so LARGE does not fit; with a 1024-token budget it does (the vision stage holds
-# each rank's local video embeddings only, about 11 GiB, since the encoder stopped all-gathering).
-LARGE_SMALL_PASSING = LARGE + ["method.passing_tokens=1024"]
+# buffers per GPU, so LARGE does not fit; with a 1024-token budget it fits an H200 (the vision stage
+# holds each rank's local video embeddings only, since the encoder stopped all-gathering; every
+# rank's 1.2M-token anchor needs about 87 GiB with the activations measured on an H100 on
+# 2026-11-25, more than an H100 has).
+LARGE_SMALL_PASSING = LARGE + ["method.passing_tokens=1024", "topology=h200"]
 LARGE_FITTING = ["model=qwen2vl_2b", "gpus=1024", "frames=131072", "video.resolution=224x224"]
 # The knob search (planner/tune.py) at the large shape, with passing allowed down to 1024 tokens
 # (with the paper's floor the only plan that fits is zigzag_ring, whose O(W^2) plan.json dominates).

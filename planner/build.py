@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
-from spava_plan.plan import (Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
+from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
-from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
+from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
@@ -188,6 +188,7 @@ class Derived:
     memory: list  # per rank: {part: bytes} (memory.PARTS and "peak")
     fits: bool  # every rank's peak fits the device
     exchange: VisionExchange  # who sends which visual embeddings to whom after the encoder
+    chunking: Chunking = field(default_factory=Chunking)  # the runtime's activation chunks (memory.py)
 
     @property
     def world(self) -> int:
@@ -252,8 +253,9 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     vision_us = most * cost.vision_unit(unit).us + exchange_us
 
     weights = weight_bytes(cfg)
-    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights) for r in ranks]
-    fits = max(m["peak"] for m in memory) <= usable_bytes(cfg)
+    chunking = plan_chunking(unit)
+    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights, chunking) for r in ranks]
+    fits = fits_device(cfg, max(m["peak"] for m in memory))
     if require_fit and not fits:
         check_fits(cfg, part.method, world, memory)
     layers = cfg.model.num_layers
@@ -265,7 +267,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                             peak_memory_bytes=tuple(m["peak"] for m in memory),
                             memory_breakdown=dict(memory[busiest]))
     return Derived(cfg, tokens, part, layout, placement, ranks, colls, steps, timeline, prediction, memory, fits,
-                   exchange)
+                   exchange, chunking)
 
 
 def assemble(d: Derived) -> Plan:
@@ -281,7 +283,8 @@ def assemble(d: Derived) -> Plan:
                 video=VideoSpec(frames=video.frames, source_size=video.size, fps=float(video.fps),
                                 system_tokens=video.system_tokens, max_question_tokens=video.max_question_tokens,
                                 spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch),
-                links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment)
+                links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
+                chunking=d.chunking)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

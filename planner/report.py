@@ -9,7 +9,7 @@ from spava_plan.config import SpavaConfig
 from spava_plan.plan import Plan
 
 from .compare import PHASES, MethodRow
-from .memory import GIB, PARTS, usable_bytes
+from .memory import ALLOCATOR_SLACK, GIB, PARTS, usable_bytes
 
 MAX_RANK_ROWS = 32  # report.md lists every rank up to this many, then the extremes
 
@@ -194,7 +194,9 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         "| " + " | ".join(_gib(parts.get(k, 0)) for k in PARTS) + f" | {_gib(parts.get('peak', 0))} | {_gib(cap)} |",
         "",
         "peak = weights + max(vision_stage, kv_cache + activations + passing + gather). Activations assume the "
-        "runtime runs the MLP in 16K-token chunks and the vision tower in chunks of whole grids.",
+        f"runtime's chunking (plan.json `chunking`): the MLP and norms in chunks of {plan.chunking.mlp_tokens:,} "
+        f"tokens, the vision tower {plan.chunking.vision_units} whole grid(s) per call. A rank fits when its "
+        f"peak plus {ALLOCATOR_SLACK:.0%} allocator slack is within the usable memory.",
         "",
         "## Collectives per layer",
         "",

@@ -23,6 +23,7 @@ import torch
 from spava_plan.plan import Plan
 from spava_plan.vision_exchange import plan_vision_exchange
 
+from . import chunking
 from .comm import Communicator
 from .hf_attention import SpavaCall, install, language_model
 from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
@@ -67,6 +68,8 @@ class RankRunner:
         # The language model must route attention through Spava (idempotent): without this the
         # stock attention would run on the rank's local rows alone, ignoring the plan.
         self.model, self.plan, self.comm = install(model), plan, comm
+        # Activations bounded as planner/memory.py assumes (MLP, norms and vision tower in chunks).
+        chunking.install(model, plan.chunking)
         self.rank_plan = plan.ranks[comm.rank]
         self.make_attention = make_attention
         self.device = torch.device(device)
@@ -149,6 +152,9 @@ class RankRunner:
     def generate(self, inputs: ModelInputs, positions: torch.Tensor, max_new_tokens: int,
                  eos_ids: Sequence[int] = ()) -> GenerationResult:
         timing = Timing()
+        # The previous request's KV cache goes now, not when prefill makes the next one: kept, it
+        # would sit beside this request's vision stage (8 GB at a 170K-token rank of a 7B model).
+        self.attention = None
         t0 = self._now()
         # The video rows become input embeddings right away, so no reference keeps them alive
         # through the language model (at scale the anchor's rows alone are gigabytes per rank).

@@ -307,6 +307,27 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """How the runtime bounds its activations; planner/memory.py assumes exactly these sizes.
+
+    mlp_tokens:   the decoder layers' MLP and RMSNorms (and the final norm) run on at most this
+                  many tokens at a time, so no (n, intermediate) tensor and no full-sequence fp32
+                  copy of the hidden states exists; prefill logits are the last prompt row's only.
+    vision_units: the vision tower encodes at most this many whole units (temporal grids / frame
+                  tiles) per call; units never attend to each other, so chunking is exact.
+    """
+
+    mlp_tokens: int = 16384
+    vision_units: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("mlp_tokens", "vision_units"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"chunking.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
 class Plan:
     method: Method
     world_size: int
@@ -323,6 +344,7 @@ class Plan:
     links: Links  # what communication costs on the plan's topology (the emulated runtime charges it)
     config: Mapping[str, Any]  # the resolved config minus DEPLOYMENT_SETTINGS (for humans and re-planning)
     schema_version: int = SCHEMA_VERSION
+    chunking: Chunking = field(default_factory=Chunking)  # activation chunk sizes (planner/memory.py)
     # DEPLOYMENT_SETTINGS of the config the plan was made from: stored, but neither hashed nor
     # compared (two plans that compute the same thing are equal and share a hash).
     deployment: Mapping[str, Any] = field(default_factory=dict, compare=False)

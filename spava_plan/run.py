@@ -19,6 +19,9 @@ Arguments are key=value (like the planner's):
     dtype=plan              plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
     comm=auto               auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout=300             seconds a rank waits for its peers before failing
+    rank=R                  single-rank mode: run only rank R of the plan on this device, with random data
+                            in place of what its peers would send (runtime/solo.py); its time and peak
+                            memory are the real rank's, its answer is meaningless (labelled single-rank)
     emulated_timing=false   true (one process only): also replay every rank alone and report the
                             emulated W-rank time to first token (vision + prefill + token 1; the
                             critical path, communication charged from the plan's topology)
@@ -42,7 +45,7 @@ USAGE = __doc__.split("Arguments are", 1)[0].strip()
 DEFAULTS = {
     "plan": None, "model.checkpoint": None, "model.init": "checkpoint", "video": None, "question": None,
     "max_new_tokens": "32", "replan": "false", "backend": "auto", "device": "auto", "dtype": "plan",
-    "comm": "auto", "timeout": "300", "seed": "0", "emulated_timing": "false",
+    "comm": "auto", "timeout": "300", "seed": "0", "emulated_timing": "false", "rank": "",
 }
 
 
@@ -62,6 +65,7 @@ class Args:
     timeout: float
     seed: int
     emulated_timing: bool = False
+    rank: int | None = None  # single-rank mode (runtime/solo.py)
 
 
 def parse_args(argv: Sequence[str]) -> Args:
@@ -104,7 +108,8 @@ def parse_args(argv: Sequence[str]) -> Args:
                 backend=choice("backend", ("auto", "torch", "triton")), device=choice("device", ("auto", "cpu", "cuda")),
                 dtype=choice("dtype", ("plan", "bf16", "fp16", "fp32", "fp64")),
                 comm=choice("comm", ("auto", "dist", "emulated")), timeout=timeout, seed=integer("seed", 0),
-                emulated_timing=choice("emulated_timing", ("true", "false")) == "true")
+                emulated_timing=choice("emulated_timing", ("true", "false")) == "true",
+                rank=integer("rank", 0) if values["rank"] != "" else None)
 
 
 # -- set-up shared by both launch modes ----------------------------------------------------------
@@ -151,7 +156,7 @@ def _random_frames(plan: Any, seed: int) -> Any:
     return rng.integers(0, 256, size=(int(plan.config["video"]["frames"]), h, w, 3), dtype=np.uint8)
 
 
-def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepared:
+def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_rank: int | None = None) -> Prepared:
     """Plan, model, inputs and the plan-vs-input check (identical on every rank; no communication)."""
     import time
 
@@ -213,13 +218,22 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
             clip_fps = info.sampled_fps(frames_n)
             notes.append(f"video {info.width}x{info.height}, {info.total_frames} frames over {info.duration_s:.1f} s, "
                          f"{frames_n} sampled ({clip_fps:.3f} per second, the temporal positions' rate)")
+    elif args.init == "random" and solo_rank is not None and processing.tokenizer is None:
+        frames = None  # single-rank: pixels of this rank's grids only (no processor pass over the video)
+        source = tuple(plan.layout.frame_size)
+        notes.append(f"random pixels in rank {solo_rank}'s temporal grids only (single-rank, no video=)")
     elif args.init == "random":
         frames = _random_frames(plan, args.seed)
         source = frames.shape[1:3]
         notes.append("random-pixel frames at the plan's resolution (no video=)")
     else:
         raise InputError("is required: video=PATH to a video file", setting="video")
-    inputs = _build_inputs(args, plan, processing, model, frames, clip_fps)
+    if frames is None:
+        from .runtime.solo import solo_inputs
+
+        inputs = solo_inputs(plan, model.config, solo_rank, args.seed)
+    else:
+        inputs = _build_inputs(args, plan, processing, model, frames, clip_fps)
     positions = hf_inputs.global_position_ids(model, inputs)
     try:
         hf_inputs.check_against_plan(plan, inputs, positions)
@@ -530,11 +544,45 @@ def run_emulated(args: Args) -> int:
     return 0
 
 
+def run_single_rank(args: Args) -> int:
+    """``rank=R``: rank R of the plan alone on this device (runtime/solo.py), labelled single-rank."""
+    from .plan import load_plan
+    from .runtime.solo import SoloComm
+
+    try:
+        world_size = load_plan(args.plan).world_size
+        if args.rank >= world_size:
+            raise InputError(f"the plan has ranks 0..{world_size - 1}, got {args.rank}", setting="rank")
+        if args.emulated_timing:
+            raise InputError("is for the emulated W-rank run; rank=R times the one rank itself",
+                             setting="emulated_timing")
+        prepared = prepare(args, world_size, solo_rank=args.rank)
+        backend = make_backend(args, prepared)
+        comm = SoloComm(args.rank, world_size)
+        if prepared.device.type == "cuda":
+            _torch().cuda.reset_peak_memory_stats(prepared.device)
+        result = execute(args, prepared, comm, backend)
+    except SpavaError as exc:
+        return _fail(exc, args.rank)
+    text = report(args, prepared, result, comm.label, backend.name)
+    text = text.replace("answer:", "answer (single-rank, random peers: meaningless):", 1)
+    print(text.replace("timing (rank 0)", f"timing (rank {args.rank}, single-rank)"), flush=True)
+    if prepared.device.type == "cuda":
+        peak = _torch().cuda.max_memory_allocated(prepared.device)
+        predicted = prepared.plan.prediction.peak_memory_bytes[args.rank]
+        print(f"memory (rank {args.rank}, single-rank): peak {peak / 2**30:.2f} GiB allocated "
+              f"(torch.cuda.max_memory_allocated); the plan predicts {predicted / 2**30:.2f} GiB", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__.strip())
         return 0
+    # Expandable segments keep the caching allocator within ~5% of what it hands out (12-18% more
+    # with the default at a 170K-token rank): planner/memory.py's ALLOCATOR_SLACK assumes it.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local paths; never reach a hub
     under_torchrun = bool(os.environ.get("RANK", "").isdigit() and os.environ.get("WORLD_SIZE", "").isdigit())
     rank = int(os.environ["RANK"]) if under_torchrun else None
@@ -552,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mode == "emulated" and under_torchrun and int(os.environ["WORLD_SIZE"]) > 1:
         return _fail(InputError("comm=emulated runs in one process; do not launch it with torchrun", setting="comm"),
                      rank)
+    if args.rank is not None:
+        return run_single_rank(args)
     return run_distributed(args) if mode == "dist" else run_emulated(args)
 
 

@@ -4,8 +4,8 @@ import pytest
 from spava_plan.errors import InfeasiblePlanError
 from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import derive
-from spava_plan.planner.memory import GIB, PARTS, usable_bytes
-from spava_plan.planner.vision import chunk_activation_elements, vision_unit
+from spava_plan.planner.memory import ALLOCATOR_SLACK, GIB, PARTS, usable_bytes
+from spava_plan.planner.vision import chunk_activation_elements, unit_pixel_elements, vision_unit
 
 SMALL = ["model=qwen2vl_2b", "gpus=4", "frames=64", "video.resolution=360p"]
 
@@ -45,14 +45,18 @@ def test_passing_buffers_are_the_all_gather_outputs():
 
 
 def _vision_stage_parts(d, r):
-    """The vision stage rebuilt from its parts: encoder activations, own embeddings, send buffer
-    and the local video rows (every plan here lands the all-to-all in place)."""
+    """The vision stage rebuilt from its parts: the larger of the encoding (pixels of the rank's
+    units, one chunk's activations, own embeddings) and the exchange (own embeddings, send buffer
+    and the local video rows; every plan here lands the all-to-all in place)."""
     cfg, ex = d.cfg, d.exchange
     row = cfg.model.hidden_size * cfg.dtype_bytes
     unit = vision_unit(cfg.model, d.tokens.grid_thw)
     assert ex.in_place(r) and unit.tokens == ex.tokens_per_grid
-    return (chunk_activation_elements(cfg.model, unit) * cfg.dtype_bytes
-            + (ex.own_rows(r) + ex.send_rows(r) + ex.local_rows(r)) * row)
+    units = min(d.chunking.vision_units, ex.own_rows(r) // unit.tokens)
+    encode = ((ex.own_rows(r) // unit.tokens) * unit_pixel_elements(cfg.model, unit)
+              + chunk_activation_elements(cfg.model, unit, units)) * cfg.dtype_bytes + ex.own_rows(r) * row
+    exchange = 0 if ex.identity(r) else (ex.own_rows(r) + ex.send_rows(r) + ex.local_rows(r)) * row
+    return max(encode, exchange)
 
 
 def test_vision_stage_holds_own_and_local_rows_not_the_whole_video():
@@ -62,14 +66,16 @@ def test_vision_stage_holds_own_and_local_rows_not_the_whole_video():
     dense = derive(compose_config(SMALL + ["method=dense"]))  # one rank: no exchange buffers
     ex = dense.exchange
     row = dense.cfg.model.hidden_size * dense.cfg.dtype_bytes
-    assert dense.memory[0]["vision_stage"] == _vision_stage_parts(dense, 0) - (ex.send_rows(0) + ex.local_rows(0)) * row
+    assert ex.identity(0) and dense.memory[0]["vision_stage"] == _vision_stage_parts(dense, 0)
 
 
 def test_1024_gpus_of_131072_frames_plan_once_vision_is_exchanged_not_gathered():
     """The all-gather put all 78M visual embeddings on every GPU (vision stage 525 GiB): this
     plan failed on the vision stage. With the exchange each rank holds its own 64 grids, what it
     sends and its local video rows (anchor + two blocks): about 11 GiB, and the plan fits."""
-    cfg = compose_config(["gpus=1024", "frames=131072", "method.passing_tokens=1024"])
+    # Every rank holds the 1.2M-token anchor: its activations (measured terms, planner/memory.py)
+    # need about 87 GiB, more than an H100 has; an H200 holds it.
+    cfg = compose_config(["gpus=1024", "frames=131072", "method.passing_tokens=1024", "topology=h200"])
     d = derive(cfg)
     assert d.fits
     ex = d.exchange
@@ -102,4 +108,4 @@ def test_infeasible_plans_name_the_setting(overrides, setting):
     assert err.setting == setting and "\n" not in str(err) and "GiB" in str(err)
     assert f"{usable_bytes(cfg) / GIB:.1f} GiB usable" in str(err)
     d = derive(cfg, require_fit=False)  # the same plan without the check says why
-    assert not d.fits and max(d.prediction.peak_memory_bytes) > usable_bytes(cfg)
+    assert not d.fits and max(d.prediction.peak_memory_bytes) * (1 + ALLOCATOR_SLACK) > usable_bytes(cfg)
