@@ -322,9 +322,11 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"topology): never a measured {W}-GPU time.",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
              f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method); "
-             f"vision kernels: {env.get('vision_kernels', 'stock')} (every method).",
-             "Dense: median / min-max of n timed calls (cells estimated above 6 s per call: no separate warm-up "
-             "call at that size). Emulated: median = the runtime's emulated TTFT (each rank's compute stretches, "
+             f"vision kernels: {env.get('vision_kernels', 'stock')}, LLM kernels: {env.get('llm_kernels', 'stock')} "
+             f"(every method); each method in its own process: {env.get('isolated', False)}.",
+             "Dense: median / min-max of n timed calls after the row's warm-up calls (`--warmup`; cells estimated "
+             "above `--heavy-s` s per call skip them). Emulated: every rank first replays its warm-up replays "
+             "untimed (`--rank-warmup`), then: median = the runtime's emulated TTFT (each rank's compute stretches, "
              "median over n replays of that rank, then the critical path with the plan's communication), so one "
              "slow replay of one rank does not move it; min-max = every repeat simulated on its own (can lie "
              "slightly above the median). Triton kernels: untuned default tiles (the kernel benchmark found them "
@@ -342,7 +344,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
                   "| peak GiB/rank measured (planner) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m, r in c["methods"].items():
             t = r["ttft_ms"]
-            name = f"{m} (emulated {c['world']}-rank)" if r["emulated"] else f"{m} (1 GPU)"
+            name = (f"{m} (emulated {c['world']}-rank, {r['warmup']} warm-up/rank)" if r["emulated"]
+                    else f"{m} (1 GPU, {r['warmup']} warm-up)")
             peaks, pp = r["peak_gib_per_rank"], r["predicted_peak_gib_per_rank"]
             peak = (f"{min(peaks):.1f}-{max(peaks):.1f}" if len(peaks) > 1 else f"{peaks[0]:.1f}") + \
                    f" ({max(pp):.1f})"

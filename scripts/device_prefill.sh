@@ -6,6 +6,7 @@
 #   usage: scripts/device_prefill.sh STAGE [ARGS...]; results under $OUT
 #   STAGE prefill PLANS [measure args...]   every method of the plans' manifest, each in its own process
 #   STAGE kernels KPLANS [kernels.py run args...]
+#   STAGE vision [vision_speed.py args...]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PP=/tmp/spava_pp
@@ -21,5 +22,6 @@ case $stage in
     python3 "$ROOT/benchmarks/prefill.py" measure --plans "$plans" --out "$OUT/${RUNS:-runs.jsonl}" "$@" ;;
   kernels) kplans=$1; shift
     python3 "$ROOT/benchmarks/kernels.py" run "$kplans" --out "$OUT" "$@" ;;
+  vision) python3 "$ROOT/benchmarks/vision_speed.py" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
