@@ -27,8 +27,11 @@ Steps (each a subcommand; ``run`` does all three, ``smoke`` does them on a CPU w
   smoke    --out DIR                    the whole pipeline on CPU (model=tiny Qwen2.5-VL, W=2, fp32)
 
 Timing: CUDA events; dense: ``--warmup`` untimed calls then ``--repeats`` timed ones (median,
-min-max); emulated: the two functional passes of EmulatedWorld.time warm up, then every rank is
-replayed ``--repeats`` times; each repeat's emulated TTFT is simulated from that repeat's traces.
+min-max); emulated: one functional pass, then every rank replays ``--rank-warmup`` untimed times and
+``--repeats`` timed times; each repeat's emulated TTFT is simulated from that repeat's traces.
+On a GPU every (cell, method) runs in a fresh process of this script (``--same-process`` keeps
+one), so no method inherits another's device memory; the report puts each phase of the slowest
+rank next to its roofline floor, and writes a calibrated preset only with ``--write-preset``.
 """
 from __future__ import annotations
 
