@@ -28,10 +28,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from .errors import SpavaError
+from .errors import InfeasiblePlanError, SpavaError
 
-ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png")
+ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
+_CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
 
 
 class TimelineWorker:
@@ -123,13 +124,31 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     from .planner.compare import COMPARED, compare
 
     cfg = to_config(task_cfg)
+    tuned, known = None, {}
+    if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
+        from .hydra_conf import method_preset
+        from .planner.tune import chosen_config, tune
+
+        base, tuned = cfg, tune(cfg, method_preset, known)
+        cfg = chosen_config(tuned)
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
-    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method})
+    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method}, known)
+    known.clear()
     plan = assemble(main)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".spava-plan-", dir=out_dir))
     try:
         plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False))
+        if tuned is not None:
+            from .planner import tune as tuning
+
+            (tmp / "tuning.csv").write_text(tuning.tuning_csv(tuned))
+            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base))
+            with open(tmp / "report.md", "a") as report:
+                report.write(f"\nThese knobs were chosen by `tune={tuned.target}` ({tuning.describe(tuned)}); "
+                             "tuning.md lists every candidate and why it was not chosen, pareto.png plots them.\n")
+            tuning.render_pareto(tuning.pareto_data(tuned), tmp / "pareto.png")
+            print(tuning.describe(tuned))
         for name in sorted(os.listdir(tmp)):
             target = out_dir / name
             if target.is_dir() and not target.is_symlink():
@@ -160,6 +179,9 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
     (tmp / "plan.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     del data
     (tmp / "schedule.json").write_text(schedule_json(plan))
+    from .planner.timeline import predicted_trace
+
+    (tmp / "trace.json").write_text(predicted_trace(plan))
     (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
     (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash))
     if cfg.kernels:
@@ -193,18 +215,42 @@ def _task(task_cfg: Any) -> dict:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = str(hc.job.num) if multirun else "0"
-    overrides = " ".join(hc.overrides.task)
+    from omegaconf import OmegaConf
+
+    # unresolved: an override may itself hold an interpolation that fails (model.name=${oc.env:NOPE})
+    task_overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    overrides = " ".join(task_overrides)
+    where = f"job #{job} ({overrides}): " if multirun else ""
     try:
-        plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        try:
+            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        except OSError as exc:  # the output directory cannot be written (a file in the way, no space...)
+            raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
         _discard_job_dir(out_dir, hc.output_subdir)
-        where = f"job #{job} ({overrides}): " if multirun else ""
-        line = f"spava-plan: error: {where}{exc}"
+        hint = ""
+        if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
+            hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
+        line = f"spava-plan: error: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return failed_row(job, overrides, str(exc))
+        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(task_overrides)}
+    except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
+        if not multirun:
+            raise
+        import traceback
+
+        _discard_job_dir(out_dir, hc.output_subdir)
+        traceback.print_exc()
+        line = f"spava-plan: internal error: {where}{type(exc).__name__}: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        _CRASHES.append(line)
+        from .planner.report import failed_row
+
+        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
+                "_overrides": _override_values(task_overrides)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
@@ -215,8 +261,44 @@ def _task(task_cfg: Any) -> dict:
         print(f"{cfg.model.name}: {lay.total_tokens:,} tokens ({lay.frames} frames, {lay.virtual_hosts} blocks) "
               f"on {plan.world_size} x {cfg.topology.name}; plan {plan_hash[:12]}")
         print(summary_table(rows))
+        from .planner.report import warning_line
+
+        warning = warning_line(rows)
+        if warning:
+            print(warning)
+        for note in capped_notes(plan, cfg):
+            print(f"note: {note}")
         print(f"artifacts: {out_dir}")
-    return summary_row(job, plan, cfg, rows, str(out_dir))
+    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(task_overrides),
+            "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
+
+
+def _override_values(overrides: Any) -> dict[str, str]:
+    """key -> value of a job's command-line overrides (for the sweep's per-key columns)."""
+    out = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def capped_notes(plan: Any, cfg: Any) -> list[str]:
+    """What the planner capped rather than refused, said out loud: a method.passing_tokens larger
+    than a block passes the block's whole 128-token tiles (k = min(p, 128 * floor(B_min / 128)),
+    SPAVA_SPEC.md section 4; the paper rule's p is capped the same way by design, without a note)."""
+    lay = plan.layout
+    keep = lay.blocks[0].keep if lay.blocks else 0
+    if cfg.method.passing_tokens is not None and lay.passing_tokens > keep and plan.method in ("spava", "apb"):
+        return [f"method.passing_tokens: passing budget p = {lay.passing_tokens:,} capped to k = {keep:,} tokens "
+                f"per block (the smallest block's whole 128-token tiles)"]
+    return []
+
+
+def output_dir_error(exc: OSError, setting: str) -> SpavaError:
+    from .errors import ConfigError
+
+    where = f" {exc.filename}" if exc.filename else ""
+    return ConfigError(f"cannot write the output directory{where}: {exc.strerror or exc}", setting=setting)
 
 
 # -- multirun summary ------------------------------------------------------------------------------
@@ -236,21 +318,26 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from .planner.report import SUMMARY_COLUMNS, summary_markdown
+        from .planner.sweep import render_sweep, sweep_plot_data, with_swept_columns
 
         if not self.rows:
             return
         root = Path(str(config.hydra.sweep.dir)).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        rows = sorted(self.rows, key=lambda r: int(r["job"]))
+        jobs = sorted(self.rows, key=lambda r: int(r["job"]))
+        rows, columns = with_swept_columns(jobs, SUMMARY_COLUMNS)
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         _atomic_write(root / "summary.csv", text.getvalue())
-        md = summary_markdown(rows)
+        md = summary_markdown(rows, columns)
         _atomic_write(root / "summary.md", md)
         print(md, end="")
-        print(f"summary: {root / 'summary.csv'}")
+        plot = sweep_plot_data(jobs)
+        if plot is not None:
+            render_sweep(plot, root / "sweep.png")
+        print(f"summary: {root / 'summary.csv'}" + (f" (plot: {root / 'sweep.png'})" if plot is not None else ""))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -310,6 +397,10 @@ def main() -> None:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as exc:  # Hydra could not create the run / sweep directory
+        print(f"spava-plan: error: {output_dir_error(exc, 'hydra.sweep.dir' if multirun else 'hydra.run.dir')}",
+              file=sys.stderr)
+        sys.exit(2)
     except (OmegaConfBaseException, Exception) as exc:
         from hydra.errors import HydraException
 
@@ -319,6 +410,8 @@ def main() -> None:
         sys.exit(2)
     finally:
         _WORKER.close()
+    if _CRASHES:
+        sys.exit(1)
     if _FAILURES:
         sys.exit(2)
 
