@@ -61,7 +61,8 @@ def predicted_phases(cfg: Any) -> dict:
         attention.append(layers * a)
         rest.append(layers * b)
     return {"vision_us": [n * per_unit for n in units], "attention_us": attention, "rest_us": rest,
-            "lm_us": [a + b for a, b in zip(attention, rest)], "makespan_us": d.prediction.makespan_us}
+            "lm_us": [a + b for a, b in zip(attention, rest)], "makespan_us": d.prediction.makespan_us,
+            "exposed_comm_us": d.prediction.exposed_comm_us}
 
 
 def rates_of(cfg: Any) -> dict[str, float]:

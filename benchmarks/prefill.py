@@ -27,8 +27,11 @@ Steps (each a subcommand; ``run`` does all three, ``smoke`` does them on a CPU w
   smoke    --out DIR                    the whole pipeline on CPU (model=tiny Qwen2.5-VL, W=2, fp32)
 
 Timing: CUDA events; dense: ``--warmup`` untimed calls then ``--repeats`` timed ones (median,
-min-max); emulated: the two functional passes of EmulatedWorld.time warm up, then every rank is
-replayed ``--repeats`` times; each repeat's emulated TTFT is simulated from that repeat's traces.
+min-max); emulated: one functional pass, then every rank replays ``--rank-warmup`` untimed times and
+``--repeats`` timed times; each repeat's emulated TTFT is simulated from that repeat's traces.
+On a GPU every (cell, method) runs in a fresh process of this script (``--same-process`` keeps
+one), so no method inherits another's device memory; the report puts each phase of the slowest
+rank next to its roofline floor, and writes a calibrated preset only with ``--write-preset``.
 """
 from __future__ import annotations
 
@@ -261,13 +264,15 @@ class Runner:
     """Measures every method of every cell of a manifest with one model object per model."""
 
     def __init__(self, root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
-                 vision_attn: str, workers: int, write: Callable[[dict], None], vision_kernels: str = "fused"):
+                 vision_attn: str, workers: int, write: Callable[[dict], None], vision_kernels: str = "fused",
+                 llm_kernels: str = "stock", rank_warmup: int = 1, logits_dir: Path | None = None):
         import torch
 
         self.root, self.out, self.write = root, out, write
         self.repeats, self.warmup, self.heavy_s = repeats, warmup, heavy_s
         self.deadline = time.monotonic() + budget_s
         self.vision_attn, self.vision_kernels, self.workers = vision_attn, vision_kernels, workers
+        self.llm_kernels, self.rank_warmup, self.logits_dir = llm_kernels, rank_warmup, logits_dir
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.spans = Spans(self.cuda)
@@ -281,7 +286,7 @@ class Runner:
     def get_model(self, name: str, plan: Any) -> Any:
         import torch
 
-        from spava_plan.runtime import hf_model, vision_attention, vision_fused
+        from spava_plan.runtime import hf_model, llm_fused, vision_attention, vision_fused
 
         if self.model_name == name:
             return self.model
@@ -295,10 +300,13 @@ class Runner:
             vision_attention.install(self.model)
         if self.vision_kernels == "fused" and self.cuda:
             vision_fused.install(self.model)
+        if self.llm_kernels == "fused" and self.cuda:
+            llm_fused.install(self.model)
         self.model_name = name
         self.write({"kind": "model", "model": name, "build_s": time.perf_counter() - t0,
                     "weights_bytes": weights_bytes(self.model), "vision_attention": self.vision_attn,
-                    "vision_kernels": self.vision_kernels if self.cuda else "stock"})
+                    "vision_kernels": self.vision_kernels if self.cuda else "stock",
+                    "llm_kernels": self.llm_kernels if self.cuda else "stock"})
         return self.model
 
     def inputs(self, plan: Any, model: Any) -> tuple[Any, Any, Any, float]:
@@ -440,7 +448,8 @@ class Runner:
             for h in handles:
                 h.remove()
         timed = [r for r in reps if not r["warmup"]]
-        return {"kind": "dense", "cell": cell["id"], "method": method, "label": f"one GPU, SDPA {label}",
+        where = "one GPU" if self.cuda else "CPU (not a GPU time)"
+        return {"kind": "dense", "cell": cell["id"], "method": method, "label": f"{where}, SDPA {label}",
                 "sdpa": label, "warmup": warmup, "repeats": len(timed), "runs": reps,
                 "ttft_us": _median([r["ttft_us"] for r in timed]), "token": token, "_logits": logits}
 
@@ -469,7 +478,7 @@ class Runner:
         runner = self
 
         class Observer:
-            def before(self, rank: int, i: int) -> None:
+            def before(self, rank: int, i: int) -> None:  # i < warm: that rank's untimed warm-up replays
                 last["base"] = runner.mem_reset()
                 gc.collect()
                 gc.disable()
@@ -479,6 +488,9 @@ class Runner:
                 gc.enable()
                 ops = runner.spans.stop()
                 t = last["result"].timing
+                if i < warm:
+                    return
+                i -= warm
                 traces[(rank, i)] = events
                 replays.append({"rank": rank, "i": i, "compute_us": sum(e.us for e in events if isinstance(e, Compute)),
                                 "vision_us": t.vision_s * 1e6, "prefill_us": t.prefill_s * 1e6,
@@ -492,7 +504,10 @@ class Runner:
             last["result"] = result
             return result
 
-        timing = world.time(fn, warmup=0, repeats=repeats, device=self.device, observer=Observer(),
+        # every rank replays ``warm`` untimed times first (its first replay after the threaded
+        # functional pass ran up to 25% slow on an H100: allocator growth, library heuristics)
+        warm = self.rank_warmup
+        timing = world.time(fn, warmup=warm, repeats=repeats, device=self.device, observer=Observer(),
                             functional_passes=1)
         W = plan.world_size
         per_repeat = []
@@ -503,7 +518,7 @@ class Runner:
         first = next(r for r in timing.results if r.first_logits is not None)  # the rank with the last token
         tokens = [int(r.tokens[0]) for r in timing.results]
         rec = {"kind": "emulated", "cell": cell["id"], "method": method, "world": W,
-               "label": timing.label, "backend": backend.name, "warmup": 0,
+               "label": timing.label, "backend": backend.name, "warmup": warm,
                "functional_passes": 1, "repeats": repeats,
                # the runtime's emulated TTFT: per-rank medians of every compute stretch over the
                # repeats, then the critical path (one slow replay of one rank does not move it)
@@ -555,7 +570,7 @@ class Runner:
         for method in methods:
             heavy = cell["predicted"][method]["makespan_us"] / 1e6 * self.factor["dense"] > self.heavy_s
             warmup = 0 if (method in DENSE and heavy) else (self.warmup if method in DENSE else 0)
-            passes = warmup + repeats + (0 if method in DENSE else 1)
+            passes = warmup + repeats + (0 if method in DENSE else 1 + self.rank_warmup)
             ok, est = self.fits(cell, method, passes)
             if not ok:
                 self.write({"kind": "skipped", "cell": cell["id"], "method": method,
@@ -588,6 +603,14 @@ class Runner:
             seconds = time.monotonic() - t0
             self.learn(cell, method, seconds, passes)
             logits[method] = rec.pop("_logits")
+            if self.logits_dir is not None:  # methods in separate processes: dense_flash's logits as a file
+                import torch
+
+                self.logits_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(logits[method], self.logits_dir / f"{cell['id']}__{method}.pt")
+                ref = self.logits_dir / f"{cell['id']}__dense_flash.pt"
+                if "dense_flash" not in logits and ref.exists():
+                    logits["dense_flash"] = torch.load(ref)
             rec["wall_s"] = seconds
             rec["check"] = logits_check(logits, method)
             self.write(rec)
@@ -607,18 +630,26 @@ def logits_check(logits: dict[str, Any], method: str) -> dict:
 
 def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
             vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True,
-            vision_kernels: str = "fused") -> int:
+            vision_kernels: str = "fused", llm_kernels: str = "stock", rank_warmup: int = 1,
+            isolate: bool | None = None, child: bool = False, logits_dir: Path | None = None) -> int:
+    """Measure the manifest's cells (``cells``: ID[:M1+M2][@REPEATS],...). ``isolate`` (default: on
+    a GPU) runs every (cell, method) in a fresh process of this script, so no method inherits the
+    device memory (caching allocator, compiled kernels, fragmentation) of the ones before it: in
+    one process apb and star ran out of memory on an 80 GB H100 after spava and zigzag_ring. The
+    processes share the measurement file and pass dense_flash's first-token logits as a file."""
     import torch
     import transformers
 
     manifest = json.loads((root / "manifest.json").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    fh = out.open("a")
     lock = threading.Lock()
+    cuda = torch.cuda.is_available()
+    if isolate is None:
+        isolate = cuda and not child
 
     def write(rec: dict) -> None:
         rec = {"t": round(time.time(), 3), **rec}
-        with lock:
+        with lock, out.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
         brief = {k: v for k, v in rec.items() if k not in ("runs", "replays", "per_repeat", "trace",
@@ -631,14 +662,15 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    cuda = torch.cuda.is_available()
-    write({"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "triton": triton_version, "transformers": transformers.__version__,
-           "cuda": torch.version.cuda, "topology": manifest["topology"], "repeats": repeats, "warmup": warmup,
-           "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock",
-           "command": " ".join([Path(sys.executable).name] + sys.argv)})
-    runner = Runner(root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s,
-                    vision_attn=vision_attn, workers=workers, write=write, vision_kernels=vision_kernels)
+    if not child:
+        write({"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+               "triton": triton_version, "transformers": transformers.__version__,
+               "cuda": torch.version.cuda, "topology": manifest["topology"], "repeats": repeats, "warmup": warmup,
+               "rank_warmup": rank_warmup, "isolated": isolate,
+               "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock",
+               "llm_kernels": llm_kernels if cuda else "stock",
+               "rates": device_rates() if cuda else {},
+               "command": " ".join([Path(sys.executable).name] + sys.argv)})
     order = [(c, methods, None) for c in manifest["cells"] if check or not c["check"]]
     if cells:  # the given cells in the given order (after the fail-fast check): ID[:M1+M2][@REPEATS]
         by_id = {c["id"]: c for c in manifest["cells"]}
@@ -650,16 +682,80 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
                 raise SystemExit(f"--cells: {cid!r} is not in the manifest")
             wanted.append((by_id[cid], tuple(ms.split("+")) if ms else methods, int(reps) if reps else None))
         order = [o for o in order if o[0]["check"]] + wanted
+    logits_dir = logits_dir or (out.parent / (out.name + ".logits") if isolate else None)
+    runner = None if isolate else Runner(
+        root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s, vision_attn=vision_attn,
+        workers=workers, write=write, vision_kernels=vision_kernels, llm_kernels=llm_kernels,
+        rank_warmup=rank_warmup, logits_dir=logits_dir)
+    deadline = time.monotonic() + budget_s
     failed_check = False
     for cell, ms, reps in order:
-        runner.cell(cell, ms, reps)
+        if isolate:
+            for method in ms:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    write({"kind": "skipped", "cell": cell["id"], "method": method, "reason": "time budget"})
+                    continue
+                cmd = [sys.executable, str(Path(__file__).resolve()), "measure", "--plans", str(root), "--out", str(out),
+                       "--cells", f"{cell['id']}:{method}@{reps or repeats}", "--no-check", "--child",
+                       "--logits-dir", str(logits_dir), "--repeats", str(repeats), "--warmup", str(warmup),
+                       "--rank-warmup", str(rank_warmup), "--heavy-s", str(heavy_s), "--budget-s", f"{left:.0f}",
+                       "--vision-attn", vision_attn, "--vision-kernels", vision_kernels,
+                       "--llm-kernels", llm_kernels, "--workers", str(workers), "--methods", method]
+                rc = __import__("subprocess").run(cmd).returncode
+                if rc != 0:
+                    write({"kind": "error", "cell": cell["id"], "method": method,
+                           "error": f"the measuring process exited with status {rc}", "trace": ""})
+        else:
+            runner.cell(cell, ms, reps)
         if cell["check"]:
             failed_check = not check_ok(out, cell["id"], ms)
             write({"kind": "check", "cell": cell["id"], "ok": not failed_check})
             if failed_check:
                 break
-    fh.close()
     return 3 if failed_check else 0
+
+
+def device_rates() -> dict:
+    """This GPU's measured bf16 GEMM, cuDNN attention and HBM copy rates (the report's roofline
+    floors use them): 8192^3 matmul; causal SDPA (cuDNN) with 16 heads of 128 over 16K tokens;
+    a 2 GiB device-to-device copy (read + write bytes). Medians of 10 calls after 3 warm-ups."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def bench(fn: Callable[[], Any]) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e-3)
+        return statistics.median(times)
+
+    out: dict[str, float] = {}
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out["gemm_tflops"] = 2 * 8192 ** 3 / bench(lambda: x @ x) / 1e12
+    q = torch.randn(1, 16, 16384, 128, device="cuda", dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            t = bench(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+        out["attention_tflops"] = 4 * 128 * 16 * 16384 * 16385 / 2 / t / 1e12
+    except RuntimeError:  # no cuDNN attention on this build: the flash kernel's rate, labelled by key
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            t = bench(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+        out["attention_tflops_flash"] = 4 * 128 * 16 * 16384 * 16385 / 2 / t / 1e12
+    big = torch.empty(2 ** 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(big)
+    out["hbm_gbps"] = 2 * big.numel() * 2 / bench(lambda: dst.copy_(big)) / 1e9
+    del x, q, big, dst
+    torch.cuda.empty_cache()
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def check_ok(out: Path, cell_id: str, methods: tuple[str, ...]) -> bool:
@@ -694,6 +790,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all in the manifest)")
         p.add_argument("--methods", default=",".join(METHODS))
         p.add_argument("--no-check", action="store_true", help="skip the manifest's fail-fast check cell")
+        p.add_argument("--llm-kernels", choices=("fused", "stock"), default="fused",
+                       help="fused: runtime/llm_fused's RMSNorm and gate|up GEMM + SiLU-gate kernels in the LLM (GPU)")
+        p.add_argument("--rank-warmup", type=int, default=1, help="untimed replays of every emulated rank first")
+        p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                       help="every (cell, method) in a fresh process (default on a GPU)")
+        p.add_argument("--same-process", dest="isolate", action="store_false",
+                       help="every method in this one process (default on CPU)")
+        p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--logits-dir", type=Path, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("plan")
     p.add_argument("--table", choices=sorted(TABLES), default="headline")
@@ -711,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="PREFIX of PREFIX.json / .md / .png")
     p.add_argument("--preset-dir", type=Path, default=HERE.parent / "conf" / "topology")
+    p.add_argument("--write-preset", action="store_true",
+                   help="write the calibrated topology preset <preset-dir>/<topology>_calibrated.yaml")
     p = sub.add_parser("run")
     p.add_argument("--table", choices=sorted(TABLES), default="headline")
     p.add_argument("--plans", type=Path, default=Path(".prefill_plans"))
@@ -718,8 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default="h200")
     p.add_argument("--out", type=Path, default=None)
     common_measure(p)
+    p.add_argument("--write-preset", action="store_true",
+                   help="write the calibrated preset conf/topology/<topology>_calibrated.yaml")
     p = sub.add_parser("smoke")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--write-preset", action="store_true", help="write the calibrated preset into --out")
     args = ap.parse_args(argv)
 
     if args.cmd == "plan":
@@ -730,20 +840,22 @@ def main(argv: list[str] | None = None) -> int:
         return measure(args.plans, args.out, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
                        budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
                        workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")),
-                       check=not args.no_check)
+                       check=not args.no_check, llm_kernels=args.llm_kernels, rank_warmup=args.rank_warmup,
+                       isolate=args.isolate, child=args.child, logits_dir=args.logits_dir)
     from prefill_report import report  # noqa: E402
 
     if args.cmd == "report":
-        report(args.runs, args.plans, args.out, preset_dir=args.preset_dir)
+        report(args.runs, args.plans, args.out, preset_dir=args.preset_dir if args.write_preset else None)
         return 0
     if args.cmd == "run":
         plan_cells(TABLES[args.table], args.plans, gpus=args.gpus, topology=args.topology, kernels=True, check=False)
         runs = args.plans / "runs.jsonl"
         rc = measure(args.plans, runs, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
                      budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
-                     workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")))
+                     workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")),
+                     llm_kernels=args.llm_kernels, rank_warmup=args.rank_warmup, isolate=args.isolate)
         out = args.out or default_prefix(runs)
-        report([runs], args.plans, out)
+        report([runs], args.plans, out, preset_dir=HERE.parent / "conf" / "topology" if args.write_preset else None)
         return rc
     # smoke: the whole pipeline on CPU with the tiny model (W=2, fp32, torch backend)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # emulated ranks are threads (see spava_plan.run)
@@ -753,8 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs.exists():
         runs.unlink()
     rc = measure(plans, runs, repeats=2, warmup=1, heavy_s=1e9, budget_s=1e9, vision_attn="batched", workers=2,
-                 cells=None, methods=METHODS)
-    report([runs], plans, args.out / "smoke-cpu-prefill", preset_dir=args.out)
+                 cells=None, methods=METHODS, isolate=False)
+    report([runs], plans, args.out / "smoke-cpu-prefill", preset_dir=args.out if args.write_preset else None)
     return rc
 
 

@@ -6,7 +6,10 @@ report(runs, plans, prefix) writes
                speedups of spava over every baseline, the paper's targets, the calibration fit
   PREFIX.md    the same as tables (emulated rows labelled "emulated W-rank")
   PREFIX.png   latency vs frames per method (plot_prefill.py)
-and the calibrated topology preset <preset_dir>/<topology>_calibrated.yaml.
+and, only when a preset_dir is given (``--write-preset``), the calibrated topology preset
+<preset_dir>/<topology>_calibrated.yaml. Every row also gets the roofline floor of each phase of its
+slowest rank (floors()): the planner's FLOPs at the GPU's measured GEMM / attention rates and its bytes
+at the measured HBM bandwidth, no launch overhead.
 """
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ def split(cells: list[dict]) -> tuple[set, str]:
     return {c["id"] for c in cells}, "in-sample: one model and one resolution measured, nothing held out"
 
 
-def calibrate(cells: list[dict], results: dict, summaries: dict, topology: str, preset_dir: Path,
+def calibrate(cells: list[dict], results: dict, summaries: dict, topology: str, preset_dir: Path | None,
               device: str) -> dict:
     configs = {c["id"]: _configs(c) for c in cells}
     train, how = split(cells)
@@ -141,9 +144,11 @@ def calibrate(cells: list[dict], results: dict, summaries: dict, topology: str, 
             preds[key] = {"makespan_us": after["makespan_us"], "vision_us": after["vision_us"],
                           "lm_us": after["lm_us"], "train": c["id"] in train}
     name = f"{topology}_calibrated"
-    preset = write_preset(preset_dir / f"{name}.yaml", first.topology, rates, device, how, len(rows))
+    preset = None if preset_dir is None else write_preset(preset_dir / f"{name}.yaml", first.topology, rates,
+                                                          device, how, len(rows))
     return {"rates_before": base, "rates_after": rates, "split": how, "train_cells": sorted(train),
-            "rows": len(rows), "history": fitted["history"], "notes": fitted["notes"], "preset": str(preset),
+            "rows": len(rows), "history": fitted["history"], "notes": fitted["notes"],
+            "preset": None if preset is None else str(preset),
             "preset_name": name, "predicted": {f"{k[0]}|{k[1]}": v for k, v in preds.items()}}
 
 
@@ -154,6 +159,7 @@ def write_preset(path: Path, topo: Any, rates: dict, device: str, how: str, rows
             "launch_overhead_us")
     values = {k: getattr(topo, k) for k in keep}
     values.update(rates)
+    values["device"] = device if device.lower() != "cpu" else "cpu (smoke run: CPU times, not a GPU)"
     lines = [f"# {topo.name} with effective rates fitted by benchmarks/calibrate.py to the prefill benchmark",
              f"# (benchmarks/prefill.py) on {device}, {time.strftime('%Y-%m-%d')}: {rows} per-rank phase times,",
              f"# {how}. gemm/attention/hbm/launch are effective rates of the HF model + generated kernels",
@@ -187,18 +193,42 @@ def attention_tflops(entry: dict, method: str, summary: dict, plans: Path) -> fl
     return 4.0 * m.head_dim * m.num_heads * m.num_layers * pairs / (t * 1e-6) / 1e12
 
 
-def report(runs: list[Path], plans: Path, prefix: Path, *, preset_dir: Path) -> dict:
+def floor_rates(env: dict, cfg: Any) -> dict[str, float]:
+    """Rates of the roofline floors: the GPU's own measured GEMM, attention (cuDNN) and HBM rates from
+    the env line (prefill.device_rates), else the topology preset's; no launch overhead."""
+    measured = env.get("rates") or {}
+    t = cfg.topology
+    return {"gemm_tflops": measured.get("gemm_tflops", t.gemm_tflops),
+            "attention_tflops": measured.get("attention_tflops", t.attention_tflops),
+            "hbm_gbps": measured.get("hbm_gbps", t.hbm_gbps), "launch_overhead_us": 0.0}
+
+
+def floors(cfg: Any, rank: int, rates: dict[str, float]) -> dict[str, float]:
+    """Roofline floor (ms) of each phase of ``rank``: the planner's own FLOPs and bytes of every op
+    (vision tower, attention = attend/select/merge, LLM rest = projections, MLP, norms) at
+    max(FLOPs / measured rate, bytes / HBM), no launch overhead; comm = the communication the plan's
+    schedule leaves exposed at those rates (the plan's topology links)."""
+    ph = predicted_phases(with_rates(cfg, rates))
+    r = min(rank, len(ph["vision_us"]) - 1)
+    out = {"vision": ph["vision_us"][r] / 1e3, "attention": ph["attention_us"][r] / 1e3,
+           "llm_rest": ph["rest_us"][r] / 1e3, "exposed_comm": ph["exposed_comm_us"] / 1e3}
+    out["total"] = sum(out.values())
+    return out
+
+
+def report(runs: list[Path], plans: Path, prefix: Path, *, preset_dir: Path | None = None) -> dict:
     from plot_prefill import plot
 
     env, results, other = load(runs)
     manifest = json.loads((plans / "manifest.json").read_text())
     cells = [c for c in manifest["cells"] if not c["check"] and any((c["id"], m) in results for m in METHODS)]
-    checks = [c for c in manifest["cells"] if c["check"]]
+    checks = [c for c in manifest["cells"] if c["check"] and any((c["id"], m) in results for m in METHODS)]
     summaries = {k: summarise(v) for k, v in results.items()}
     device = env.get("device", "?")
     cal = calibrate(cells, results, summaries, manifest["topology"], preset_dir, device) if cells else {}
     out_cells = []
     for c in cells + checks:
+        configs = _configs(c)
         rows = {}
         spava = summaries.get((c["id"], "spava"))
         for m in METHODS:
@@ -221,13 +251,17 @@ def report(runs: list[Path], plans: Path, prefix: Path, *, preset_dir: Path) -> 
                 "predicted_peak_gib_per_rank": [b / GIB for b in c["predicted"][m]["peak_memory_bytes"]],
                 "profile_ms": {k: (v / 1e3 if isinstance(v, float) else v) for k, v in s["profile"].items()},
                 "attention_tflops": attention_tflops(c, m, s, plans),
+                "floor_ms": floors(configs["dense" if m in DENSE else m], s["profile"]["rank"],
+                                   floor_rates(env, configs["dense" if m in DENSE else m])),
                 "check": rec.get("check", {}), "token": rec.get("token"),
                 "tokens_agree": rec.get("tokens_agree"),
             }
         out_cells.append({"id": c["id"], "model": c["model"], "frames": c["frames"], "resolution": c["resolution"],
                           "tokens": c["tokens"], "world": c["gpus"], "check": c["check"], "methods": rows})
     targets = headline_targets(out_cells)
+    rates = floor_rates(env, _configs(cells[0] if cells else checks[0])["spava"]) if cells or checks else {}
     data = {"env": env, "topology": manifest["topology"], "world": manifest["gpus"], "cells": out_cells,
+            "floor_rates": rates,
             "targets": targets, "calibration": cal, "not_measured": other_lines(other),
             "errors_by_method": errors_by_method(out_cells)}
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -288,9 +322,11 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"topology): never a measured {W}-GPU time.",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
              f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method); "
-             f"vision kernels: {env.get('vision_kernels', 'stock')} (every method).",
-             "Dense: median / min-max of n timed calls (cells estimated above 6 s per call: no separate warm-up "
-             "call at that size). Emulated: median = the runtime's emulated TTFT (each rank's compute stretches, "
+             f"vision kernels: {env.get('vision_kernels', 'stock')}, LLM kernels: {env.get('llm_kernels', 'stock')} "
+             f"(every method); each method in its own process: {env.get('isolated', False)}.",
+             "Dense: median / min-max of n timed calls after the row's warm-up calls (`--warmup`; cells estimated "
+             "above `--heavy-s` s per call skip them). Emulated: every rank first replays its warm-up replays "
+             "untimed (`--rank-warmup`), then: median = the runtime's emulated TTFT (each rank's compute stretches, "
              "median over n replays of that rank, then the critical path with the plan's communication), so one "
              "slow replay of one rank does not move it; min-max = every repeat simulated on its own (can lie "
              "slightly above the median). Triton kernels: untuned default tiles (the kernel benchmark found them "
@@ -308,7 +344,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
                   "| peak GiB/rank measured (planner) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m, r in c["methods"].items():
             t = r["ttft_ms"]
-            name = f"{m} (emulated {c['world']}-rank)" if r["emulated"] else f"{m} (1 GPU)"
+            name = (f"{m} (emulated {c['world']}-rank, {r['warmup']} warm-up/rank)" if r["emulated"]
+                    else f"{m} (1 GPU, {r['warmup']} warm-up)")
             peaks, pp = r["peak_gib_per_rank"], r["predicted_peak_gib_per_rank"]
             peak = (f"{min(peaks):.1f}-{max(peaks):.1f}" if len(peaks) > 1 else f"{peaks[0]:.1f}") + \
                    f" ({max(pp):.1f})"
@@ -323,6 +360,20 @@ def markdown(data: dict, runs: list[Path]) -> str:
             lines.append(f"| {m} | {p['rank']} | {p['vision']:.1f} | {p['attention']:.1f} | {p['llm_rest']:.1f} | "
                          f"{p['first_token']:.2f} | {p['other']:.1f} | {p['exposed_comm']:.1f} | {p['dominant']} | "
                          f"{_f(r['attention_tflops'], '{:.0f}')} |")
+        fr = data.get("floor_rates", {})
+        lines += ["", f"Roofline floor of the slowest rank next to its measured time (ms; floor = the planner's FLOPs "
+                      f"at {_f(fr.get('gemm_tflops'), '{:.0f}')} TFLOP/s GEMM and {_f(fr.get('attention_tflops'), '{:.0f}')} "
+                      f"TFLOP/s attention, bytes at {_f(fr.get('hbm_gbps'), '{:.0f}')} GB/s, no launch cost; "
+                      f"comm = what the schedule leaves exposed at those rates):", "",
+                  "| method | vision meas. / floor | attention meas. / floor | LLM rest meas. / floor | "
+                  "exposed comm meas. / floor | TTFT / floor sum |", "| --- | --- | --- | --- | --- | --- |"]
+        for m, r in c["methods"].items():
+            p, fl = r["profile_ms"], r["floor_ms"]
+            cells_ = [f"{p[k]:.1f} / {fl[k]:.1f} ({_f(p[k] / fl[k] if fl[k] > 0 else None, '{:.2f}x')})"
+                      for k in ("vision", "attention", "llm_rest", "exposed_comm")]
+            ttft = r["ttft_ms"]["median"]
+            lines.append(f"| {m} | " + " | ".join(cells_) + f" | {ttft:.1f} / {fl['total']:.1f} "
+                         f"({_f(ttft / fl['total'] if fl['total'] > 0 else None, '{:.2f}x')}) |")
         checks = [f"{m}: rel. err {r['check']['rel_err']:.3g}, argmax {'=' if r['check']['argmax_agree'] else '!='}"
                   for m, r in c["methods"].items() if r["check"]]
         if checks:
@@ -332,7 +383,9 @@ def markdown(data: dict, runs: list[Path]) -> str:
                   "| rate | before | after |", "| --- | --- | --- |"]
         for p in PARAMS:
             lines.append(f"| {p} | {cal['rates_before'][p]:.4g} | {cal['rates_after'][p]:.4g} |")
-        lines += ["", f"Preset: `{cal['preset_name']}` ({cal['preset']}).", *[f"- {n}" for n in cal["notes"]],
+        lines += ["", (f"Preset: `{cal['preset_name']}` ({cal['preset']})." if cal["preset"] else
+                       "Preset: not written (`prefill.py report --write-preset` writes it)."),
+                  *[f"- {n}" for n in cal["notes"]],
                   "", "Mean |error| of the predicted TTFT per method (all measured cells):", "",
                   "| method | cells | before | after |", "| --- | --- | --- | --- |"]
         for m, e in data["errors_by_method"].items():

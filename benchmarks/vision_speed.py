@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
+    p.add_argument("--variants", default="batched,fused,fused+sdpa_windows,fused+flash,fused+cudnn,fused+efficient",
+                   help="batched: stock elementwise code; fused: runtime/vision_fused (window layers on "
+                        "runtime/vision_window); fused+sdpa_windows: window layers on SDPA; fused+B: SDPA pinned to B")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     del ref_visual
     torch.cuda.empty_cache()
     rows = []
-    for name in ("batched", "fused", "fused+flash", "fused+cudnn", "fused+efficient"):
-        if name == "fused":
+    for name in a.variants.split(","):
+        if name.startswith("fused"):
             vision_fused.install(model)
-        pinned[:] = [backends[name.split("+")[1]]] if "+" in name else []
+            for blk in visual.blocks:  # fused+sdpa_windows: the window layers on SDPA (groups + gathers)
+                blk.attn._spava_window_kernel = name != "fused+sdpa_windows"
+        else:
+            vision_fused.uninstall(model)
+        pinned[:] = [backends[name.split("+")[1]]] if "+" in name and name.split("+")[1] in backends else []
         try:
             out = call()
         except RuntimeError as exc:  # a backend that does not take these shapes
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ms)
         rows.append(dict(variant=name, median_ms=med, min_ms=min(ms), max_ms=max(ms), rel_err_vs_fp32=err,
                          tflops=flops / med / 1e9))
-        if a.profile and name in ("batched", "fused"):
+        if a.profile and name in ("fused", "fused+sdpa_windows"):
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 call()

@@ -72,8 +72,16 @@ def batched_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
         raise RuntimeError("the batched vision attention needs the same pieces for queries and keys")
     _, heads, seq, dim = query.shape
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
+    groups = _grouping(cu_seq_lens_q, query.device).groups
+    longest = max((length for length, _, _ in groups), default=0)
+    if getattr(module, "_spava_window_kernel", False) and query.is_cuda:
+        from . import vision_window
+
+        if longest <= vision_window.MAX_WINDOW:  # window layers: one Triton launch, no gather/scatter
+            out = vision_window.window_attention(q, k, v, cu_seq_lens_q, longest, scaling)
+            return out.unsqueeze(0), None
     out = torch.empty((seq, heads, dim), dtype=query.dtype, device=query.device)
-    for length, pieces, rows in _grouping(cu_seq_lens_q, query.device).groups:
+    for length, pieces, rows in groups:
         if isinstance(rows, tuple):
             parts = [t[rows[0]:rows[1]] for t in (q, k, v)]
         else:

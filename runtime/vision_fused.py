@@ -11,7 +11,9 @@ replaces, on the model's vision tower only:
   * the SiLU-gated MLP by one GEMM over the concatenated gate|up weights and one kernel for
     ``silu(gate) * up``, its intermediate size zero-padded to a multiple of 64 so every bf16 row
     is 16-byte aligned (cuBLAS's fast Hopper kernels need it; the weights become views, no copy),
-  * the patch embedding's Conv3d (kernel == stride, so a plain matmul) by a linear layer.
+  * the patch embedding's Conv3d (kernel == stride, so a plain matmul) by a linear layer,
+  * the window layers' attention (with runtime/vision_attention's batched path installed) by one
+    Triton launch over every window (runtime/vision_window.py): no gather/scatter of the windows.
 
 Same math in the same precision (fp32 inside, each result rounded to the input dtype where the stock
 code rounds it), so outputs match the stock tower to rounding (tests/test_vision_fused.py, fp32 on
@@ -228,6 +230,9 @@ def install(model: Any) -> Any:
         elif _is_patch_conv(m):
             m.forward = types.MethodType(_patch_forward, m)
     blocks = getattr(visual, "blocks", None)
+    for blk in blocks or ():
+        if hasattr(blk, "attn"):
+            blk.attn._spava_window_kernel = True
     if blocks:
         mod = sys.modules[type(blocks[0].attn).__module__]
         if hasattr(mod, "apply_rotary_pos_emb_vision"):
@@ -252,6 +257,9 @@ def uninstall(model: Any) -> Any:
         if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) in (
                 _norm_forward, _mlp_forward, _patch_forward):
             del m.forward
+    for blk in getattr(visual, "blocks", None) or ():
+        if hasattr(blk, "attn"):
+            blk.attn.__dict__.pop("_spava_window_kernel", None)
     _INSTALLED.discard(visual)
     visual._spava_fused = False
     mod = getattr(visual, "_spava_rope_module", None)

@@ -163,7 +163,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
     import torch
 
     from .plan import load_plan
-    from .runtime import hf_inputs, hf_model, vision_attention, vision_fused
+    from .runtime import hf_inputs, hf_model, llm_fused, vision_attention, vision_fused
     from .runtime.video_io import probe, read_frames
     from .runtime.vision_parallel import check_grids
 
@@ -185,8 +185,9 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
     # The ViT's window attention as one SDPA call per window size, not transformers' per-window
     # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
     vision_attention.install(model)
-    if device.type == "cuda":  # Triton kernels for the ViT's elementwise steps (the CPU keeps torch's)
+    if device.type == "cuda":  # Triton kernels for the ViT's and the LLM's elementwise steps (the CPU keeps torch's)
         vision_fused.install(model)
+        llm_fused.install(model)
     load_s = time.perf_counter() - t_load
     replanned: list[str] = []
     try:

@@ -23,8 +23,9 @@ METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "apb", "star")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("prefill")
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=240, cwd=str(out))
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "smoke", "--out", str(out),
+                        "--write-preset"],
+                       capture_output=True, text=True, timeout=600, cwd=str(out))
     assert p.returncode == 0, p.stderr[-4000:]
     data = json.loads((out / "smoke-cpu-prefill.json").read_text())
     return out, data
@@ -163,3 +164,41 @@ def test_threaded_image_processing_equals_one_call():
     proc.image_processor = ThreadedImages(proc.image_processor, 4)
     got = hf_inputs.video_pixels(proc, frames, min_pixels=784, max_pixels=28 * 28 * 64, temporal_patch=2)
     assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+def test_isolated_methods_run_in_their_own_processes_and_share_the_logits_check(smoke):
+    """--isolate (the GPU default): each (cell, method) in a fresh process, one env line, and the
+    exact ring still checked against dense_flash's logits (passed between the processes as a file)."""
+    out, _ = smoke
+    runs = out / "isolated.jsonl"
+    cid = "tiny_25-16f-336x504"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "measure", "--plans", str(out / "plans"),
+                        "--out", str(runs), "--isolate", "--no-check", "--repeats", "1", "--warmup", "0",
+                        "--workers", "1", "--cells", f"{cid}:dense_flash+zigzag_ring"],
+                       capture_output=True, text=True, timeout=240, cwd=str(out))
+    assert p.returncode == 0, p.stderr[-4000:]
+    recs = [json.loads(x) for x in runs.read_text().splitlines()]
+    assert [r["kind"] for r in recs].count("env") == 1 and recs[0]["isolated"] is True
+    got = {r["method"]: r for r in recs if r["kind"] in ("dense", "emulated")}
+    assert set(got) == {"dense_flash", "zigzag_ring"}
+    assert got["dense_flash"]["label"].startswith("CPU")  # a CPU time is never labelled as a GPU's
+    assert got["zigzag_ring"]["warmup"] == 1 and len(got["zigzag_ring"]["per_repeat"]) == 1
+    chk = got["zigzag_ring"]["check"]
+    assert chk["rel_err"] < FP32_EXACT and chk["argmax_agree"], chk
+
+
+def test_report_writes_a_preset_only_when_asked_and_prints_the_floors(smoke):
+    out, data = smoke
+    presets = out / "presets"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "report", str(out / "runs.jsonl"),
+                        "--plans", str(out / "plans"), "--out", str(out / "again"), "--preset-dir", str(presets)],
+                       capture_output=True, text=True, timeout=240, cwd=str(out))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert not presets.exists()
+    md = (out / "again.md").read_text()
+    assert "Roofline floor of the slowest rank" in md and "not written" in md
+    for c in data["cells"]:
+        for m, r in c["methods"].items():
+            fl = r["floor_ms"]
+            assert fl["vision"] > 0 and fl["llm_rest"] > 0 and fl["attention"] > 0, (c["id"], m)
+            assert fl["total"] == pytest.approx(fl["vision"] + fl["attention"] + fl["llm_rest"] + fl["exposed_comm"])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The prefill + kernel benchmarks on the device machine (one H100), from a copy of this checkout.
+# Plans are made beforehand on a CPU machine with hydra (benchmarks/prefill.py plan, kernels.py
+# make-plans); the device needs only torch + triton + transformers. spava_plan's package layout
+# (spava_plan.runtime = runtime/, ...) is recreated under /tmp/spava_pp instead of pip-installing.
+#   usage: scripts/device_prefill.sh STAGE [ARGS...]; results under $OUT
+#   STAGE prefill PLANS [measure args...]   every method of the plans' manifest, each in its own process
+#   STAGE kernels KPLANS [kernels.py run args...]
+#   STAGE vision [vision_speed.py args...]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PP=/tmp/spava_pp
+if [ ! -d $PP/spava_plan ]; then
+  mkdir -p $PP/spava_plan
+  cp -r "$ROOT"/spava_plan/. $PP/spava_plan/
+  for d in runtime planner codegen conf; do ln -sfn "$ROOT/$d" "$PP/spava_plan/$d"; done
+fi
+export PYTHONPATH=$PP${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+stage=$1; shift
+case $stage in
+  prefill) plans=$1; shift
+    python3 "$ROOT/benchmarks/prefill.py" measure --plans "$plans" --out "$OUT/${RUNS:-runs.jsonl}" "$@" ;;
+  kernels) kplans=$1; shift
+    python3 "$ROOT/benchmarks/kernels.py" run "$kplans" --out "$OUT" "$@" ;;
+  vision) python3 "$ROOT/benchmarks/vision_speed.py" "$@" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
