@@ -69,7 +69,7 @@ def test_default_budget_gloo_run_completes_and_matches_the_emulated_run(setup):
 
 
 def _one_error_line(stderr: str, rank: int | None = None) -> str:
-    lines = [ln for ln in stderr.splitlines() if "spava-plan run:" in ln]
+    lines = [ln for ln in stderr.splitlines() if "spava-run:" in ln]
     assert len(lines) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     if rank is not None:
@@ -128,7 +128,7 @@ def test_replan_fits_a_different_question(setup):
     ({"model.checkpoint": "/nonexistent/ckpt"}, "model.checkpoint: no checkpoint directory"),
     ({"plan": "/nonexistent/plan.json"}, "no plan file at '/nonexistent/plan.json'"),
     ({"max_new_tokens": 0}, "max_new_tokens: must be >= 1"),
-    ({"bogus": 1}, "unknown argument 'bogus=1'"),
+    ({"bogus": 1}, "unknown setting 'bogus'"),
 ])
 def test_single_process_errors_are_one_line_exit_2(setup, over, match):
     rc, out, err = _single(setup, **over)
