@@ -102,6 +102,12 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     mf.build_checkpoint(root / "ckpt", "qwen2_vl")
     mf.write_video(root / "clip.mp4", frames=FRAMES, height=56, width=84)
+    # The checkpoint as a model id in a local Hugging Face cache (the layout huggingface_hub writes).
+    snap = root / "hub" / "models--spava--tiny" / "snapshots" / "0123abcd"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(root / "ckpt", target_is_directory=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abcd")
     return root
 
 
@@ -122,10 +128,12 @@ def test_greedy_answer_equals_spava_run_and_streaming_matches(server, root):
     text, usage = out.choices[0].message.content, out.usage
     assert usage.completion_tokens >= 1 and usage.prompt_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    # spava-run on the same inputs (it plans for the clip from the same config) answers the same.
-    p = subprocess.run([sys.executable, "-m", "spava_plan.run", *COMMON, f"model.checkpoint={root / 'ckpt'}",
+    # spava-run on the same inputs (it plans for the clip from the same config) answers the same;
+    # its checkpoint given as a model id found in the local Hugging Face cache.
+    p = subprocess.run([sys.executable, "-m", "spava_plan.run", *COMMON, "model.checkpoint=spava/tiny",
                         f"video={root / 'clip.mp4'}", f"question={mf.QUESTION}", "max_new_tokens=6"],
-                       cwd=str(root), env=_env(), capture_output=True, text=True, timeout=180)
+                       cwd=str(root), env={**_env(), "HF_HUB_CACHE": str(root / "hub")}, capture_output=True,
+                       text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     answer = re.search(r"^answer: (.*)$", p.stdout, re.M).group(1)
     decoded = re.search(r"\((\d+) tokens, max_new_tokens=6\)", p.stdout)
