@@ -233,7 +233,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                     query_tokens=tokens.query_tokens, video_tokens=tokens.video_tokens, frames=tokens.frames,
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,
                     passing_tokens=part.passing_tokens, virtual_hosts=part.virtual_hosts,
-                    segments=segments(tokens, part))
+                    segments=segments(tokens, part), max_question_tokens=tokens.question_capacity)
     ranks = rank_plans(part, placement.host_rank)
     colls = _timed_collectives(collectives(part, model_spec(cfg), cfg.dtype_bytes), cost)
     steps = [rank_steps(r, colls, world, cfg.method.overlap) for r in ranks]

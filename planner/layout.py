@@ -8,7 +8,10 @@ The counts follow the models' own processors:
 - InternVL3: one 448x448 tile per frame, 256 tokens per tile, plus the frame's text tokens.
 
 Prompt layout (SPAVA_SPEC.md section 1): [system + <|vision_start|> | video | <|vision_end|>] is
-the context (L tokens), [question | <|im_end|>\n<|im_start|>assistant\n] is the query (Lq).
+the context (L tokens), [question | <|im_end|>\n<|im_start|>assistant\n] is the query (Lq), sized
+for video.max_question_tokens: a shorter question leaves pad tokens at the end of the query block,
+which the runtime keeps out of every real row's attention (positions continue through them, so the
+segments' position bounds hold for any question length).
 
 Position ids follow transformers' ``get_rope_index`` for the Qwen2-VL family (3-D M-RoPE: text
 tokens advance all three components by one; a video grid puts (t*interval, row, col) on top of the
@@ -55,13 +58,18 @@ class TokenLayout:
     system_tokens: int
     video_tokens: int
     context_tokens: int  # L
-    query_tokens: int  # Lq
+    query_tokens: int  # Lq: capacity (max question tokens + the assistant suffix)
     time_interval: float  # temporal position step per grid (Qwen2.5-VL scales by time)
     family: str
 
     @property
     def total_tokens(self) -> int:
         return self.context_tokens + self.query_tokens
+
+    @property
+    def question_capacity(self) -> int:
+        """Question tokens the query block holds (video.max_question_tokens)."""
+        return self.query_tokens - ASSISTANT_SUFFIX_TOKENS
 
     @property
     def tokens_per_grid(self) -> int:
@@ -167,7 +175,7 @@ def token_layout(model: ModelConfig, video: VideoConfig) -> TokenLayout:
         interval = (model.tokens_per_second * vis.temporal_patch / video.fps
                     if model.family == "qwen2_5_vl" else 1.0)
     context = video.system_tokens + video_tokens + end_tokens
-    query = video.question_tokens + ASSISTANT_SUFFIX_TOKENS
+    query = video.max_question_tokens + ASSISTANT_SUFFIX_TOKENS  # the capacity: shorter questions are padded
     return TokenLayout(frames=frames, frame_size=frame_size, grid_thw=grid, system_tokens=video.system_tokens,
                        video_tokens=video_tokens, context_tokens=context, query_tokens=query,
                        time_interval=interval, family=model.family)

@@ -15,6 +15,17 @@ Every size comes from the plan: the selection and query buffers are allocated on
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
 local K/V, of the gathered selections, or of the ring buffer; nothing is concatenated.
 
+Questions shorter than the plan's capacity (``Layout.max_question_tokens``): the caller pads the
+query segment at its end (the prompt then has ``plan.layout.total_tokens`` rows as always) and
+calls ``set_prompt_tokens(n)`` with the real prompt length before prefill. Every size, collective
+and kernel stays the plan's; only runtime row bounds change, so the real rows get exact attention:
+- pad rows are the last tokens of the sequence, so a causal source never shows them to a real row;
+- a full-mask source that holds pad tokens (APB's blocks read the query; a ring chunk) is cut
+  before them (a segment's length is a runtime value of the kernels);
+- the selection's query mean is taken over the real query rows only;
+- the KV cache keeps no pad token, so decode continues exactly after the real prompt.
+Pad rows compute finite values that nothing real reads.
+
 Errors: the first call checks the plan against the launched world and the inputs against the plan
 on every rank, then all ranks agree on the outcome (one small object all-gather) and raise the
 same SpavaError naming the rank and what differs. Later calls check locally and report a failure
@@ -95,13 +106,33 @@ class RankAttention:
         self.collectives = {c.name: c for c in plan.collectives}
         self.n_local = self.rp.local_tokens
         self.query_rows = self._query_rows()
-        self.tasks = {t.name: self._resolve(t.name, t.q_start, t.q_stop, t.kv, t.merge) for t in self.rp.tasks}
-        self._check_coverage()
         self.select_rows = [(slot, self._rows(a, b), keep) for slot, a, b, keep in self.rp.select]
-        self.cache_rows = [self._rows(a, b) for a, b in self.rp.cache]
+        self.set_prompt_tokens(plan.layout.total_tokens)
+        self._check_coverage()
         self.caches: list[KVCacheShard | None] = [None] * plan.model.num_layers
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self._agreed = False
+
+    # -- the request's prompt length --------------------------------------------------------------
+    def set_prompt_tokens(self, n: int) -> None:
+        """The real prompt length of the next prefill (the rest of the plan's rows are query padding).
+
+        ``n`` must keep the whole context and at least one query token: context_tokens < n <=
+        total_tokens. Call it before ``prefill``; it resets nothing else."""
+        lay = self.plan.layout
+        if not isinstance(n, int) or not lay.context_tokens < n <= lay.total_tokens:
+            raise PlanMismatchError(f"rank {self.rank}: a prompt of {n} tokens does not fit the plan's layout "
+                                    f"({lay.context_tokens} context tokens + up to {lay.query_tokens} query tokens); "
+                                    f"re-plan with video.max_question_tokens large enough for the question",
+                                    setting="video.max_question_tokens")
+        self.prompt_tokens = n
+        self.tasks = {t.name: self._resolve(t.name, t.q_start, t.q_stop, t.kv, t.merge) for t in self.rp.tasks}
+        self.cache_rows = [self._rows(a, min(b, n)) for a, b in self.rp.cache]
+        self.query_select_rows = None
+        if self.query_rows is not None:
+            qa, qb = self.query_rows
+            start = lay.segment("query").start
+            self.query_select_rows = (qa, qa + min(qb - qa, n - start))
 
     # -- static resolution of the plan -------------------------------------------------------------
     def _rows(self, start: int, stop: int, rank_plan: RankPlan | None = None) -> tuple[int, int]:
@@ -125,16 +156,25 @@ class RankAttention:
             return None
         return self._rows(seg.start, seg.stop)
 
+    def _key_stop(self, ref: KVRef, q_stop: int) -> int:
+        """Global end of a source's keys for the current prompt: a full-mask source stops before the
+        query padding; a causal one keeps its span (pad keys come after every real row, and the
+        bottom-right alignment needs the whole span)."""
+        if ref.mask == "full":
+            return max(ref.start, min(ref.stop, self.prompt_tokens))
+        assert ref.stop <= self.prompt_tokens or ref.stop == q_stop, "pad keys only end the sequence"
+        return ref.stop
+
     def _resolve(self, name: str, start: int, stop: int, refs: tuple[KVRef, ...], merge: str) -> _Task:
         sources = []
         for ref in refs:
             if ref.kind == "local":
-                sources.append(_Source("local", ref.mask, *self._rows(ref.start, ref.stop)))
+                sources.append(_Source("local", ref.mask, *self._rows(ref.start, self._key_stop(ref, stop))))
             elif ref.kind == "passing":
                 sources.append(_Source("passing", ref.mask, ref.rank_start * ref.keep, ref.rank_stop * ref.keep,
                                        slot=ref.slot))
             elif ref.kind == "remote":
-                lo, hi = self._rows(ref.start, ref.stop, self.plan.ranks[ref.owner])
+                lo, hi = self._rows(ref.start, self._key_stop(ref, stop), self.plan.ranks[ref.owner])
                 sources.append(_Source("remote", ref.mask, lo, hi, owner=ref.owner))
             else:
                 raise PlanMismatchError(f"unknown KV source kind {ref.kind!r} in task {name}", setting="plan")
@@ -248,8 +288,8 @@ class RankAttention:
             raise PlanMismatchError(f"unknown op {op.kind}:{op.name} in rank {self.rank}'s schedule", setting="plan")
 
     def _select(self, run: _Run) -> None:
-        assert self.query_rows is not None, "selection needs the query block on this rank"
-        qa, qb = self.query_rows
+        assert self.query_select_rows is not None, "selection needs the query block on this rank"
+        qa, qb = self.query_select_rows  # the real query rows (no padding)
         for slot, (lo, hi), keep in self.select_rows:
             run.packed[slot] = self.backend.select(run.q[qa:qb], run.k[lo:hi], run.v[lo:hi], keep, self.pool_window,
                                                    self.selection)

@@ -75,9 +75,12 @@ class RankRunner:
         self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
         self.exchange = plan_vision_exchange(plan)
         self.attention: Any = None
-        # The first token comes from the lowest rank holding the last prompt token, broadcast.
-        last = plan.layout.total_tokens - 1
-        self.source = min(r.rank for r in plan.ranks if any(a <= last < b for a, b in r.local))
+        self.source = self._source(plan.layout.total_tokens)
+
+    def _source(self, prompt_tokens: int) -> int:
+        """The lowest rank holding the last prompt token: it picks each token and broadcasts it."""
+        last = prompt_tokens - 1
+        return min(r.rank for r in self.plan.ranks if any(a <= last < b for a, b in r.local))
 
     # -- timing -----------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -99,15 +102,21 @@ class RankRunner:
         return local_embeddings(self.lm.get_input_embeddings(), _to(inputs, self.device), video_embeds, index)
 
     def prefill(self, inputs: ModelInputs, positions: torch.Tensor, video_embeds: torch.Tensor) -> PrefillOutput:
-        return self.prefill_embedded(self.embed(inputs, video_embeds), positions)
+        return self.prefill_embedded(self.embed(inputs, video_embeds), positions, inputs.prompt_tokens)
 
-    def prefill_embedded(self, emb: torch.Tensor, positions: torch.Tensor) -> PrefillOutput:
+    def prefill_embedded(self, emb: torch.Tensor, positions: torch.Tensor,
+                         prompt_tokens: int | None = None) -> PrefillOutput:
+        """``prompt_tokens``: the real prompt length when the query segment is padded (hf_inputs.pad_query)."""
+        n = self.plan.layout.total_tokens if prompt_tokens is None else int(prompt_tokens)
         index = local_indices(self.rank_plan, device=self.device)
         pos = slice_positions(positions.to(self.device), index)
         self.attention = self.make_attention()
+        if n != self.plan.layout.total_tokens:
+            self.attention.set_prompt_tokens(n)
+        self.source = self._source(n)
         out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
                       spava=SpavaCall(self.attention, "prefill"))
-        last = self.plan.layout.total_tokens - 1
+        last = n - 1
         held = any(a <= last < b for a, b in self.rank_plan.local)
         return PrefillOutput(out.last_hidden_state[0], index, self.rank_plan.local_offset(last) if held else None)
 
@@ -156,7 +165,7 @@ class RankRunner:
         # through the language model (at scale the anchor's rows alone are gigabytes per rank).
         emb = self.embed(inputs, self.vision(inputs))
         t1 = self._now()
-        pre = self.prefill_embedded(emb, positions)
+        pre = self.prefill_embedded(emb, positions, inputs.prompt_tokens)
         del emb
         first_logits = None if pre.last_row is None else self.logits(pre.hidden[pre.last_row])
         t2 = self._now()
@@ -166,7 +175,7 @@ class RankRunner:
         tokens = [token]
         eos = set(int(e) for e in eos_ids)
         # Text after the prompt continues at (largest prompt position) + 1 on all three components.
-        position = int(positions.max()) + 1
+        position = int(positions[:, :inputs.prompt_tokens].max()) + 1  # query padding excluded
         while len(tokens) < max_new_tokens and tokens[-1] not in eos:
             if on_token is not None and not self.go_on(on_token(tokens)):
                 break
@@ -184,4 +193,5 @@ def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
     if inputs.input_ids.device == device:
         return inputs
     return ModelInputs(inputs.input_ids.to(device), inputs.mm_token_type_ids.to(device), inputs.pixel_values_videos,
-                       inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size)
+                       inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size,
+                       inputs.pad_tokens)

@@ -18,6 +18,7 @@ then sliced per rank, so every token keeps its true global position (SPAVA_SPEC.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
@@ -59,10 +60,19 @@ class ModelInputs:
     second_per_grid_ts: torch.Tensor | None  # (1,) Qwen2.5-VL: seconds per temporal grid
     video_token_id: int
     frame_size: tuple[int, int]  # (height, width) after the processor's resize
+    # Query padding appended by ``pad_query`` (the last ``pad_tokens`` rows are not part of the
+    # prompt): a question shorter than the plan's capacity runs on the plan's full layout.
+    pad_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
+        """Rows of the (padded) sequence the ranks run."""
         return int(self.input_ids.shape[1])
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Real prompt tokens (without the query padding)."""
+        return self.total_tokens - self.pad_tokens
 
     @property
     def video_mask(self) -> torch.Tensor:
@@ -263,12 +273,44 @@ def global_position_ids(model: Any, inputs: ModelInputs) -> torch.Tensor:
     return positions[:, 0].to(device=device, dtype=torch.long)
 
 
+# -- question padding ---------------------------------------------------------------------------
+def pad_query(plan: Plan, inputs: ModelInputs, positions: torch.Tensor) -> tuple[ModelInputs, torch.Tensor]:
+    """Pad the query segment at its end up to the plan's capacity (``Layout.max_question_tokens``).
+
+    Pad rows repeat the last prompt token's id and continue its position ids by one per row (so the
+    query segment's position bounds are the plan's for any question length); the runtime keeps them
+    out of every real row's attention and out of the KV cache (runtime/attention.py). A prompt
+    longer than the plan is refused naming video.max_question_tokens."""
+    if inputs.pad_tokens:
+        return inputs, positions
+    lay = plan.layout
+    question = inputs.total_tokens - lay.context_tokens - lay.suffix_tokens
+    if inputs.total_tokens > lay.total_tokens:
+        raise PlanMismatchError(
+            f"the question takes {question} tokens but the plan holds at most {lay.max_question_tokens}; shorten it "
+            f"or re-plan with video.max_question_tokens={question} {REPLAN_HINT}", setting="video.max_question_tokens")
+    pad = lay.total_tokens - inputs.total_tokens
+    if pad == 0:
+        return inputs, positions
+    ids = torch.cat([inputs.input_ids, inputs.input_ids[:, -1:].expand(1, pad)], dim=1)
+    mm = torch.cat([inputs.mm_token_type_ids, torch.zeros((1, pad), dtype=inputs.mm_token_type_ids.dtype,
+                                                          device=inputs.mm_token_type_ids.device)], dim=1)
+    steps = torch.arange(1, pad + 1, dtype=positions.dtype, device=positions.device)
+    pos = torch.cat([positions, positions[:, -1:] + steps.unsqueeze(0)], dim=1)
+    return dataclasses.replace(inputs, input_ids=ids, mm_token_type_ids=mm, pad_tokens=pad), pos
+
+
 # -- the plan-vs-input check --------------------------------------------------------------------
 REPLAN_HINT = "or add replan=true to re-plan for this input"
 
 
 def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor) -> None:
-    """Refuse inputs whose token layout differs from the plan's (PlanMismatchError naming the setting)."""
+    """Refuse inputs whose token layout differs from the plan's (PlanMismatchError naming the setting).
+
+    ``inputs`` may be padded (``pad_query``) or not: a question of up to the plan's
+    video.max_question_tokens fits. Position ids are compared with the plan's segment bounds
+    when the clip's timing is the plan's (Qwen2.5-VL's temporal ids follow the clip's real
+    sampling rate, a runtime value the plan's sizes do not depend on)."""
     lay = plan.layout
     grid = tuple(int(x) for x in inputs.video_grid_thw[0])
     merge = plan.config["model"]["vision"]["spatial_merge"]
@@ -286,16 +328,20 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
                                 f"{system}; re-plan with video.system_tokens={inputs.video_start} {REPLAN_HINT}",
                                 setting="video.system_tokens")
     context = inputs.video_start + inputs.video_tokens + 1
-    query = inputs.total_tokens - context
+    query = inputs.prompt_tokens - context
     if context != lay.context_tokens:
         raise PlanMismatchError(f"the prompt's context has {context} tokens but the plan's has {lay.context_tokens}; "
                                 f"re-plan for this input {REPLAN_HINT}", setting="video")
-    if query != lay.query_tokens:
-        q_now = query - (lay.query_tokens - plan.config["video"]["question_tokens"])
+    if query > lay.query_tokens:
+        q_now = query - lay.suffix_tokens
         raise PlanMismatchError(
-            f"the question does not fit the plan's query block: it takes {q_now} tokens but the plan has "
-            f"{plan.config['video']['question_tokens']}; re-plan with video.question_tokens={q_now} {REPLAN_HINT}",
-            setting="video.question_tokens")
+            f"the question takes {q_now} tokens but the plan holds at most {lay.max_question_tokens}; shorten it or "
+            f"re-plan with video.max_question_tokens={q_now} {REPLAN_HINT}", setting="video.max_question_tokens")
+    if query <= lay.suffix_tokens:
+        raise InputError("the prompt has no question tokens after the video", setting="question")
+    if not _same_timing(plan, inputs):
+        return
+    inputs, positions = pad_query(plan, inputs, positions)
     for seg in lay.segments:
         span = positions[:, seg.start:seg.stop]
         lo = tuple(int(x) for x in span.min(dim=1).values)
@@ -307,13 +353,23 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
                 setting="video.fps")
 
 
+def _same_timing(plan: Plan, inputs: ModelInputs) -> bool:
+    """Whether the input's seconds per temporal grid is the one the plan assumed (video.fps)."""
+    if inputs.second_per_grid_ts is None:
+        return True
+    vis = plan.config["model"]["vision"]
+    planned = float(vis["temporal_patch"]) / float(plan.config["video"]["fps"])
+    return abs(float(inputs.second_per_grid_ts.reshape(-1)[0]) - planned) <= 1e-6 * max(1.0, planned)
+
+
 def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, int], frames: int) -> dict[str, Any]:
-    """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them)."""
+    """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them).
+    The question capacity only grows: a re-planned plan still holds the plan's questions."""
     context = inputs.video_start + inputs.video_tokens + 1
-    query = inputs.total_tokens - context
-    suffix = plan.layout.query_tokens - plan.config["video"]["question_tokens"]
+    question = inputs.prompt_tokens - context - plan.layout.suffix_tokens
     return {"video.frames": int(frames), "video.resolution": f"{source_size[0]}x{source_size[1]}",
-            "video.system_tokens": int(inputs.video_start), "video.question_tokens": max(1, query - suffix)}
+            "video.system_tokens": int(inputs.video_start),
+            "video.max_question_tokens": max(1, question, plan.layout.max_question_tokens)}
 
 
 # -- per-rank slicing ---------------------------------------------------------------------------
@@ -344,5 +400,5 @@ def slice_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tenso
 
 
 __all__: Sequence[str] = ("Processing", "ModelInputs", "load_processing", "default_processing", "build_inputs",
-                          "synthetic_inputs", "global_position_ids", "check_against_plan", "observed_settings",
+                          "synthetic_inputs", "global_position_ids", "pad_query", "check_against_plan", "observed_settings",
                           "local_indices", "local_embeddings", "slice_positions")

@@ -32,6 +32,7 @@ from .errors import SpavaError
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
+_INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
 
 
 class TimelineWorker:
@@ -209,6 +210,10 @@ def _task(task_cfg: Any) -> dict:
 
     mine = next(r for r in rows if r.planned)
     if multirun:
+        from . import cli as canonical  # under `python -m spava_plan.cli` this module is __main__, the callback's is not
+        from .plan_store import entry_for
+
+        canonical._INDEX.append(entry_for(plan, out_dir, hc.sweep.dir))
         print(f"#{job} {overrides}: {plan.method} {mine.prefill_us / 1e3:,.1f} ms predicted prefill -> {out_dir}")
     else:
         lay = plan.layout
@@ -249,6 +254,11 @@ class SweepSummary(Callback):
         _atomic_write(root / "summary.csv", text.getvalue())
         md = summary_markdown(rows)
         _atomic_write(root / "summary.md", md)
+        if _INDEX:  # the sweep is a plan family: spava_plan.plan_store.PlanStore(root, ...) serves from it
+            from .plan_store import INDEX_NAME, write_index
+
+            write_index(root, _INDEX)
+            print(f"plan index: {root / INDEX_NAME} ({len(_INDEX)} plans)")
         print(md, end="")
         print(f"summary: {root / 'summary.csv'}")
 

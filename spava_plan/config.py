@@ -241,8 +241,13 @@ class VideoConfig:
     frames: int = 64  # sampled frames (top-level shorthand: frames=N); padded to even for Qwen2-VL
     resolution: str = "1440p"  # preset (360p/720p/1080p/1440p...) or HEIGHTxWIDTH, e.g. 720x1280
     fps: float = 2.0  # sampling rate of the frames (Qwen2.5-VL temporal positions depend on it)
-    system_tokens: int = 15  # tokens before the video: system prompt, user tag, <|vision_start|>
-    question_tokens: int = 32  # tokens of the question text
+    # Tokens before the video (system prompt, user tag, <|vision_start|>). Fixed, not a range: the
+    # chat template fixes the system prompt, and every video position and block boundary depends on it.
+    system_tokens: int = 15
+    # The plan's question capacity: any question of 1..max_question_tokens tokens runs on the same
+    # plan and kernels (the runtime pads the query block and keeps pad tokens out of every real
+    # row's attention); a longer one needs a plan with a larger value.
+    max_question_tokens: int = 32
     path: Optional[str] = None  # the video file (runtime only; the planner needs only the counts)
 
     def __post_init__(self) -> None:
@@ -253,7 +258,7 @@ class VideoConfig:
                  f"must be > 0, got {self.fps!r}")
         _require(isinstance(self.system_tokens, int) and self.system_tokens >= 0, "video.system_tokens",
                  f"must be >= 0, got {self.system_tokens!r}")
-        _positive_int(self.question_tokens, "video.question_tokens", 1 << 20)
+        _positive_int(self.max_question_tokens, "video.max_question_tokens", 1 << 20)
 
     @property
     def size(self) -> tuple[int, int]:

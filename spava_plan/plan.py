@@ -234,6 +234,16 @@ class Layout:
     passing_tokens: int  # p (the budget before the per-block cap)
     virtual_hosts: int  # V
     segments: tuple[Segment, ...]
+    # Question capacity: the query segment is [question | assistant suffix], sized for a question
+    # of this many tokens (query_tokens - max_question_tokens is the suffix). A shorter question
+    # runs on the same plan: the runtime pads the query segment at its end, and pad tokens are
+    # never keys of a real row (see runtime/attention.py, RankAttention.set_prompt_tokens).
+    max_question_tokens: int = 0
+
+    @property
+    def suffix_tokens(self) -> int:
+        """Tokens after the question in the query segment (the assistant prefix)."""
+        return self.query_tokens - self.max_question_tokens
 
     def segment(self, name: str) -> Segment:
         for seg in self.segments:

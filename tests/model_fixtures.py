@@ -177,7 +177,7 @@ def tiny_overrides(inputs, family: str, gpus: int, frames: int, resolution: str,
     context = inputs.video_start + inputs.video_tokens + 1
     question = inputs.total_tokens - context - ASSISTANT_SUFFIX_TOKENS
     overrides = ["model=tiny", f"gpus={gpus}", f"frames={frames}", f"video.resolution={resolution}",
-                 f"video.system_tokens={inputs.video_start}", f"video.question_tokens={question}", f"video.fps={fps}",
+                 f"video.system_tokens={inputs.video_start}", f"video.max_question_tokens={question}", f"video.fps={fps}",
                  "dtype=fp32", "kernels=false", *extra]
     if family == "qwen2_5_vl":
         overrides += TINY_25_OVERRIDES

@@ -42,7 +42,7 @@ def test_explicit_height_by_width_and_pixel_bounds():
 def test_internvl3_counts_tiles():
     m = ModelConfig(name="internvl3_2b", family="internvl3")
     m.vision.frame_text_tokens = 7
-    t = token_layout(m, VideoConfig(frames=10, resolution="1080p", system_tokens=15, question_tokens=32))
+    t = token_layout(m, VideoConfig(frames=10, resolution="1080p", system_tokens=15, max_question_tokens=32))
     assert t.video_tokens == 10 * (256 + 7)
     assert t.context_tokens == 15 + 10 * 263 and t.query_tokens == 32 + 5
 
@@ -63,7 +63,7 @@ def _brute_bounds(t, a, b):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_position_bounds_match_brute_force(family):
     m = ModelConfig(family=family)
-    t = token_layout(m, VideoConfig(frames=6, resolution="112x168", fps=1.0, system_tokens=5, question_tokens=4))
+    t = token_layout(m, VideoConfig(frames=6, resolution="112x168", fps=1.0, system_tokens=5, max_question_tokens=4))
     n = t.total_tokens
     for a in range(0, n, 3):
         for b in range(a + 1, n + 1, 5):
@@ -72,7 +72,7 @@ def test_position_bounds_match_brute_force(family):
 
 def test_positions_follow_mrope_rules():
     t = token_layout(ModelConfig(family="qwen2_5_vl"), VideoConfig(frames=4, resolution="56x84", fps=1.0,
-                                                                    system_tokens=3, question_tokens=2))
+                                                                    system_tokens=3, max_question_tokens=2))
     rows, cols = t.grid_thw[1:]
     assert (rows, cols) == (2, 3)
     assert t.position(2) == (2, 2, 2)

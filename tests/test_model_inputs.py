@@ -111,7 +111,7 @@ def test_mismatches_name_the_setting(tmp_path, ckpts, models):
         hf_inputs.check_against_plan(wrong_res, inputs, positions)
     longer = mf.tiny_inputs(ckpts[family], video, 12, family, question=mf.QUESTION + " Answer in detail, please.")
     plan = mf.tiny_plan(inputs, family, 2, 12, "56x84", *ok)
-    with pytest.raises(PlanMismatchError, match="video.question_tokens=.*replan=true"):
+    with pytest.raises(PlanMismatchError, match="holds at most .*video.max_question_tokens=.*replan=true"):
         hf_inputs.check_against_plan(plan, longer, hf_inputs.global_position_ids(models[family], longer))
     with pytest.raises(PlanMismatchError, match="model"):
         hf_model.check_model(mf.tiny_plan(inputs, family, 2, 12, "56x84", *ok, "model.num_layers=3"), models[family])

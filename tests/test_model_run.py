@@ -81,7 +81,7 @@ def _one_error_line(stderr: str, rank: int | None = None) -> str:
     ("corrupt_checkpoint", "model.checkpoint: cannot load the weights"),
     ("unreadable_video", "cannot open .*junk.mp4' as a video"),
     ("short_video", "has 6 frames but the plan samples 54; .*re-plan with frames<=6"),
-    ("long_question", "does not fit the plan's query block.*video.question_tokens="),
+    ("long_question", "the question takes \\d+ tokens but the plan holds at most \\d+.*video.max_question_tokens="),
     ("one_rank_without_video", "no video file"),
     ("fewer_grids_than_ranks", "the video gives 1 temporal grids but frame-parallel vision needs one per rank "
                                r"\(2\); use frames>=4"),
@@ -120,7 +120,7 @@ def test_replan_fits_a_different_question(setup):
     question = mf.QUESTION + " Please describe every object and every motion in great detail."
     rc, out, err = _single(setup, question=question, replan="true")
     assert rc == 0, err[-3000:]
-    assert re.search(r"re-planned for this input: video.question_tokens=\d+", out)
+    assert re.search(r"re-planned for this input: video.max_question_tokens=\d+", out)
     _answer(out)
 
 

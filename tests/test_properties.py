@@ -51,7 +51,7 @@ def _config(raw) -> SpavaConfig:
         model=MODELS[raw["model"]],
         topology=TopologyConfig(gpus=raw["gpus"], gpus_per_node=raw["gpus_per_node"], memory_gib=raw["memory_gib"]),
         video=VideoConfig(frames=raw["frames"], resolution=raw["resolution"], system_tokens=raw["system_tokens"],
-                          question_tokens=raw["question_tokens"]),
+                          max_question_tokens=raw["question_tokens"]),
         method=MethodConfig(name=raw["method"], anchor_tokens=raw["anchor_tokens"],
                             passing_tokens=raw["passing_tokens"], pass_all=raw["pass_all"],
                             hosts_per_gpu=raw["hosts_per_gpu"], overlap=raw["overlap"]),

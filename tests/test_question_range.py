@@ -1,0 +1,127 @@
+"""One plan, many question lengths (video.max_question_tokens): a shorter question runs on the same
+plan, sizes and collectives with its query segment padded at the end, and every real row equals
+(a) the same question on a plan made for exactly its length and (b), with every token passed,
+dense causal attention over the real prompt. The pad rows hold large junk values, so any leak of a
+pad key into a real row, into the selection's query mean or into the KV cache would show.
+
+Attention level on the emulated world (fp64, torch reference backend) for every method; the model
+level (tiny Qwen2-VL through RankRunner) in test_model_question_range below.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from spava_plan.errors import PlanMismatchError
+from spava_plan.runtime.attention import RankAttention
+from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.reference import dense_attention, local_rows
+
+TOL = 1e-10  # fp64 end to end: only the order of the LSE merges differs between the two plans
+CAPACITY = 24
+SMALL = ("model=tiny", "frames=16", "video.resolution=56x84", "method.anchor_tokens=13")
+# 1253+ tokens: blocks of 136-272 tokens, so real top-k selection happens (keep = 128 < block)
+LARGE = ("model=tiny", "frames=100", "video.resolution=112x168")
+
+
+@functools.lru_cache(maxsize=None)
+def plan_for(*overrides):
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    return build_plan(compose_config(list(overrides)))
+
+
+def _inputs(plan, n, seed=0):
+    """Global (total, H, D) fp64 q/k/v whose first n rows are the real prompt, then junk pad rows."""
+    total = plan.layout.total_tokens
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    junk = torch.Generator().manual_seed(seed + 99)
+    pads = [50 * torch.randn(total - n, h, 16, generator=junk, dtype=torch.float64) for h in (4, 2, 2)]
+    return tuple(torch.cat([x, p]) for x, p in zip((q, k, v), pads))
+
+
+def _run(plan, q, k, v, prompt_tokens=None, decode=None):
+    """Prefill (and one decode step) on every rank; returns global rows [0, n) and the decode output."""
+    world = EmulatedWorld.for_plan(plan, timeout_s=60)
+    attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
+    n = plan.layout.total_tokens if prompt_tokens is None else prompt_tokens
+
+    def rank(r):
+        if prompt_tokens is not None:
+            attns[r].set_prompt_tokens(prompt_tokens)
+        out = attns[r].prefill(0, *local_rows(plan, r, q, k, v))
+        dec = attns[r].decode(0, *decode) if decode is not None else None
+        return out, dec
+
+    results = world.run(rank)
+    full = torch.full((n, 4, 16), float("nan"), dtype=torch.float64)
+    for r in reversed(range(plan.world_size)):
+        idx = torch.cat([torch.arange(a, min(b, n)) for a, b in plan.ranks[r].local if a < n])
+        rows = torch.cat([torch.arange(a, b) for a, b in plan.ranks[r].local])
+        full[idx] = results[r][0][(rows < n).nonzero()[:, 0]]
+    cache = sum(int(a.kv_cache(0)[0].shape[0]) for a in attns)
+    return full, results[0][1], cache
+
+
+@pytest.mark.parametrize("base, variant", [
+    (LARGE, ("method=spava",)),
+    (SMALL, ("method=spava", "method.pass_all=true")),
+    (LARGE, ("method=apb",)),
+    (SMALL, ("method=star",)),
+    (SMALL, ("method=zigzag_ring",)),
+    (SMALL, ("method=dense", "gpus=1")),
+])
+@pytest.mark.parametrize("question", [1, 9, CAPACITY])
+def test_short_questions_run_on_the_capacity_plan(base, variant, question):
+    W = "gpus=1" if "gpus=1" in variant else "gpus=2"
+    big = plan_for(*base, W, *variant, f"video.max_question_tokens={CAPACITY}")
+    exact = plan_for(*base, W, *variant, f"video.max_question_tokens={question}")
+    n = exact.layout.total_tokens
+    assert big.layout.context_tokens == exact.layout.context_tokens and big.layout.max_question_tokens == CAPACITY
+    q, k, v = _inputs(big, n)
+    g = torch.Generator().manual_seed(5)
+    step = tuple(torch.randn(1, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    got, got_dec, got_cache = _run(big, q, k, v, prompt_tokens=n, decode=step)
+    want, want_dec, want_cache = _run(exact, q[:n], k[:n], v[:n], decode=step)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() < TOL
+    assert (got_dec - want_dec).abs().max() < TOL
+    assert got_cache == want_cache  # no pad token in any rank's KV cache
+    if big.method in ("dense", "zigzag_ring") or big.config["method"]["pass_all"]:
+        ref = dense_attention(q[:n], k[:n], v[:n])
+        assert (got - ref).abs().max() < TOL
+
+
+def test_selection_uses_the_real_query_rows_only():
+    """With real top-k selection, the junk pad queries would change which keys pass if they entered
+    the query mean; the capacity plan's packed selections equal the exact-length plan's."""
+    big = plan_for(*LARGE, "gpus=2", f"video.max_question_tokens={CAPACITY}")
+    exact = plan_for(*LARGE, "gpus=2", "video.max_question_tokens=3")
+    n = exact.layout.total_tokens
+    q, k, v = _inputs(big, n)
+    picked = []
+    for plan, prompt in ((big, n), (exact, None)):
+        world = EmulatedWorld.for_plan(plan, timeout_s=60)
+        attn = RankAttention(plan, 0, world.comm(0))
+        if prompt:
+            attn.set_prompt_tokens(prompt)
+        rows = local_rows(plan, 0, q, k, v)
+        qa, qb = attn.query_select_rows
+        (slot, (lo, hi), keep), = attn.select_rows[:1]
+        picked.append(attn.backend.select_indices(rows[0][qa:qb], rows[1][lo:hi], keep, attn.pool_window,
+                                                  attn.selection))
+    assert picked[0].shape[0] < big.layout.segments[1].length  # a real selection
+    assert torch.equal(picked[0], picked[1])
+
+
+def test_a_longer_prompt_is_refused_naming_the_setting():
+    plan = plan_for(*SMALL, "gpus=2", "video.max_question_tokens=8")
+    world = EmulatedWorld.for_plan(plan, timeout_s=10)
+    attn = RankAttention(plan, 0, world.comm(0))
+    for n in (plan.layout.total_tokens + 1, plan.layout.context_tokens):
+        with pytest.raises(PlanMismatchError, match="video.max_question_tokens"):
+            attn.set_prompt_tokens(n)
