@@ -5,7 +5,7 @@ groups and the gpus/nodes/frames shorthands) plus their own options, typed and v
 
     RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
                  comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
-    ServeConfig  RunConfig + host, port, queue_size, plan_cache, plan_on_the_fly...  (conf/serve.yaml)
+    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly...  (conf/serve.yaml)
 
 ``video=PATH`` keeps its old meaning on these commands: when the value is not an option of the video
 config group it is rewritten to ``video.path=PATH`` (``argv_shorthands``).
@@ -108,9 +108,10 @@ class ServeConfig(RunConfig):
     port: int = 8000
     served_model_name: Optional[str] = None  # the "model" of /v1/models (default: model.name)
     queue_size: int = 8  # requests waiting behind the running one; more get HTTP 429
-    plan_cache: str = "plans"  # plans made on the fly, cached by hash (relative: to the working directory)
-    plan_dir: Optional[str] = None  # a plan family (spava-plan -m ... output) to pick plans from first
-    plan_on_the_fly: bool = True  # false: a video that no plan holds is refused (HTTP 400)
+    # A plan family (index.json, e.g. a `spava-plan -m ...` sweep root) to pick the smallest fitting
+    # plan from; plans made on the fly are added to it under cache/ (relative: to the working directory).
+    plan_dir: str = "plans"
+    plan_on_the_fly: bool = True  # false: a video that no plan of plan_dir holds is refused (HTTP 400)
     request_timeout: float = 600.0  # seconds one request may take before it is cancelled
     heartbeat: float = 10.0  # seconds between idle checks of the peer ranks (torchrun)
 

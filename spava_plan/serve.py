@@ -275,6 +275,7 @@ class Worker:
         self.metrics.tokens.inc(len(tokens))
         self.metrics.requests.labels("cancelled" if finish == "cancelled" else "200").inc()
         job.emit("done", {"finish_reason": "stop" if finish == "cancelled" else finish, "tokens": tokens,
+                          "plan": prepared.plan.hash[:16],
                           "prompt_tokens": self.engine.prompt_tokens(prepared), "completion_tokens": len(tokens),
                           "text": text})
 
@@ -389,7 +390,9 @@ def build_app(worker: Worker, model_name: str) -> Any:
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        # system_fingerprint: the plan that answered (OpenAI's field for "the backend configuration").
         return {"id": job.id, "object": "chat.completion", "created": int(job.created), "model": model_name,
+                "system_fingerprint": data["plan"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text_parts)},
                              "finish_reason": data["finish_reason"]}],
                 "usage": {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
@@ -399,9 +402,11 @@ def build_app(worker: Worker, model_name: str) -> Any:
 
 
 async def _sse(job: Job, model_name: str) -> Any:
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, plan: str | None = None) -> str:
         data: dict = {"id": job.id, "object": "chat.completion.chunk", "created": int(job.created),
                       "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if plan is not None:
+            data["system_fingerprint"] = plan
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
@@ -418,7 +423,7 @@ async def _sse(job: Job, model_name: str) -> Any:
             else:
                 usage = {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
                          "total_tokens": data["prompt_tokens"] + data["completion_tokens"]}
-                yield chunk({}, data["finish_reason"], usage)
+                yield chunk({}, data["finish_reason"], usage, data["plan"])
                 break
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): a running request stops after this token

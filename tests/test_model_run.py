@@ -250,5 +250,5 @@ def test_error_after_the_model_loads_is_a_line_of_its_own(setup):
     rc, out, err = _single(setup, question=mf.QUESTION + " Please describe every object and every motion.")
     assert rc == 2
     line = _one_error_line(err)
-    assert line.startswith("spava-run: error: ") and "video.question_tokens" in line, err
+    assert line.startswith("spava-run: error: ") and "video.max_question_tokens" in line, err
     assert not (setup / "outputs").exists() or not any((setup / "outputs").rglob("*.json"))

@@ -41,7 +41,7 @@ class Server:
 
         self.port = free_port()
         args = ["-m", "spava_plan.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
-                f"plan_cache={root / 'plans'}", *extra]
+                f"plan_dir={root / 'plans'}", *extra]
         self.procs = []
         self.logs = []
         if ranks:  # gloo world launched the way torchrun launches its workers
@@ -158,6 +158,10 @@ def test_questions_of_different_lengths(server, root):
     long = _ask(server, root / "clip.mp4", mf.QUESTION + " Describe the colours.")
     assert short.usage.prompt_tokens < long.usage.prompt_tokens
     assert short.usage.completion_tokens >= 1 and long.usage.completion_tokens >= 1
+    # One plan (its hash is the response's system_fingerprint) holds both: video.max_question_tokens.
+    assert short.system_fingerprint and short.system_fingerprint == long.system_fingerprint
+    index = json.loads((root / "plans" / "index.json").read_text())
+    assert [p["hash"][:16] for p in index["plans"]] == [short.system_fingerprint]
 
 
 def test_bad_requests_get_400_and_the_server_goes_on(server, root, tmp_path):
@@ -167,7 +171,7 @@ def test_bad_requests_get_400_and_the_server_goes_on(server, root, tmp_path):
         _ask(server, junk)
     with pytest.raises(openai.BadRequestError, match="no video file"):
         _ask(server, tmp_path / "missing.mp4")
-    with pytest.raises(openai.BadRequestError, match="video.question_tokens"):
+    with pytest.raises(openai.BadRequestError, match="video.max_question_tokens"):
         _ask(server, root / "clip.mp4", "why " * 200)
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
