@@ -298,7 +298,15 @@ def _always(tokens: list[int]) -> bool:
 
 
 def follower_loop(engine: Engine, comm: Any) -> None:
-    """Ranks other than 0: wait for rank 0's next request (or ping), run it, repeat until stop."""
+    """Ranks other than 0: wait for rank 0's next request (or ping), run it, repeat until stop.
+
+    Ctrl-C / SIGTERM (torchrun forwards them to every worker) are left to rank 0: its server shuts
+    down and sends stop, so the ranks leave together; if rank 0 is gone instead, the next
+    collective fails and this rank exits naming it."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     while True:
         msg = comm.all_gather_object(None)[0]
         if msg == _STOP:
@@ -498,6 +506,8 @@ def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
              comm.label if comm is not None else "emulated in one process")
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for: a normal stop
+        log.info("stopped")
     except SystemExit:  # uvicorn exits when it cannot bind
         raise InputError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this host)",
                          setting="port") from None
