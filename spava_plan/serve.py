@@ -453,6 +453,8 @@ def serve(cfg: Any) -> int:
         local = int(os.environ.get("LOCAL_RANK", rank))
     else:
         world, local = int(cfg.gpus) if not cfg.plan else _plan_world(cfg.plan), None
+    if rank == 0:
+        _check_port(cfg.host, cfg.port)  # before minutes of model loading
     try:
         error: SpavaError | None = None
         engine = None
@@ -477,6 +479,19 @@ def serve(cfg: Any) -> int:
             sys.stdout.flush()
             os._exit(code)
         return code
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", setting="port") from None
 
 
 def _plan_world(path: str) -> int:

@@ -251,3 +251,4 @@ def test_error_after_the_model_loads_is_a_line_of_its_own(setup):
     assert rc == 2
     line = _one_error_line(err)
     assert line.startswith("spava-run: error: ") and "video.max_question_tokens" in line, err
+    assert err.splitlines()[0] == line  # the first line of stderr: no progress bar or log line before it
