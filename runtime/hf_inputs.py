@@ -252,7 +252,8 @@ def _inputs(ids, pixels, grid, vid, *, family, fps, temporal_patch, merge, patch
         raise InputError("the prompt must hold the video as one contiguous run of video tokens (does the chat "
                          "template or the question add more?)", setting="question")
     mm = torch.where(ids == vid, 2, 0).to(torch.int32)
-    # Qwen2.5-VL temporal positions: seconds per grid = temporal_patch / fps (the plan's video.fps).
+    # Qwen2.5-VL temporal positions: seconds per grid = temporal_patch / fps, with fps the sampled
+    # frames' real rate (the processor's VideoMetadata.sampled_fps; the plan's video.fps for random frames).
     sec = torch.tensor([temporal_patch / fps], dtype=torch.float32) if family == "qwen2_5_vl" else None
     frame_size = (int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)
     return ModelInputs(ids, mm, pixels, grid, sec, vid, frame_size)
@@ -349,7 +350,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
         if lo != tuple(seg.pos_min) or hi != tuple(seg.pos_max):
             raise PlanMismatchError(
                 f"segment {seg.name} has position ids {lo}..{hi} but the plan has {tuple(seg.pos_min)}.."
-                f"{tuple(seg.pos_max)} (Qwen2.5-VL: video.fps must be the sampling rate); re-plan {REPLAN_HINT}",
+                f"{tuple(seg.pos_max)}; re-plan {REPLAN_HINT}",
                 setting="video.fps")
 
 

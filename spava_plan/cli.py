@@ -33,6 +33,7 @@ from .errors import SpavaError
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
 _INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
+_CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
 
 
 class TimelineWorker:
@@ -124,6 +125,10 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     from .planner.compare import COMPARED, compare
 
     cfg = to_config(task_cfg)
+    if cfg.video.path:  # plan for that clip: frames and resolution from its metadata (PyAV, no decode)
+        from .video_meta import plan_for_clip
+
+        cfg = plan_for_clip(cfg)
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
     rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method})
     plan = assemble(main)
@@ -194,18 +199,37 @@ def _task(task_cfg: Any) -> dict:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = str(hc.job.num) if multirun else "0"
-    overrides = " ".join(hc.overrides.task)
+    from omegaconf import OmegaConf
+
+    # unresolved: an override may itself hold an interpolation that fails (model.name=${oc.env:NOPE})
+    overrides = " ".join(OmegaConf.to_container(hc.overrides.task, resolve=False))
+    where = f"job #{job} ({overrides}): " if multirun else ""
     try:
-        plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        try:
+            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+        except OSError as exc:  # the output directory cannot be written (a file in the way, no space...)
+            raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
         _discard_job_dir(out_dir, hc.output_subdir)
-        where = f"job #{job} ({overrides}): " if multirun else ""
         line = f"spava-plan: error: {where}{exc}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row
 
         return failed_row(job, overrides, str(exc))
+    except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
+        if not multirun:
+            raise
+        import traceback
+
+        _discard_job_dir(out_dir, hc.output_subdir)
+        traceback.print_exc()
+        line = f"spava-plan: internal error: {where}{type(exc).__name__}: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        _CRASHES.append(line)
+        from .planner.report import failed_row
+
+        return failed_row(job, overrides, f"internal error: {type(exc).__name__}")
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
@@ -220,8 +244,29 @@ def _task(task_cfg: Any) -> dict:
         print(f"{cfg.model.name}: {lay.total_tokens:,} tokens ({lay.frames} frames, {lay.virtual_hosts} blocks) "
               f"on {plan.world_size} x {cfg.topology.name}; plan {plan_hash[:12]}")
         print(summary_table(rows))
+        for note in capped_notes(plan, cfg):
+            print(f"note: {note}")
         print(f"artifacts: {out_dir}")
     return summary_row(job, plan, cfg, rows, str(out_dir))
+
+
+def capped_notes(plan: Any, cfg: Any) -> list[str]:
+    """What the planner capped rather than refused, said out loud: a method.passing_tokens larger
+    than a block passes the block's whole 128-token tiles (k = min(p, 128 * floor(B_min / 128)),
+    SPAVA_SPEC.md section 4; the paper rule's p is capped the same way by design, without a note)."""
+    lay = plan.layout
+    keep = lay.blocks[0].keep if lay.blocks else 0
+    if cfg.method.passing_tokens is not None and lay.passing_tokens > keep and plan.method in ("spava", "apb"):
+        return [f"method.passing_tokens: passing budget p = {lay.passing_tokens:,} capped to k = {keep:,} tokens "
+                f"per block (the smallest block's whole 128-token tiles)"]
+    return []
+
+
+def output_dir_error(exc: OSError, setting: str) -> SpavaError:
+    from .errors import ConfigError
+
+    where = f" {exc.filename}" if exc.filename else ""
+    return ConfigError(f"cannot write the output directory{where}: {exc.strerror or exc}", setting=setting)
 
 
 # -- multirun summary ------------------------------------------------------------------------------
@@ -320,6 +365,10 @@ def main() -> None:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as exc:  # Hydra could not create the run / sweep directory
+        print(f"spava-plan: error: {output_dir_error(exc, 'hydra.sweep.dir' if multirun else 'hydra.run.dir')}",
+              file=sys.stderr)
+        sys.exit(2)
     except (OmegaConfBaseException, Exception) as exc:
         from hydra.errors import HydraException
 
@@ -329,6 +378,8 @@ def main() -> None:
         sys.exit(2)
     finally:
         _WORKER.close()
+    if _CRASHES:
+        sys.exit(1)
     if _FAILURES:
         sys.exit(2)
 

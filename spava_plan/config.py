@@ -9,8 +9,11 @@ No torch import here: planning runs on a laptop with only the light dependencies
 """
 from __future__ import annotations
 
+import contextvars
+import copy
 import dataclasses
 import functools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -34,10 +37,29 @@ SOLVERS = ("zigzag", "greedy", "exact", "local_search")
 SELECTIONS = ("query_aware", "key_norm")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# Sanity ceilings: beyond these a value is a typo, not a workload.
-MAX_FRAMES = 1 << 20
-MAX_GPUS = 1 << 16
+# Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
+# artifacts grow with gpus: at the ceilings (the largest sizes benchmarks/plan_speed.py times)
+# planning takes about 6 s of CPU and writes about 16 MB, at any resolution.
+MAX_FRAMES = 1 << 17
+MAX_GPUS = 1 << 10
 MAX_SIDE = 16384
+MAX_TOKENS = 1 << 24  # anchor / passing budgets and question lengths: beyond any context planned
+MAX_INT = 1 << 31  # any other integer knob (layer counts, widths, pixel bounds...)
+MAX_TEXT = 512  # characters in a string setting (names, paths)
+MAX_POOL_WINDOW = 127  # a max-pool wider than a 128-token selection tile smooths the selection away
+FPS_RANGE = (0.01, 1000.0)  # frames per second of the sampled video
+# local_search: solver.iterations x max(gpus, 16) rank visits (each move scans the ranks, plus a
+# fixed cost per move): 10^7 is about 2 s of search on one core.
+MAX_SEARCH_STEPS = 10_000_000
+SEARCH_MIN_RANKS = 16
+
+# Type checks. When a config comes through OmegaConf (the command line, YAML, to_config), the
+# structured config has already checked every value against its annotation and converted it, so
+# the dataclasses skip their own check (``_OMEGACONF_TYPED`` is set by ``_to_object``). A dataclass
+# built directly in Python (tests, library users) gets no such check, so the type check in ``_check_fields`` runs
+# there: a string in a bool field must not slip through. Everything else (finite floats, printable
+# strings, bounds, consistency) is checked on both paths.
+_OMEGACONF_TYPED: contextvars.ContextVar[bool] = contextvars.ContextVar("_OMEGACONF_TYPED", default=False)
 
 
 def _require(ok: bool, setting: str, message: str) -> None:
@@ -50,6 +72,14 @@ def _positive_int(value: Any, setting: str, maximum: int | None = None) -> None:
              f"must be a positive integer, got {value!r}")
     if maximum is not None:
         _require(value <= maximum, setting, f"must be at most {maximum}, got {value}")
+
+
+def _finite_number(value: Any, setting: str, low: float, high: float | None = None, strict: bool = False) -> None:
+    """A finite number >= low (> low when ``strict``) and <= high."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    _require(ok, setting, f"must be a finite number {bound}, got {value!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,19 +103,33 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
-    return True  # nested dataclasses validate themselves
+    return dataclasses.is_dataclass(hint) and isinstance(value, hint)
 
 
-def _check_types(obj: Any, prefix: str) -> None:
-    """Every field holds a value of its annotated type (dataclasses built directly, not through
-    OmegaConf, get no type checking otherwise: a string in a bool field would slip through)."""
+def _scalars(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Checks every field of every schema needs, driven by the annotations (a field added later is
+    covered without new code): its type (Python-built dataclasses only, see above), finite floats,
+    integers within MAX_INT, printable strings of at most MAX_TEXT characters."""
     hints = _field_hints(type(obj))
+    typed = _OMEGACONF_TYPED.get()
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        hint = hints[f.name]
-        if not _matches(value, hint):
+        value, hint, setting = getattr(obj, f.name), hints[f.name], f"{prefix}{f.name}"
+        if not typed and not _matches(value, hint):
             name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            _require(False, f"{prefix}{f.name}", f"must be of type {name}, got {value!r}")
+            _require(False, setting, f"must be of type {name}, got {value!r}")
+        for item in _scalars(value):
+            if isinstance(item, float):
+                _require(math.isfinite(item), setting, f"must be a finite number, got {item!r}")
+            elif isinstance(item, int) and not isinstance(item, bool):
+                _require(abs(item) <= MAX_INT, setting, f"must be at most {MAX_INT} in magnitude, got {item}")
+            elif isinstance(item, str):
+                _require(len(item) <= MAX_TEXT, setting, f"must be at most {MAX_TEXT} characters, got {len(item)}")
+                _require(item.isprintable(), setting,
+                         f"must not contain control characters (newline, tab...), got {item!r}")
 
 
 @dataclass
@@ -107,7 +151,7 @@ class VisionConfig:
     out_hidden_size: int = 3584  # merger output width (= LLM hidden size)
 
     def __post_init__(self) -> None:
-        _check_types(self, "model.vision.")
+        _check_fields(self, "model.vision.")
         for name in ("patch_size", "spatial_merge", "temporal_patch", "min_pixels", "max_pixels",
                      "tile_size", "tile_tokens", "depth", "hidden_size", "num_heads",
                      "intermediate_size", "out_hidden_size"):
@@ -148,7 +192,7 @@ class ModelConfig:
     init: str = "checkpoint"  # "checkpoint" or "random" (real-size random weights for benchmarks)
 
     def __post_init__(self) -> None:
-        _check_types(self, "model.")
+        _check_fields(self, "model.")
         _require(self.family in MODEL_FAMILIES, "model.family",
                  f"unknown model family {self.family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
@@ -162,6 +206,12 @@ class ModelConfig:
                  f"must sum to model.head_dim/2 = {self.head_dim // 2}, got {list(self.mrope_section)}")
         _require(self.init in ("checkpoint", "random"), "model.init",
                  f"must be 'checkpoint' or 'random', got {self.init!r}")
+        _finite_number(self.rope_theta, "model.rope_theta", 0.0, strict=True)
+        _require(all(part >= 0 for part in self.mrope_section), "model.mrope_section",
+                 f"parts must be >= 0, got {list(self.mrope_section)}")
+        _require(self.family == "internvl3" or len(self.mrope_section) == 3, "model.mrope_section",
+                 f"must have 3 parts (temporal, height, width), got {list(self.mrope_section)}")
+        _positive_int(self.tokens_per_second, "model.tokens_per_second", 1000)
 
     @property
     def group(self) -> int:
@@ -190,9 +240,9 @@ class TopologyConfig:
     launch_overhead_us: float = 5.0  # fixed cost per kernel launch
 
     def __post_init__(self) -> None:
-        _check_types(self, "topology.")
+        _check_fields(self, "topology.")
         _positive_int(self.gpus, "gpus", MAX_GPUS)
-        _positive_int(self.gpus_per_node, "topology.gpus_per_node")
+        _positive_int(self.gpus_per_node, "topology.gpus_per_node", MAX_GPUS)
         if self.nodes is not None:
             _positive_int(self.nodes, "nodes")
             _require(self.gpus % self.nodes == 0, "nodes",
@@ -200,15 +250,16 @@ class TopologyConfig:
             _require(self.gpus // self.nodes <= self.gpus_per_node, "nodes",
                      f"gpus={self.gpus} over nodes={self.nodes} needs {self.gpus // self.nodes} GPUs "
                      f"per node but topology.gpus_per_node={self.gpus_per_node}")
+        else:  # nodes left to the planner: every node must be full, or the ranks sit on uneven nodes
+            _require(self.gpus <= self.gpus_per_node or self.gpus % self.gpus_per_node == 0,
+                     "topology.gpus_per_node",
+                     f"gpus={self.gpus} does not fill nodes of {self.gpus_per_node} GPUs evenly; choose "
+                     f"gpus as a multiple of topology.gpus_per_node or set nodes=N")
         for name in ("memory_gib", "peak_tflops", "gemm_tflops", "attention_tflops", "hbm_gbps",
                      "intra_node_gbps", "inter_node_gbps"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value > 0, f"topology.{name}",
-                     f"must be > 0, got {value!r}")
+            _finite_number(getattr(self, name), f"topology.{name}", 0.0, strict=True)
         for name in ("reserved_gib", "link_latency_us", "launch_overhead_us"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value >= 0, f"topology.{name}",
-                     f"must be >= 0, got {value!r}")
+            _finite_number(getattr(self, name), f"topology.{name}", 0.0)
         _require(self.reserved_gib < self.memory_gib, "topology.reserved_gib",
                  f"must be below topology.memory_gib ({self.reserved_gib} >= {self.memory_gib})")
 
@@ -238,8 +289,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 class VideoConfig:
     """The input: frame count and size, plus the text around the video."""
 
-    frames: int = 64  # sampled frames (top-level shorthand: frames=N); padded to even for Qwen2-VL
-    resolution: str = "1440p"  # preset (360p/720p/1080p/1440p...) or HEIGHTxWIDTH, e.g. 720x1280
+    frames: int = 256  # sampled frames (top-level shorthand: frames=N); padded to even for Qwen2-VL
+    resolution: str = "720p"  # preset (360p/720p/1080p/1440p...) or HEIGHTxWIDTH, e.g. 720x1280
     fps: float = 2.0  # sampling rate of the frames (Qwen2.5-VL temporal positions depend on it)
     # Tokens before the video (system prompt, user tag, <|vision_start|>). Fixed, not a range: the
     # chat template fixes the system prompt, and every video position and block boundary depends on it.
@@ -248,17 +299,24 @@ class VideoConfig:
     # plan and kernels (the runtime pads the query block and keeps pad tokens out of every real
     # row's attention); a longer one needs a plan with a larger value.
     max_question_tokens: int = 32
-    path: Optional[str] = None  # the video file (runtime only; the planner needs only the counts)
+    # A clip to plan for: `spava-plan video.path=clip.mp4` takes frames (sampled at video.fps within
+    # min_frames..max_frames, as the model's processor samples) and resolution from its metadata.
+    path: Optional[str] = None
+    min_frames: int = 4  # the processor's bounds on fps-based sampling (Qwen2-VL video processor)
+    max_frames: int = 768
 
     def __post_init__(self) -> None:
-        _check_types(self, "video.")
+        _check_fields(self, "video.")
         _positive_int(self.frames, "frames", MAX_FRAMES)
         parse_resolution(self.resolution)
-        _require(isinstance(self.fps, (int, float)) and self.fps > 0, "video.fps",
-                 f"must be > 0, got {self.fps!r}")
-        _require(isinstance(self.system_tokens, int) and self.system_tokens >= 0, "video.system_tokens",
-                 f"must be >= 0, got {self.system_tokens!r}")
-        _positive_int(self.max_question_tokens, "video.max_question_tokens", 1 << 20)
+        _finite_number(self.fps, "video.fps", *FPS_RANGE)
+        _require(isinstance(self.system_tokens, int) and 0 <= self.system_tokens <= MAX_TOKENS,
+                 "video.system_tokens", f"must be an integer within 0..{MAX_TOKENS}, got {self.system_tokens!r}")
+        _positive_int(self.max_question_tokens, "video.max_question_tokens", MAX_TOKENS)
+        _positive_int(self.min_frames, "video.min_frames", MAX_FRAMES)
+        _positive_int(self.max_frames, "video.max_frames", MAX_FRAMES)
+        _require(self.min_frames <= self.max_frames, "video.min_frames",
+                 f"must not exceed video.max_frames ({self.min_frames} > {self.max_frames})")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -280,17 +338,19 @@ class MethodConfig:
     overlap: bool = True  # hide the selection all-gathers behind host-1 attention
 
     def __post_init__(self) -> None:
-        _check_types(self, "method.")
+        _check_fields(self, "method.")
         _require(self.name in METHODS, "method", f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
         for name in ("anchor_tokens", "passing_tokens"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and value >= 0), f"method.{name}",
-                     f"must be null (paper rule) or an integer >= 0, got {value!r}")
+            _require(value is None or (isinstance(value, int) and 0 <= value <= MAX_TOKENS), f"method.{name}",
+                     f"must be null (paper rule) or an integer within 0..{MAX_TOKENS}, got {value!r}")
         _require(self.passing_tokens is None or self.passing_tokens % 128 == 0, "method.passing_tokens",
                  f"must be a multiple of 128 (selection works in 128-token tiles), got {self.passing_tokens}")
         _positive_int(self.hosts_per_gpu, "method.hosts_per_gpu", 64)
-        _require(isinstance(self.pool_window, int) and self.pool_window >= 1 and self.pool_window % 2 == 1,
-                 "method.pool_window", f"must be a positive odd integer, got {self.pool_window!r}")
+        _require(isinstance(self.pool_window, int) and 1 <= self.pool_window <= MAX_POOL_WINDOW
+                 and self.pool_window % 2 == 1, "method.pool_window",
+                 f"must be an odd integer within 1..{MAX_POOL_WINDOW} (wider windows smooth a 128-token "
+                 f"selection tile away), got {self.pool_window!r}")
         _require(self.selection in SELECTIONS, "method.selection",
                  f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
@@ -305,86 +365,150 @@ class SolverConfig:
     seed: int = 0  # local_search randomness (deterministic for a given seed)
 
     def __post_init__(self) -> None:
-        _check_types(self, "solver.")
+        _check_fields(self, "solver.")
         _require(self.name in SOLVERS, "solver", f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
         _positive_int(self.exact_max_hosts, "solver.exact_max_hosts", 64)
-        _positive_int(self.iterations, "solver.iterations")
+        _positive_int(self.iterations, "solver.iterations", MAX_SEARCH_STEPS // SEARCH_MIN_RANKS)
         _require(isinstance(self.seed, int) and self.seed >= 0, "solver.seed", f"must be >= 0, got {self.seed!r}")
 
 
 @dataclass
 class SpavaConfig:
-    """The root config: what `spava-plan` composes from conf/config.yaml and the command line."""
+    """The root config: what `spava-plan` composes from conf/config.yaml and the command line.
+
+    Every default lives here (and in the group dataclasses above): the defaults are Qwen2-VL-7B on
+    8 x H100 SXM, 256 frames at 720p, Spava, the zigzag solver. The YAML presets only choose values
+    (a test checks that composing conf/config.yaml without overrides gives ``SpavaConfig()``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
-    # Shorthands: conf/config.yaml interpolates them into topology.gpus, topology.nodes, video.frames.
-    gpus: int = 8
-    nodes: Optional[int] = None
-    frames: int = 64
     dtype: str = "bf16"  # activation / KV dtype of the run
     kernels: bool = True  # render the plan's Triton kernels next to plan.json
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
+        _check_fields(self, "")
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        # topology/video hold the truth (conf/config.yaml feeds the shorthands into them); mirror
-        # them back so the stored config never disagrees with itself.
-        self.gpus, self.nodes, self.frames = self.topology.gpus, self.topology.nodes, self.video.frames
+        if self.solver.name == "local_search":  # each move scans the ranks: bound the whole search
+            ranks = max(self.topology.gpus, SEARCH_MIN_RANKS)
+            _require(self.solver.iterations * ranks <= MAX_SEARCH_STEPS, "solver.iterations",
+                     f"{self.solver.iterations:,} moves over {self.topology.gpus} GPUs exceed the search budget "
+                     f"(about 2 s); lower solver.iterations to at most {MAX_SEARCH_STEPS // ranks:,}")
+
+    # The command-line shorthands, read back from the one place that holds each value.
+    @property
+    def gpus(self) -> int:
+        return self.topology.gpus
+
+    @property
+    def nodes(self) -> Optional[int]:
+        return self.topology.nodes
+
+    @property
+    def frames(self) -> int:
+        return self.video.frames
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPES[self.dtype]
 
 
-def to_config(cfg: Any) -> SpavaConfig:
-    """A composed OmegaConf/Hydra config (or a plain dict) -> a validated SpavaConfig.
+# Top-level shorthands of the command line (`spava-plan gpus=16 nodes=2 frames=2048`) and the field
+# each one sets. They are resolved once, in ``to_config``; a shorthand left out (None) leaves its
+# field at the group's value.
+SHORTHANDS = {"gpus": ("topology", "gpus"), "nodes": ("topology", "nodes"), "frames": ("video", "frames")}
 
-    Type errors OmegaConf raises (a string where an int belongs) become ConfigError naming the key.
+
+@dataclass
+class CommandLineConfig(SpavaConfig):
+    """The schema Hydra composes into (conf/config.yaml's ``spava_schema``): SpavaConfig plus the
+    shorthands. Never planned from directly: ``to_config`` folds the shorthands in."""
+
+    gpus: Optional[int] = None  # type: ignore[assignment]  # sets topology.gpus
+    nodes: Optional[int] = None  # type: ignore[assignment]  # sets topology.nodes
+    frames: Optional[int] = None  # type: ignore[assignment]  # sets video.frames
+
+
+def to_config(cfg: Any) -> SpavaConfig:
+    """A composed OmegaConf/Hydra config (or a plain dict such as a plan's stored config) -> a
+    validated SpavaConfig.
+
+    Errors OmegaConf raises (a string where an int belongs, an interpolation that does not
+    resolve) become a ConfigError naming the key.
     """
-    if isinstance(cfg, SpavaConfig):
+    if type(cfg) is SpavaConfig:
         return cfg
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _reject_unknown_keys(cfg, SpavaConfig, "")
     try:
-        structured = OmegaConf.merge(OmegaConf.structured(SpavaConfig), cfg)
-        obj = OmegaConf.to_object(structured)
+        if isinstance(cfg, DictConfig):
+            data = OmegaConf.to_container(cfg, resolve=True)
+        elif isinstance(cfg, CommandLineConfig):
+            data = OmegaConf.to_container(OmegaConf.structured(cfg))
+        else:
+            data = copy.deepcopy(dict(cfg))
+        assert isinstance(data, dict)
+        _reject_unknown_keys(data, CommandLineConfig, "")
+        for short, (group, name) in SHORTHANDS.items():
+            value = data.pop(short, None)
+            if value is not None:
+                data.setdefault(group, {})[name] = value
+        structured = OmegaConf.merge(_schema(), data)
+        obj = _to_object(structured)
     except ConfigError:
         raise
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, OverflowError, ValueError, TypeError) as exc:
+        # OmegaConf's own errors, and a conversion it attempted (an int of 400 digits into a
+        # float field raises OverflowError with the key attached)
         key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(f"{exc.msg if hasattr(exc, 'msg') else exc}".splitlines()[0], setting=str(key)) from None
-    assert isinstance(obj, SpavaConfig)
+        text = str(getattr(exc, "msg", None) or exc).strip().splitlines() or [type(exc).__name__]
+        raise ConfigError(text[0], setting=str(key)) from None
+    assert type(obj) is SpavaConfig
     return obj
 
 
-def _reject_unknown_keys(cfg: Any, cls: type, prefix: str) -> None:
-    """A key the schema does not know (e.g. a typo added with +key=) would be dropped silently."""
-    from omegaconf import DictConfig
+@functools.lru_cache(maxsize=1)
+def _schema() -> Any:
+    """SpavaConfig as an OmegaConf node, built once (merge copies it)."""
+    from omegaconf import OmegaConf
 
-    if not isinstance(cfg, (dict, DictConfig)):
+    return OmegaConf.structured(SpavaConfig)
+
+
+def _to_object(structured: Any) -> Any:
+    """OmegaConf.to_object with the dataclasses' own type check switched off (OmegaConf checked)."""
+    from omegaconf import OmegaConf
+
+    token = _OMEGACONF_TYPED.set(True)
+    try:
+        return OmegaConf.to_object(structured)
+    finally:
+        _OMEGACONF_TYPED.reset(token)
+
+
+def _reject_unknown_keys(data: Any, cls: type, prefix: str) -> None:
+    """A key the schema does not know (e.g. a typo added with +key=) would be dropped silently."""
+    if not isinstance(data, dict):
         return
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in cfg.keys():
+    hints = _field_hints(cls)
+    for key in data:
         name = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(fields)}", setting=name)
-        sub = fields[key].type
-        target = {"ModelConfig": ModelConfig, "VisionConfig": VisionConfig, "TopologyConfig": TopologyConfig,
-                  "VideoConfig": VideoConfig, "MethodConfig": MethodConfig, "SolverConfig": SolverConfig}.get(
-            sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
-        if target is not None:
-            _reject_unknown_keys(cfg[key], target, f"{name}.")
+        if key not in hints:
+            raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(hints)}", setting=name)
+        if dataclasses.is_dataclass(hints[key]):
+            _reject_unknown_keys(data[key], hints[key], f"{name}.")
 
 
 def config_to_dict(cfg: SpavaConfig) -> dict:
-    """The fully resolved config as plain JSON-able data (stored in plan.json)."""
-    return dataclasses.asdict(cfg)
+    """The fully resolved config as plain JSON-able data (stored in plan.json), with the shorthands
+    spelled out as a reader of the command line expects them."""
+    data = dataclasses.asdict(cfg)
+    for short, (group, name) in SHORTHANDS.items():
+        data[short] = data[group][name]
+    return data
 
 
 def config_from_dict(data: dict) -> SpavaConfig:

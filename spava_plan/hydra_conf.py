@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from .config import MethodConfig, SpavaConfig, to_config
+from .config import CommandLineConfig, MethodConfig, SpavaConfig, to_config
 from .errors import ConfigError
 
 CONFIG_MODULE = "spava_plan.conf"
@@ -16,9 +16,15 @@ CONFIG_NAME = "config"
 
 
 def register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
+    """The schema for conf/config.yaml, and the ``${spava_pid:}`` resolver its output dirs use."""
+    import os
 
-    ConfigStore.instance().store(name="spava_schema", node=SpavaConfig)
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="spava_schema", node=CommandLineConfig)
+    if not OmegaConf.has_resolver("spava_pid"):
+        OmegaConf.register_new_resolver("spava_pid", lambda: str(os.getpid()), use_cache=True)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> SpavaConfig:

@@ -4,8 +4,10 @@ fly and cache it on disk by hash.
     store = PlanStore("plans/", ["model=qwen2_5vl_3b", "gpus=8"])      # or a SpavaConfig
     plan = store.plan_for(frames=96, height=720, width=1280, question_tokens=20)
     entry = store.choose(frames=96, height=720, width=1280, question_tokens=20)
+    entry = store.choose_for_clip("clip.mp4", question_tokens=20)   # frames at video.fps, like the processor
     entry.plan, entry.directory                  # the Plan and its folder (plan.json, kernels/)
-    entry.frames, entry.source_size              # what the caller feeds it: see "Holding" below
+    entry.frames, entry.frame_size               # what the caller feeds it: see "Holding" below
+    # e.g. runtime.video_io.read_frames(clip, entry.frames, size=entry.frame_size)
 
 A family is a directory with an ``index.json`` at its root, one entry per plan; ``spava-plan -m
 frames=64,128,256,512 video.resolution=720p,1080p`` writes one at the sweep root (cli.py's
@@ -20,9 +22,9 @@ pixels, a question of ``question_tokens`` tokens) when
     topology and world size, dtype, solver and system prompt length (``compat_key``);
   - its padded frame count is at least the request's (the caller then samples ``entry.frames``
     frames from the clip: denser sampling, nothing dropped);
-  - its resized frame is at least the request's resized frame on both sides (the caller resizes
-    the source frames to ``entry.source_size`` before the processor: an upscale, nothing dropped;
-    a different aspect ratio is stretched);
+  - its resized frame is at least the request's resized frame on both sides (the caller scales
+    the sampled frames to ``entry.frame_size``, the size the processor gives the plan's frames:
+    an upscale, nothing dropped; a different aspect ratio is stretched);
   - its ``video.max_question_tokens`` is at least ``question_tokens`` (shorter questions run on
     the same plan, see runtime/attention.py).
 Among the plans that hold it, the one with the fewest tokens wins (then fewer frames, then hash).
@@ -113,9 +115,9 @@ class StoredPlan:
         return self.entry.frames
 
     @property
-    def source_size(self) -> tuple[int, int]:
-        """(height, width) to resize the source frames to before the processor."""
-        return self.entry.source_size
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) to scale the sampled frames to (the processor then keeps that size)."""
+        return self.entry.frame_size
 
 
 def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
@@ -274,6 +276,22 @@ class PlanStore:
                     f"or turn on planning on the fly", setting="plan_on_the_fly")
             return self._plan_now(frames, height, width, question_tokens)
 
+    def choose_for_clip(self, path: str | Path, question_tokens: int) -> StoredPlan:
+        """``choose`` for a video file: its size from the metadata and the frame count the model's
+        processor samples at the base config's video.fps (spava_plan.video_meta; PyAV, no decode).
+        A missing or unreadable file is an InputError naming ``video``."""
+        from .video_meta import frames_for_rate, probe_clip
+
+        info = probe_clip(path, setting="video")
+        video = self.base.video
+        tp = 1 if self.base.model.family == "internvl3" else self.base.model.vision.temporal_patch
+        frames = frames_for_rate(info.total_frames, info.fps, video.fps, min_frames=video.min_frames,
+                                 max_frames=video.max_frames, temporal_patch=tp)
+        if frames < 1:
+            raise InputError(f"{str(path)!r} has {info.total_frames} frames, fewer than one temporal patch ({tp})",
+                             setting="video")
+        return self.choose(frames, info.height, info.width, question_tokens)
+
     def plan_for(self, frames: int, height: int, width: int, question_tokens: int) -> Plan:
         """The Plan of ``choose``."""
         return self.choose(frames, height, width, question_tokens).plan
@@ -284,7 +302,7 @@ class PlanStore:
         video = dataclasses.replace(self.base.video, frames=int(frames), resolution=f"{int(height)}x{int(width)}",
                                     max_question_tokens=max(self.base.video.max_question_tokens,
                                                             int(question_tokens)), path=None)
-        return dataclasses.replace(self.base, video=video, frames=int(frames))
+        return dataclasses.replace(self.base, video=video)  # the frames= shorthand follows video.frames
 
     def _plan_now(self, frames: int, height: int, width: int, question_tokens: int) -> StoredPlan:
         from .planner.build import build_plan

@@ -146,6 +146,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     t0 = time.perf_counter()
     processing = hf_inputs.load_processing(args.checkpoint) if args.checkpoint else hf_inputs.default_processing()
     frames_n = int(plan.config["video"]["frames"])
+    clip_fps = float(plan.config["video"]["fps"])  # random frames: the plan's rate
     if args.video:
         info = probe(args.video)
         if info.total_frames < frames_n and args.replan:
@@ -155,16 +156,19 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
         with progress.step(f"decoding {frames_n} frames of {args.video}"):
             frames, info = read_frames(args.video, frames_n)
         source = (info.height, info.width)
-        if info.duration_s > 0:
-            notes.append(f"video {info.width}x{info.height}, {info.total_frames} frames, {frames_n} sampled "
-                         f"(about {frames_n / info.duration_s:.2f} per second)")
+        if info.fps > 0:
+            # Qwen2.5-VL's temporal positions follow the frames' real rate (as the processor's
+            # sampled_fps), not the plan's video.fps: a 30 s and a 3 min clip differ.
+            clip_fps = info.sampled_fps(frames_n)
+            notes.append(f"video {info.width}x{info.height}, {info.total_frames} frames over {info.duration_s:.1f} s, "
+                         f"{frames_n} sampled ({clip_fps:.3f} per second, the temporal positions' rate)")
     elif args.init == "random":
         frames = _random_frames(plan, args.seed)
         source = frames.shape[1:3]
         notes.append("random-pixel frames at the plan's resolution (no video=)")
     else:
         raise InputError("is required: video=PATH to a video file", setting="video")
-    inputs = _build_inputs(args, plan, processing, model, frames)
+    inputs = _build_inputs(args, plan, processing, model, frames, clip_fps)
     positions = hf_inputs.global_position_ids(model, inputs)
     try:
         hf_inputs.check_against_plan(plan, inputs, positions)
@@ -261,12 +265,13 @@ def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int)
     return model.eval()
 
 
-def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any) -> Any:
+def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any, fps: float) -> Any:
+    """``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid)."""
     from .runtime import hf_inputs
 
     m, v = plan.config["model"], plan.config["video"]
     common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
-                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=v["fps"])
+                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=fps)
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
                                           question_tokens=plan.layout.max_question_tokens, seed=args.seed, **common)

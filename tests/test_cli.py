@@ -50,9 +50,17 @@ def test_run_writes_every_artifact(tmp_path):
     (["video.resolution=sharp"], "video.resolution"),
     (["model=nope"], "model"),
     (["model.num_kv_heads=5"], "model.num_kv_heads"),  # 28 query heads cannot be grouped over 5
-    (["gpus=4096", "frames=8"], "gpus"),  # more virtual hosts than 128-token blocks
+    (["gpus=1024", "frames=8"], "gpus"),  # more virtual hosts than 128-token blocks
     (["gpus=2", "frames=8192", "video.resolution=720p"], "gpus"),  # does not fit 80 GB GPUs
     (["gpus=abc"], "gpus"),
+    # kinds the reliability audit found (more in test_config_fields.py, in-process)
+    (["topology.memory_gib=inf"], "topology.memory_gib"),
+    (["model.rope_theta=nan"], "model.rope_theta"),
+    (["model.name=${oc.env:SPAVA_NOPE}"], "model.name"),  # an interpolation that does not resolve
+    (["solver=local_search", "solver.iterations=1000000000"], "solver.iterations"),  # unbounded work
+    (["gpus=65536", "frames=1048576"], "gpus"),  # beyond the ceilings: refused at once
+    (["video.fps=1e-300"], "video.fps"),
+    (["topology.gpus_per_node=3"], "topology.gpus_per_node"),  # 8 GPUs on uneven nodes
 ])
 def test_bad_input_is_one_line_exit_2_and_no_artifacts(tmp_path, args, setting):
     res = spava_plan(["model=qwen2vl", "hydra.run.dir=out/job"] + args, tmp_path)
@@ -61,6 +69,34 @@ def test_bad_input_is_one_line_exit_2_and_no_artifacts(tmp_path, args, setting):
     assert len(lines) == 1 and lines[0].startswith("spava-plan: error: "), res.stderr
     assert setting in lines[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file where the run directory's parent should be")
+    res = spava_plan(SMALL + ["gpus=2", "kernels=false", "hydra.run.dir=out/job"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spava-plan: error: hydra.run.dir: "), res.stderr
+
+
+def test_runs_started_together_get_their_own_directories(tmp_path):
+    """Two runs in the same second (the default run dir has microseconds and the process id)."""
+    args = [sys.executable, "-m", "spava_plan.cli", *SMALL, "gpus=2", "kernels=false"]
+    procs = [subprocess.Popen(args + [f"frames={f}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for f in (32, 64)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    dirs = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(dirs) == 2, dirs
+    frames = sorted(load_plan(d / "plan.json").config["video"]["frames"] for d in dirs)
+    assert frames == [32, 64] and all((d / ".hydra" / "overrides.yaml").is_file() for d in dirs)
+
+
+def test_a_capped_passing_budget_is_said(tmp_path):
+    res = spava_plan(SMALL + ["gpus=2", "kernels=false", "method.passing_tokens=1048576", "hydra.run.dir=out"],
+                     tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert any(line.startswith("note: method.passing_tokens: ") and "capped" in line for line in res.stdout.splitlines())
 
 
 def test_sweep_writes_a_summary(tmp_path):
@@ -83,7 +119,7 @@ def test_sweep_writes_a_summary(tmp_path):
 
 
 def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
-    res = spava_plan(["-m", "gpus=2,4096", "frames=8", "model=qwen2vl_2b", "kernels=false",
+    res = spava_plan(["-m", "gpus=2,1024", "frames=8", "model=qwen2vl_2b", "kernels=false",
                       "hydra.sweep.dir=sweep"], tmp_path)
     assert res.returncode == 2
     errors = res.stderr.strip().splitlines()

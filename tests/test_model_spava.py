@@ -5,7 +5,8 @@ With every token passed (method.pass_all=true) Spava is exact attention (SPAVA_S
 so the prefill logits of EVERY local row on every rank must equal the stock model's logits at that
 token, the greedy tokens (prefill + distributed decode) must equal stock ``generate``, and each
 rank's share of the frame-parallel ViT (its local video rows) must equal the single-process ViT's
-rows at those tokens, bit for bit, and the emulated world's. Everything runs in fp64.
+rows at those tokens and the emulated world's, up to rounding (the workers are other processes
+with other kernels and thread counts, conftest.py). Everything runs in fp64.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ NEW_TOKENS = 6
 # The stock RMSNorm normalises in fp32, so fp64 rounding-order differences (rows batched
 # differently per rank) surface at fp32 resolution: ~2e-7 seen on logits of magnitude ~5.
 LOGIT_ATOL = 1e-5
+# ViT rows from another process: fp64, but the Qwen2.5-VL tower's RMSNorm rounds through fp32, so
+# other kernels / thread counts show at fp32 resolution relative to rows of magnitude ~1.
+VIDEO_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +95,13 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
         seen_rows = set()
         for rank in range(W):
             out = torch.load(root / family / f"out_torch_W{W}_rank{rank}.pt")
-            # fp64 ViT, the same per-grid computation, and an exchange that only copies: exact
-            assert torch.equal(out["video"], ref["video"][mf.local_video_rows(inputs, out["index"])])
-            assert torch.equal(out["video"], emulated[rank]), f"{family} W={W} rank {rank}: emulated != gloo"
+            want = ref["video"][mf.local_video_rows(inputs, out["index"])]
+            for name, other in (("stock", want), ("emulated", emulated[rank])):
+                err = (out["video"] - other).abs().max().item()
+                assert err <= VIDEO_ATOL, f"{family} W={W} rank {rank}: gloo vs {name} ViT rows differ by {err:.2e}"
             err = (out["logits"] - ref["logits"][out["index"]]).abs().max().item()
             assert err <= LOGIT_ATOL, f"{family} W={W} rank {rank}: max |logit diff| {err:.2e}"
+            # greedy tokens: discrete, equal unless two logits tie within LOGIT_ATOL
             assert out["tokens"] == ref["tokens"], f"{family} W={W} rank {rank}"
             seen_rows.update(out["index"].tolist())
         # the ranks' local sequences cover every prompt token, so every logit row was compared

@@ -29,6 +29,9 @@ from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision
 # broadcast and the all-to-all both run.
 FRAMES, RESOLUTION = 10, "112x112"
 EXTRA = ("method.pass_all=true", "method.anchor_tokens=24")
+# Per-rank ViT rows against the whole video's: the Qwen2.5-VL tower's RMSNorm rounds through fp32, so a
+# different batching can show at fp32 resolution relative to rows of magnitude ~1.
+VIDEO_ATOL = 1e-5
 
 
 def test_grid_ranges_are_contiguous_and_balanced():
@@ -70,9 +73,9 @@ def test_each_rank_gets_exactly_its_local_video_rows(tmp_path, family):
         world = EmulatedWorld(world_size, timeout_s=60)
         for rank, out in enumerate(world.run(_run(visual, inputs, world, exchange))):
             rows = mf.local_video_rows(inputs, local_indices(plan.ranks[rank]))
-            # Exact: fp64, the same per-grid computation (batching fewer grids per call changes no
-            # bit here), and the exchange only copies rows.
-            assert torch.equal(out, ref[rows]), f"W={world_size} rank {rank}"
+            # fp64 and an exchange that only copies rows; but a rank batches fewer grids per call,
+            # and GEMM kernels may block other batch sizes differently: rounding only
+            assert (out - ref[rows]).abs().max().item() <= VIDEO_ATOL, f"W={world_size} rank {rank}"
 
     # Local spans out of ascending order (the Plan contract allows it): the all-to-all output is
     # staged and scattered; rank 1 holds a piece of rank 0's range as well (broadcast to both).
@@ -83,7 +86,7 @@ def test_each_rank_gets_exactly_its_local_video_rows(tmp_path, family):
     world = EmulatedWorld(2, timeout_s=60)
     for rank, out in enumerate(world.run(_run(visual, inputs, world, exchange))):
         want = torch.cat([ref[max(a, s) - s: b - s] for a, b in locals_[rank]])
-        assert torch.equal(out, want), f"rank {rank}"
+        assert (out - want).abs().max().item() <= VIDEO_ATOL, f"rank {rank}"  # as above
 
 
 def test_emulated_exchange_is_charged_what_the_planner_predicts(tmp_path):

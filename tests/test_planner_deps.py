@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("planner", "codegen", "runtime")
-CORE = ("config.py", "plan.py", "errors.py", "hydra_conf.py", "vision_exchange.py", "__init__.py")
+CORE = ("config.py", "plan.py", "errors.py", "hydra_conf.py", "vision_exchange.py", "video_meta.py", "__init__.py")
 
 
 def _imported_stages(path: Path, own: str | None) -> set[str]:
@@ -61,7 +61,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
 import spava_plan, spava_plan.config, spava_plan.plan, spava_plan.errors, spava_plan.hydra_conf, spava_plan.cli
-import spava_plan.plan_store  # entry-point level (it calls the planner), and torch-free like planning
+import spava_plan.plan_store, spava_plan.video_meta  # plan_store: entry-point level (it calls the planner), and torch-free like planning
 import spava_plan.planner
 for mod in pkgutil.iter_modules(spava_plan.planner.__path__):
     importlib.import_module('spava_plan.planner.' + mod.name)

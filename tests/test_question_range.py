@@ -125,3 +125,60 @@ def test_a_longer_prompt_is_refused_naming_the_setting():
     for n in (plan.layout.total_tokens + 1, plan.layout.context_tokens):
         with pytest.raises(PlanMismatchError, match="video.max_question_tokens"):
             attn.set_prompt_tokens(n)
+
+
+# -- the model: tiny Qwen2-VL / Qwen2.5-VL, questions of several lengths on one plan ---------------
+NEW_TOKENS = 4
+LOGIT_ATOL = 1e-5  # as tests/test_model_spava.py: the stock RMSNorm normalises in fp32
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])  # Qwen2-VL shares the code path; kept short for CI
+def test_model_questions_of_several_lengths_on_one_plan(tmp_path, family):
+    """One pass-all plan sized for the longest question answers each question exactly as the stock
+    model does (dense attention over the real prompt) and as a plan made for exactly its length."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("av")
+    import model_fixtures as mf
+
+    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.generate import RankRunner
+
+    ckpt = mf.build_checkpoint(tmp_path / "ckpt", family)
+    video = mf.write_video(tmp_path / "v.mp4", frames=12, height=56, width=84)
+    questions = ["Why?", mf.QUESTION + " Answer in detail, with colours and motion."]
+    inputs = [mf.tiny_inputs(ckpt, video, 12, family, question=q) for q in questions]
+    exact = ("method.pass_all=true", "method.anchor_tokens=20")
+    plan = mf.tiny_plan(inputs[-1], family, 2, 12, "56x84", *exact)  # capacity: the longest question
+    model = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
+    stock = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
+
+    def run(p, inp, pos):
+        world = EmulatedWorld.for_plan(p, timeout_s=120)
+
+        def rank(r):
+            with torch.inference_mode():  # thread-local: each emulated rank enters it
+                return RankRunner(model, p, world.comm(r), lambda: RankAttention(p, r, world.comm(r)),
+                                  "cpu").generate(inp, pos, NEW_TOKENS)
+        return world.run(rank)[0]
+
+    lengths = set()
+    for inp in inputs:
+        positions = hf_inputs.global_position_ids(model, inp)
+        hf_inputs.check_against_plan(plan, inp, positions)
+        padded, padded_pos = hf_inputs.pad_query(plan, inp, positions)
+        assert padded.total_tokens == plan.layout.total_tokens and padded.prompt_tokens == inp.total_tokens
+        lengths.add(inp.total_tokens)
+        got = run(plan, padded, padded_pos)
+        want = run(mf.tiny_plan(inp, family, 2, 12, "56x84", *exact), inp, positions)
+        kw = dict(input_ids=inp.input_ids, mm_token_type_ids=inp.mm_token_type_ids,
+                  pixel_values_videos=inp.pixel_values_videos, video_grid_thw=inp.video_grid_thw)
+        if inp.second_per_grid_ts is not None:
+            kw["second_per_grid_ts"] = inp.second_per_grid_ts
+        with torch.inference_mode():
+            ref_logits = stock(**kw).logits[0, -1].float()
+            ref_tokens = stock.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)[0, inp.total_tokens:].tolist()
+        assert got.tokens == want.tokens == ref_tokens
+        assert (got.first_logits - want.first_logits).abs().max() < LOGIT_ATOL
+        assert (got.first_logits - ref_logits).abs().max() < LOGIT_ATOL
+    assert len(lengths) == 2

@@ -135,12 +135,7 @@ def test_gloo_world_matches_dense_and_the_emulation(world):
             plan_for(*SMALL, f"gpus={world + 1}", "method.pass_all=true").to_dict())
     got = results_or_raise(run_local_world(_correctness_worker, world, args=args, timeout_s=60))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers
-    try:
-        emulated = {name: emulated_case(p, seeds[name]) for name, p in cases.items()}
-    finally:
-        torch.set_num_threads(threads)
+    emulated = {name: emulated_case(p, seeds[name]) for name, p in cases.items()}
     for name, plan in cases.items():
         n, lq = plan.layout.total_tokens, plan.layout.query_tokens
         q, k, v = global_inputs(n + EXTRA, seeds[name])
@@ -148,7 +143,9 @@ def test_gloo_world_matches_dense_and_the_emulation(world):
         for r in range(world):
             out, dec = got[r][name]
             emu_out, emu_dec = emulated[name][r]
-            assert torch.equal(out, emu_out) and all(map(torch.equal, dec, emu_dec)), f"{name} rank {r}: emulated != gloo"
+            # another process (other kernels and thread count, conftest.py): equal up to fp64 rounding
+            assert max((a - b).abs().max().item() for a, b in zip([out, *dec], [emu_out, *emu_dec])) < TOL, \
+                f"{name} rank {r}: emulated != gloo"
             (want,) = local_rows(plan, r, ref)
             if name in ("pass_all", "zigzag_ring"):  # exact methods: every row
                 assert (out - want).abs().max() < TOL, f"{name} rank {r}"
@@ -161,6 +158,7 @@ def test_gloo_world_matches_dense_and_the_emulation(world):
     m = a2a_splits(world)
     for r in range(world):  # rank r gets, from each s in order, s's rows meant for r
         want = [100.0 * s + sum(m[s][:r]) + i for s in range(world) for i in range(m[s][r])]
+        # exact: the all-to-all only copies rows of small integers
         assert got[r]["a2a"][:, 0].tolist() == want and torch.equal(got[r]["a2a"], emulated_a2a[r]), f"a2a rank {r}"
     for r in range(world):
         bad = got[r]["bad"]
