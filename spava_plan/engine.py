@@ -111,66 +111,67 @@ class Engine:
             return build_plan(self.args.plan_config)
 
     # -- one request -----------------------------------------------------------------------------
-    def _frames(self, video: str, n: int, size: tuple[int, int] | None = None) -> Any:
-        """``n`` frames sampled uniformly over the clip (repeated when the plan samples more than the
-        clip has), resized to ``size`` (height, width) when the plan's frames are larger."""
+    def question_tokens(self, question: str) -> int:
+        """Tokens of the question as the prompt holds it (InputError for an empty one)."""
+        from .runtime import hf_inputs
+
+        tok = self.processing.tokenizer
+        if tok is None:  # random weights without a tokenizer: a synthetic question of the plan's capacity
+            return int(self.base.layout.max_question_tokens)
+        ids = tok(hf_inputs.prompt_text(self.processing, question))["input_ids"]
+        video = ids.index(tok.convert_tokens_to_ids(hf_inputs.VIDEO_PAD))
+        return len(ids) - (video + 2) - int(self.base.layout.suffix_tokens)  # after <|video_pad|><|vision_end|>
+
+    def _inputs(self, video: str, question: str, plan: Any, frames_n: int, size: tuple[int, int] | None) -> Any:
+        """The request's model inputs for ``plan``: ``frames_n`` frames spread evenly over the clip
+        (repeated when the plan samples more than the clip has), scaled to ``size``."""
         import numpy as np
 
-        from .runtime.video_io import _decode, probe, sample_indices
+        from .run import _build_inputs
+        from .runtime.video_io import _decode, probe
 
         info = probe(video)
-        with progress.step(f"decoding {n} frames of {video}"):
-            frames = np.stack(_decode(video, sample_indices(info.total_frames, n)))
-        if len(frames) != n:
+        indices = [int(i * info.total_frames / frames_n) for i in range(frames_n)]
+        with progress.step(f"decoding {frames_n} frames of {video}"):
+            frames = _decode(video, indices, size)
+        if len(frames) != frames_n:
             raise InputError(f"{video!r} decodes to fewer frames than its header says", setting="video")
-        if size is not None and tuple(frames.shape[1:3]) != tuple(size):
-            from PIL import Image
-
-            h, w = size
-            frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
-        return frames
+        # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as run.prepare does).
+        fps = frames_n / info.total_frames * info.fps if info.fps > 0 else float(plan.config["video"]["fps"])
+        args = Args(**{**self.args.__dict__, "question": question})
+        return _build_inputs(args, plan, self.processing, self.model, np.stack(frames), fps)
 
     def prepare(self, video: str, question: str) -> Prepared:
         """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request)."""
-        from .run import _build_inputs
         from .runtime import hf_inputs
-        from .runtime.video_io import probe
         from .runtime.vision_parallel import check_grids
 
         t0 = time.perf_counter()
-        base = self.base
-        tp = int(base.config["model"]["vision"]["temporal_patch"])
-        info = probe(video)
-        frames_n = min(int(self.cfg.frames), info.total_frames)
-        frames_n -= frames_n % tp
-        if frames_n < tp * self.world_size:
-            raise InputError(f"the video has {info.total_frames} frames; {self.world_size} ranks need at least "
-                             f"{tp * self.world_size} (one temporal grid of {tp} frames per rank)", setting="video")
-        args = Args(**{**self.args.__dict__, "question": question})
-        frames = self._frames(video, frames_n)
-        inputs = _build_inputs(args, base, self.processing, self.model, frames)
-        context = inputs.video_start + inputs.video_tokens + 1
-        q = inputs.prompt_tokens - context - base.layout.suffix_tokens
+        q = self.question_tokens(question)
         if q > self.max_question:
             raise InputError(f"the question takes {q} tokens but this server's plans hold up to {self.max_question}; "
                              f"ask a shorter question or start the server with video.max_question_tokens={q}",
                              setting="video.max_question_tokens")
-        plan = None
-        if self.fixed is not None:
+        plan = inputs = positions = None
+        if self.fixed is not None:  # plan= first, when the clip fits it
+            lay = self.fixed.layout
             try:
-                hf_inputs.check_against_plan(self.fixed, inputs, hf_inputs.global_position_ids(self.model, inputs))
+                inputs = self._inputs(video, question, self.fixed, lay.frames, tuple(lay.frame_size))
+                positions = hf_inputs.global_position_ids(self.model, inputs)
+                hf_inputs.check_against_plan(self.fixed, inputs, positions)
                 plan = self.fixed
+            except InputError:
+                raise  # an unreadable video: no other plan helps
             except SpavaError:
                 plan = None
         if plan is None:
-            stored = self.store.choose(frames_n, info.height, info.width, max(1, q))
+            stored = self.store.choose_for_clip(video, max(1, q))
             plan = stored.plan
-            if stored.frames != frames_n or tuple(stored.source_size) != (info.height, info.width):
-                frames = self._frames(video, stored.frames, tuple(stored.source_size))
-                inputs = _build_inputs(args, plan, self.processing, self.model, frames)
-        positions = hf_inputs.global_position_ids(self.model, inputs)
-        hf_inputs.check_against_plan(plan, inputs, positions)
+            inputs = self._inputs(video, question, plan, stored.frames, tuple(stored.frame_size))
+            positions = hf_inputs.global_position_ids(self.model, inputs)
+            hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
+        tp = int(plan.config["model"]["vision"]["temporal_patch"])
         check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, tp)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed)

@@ -208,8 +208,13 @@ def initial_plan(args: Args) -> Any:
     from .planner.build import build_plan
 
     args.replan = True  # the config's frames / resolution / prompt sizes are a starting point only
+    cfg = args.plan_config
+    if cfg.video.path:  # frames at video.fps and the clip's size, from its metadata
+        from .video_meta import plan_for_clip
+
+        cfg = plan_for_clip(cfg)
     with progress.step("planning from the config"):
-        return build_plan(args.plan_config)
+        return build_plan(cfg)
 
 
 def load_model(args: Args, plan: Any, device: Any, notes: list[str]) -> Any:

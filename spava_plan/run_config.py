@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from .config import (DTYPES, MethodConfig, ModelConfig, SolverConfig, SpavaConfig, TopologyConfig, VideoConfig,
-                     _check_types, to_config)
+                     _check_fields, to_config)
 from .errors import ConfigError
 
 CHOICES = {
@@ -52,9 +52,10 @@ class RunConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
-    gpus: int = 8
+    # Shorthands (as spava-plan's): set topology.gpus, topology.nodes and video.frames when given.
+    gpus: Optional[int] = None
     nodes: Optional[int] = None
-    frames: int = 64
+    frames: Optional[int] = None
     kernels: bool = False
     # -- the run -------------------------------------------------------------------------------
     plan: Optional[str] = None  # plan.json from spava-plan; null: plan from this config for the input
@@ -70,7 +71,15 @@ class RunConfig:
     emulated_timing: bool = False  # one process: also report the emulated W-rank time to first token
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
+        _check_fields(self, "")
+        # Fold the shorthands into their groups (the groups validate them) and mirror them back.
+        if self.gpus is not None or self.nodes is not None:
+            self.topology = dataclasses.replace(
+                self.topology, gpus=self.topology.gpus if self.gpus is None else self.gpus,
+                nodes=self.topology.nodes if self.nodes is None else self.nodes)
+        if self.frames is not None:
+            self.video = dataclasses.replace(self.video, frames=self.frames)
+        self.gpus, self.nodes, self.frames = self.topology.gpus, self.topology.nodes, self.video.frames
         for key, options in CHOICES.items():
             value = getattr(self, key)
             _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
@@ -93,7 +102,7 @@ class RunConfig:
         """The planner's config for planning on the fly (no plan=): the same groups and shorthands;
         the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as bf16)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig) if hasattr(self, f.name)
-                and f.name != "dtype"}
+                and f.name not in ("dtype", "gpus", "nodes", "frames")}
         data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
         data["dtype"] = self.dtype if self.dtype in DTYPES else ("fp32" if self.dtype == "fp64" else "bf16")
         data["kernels"] = False

@@ -204,10 +204,10 @@ def test_pass_all_run_answers_exactly_like_the_stock_model(setup, tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("max_new_tokens=1000000000", "max_new_tokens: must be >= 1 and at most 32768"),
     ("max_new_tokens=0", "max_new_tokens: must be >= 1"),
-    ("timeout=nan", "timeout: must be a number of seconds > 0"),
+    ("timeout=nan", "timeout: must be a (finite )?number"),
     ("timeout=0", "timeout: must be a number of seconds > 0"),
     ("timeout=-1", "timeout: must be a number of seconds > 0"),
-    ("timeout=inf", "timeout: must be a number of seconds > 0"),
+    ("timeout=inf", "timeout: must be a (finite )?number"),
     ("backend=cuda", "backend: must be one of auto, torch, triton"),
     ("max_new_tokens=abc", "max_new_tokens"),
     ("bogus=1", "unknown setting 'bogus'"),

@@ -101,7 +101,7 @@ def _messages(video, question=mf.QUESTION):
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     mf.build_checkpoint(root / "ckpt", "qwen2_vl")
-    mf.write_video(root / "clip.mp4", frames=FRAMES, height=56, width=84)
+    mf.write_video(root / "clip.mp4", frames=2 * FRAMES, height=56, width=84)  # 4 s at 4 fps: 8 frames at video.fps=2
     # The checkpoint as a model id in a local Hugging Face cache (the layout huggingface_hub writes).
     snap = root / "hub" / "models--spava--tiny" / "snapshots" / "0123abcd"
     snap.parent.mkdir(parents=True)
