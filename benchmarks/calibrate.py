@@ -46,7 +46,6 @@ def predicted_phases(cfg: Any) -> dict:
     excluded: the measured phases are compute only)."""
     from spava_plan.planner.build import derive
     from spava_plan.planner.cost import CostModel
-    from spava_plan.planner.schedule import KIND, NAME
     from spava_plan.planner.vision import vision_unit
 
     d = derive(cfg, require_fit=False, detail=True)
@@ -57,8 +56,8 @@ def predicted_phases(cfg: Any) -> dict:
     layers = cfg.model.num_layers
     attention, rest = [], []
     for steps, timings in zip(d.steps, d.timeline.timings):
-        a = sum(t[1] - t[0] for st, t in zip(steps, timings) if st[KIND] == "compute" and st[NAME] in ATTENTION_OPS)
-        b = sum(t[1] - t[0] for st, t in zip(steps, timings) if st[KIND] == "compute" and st[NAME] not in ATTENTION_OPS)
+        a = sum(t[1] - t[0] for st, t in zip(steps, timings) if st.kind == "compute" and st.name in ATTENTION_OPS)
+        b = sum(t[1] - t[0] for st, t in zip(steps, timings) if st.kind == "compute" and st.name not in ATTENTION_OPS)
         attention.append(layers * a)
         rest.append(layers * b)
     return {"vision_us": [n * per_unit for n in units], "attention_us": attention, "rest_us": rest,

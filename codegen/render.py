@@ -189,7 +189,6 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
     if hq % hkv or d & (d - 1):
         raise PlanFormatError(f"cannot render kernels for Hq={hq}, Hkv={hkv}, D={d}: the kernels need Hkv to "
                               f"divide Hq and a power-of-two head dim", setting="model")
-    method = plan.config.get("method", {}) if isinstance(plan.config, dict) else {}
     plan_hash = plan.hash
     if not _HEX.match(plan_hash):
         raise _bad("the plan hash", plan_hash)
@@ -208,8 +207,8 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
         "module.py.tmpl", PLAN_HASH=_Code(plan_hash), TEMPLATE_DIGEST=_Code(template_digest()[:16]),
         HEAD_DIM=d, GROUP=hq // hkv, Q_HEADS=hq, KV_HEADS=hkv, WORLD=_int(plan.world_size, "world_size", 1),
         DTYPE=_choice(_DTYPES, plan.dtype, "dtype"),
-        POOL_WINDOW=_int(method.get("pool_window", 5), "method.pool_window", 1),
-        SELECT_SCORE=_choice(_SCORES, method.get("selection", "query_aware"), "method.selection"),
+        POOL_WINDOW=_int(plan.selection.pool_window, "selection.pool_window", 1),
+        SELECT_SCORE=_choice(_SCORES, plan.selection.score, "selection.score"),
         TASK_FUNCTIONS=task_code, LAUNCH_KERNELS=launch_code, LAUNCH_TABLE=table)
     return source, lst
 

@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
-from spava_plan.plan import Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment
+from spava_plan.plan import (Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
+                             SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, vision_exchange
 
-from .cost import KERNELS, ZERO, CostModel, Work
+from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, rank_memory, usable_bytes, weight_bytes
 from .partition import Partition, check_vision_units, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
-from .schedule import NAME, STEP, TASKS, Step, Timeline, rank_schedules, rank_steps, simulate
+from .schedule import Step, Timeline, rank_schedules, rank_steps, simulate
 from .vision import vision_unit
 
 FIXED_PLACEMENT = SolverConfig(name="zigzag")
@@ -90,12 +91,7 @@ def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool],
     for task in rank.tasks:
         by_owner: dict[int, list[tuple[int, bool]]] = {}
         for ref in task.kv:
-            kind = ref.kind
-            if kind == "remote":
-                owner, keys = ref.owner, ref.stop - ref.start
-            else:
-                owner = me
-                keys = (ref.rank_stop - ref.rank_start) * ref.keep if kind == "passing" else ref.stop - ref.start
+            owner, keys = (ref.owner if ref.kind == "remote" else me), ref.length
             src = by_owner.get(owner)
             if src is None:
                 by_owner[owner] = [(keys, ref.mask == "causal")]
@@ -144,12 +140,12 @@ class _Durations:
         return out  # type: ignore[return-value]
 
     def __call__(self, rank: RankPlan, step: Step) -> Work:
-        cost, launch, name = self.cost, self.launch, step[NAME]
+        cost, launch, name = self.cost, self.launch, step.name
         if name == "attend":
             rows, sources = self._rank(rank)
-            owner = rank.rank if step[STEP] < 0 else (rank.rank - step[STEP]) % self.world
+            owner = rank.rank if step.step < 0 else (rank.rank - step.step) % self.world
             work = self._launch
-            for task in step[TASKS]:
+            for task in step.tasks:
                 src = sources[task]
                 work = work + cost.attention(rows[task], src[owner] if self.ring is not None else src.get(owner, ()))
             return work
@@ -233,7 +229,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                     query_tokens=tokens.query_tokens, video_tokens=tokens.video_tokens, frames=tokens.frames,
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,
                     passing_tokens=part.passing_tokens, virtual_hosts=part.virtual_hosts,
-                    segments=segments(tokens, part), max_question_tokens=tokens.question_capacity)
+                    segments=segments(tokens, part))
     ranks = rank_plans(part, placement.host_rank)
     colls = _timed_collectives(collectives(part, model_spec(cfg), cfg.dtype_bytes), cost)
     steps = [rank_steps(r, colls, world, cfg.method.overlap) for r in ranks]
@@ -273,10 +269,16 @@ def assemble(d: Derived) -> Plan:
     """The immutable Plan of a derivation, with every op of the timed schedule."""
     assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
         "assemble() needs a derivation made with detail=True"
+    computation, deployment = split_config(config_to_dict(d.cfg))
+    video, vision = d.cfg.video, d.cfg.model.vision
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,
                 schedule=rank_schedules(d.ranks, d.steps, d.timeline), prediction=d.prediction,
-                config=config_to_dict(d.cfg))
+                selection=SelectionSpec(score=d.cfg.method.selection, pool_window=d.cfg.method.pool_window),
+                video=VideoSpec(frames=video.frames, source_size=video.size, fps=float(video.fps),
+                                system_tokens=video.system_tokens, max_question_tokens=video.max_question_tokens,
+                                spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch),
+                links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

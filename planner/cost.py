@@ -13,13 +13,8 @@ that the schedule adds per op. Times are in microseconds.
   are memory-bound elementwise kernels.
 - Selection: one GEMV per KV head (score), a max-pool, a top-k and a gather-pack, all memory
   bound.
-- Communication: ``latency * ceil(log2 W) + (W - 1) * bytes_per_rank / bandwidth`` for an
-  all-gather (ring bandwidth term; NCCL's tree/PAT algorithms keep the latency term
-  logarithmic), ``latency + bytes / bandwidth`` for one point-to-point ring step, and
-  ``latency * ceil(log2 W) + bytes / bandwidth`` for a (pipelined) broadcast and for an
-  all-to-all, whose bytes are the busiest rank's off-rank traffic. Bandwidth is the NVLink rate
-  within a node and the per-GPU network rate once the ranks span several nodes. These mirror
-  runtime/comm.py's ``transfer_time_us``, which charges the emulated runs.
+- Communication: spava_plan/links.py, the one model of it (the plan carries its ``Links`` and the
+  emulated runtime charges with the same code).
 
 Not modelled: SM contention between NCCL and compute kernels, clock throttling, the embedding
 lookup and the single-token LM head (negligible next to a prefill of many thousand tokens).
@@ -31,6 +26,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from spava_plan.config import ModelConfig, TopologyConfig
+from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, Links, plan_links
 from spava_plan.vision_exchange import VisionExchange
 
 from .vision import VisionUnit, unit_attention_pairs, unit_gemms
@@ -67,6 +63,13 @@ def visible_pairs(rows: int, keys: int, causal: bool) -> float:
     return keys * (keys + 1) / 2  # rows above the diagonal see nothing
 
 
+def topology_links(topology: TopologyConfig, world: int) -> Links:
+    """Ranks of a plan on one node talk over NVLink; across nodes the network is the bottleneck."""
+    return plan_links(world=world, gpus=topology.gpus, nodes=topology.num_nodes, gpus_per_node=topology.gpus_per_node,
+                      intra_node_gbps=topology.intra_node_gbps, inter_node_gbps=topology.inter_node_gbps,
+                      link_latency_us=topology.link_latency_us)
+
+
 class CostModel:
     """Costs of one model on one topology at one dtype, for a plan on ``world`` ranks."""
 
@@ -79,12 +82,7 @@ class CostModel:
         self.attn_rate = topology.attention_tflops * 1e6
         self.hbm = topology.hbm_gbps * 1e3  # bytes per microsecond
         self.launch_us = topology.launch_overhead_us
-        self.latency_us = topology.link_latency_us
-        # Ranks of a plan on one node talk over NVLink; across nodes the network is the bottleneck.
-        nodes = 1 if world <= 1 else (topology.num_nodes if world == topology.gpus
-                                      else -(-world // topology.gpus_per_node))
-        self.multi_node = nodes > 1
-        self.link = (topology.inter_node_gbps if self.multi_node else topology.intra_node_gbps) * 1e3
+        self.links: Links = topology_links(topology, world)
         # Per-instance memos: the same token counts and task shapes recur on every rank and step.
         self._attention: dict[tuple, Work] = {}
         self.qkv = lru_cache(maxsize=None)(self.qkv)  # type: ignore[method-assign]
@@ -168,19 +166,14 @@ class CostModel:
 
     # -- communication --------------------------------------------------------------------------
     def all_gather(self, bytes_per_rank: float, world: int | None = None) -> float:
-        w = self.world if world is None else world
-        if w <= 1:
-            return 0.0
-        return self.latency_us * math.ceil(math.log2(w)) + (w - 1) * bytes_per_rank / self.link
+        return self.links.transfer_us(ALL_GATHER, bytes_per_rank, self.world if world is None else world)
 
     def broadcast(self, nbytes: float) -> float:
-        if self.world <= 1:
-            return 0.0
-        return self.latency_us * math.ceil(math.log2(self.world)) + nbytes / self.link
+        return self.links.transfer_us(BROADCAST, nbytes, self.world)
 
     def all_to_all(self, busiest_bytes: float) -> float:
         """``busiest_bytes``: the most off-rank bytes one rank sends or receives."""
-        return self.broadcast(busiest_bytes)  # the same form: one transfer on the busiest link
+        return self.links.transfer_us(ALL_TO_ALL, busiest_bytes, self.world)
 
     def vision_exchange(self, ex: VisionExchange, row_bytes: int) -> float:
         """The frame-parallel encoder's exchange: a broadcast per shared piece, then the all-to-all
@@ -189,9 +182,7 @@ class CostModel:
         return shared + self.all_to_all(ex.busiest_rows() * row_bytes)
 
     def p2p(self, nbytes: float) -> float:
-        if self.world <= 1:
-            return 0.0
-        return self.latency_us + nbytes / self.link
+        return self.links.transfer_us(P2P, nbytes, self.world)
 
     # -- vision tower ---------------------------------------------------------------------------
     def vision_unit(self, unit: VisionUnit) -> Work:

@@ -67,11 +67,6 @@ class TokenLayout:
         return self.context_tokens + self.query_tokens
 
     @property
-    def question_capacity(self) -> int:
-        """Question tokens the query block holds (video.max_question_tokens)."""
-        return self.query_tokens - ASSISTANT_SUFFIX_TOKENS
-
-    @property
     def tokens_per_grid(self) -> int:
         return self.grid_thw[1] * self.grid_thw[2]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan
+from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
 
 from .partition import Partition
 
@@ -127,7 +127,7 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
         if r == QUERY_RANK:
             qkv.append(_local(*part.query, "causal"))
         tasks.append(AttnTask("query", *part.query, kv=tuple(qkv), merge="query"))
-        select = tuple((s, *part.blocks[v], part.keep) for s, v in enumerate(hosts)) if part.keep else ()
+        select = tuple(SelectBlock(s, *part.blocks[v], part.keep) for s, v in enumerate(hosts)) if part.keep else ()
         cache = ([share] if share else []) + [part.blocks[v] for v in hosts] + ([part.query] if r == QUERY_RANK else [])
         ranks.append(RankPlan(rank=r, hosts=hosts, local=tuple(local), tasks=tuple(tasks), select=select,
                               cache=tuple(cache), decode_appends=(r == QUERY_RANK)))

@@ -7,27 +7,34 @@ local data (SPAVA_SPEC.md section 5): select -> start every selection all-gather
 passing block reads have arrived -> merge the query. Without overlap, every wait comes first and
 one fused launch serves every task.
 
-The order is produced once as light ``Step`` tuples (the first six fields of ``Op``, so
+The order is produced once as light ``Step`` named tuples (the first six fields of ``Op``, so
 ``Op(*step)`` is the untimed op): a zigzag_ring plan has W steps on each of W ranks, and the
 timing engine must not pay for W^2 dataclass objects when only the prediction is wanted
 (baselines in a comparison). ``timed_ops`` materialises the Op objects of a plan.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from spava_plan.plan import AttnTask, Collective, Op, RankPlan, RankSchedule
+from spava_plan.plan import AttnTask, Collective, Op, OpKind, RankPlan, RankSchedule, Stream
 
 from .cost import Work
 
-# (name, kind, stream, tasks, collective, step): the leading fields of Op, in Op's order.
-Step = tuple  # tuple[str, str, str, tuple[str, ...], str, int]
-NAME, KIND, STREAM, TASKS, COLLECTIVE, STEP = range(6)
+class Step(NamedTuple):
+    """An untimed op: the leading fields of ``Op``, in Op's order (``Op(*step)``). A named tuple,
+    not a dataclass: a zigzag_ring plan has W^2 of them."""
+
+    name: str
+    kind: OpKind = "compute"
+    stream: Stream = "compute"
+    tasks: tuple[str, ...] = ()
+    collective: str = ""
+    step: int = -1
 
 
-def _op(name: str, kind: str = "compute", stream: str = "compute", tasks: tuple[str, ...] = (),
+def _op(name: str, kind: OpKind = "compute", stream: Stream = "compute", tasks: tuple[str, ...] = (),
         collective: str = "", step: int = -1) -> Step:
-    return (name, kind, stream, tasks, collective, step)
+    return Step(name, kind, stream, tasks, collective, step)
 
 
 def _slots(task: AttnTask) -> set[int]:
@@ -105,7 +112,7 @@ def _ring_ops(rank: RankPlan, world: int) -> list[Step]:
     """W steps; step s attends the K/V owned by rank (r - s) mod W while step s+1's arrive."""
     chunks = tuple(t.name for t in rank.tasks)
     # The comm steps are the same on every rank: share the tuples (W^2 of them in a plan).
-    return [_op("attend", "compute", "compute", chunks, "", op[STEP]) if op[KIND] == "compute" else op
+    return [_op("attend", "compute", "compute", chunks, "", op.step) if op.kind == "compute" else op
             for op in _ring_template(world)]
 
 
@@ -218,17 +225,17 @@ def simulate_events(ranks: tuple[RankPlan, ...], steps: list[list[Step]], collec
             t = now[r]
             while i < len(rank_steps_):
                 s = rank_steps_[i]
-                kind = s[KIND]
+                kind = s.kind
                 if kind == "compute":
                     w = durations(rank, s)
                     timed[r][i] = (t, t + w.us, w.flops, w.bytes)
                     t += w.us
                 elif kind == "comm_start":
-                    key = (s[COLLECTIVE], s[STEP])
+                    key = (s.collective, s.step)
                     launches.setdefault(key, {})[r] = (t, i)
                     resolve(key, r)
                 else:
-                    end = done.get((s[COLLECTIVE], s[STEP]), {}).get(r)
+                    end = done.get((s.collective, s.step), {}).get(r)
                     if end is None:
                         break  # blocked until the other participants launch it
                     resume = max(t, end)
@@ -255,12 +262,12 @@ def simulate_ring(ranks: tuple[RankPlan, ...], steps: list[list[Step]], ring: Co
     n = len(ranks)
     assert n == world
     for r in range(n):  # the pattern this path assumes
-        assert len(steps[r]) == 3 * world and steps[r][0][NAME] == "qkv" and steps[r][-1][NAME] == "out_mlp", r
+        assert len(steps[r]) == 3 * world and steps[r][0].name == "qkv" and steps[r][-1].name == "out_mlp", r
     # Work values are read by index: the attend tables hold plain (us, flops, bytes) tuples.
     first = [durations(ranks[r], steps[r][0]) for r in range(n)]
     last = [durations(ranks[r], steps[r][-1]) for r in range(n)]
     # attend step s of rank r reads the keys owned by rank (r - s) mod W
-    tables = [durations.attend_by_owner(ranks[r], steps[r][2][TASKS]) for r in range(n)]
+    tables = [durations.attend_by_owner(ranks[r], steps[r][2].tasks) for r in range(n)]
     now = [w[0] for w in first]
     comm_free = [0.0] * n
     stalled = [0.0] * n

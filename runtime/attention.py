@@ -15,7 +15,7 @@ Every size comes from the plan: the selection and query buffers are allocated on
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
 local K/V, of the gathered selections, or of the ring buffer; nothing is concatenated.
 
-Questions shorter than the plan's capacity (``Layout.max_question_tokens``): the caller pads the
+Questions shorter than the plan's capacity (``plan.video.max_question_tokens``): the caller pads the
 query segment at its end (the prompt then has ``plan.layout.total_tokens`` rows as always) and
 calls ``set_prompt_tokens(n)`` with the real prompt length before prefill. Every size, collective
 and kernel stays the plan's; only runtime row bounds change, so the real rows get exact attention:
@@ -76,7 +76,7 @@ class _Run:
         self.q, self.k, self.v = q, k, v
         self.out = torch.empty_like(q)
         self.packed: dict[int, torch.Tensor] = {}  # slot -> this rank's packed selection
-        self.handles: dict[str, Any] = {}
+        self.handles: dict[tuple[str, int], Any] = {}  # (collective, ring step) -> in-flight handle
         self.query_partial: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ring_cur: torch.Tensor | None = None
         self.ring_next: torch.Tensor | None = None
@@ -99,14 +99,15 @@ class RankAttention:
         self.W = plan.world_size
         self.model = plan.model
         self.scale = softmax_scale(plan.model.head_dim)
-        method = plan.config.get("method", {})
-        self.selection = str(method.get("selection", "query_aware"))
-        self.pool_window = int(method.get("pool_window", 5))
+        self.selection = plan.selection.score
+        self.pool_window = plan.selection.pool_window
         self.decode_capacity = decode_capacity
         self.collectives = {c.name: c for c in plan.collectives}
+        # passing sources name their selection by slot; its buffer is that slot's collective's
+        self.slot_collective = {c.slot: c.name for c in plan.collectives if c.kind == "select_all_gather"}
         self.n_local = self.rp.local_tokens
         self.query_rows = self._query_rows()
-        self.select_rows = [(slot, self._rows(a, b), keep) for slot, a, b, keep in self.rp.select]
+        self.select_rows = [(sel.slot, self._rows(sel.start, sel.stop), sel.keep) for sel in self.rp.select]
         self.set_prompt_tokens(plan.layout.total_tokens)
         self._check_coverage()
         self.caches: list[KVCacheShard | None] = [None] * plan.model.num_layers
@@ -277,7 +278,7 @@ class RankAttention:
         elif op.kind == "comm_start":
             self._start(op, run, bufs)
         elif op.kind == "comm_wait":
-            run.handles.pop(op.name.split(":", 1)[1]).wait()
+            run.handles.pop((op.collective, op.step)).wait()
             if op.collective == "ring":
                 run.ring_cur, run.ring_next = run.ring_next, run.ring_cur
         elif op.kind == "compute" and op.name == "attend":
@@ -295,7 +296,7 @@ class RankAttention:
                                                    self.selection)
 
     def _start(self, op: Any, run: _Run, bufs: dict[str, torch.Tensor]) -> None:
-        name = op.name.split(":", 1)[1]
+        name = (op.collective, op.step)
         coll = self.collectives[op.collective]
         if coll.kind == "select_all_gather":
             run.handles[name] = self.comm.all_gather_into_tensor(bufs[coll.name], run.packed[coll.slot],
@@ -332,7 +333,7 @@ class RankAttention:
             if s.kind == "local" and (owner is None or owner == self.rank):
                 segs.append(KVSegment(run.k[s.lo:s.hi], run.v[s.lo:s.hi], s.mask))
             elif s.kind == "passing":
-                buf = bufs[f"select{s.slot}"][s.lo:s.hi]
+                buf = bufs[self.slot_collective[s.slot]][s.lo:s.hi]
                 segs.append(KVSegment(buf[..., :d], buf[..., d:], s.mask))
             elif s.kind == "remote" and owner == s.owner:
                 assert run.ring_cur is not None

@@ -5,8 +5,8 @@ Two implementations:
   process-group timeouts; a failed or dead peer becomes a DistributedError naming the ranks.
 - ``EmulatedWorld`` / ``EmulatedComm`` (runtime/comm_emulated.py): all W ranks in one process (one
   thread per rank) on one device; a functional pass exchanges real data, a timing pass replays
-  each rank alone and charges the communication the schedule cannot hide (results are labelled
-  emulated).
+  each rank alone and charges the communication the schedule cannot hide with the plan's own
+  numbers (``Collective.time_us``, ``Plan.links``; results are labelled emulated).
 
 Every rank must issue its collectives in the same order (the usual torch.distributed rule); P2P
 exchanges pair up in call order between the two peers. ``tag`` names the plan's collective
@@ -15,19 +15,13 @@ on a real process group.
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
-# Collective kinds as the timing model sees them.
-ALL_GATHER = "all_gather"
-ALL_TO_ALL = "all_to_all"
-BROADCAST = "broadcast"
-P2P = "p2p"
-OBJECT = "object"
-BARRIER = "barrier"
+# Communication kinds as the timing model sees them (spava_plan/links.py).
+from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P  # noqa: F401
 
 
 class Handle(Protocol):
@@ -109,55 +103,11 @@ class Communicator(ABC):
         ...
 
 
-# -- communication time: the single place the runtime models it -----------------------------------
-def link_gbps(topology: Mapping[str, Any], world_size: int) -> float:
-    """Per-GPU bandwidth (GB/s) a collective over ``world_size`` ranks runs at: NVLink inside one
-    node, the network as soon as the ranks span nodes (the slowest link paces a ring)."""
-    per_node = int(topology.get("gpus_per_node", 8))
-    nodes = topology.get("nodes")
-    spans_nodes = (nodes is not None and int(nodes) > 1) or world_size > per_node
-    return float(topology["inter_node_gbps"] if spans_nodes else topology["intra_node_gbps"])
-
-
-def transfer_time_us(kind: str, bytes_per_rank: int, world_size: int, topology: Mapping[str, Any]) -> float:
-    """Predicted duration of one communication on the topology.
-
-    all_gather: (W-1) shares through each GPU's link (ring bandwidth term) plus log2(W)
-                latencies (NCCL's tree/PAT algorithms), as in the planner's cost model.
-    all_to_all: ``bytes_per_rank`` = the largest off-rank bytes one rank sends or receives (the
-                busiest link; every pair moves at once) plus log2(W) latencies, as for the other
-                collectives.
-    broadcast: pipelined tree, about one full transfer plus log2(W) latencies.
-    p2p: one transfer of ``bytes_per_rank`` (one ring step of ring attention).
-    object / barrier: latency only (control messages).
-    """
-    if world_size <= 1:
-        return 0.0
-    latency = float(topology.get("link_latency_us", 0.0))
-    per_byte_us = 1.0 / (link_gbps(topology, world_size) * 1e3)  # GB/s -> bytes per microsecond
-    if kind == ALL_GATHER:
-        return math.ceil(math.log2(world_size)) * latency + (world_size - 1) * bytes_per_rank * per_byte_us
-    if kind == ALL_TO_ALL:
-        return math.ceil(math.log2(world_size)) * latency + bytes_per_rank * per_byte_us
-    if kind == BROADCAST:
-        return math.ceil(math.log2(world_size)) * latency + bytes_per_rank * per_byte_us
-    if kind == P2P:
-        return latency + bytes_per_rank * per_byte_us
-    if kind in (OBJECT, BARRIER):
-        return math.ceil(math.log2(world_size)) * latency
-    raise ValueError(f"unknown communication kind {kind!r}")
-
-
+# -- communication time: the plan's numbers (spava_plan/links.py is the one model) ----------------
 def plan_comm_costs(plan: Any) -> dict[str, float]:
-    """tag -> predicted microseconds for the plan's collectives: ``Collective.time_us`` where the
-    planner filled it, else the formula above from bytes_per_rank (ring: per step)."""
-    topology = plan.config["topology"]
-    kinds = {"select_all_gather": ALL_GATHER, "query_all_gather": ALL_GATHER, "ring": P2P}
-    costs = {}
-    for c in plan.collectives:
-        costs[c.name] = float(c.time_us) if c.time_us > 0 else transfer_time_us(
-            kinds[c.kind], c.bytes_per_rank, plan.world_size, topology)
-    return costs
+    """tag -> predicted microseconds of the plan's collectives (``Collective.time_us``, which the
+    planner computed with the plan's ``links``; ring: per step)."""
+    return {c.name: float(c.time_us) for c in plan.collectives}
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:

@@ -8,8 +8,8 @@ Two passes (DESIGN.md, "Multi-rank speed on one GPU"):
    communicator hands back the logged buffers instead of waiting for peers, and marks every
    communication call (CUDA events on GPU, perf_counter on CPU), so each rank's compute is timed
    without interference. runtime/emulated_timeline.py then adds the communication the schedule
-   cannot hide, charging each tagged collective the plan's predicted time (runtime/comm.py's
-   formula for untagged ones).
+   cannot hide, charging each tagged collective the plan's predicted time (and untagged ones
+   the plan's ``links``: spava_plan/links.py, the planner's own model).
 
 A rank that raises aborts the others' pending communication at once with a DistributedError
 naming it; a rank that never shows up makes the others time out with the same kind of error.
@@ -27,9 +27,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from spava_plan.errors import DistributedError, SpavaError
+from spava_plan.links import Links
 
-from .comm import (ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle,
-                   tensor_bytes, transfer_time_us)
+from .comm import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle, tensor_bytes
 from .emulated_timeline import Compute, Event, Start, Sync, Timeline, Wait, simulate
 
 _POLL_S = 0.05  # how often a blocked rank looks for a failed peer
@@ -424,16 +424,16 @@ class EmulatedTiming:
 
 class EmulatedWorld:
     """W ranks in one process. ``costs`` maps a tag (the plan's collective names) to predicted
-    microseconds; untagged communication is charged from ``topology`` by runtime/comm.py's formula."""
+    microseconds; untagged communication is charged by the plan's ``links`` (spava_plan/links.py)."""
 
     def __init__(self, world_size: int, *, timeout_s: float = 60.0, costs: Mapping[str, float] | None = None,
-                 topology: Mapping[str, Any] | None = None):
+                 links: Links | None = None):
         if world_size < 1:
             raise SpavaError(f"an emulated world needs at least one rank, got {world_size}", setting="gpus")
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.costs = dict(costs or {})
-        self.topology = dict(topology) if topology is not None else None
+        self.links = links
         self._hub = _Hub(world_size, timeout_s)
         self.comms = [EmulatedComm(self, r) for r in range(world_size)]
 
@@ -441,7 +441,7 @@ class EmulatedWorld:
     def for_plan(cls, plan: Any, *, timeout_s: float = 60.0) -> "EmulatedWorld":
         from .comm import plan_comm_costs
 
-        return cls(plan.world_size, timeout_s=timeout_s, costs=plan_comm_costs(plan), topology=plan.config["topology"])
+        return cls(plan.world_size, timeout_s=timeout_s, costs=plan_comm_costs(plan), links=plan.links)
 
     def comm(self, rank: int) -> EmulatedComm:
         return self.comms[rank]
@@ -449,10 +449,10 @@ class EmulatedWorld:
     def cost_us(self, kind: str, tag: str, nbytes: int) -> float:
         if tag in self.costs:
             return self.costs[tag]
-        if self.topology is None:
+        if self.links is None:
             return 0.0
-        return transfer_time_us(kind if kind in (ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, OBJECT, BARRIER) else P2P,
-                                nbytes, self.world_size, self.topology)
+        return self.links.transfer_us(kind if kind in (ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, OBJECT, BARRIER) else P2P,
+                                      nbytes, self.world_size)
 
     # -- functional pass ---------------------------------------------------------------------------
     def run_outcomes(self, fn: Callable[[int], Any]) -> list[Outcome]:

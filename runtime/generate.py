@@ -72,7 +72,7 @@ class RankRunner:
         self.device = torch.device(device)
         self.lm = language_model(model)
         self.visual = vision_module(model)
-        self.merge = int(plan.config["model"]["vision"]["spatial_merge"])
+        self.merge = plan.video.spatial_merge
         self.exchange = plan_vision_exchange(plan)
         self.attention: Any = None
         self.source = self._source(plan.layout.total_tokens)
@@ -94,7 +94,7 @@ class RankRunner:
         moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
                                      self.exchange, self.merge,
-                                     int(self.plan.config["model"]["vision"]["temporal_patch"]))
+                                     self.plan.video.temporal_patch)
 
     def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
         """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""

@@ -275,8 +275,13 @@ def global_position_ids(model: Any, inputs: ModelInputs) -> torch.Tensor:
 
 
 # -- question padding ---------------------------------------------------------------------------
+def suffix_tokens(plan: Plan) -> int:
+    """Tokens after the question in the query segment (the assistant prefix)."""
+    return plan.layout.query_tokens - plan.video.max_question_tokens
+
+
 def pad_query(plan: Plan, inputs: ModelInputs, positions: torch.Tensor) -> tuple[ModelInputs, torch.Tensor]:
-    """Pad the query segment at its end up to the plan's capacity (``Layout.max_question_tokens``).
+    """Pad the query segment at its end up to the plan's capacity (``plan.video.max_question_tokens``).
 
     Pad rows repeat the last prompt token's id and continue its position ids by one per row (so the
     query segment's position bounds are the plan's for any question length); the runtime keeps them
@@ -285,10 +290,10 @@ def pad_query(plan: Plan, inputs: ModelInputs, positions: torch.Tensor) -> tuple
     if inputs.pad_tokens:
         return inputs, positions
     lay = plan.layout
-    question = inputs.total_tokens - lay.context_tokens - lay.suffix_tokens
+    question = inputs.total_tokens - lay.context_tokens - suffix_tokens(plan)
     if inputs.total_tokens > lay.total_tokens:
         raise PlanMismatchError(
-            f"the question takes {question} tokens but the plan holds at most {lay.max_question_tokens}; shorten it "
+            f"the question takes {question} tokens but the plan holds at most {plan.video.max_question_tokens}; shorten it "
             f"or re-plan with video.max_question_tokens={question} {REPLAN_HINT}", setting="video.max_question_tokens")
     pad = lay.total_tokens - inputs.total_tokens
     if pad == 0:
@@ -314,7 +319,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
     sampling rate, a runtime value the plan's sizes do not depend on)."""
     lay = plan.layout
     grid = tuple(int(x) for x in inputs.video_grid_thw[0])
-    merge = plan.config["model"]["vision"]["spatial_merge"]
+    merge = plan.video.spatial_merge
     got_grid = (grid[0], grid[1] // merge, grid[2] // merge)
     if got_grid != tuple(lay.grid_thw):
         h, w = inputs.frame_size
@@ -323,7 +328,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
             f"the video gives {got_grid[0]} temporal grids of {h}x{w} pixels but the plan expects {lay.grid_thw[0]} "
             f"of {want_h}x{want_w}; re-plan with frames= and video.resolution= of this video {REPLAN_HINT}",
             setting="video.resolution")
-    system = plan.config["video"]["system_tokens"]
+    system = plan.video.system_tokens
     if inputs.video_start != system:
         raise PlanMismatchError(f"the prompt has {inputs.video_start} tokens before the video but the plan has "
                                 f"{system}; re-plan with video.system_tokens={inputs.video_start} {REPLAN_HINT}",
@@ -334,11 +339,11 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
         raise PlanMismatchError(f"the prompt's context has {context} tokens but the plan's has {lay.context_tokens}; "
                                 f"re-plan for this input {REPLAN_HINT}", setting="video")
     if query > lay.query_tokens:
-        q_now = query - lay.suffix_tokens
+        q_now = query - suffix_tokens(plan)
         raise PlanMismatchError(
-            f"the question takes {q_now} tokens but the plan holds at most {lay.max_question_tokens}; shorten it or "
+            f"the question takes {q_now} tokens but the plan holds at most {plan.video.max_question_tokens}; shorten it or "
             f"re-plan with video.max_question_tokens={q_now} {REPLAN_HINT}", setting="video.max_question_tokens")
-    if query <= lay.suffix_tokens:
+    if query <= suffix_tokens(plan):
         raise InputError("the prompt has no question tokens after the video", setting="question")
     if not _same_timing(plan, inputs):
         return
@@ -358,8 +363,7 @@ def _same_timing(plan: Plan, inputs: ModelInputs) -> bool:
     """Whether the input's seconds per temporal grid is the one the plan assumed (video.fps)."""
     if inputs.second_per_grid_ts is None:
         return True
-    vis = plan.config["model"]["vision"]
-    planned = float(vis["temporal_patch"]) / float(plan.config["video"]["fps"])
+    planned = float(plan.video.temporal_patch) / float(plan.video.fps)
     return abs(float(inputs.second_per_grid_ts.reshape(-1)[0]) - planned) <= 1e-6 * max(1.0, planned)
 
 
@@ -367,10 +371,10 @@ def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, i
     """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them).
     The question capacity only grows: a re-planned plan still holds the plan's questions."""
     context = inputs.video_start + inputs.video_tokens + 1
-    question = inputs.prompt_tokens - context - plan.layout.suffix_tokens
+    question = inputs.prompt_tokens - context - suffix_tokens(plan)
     return {"video.frames": int(frames), "video.resolution": f"{source_size[0]}x{source_size[1]}",
             "video.system_tokens": int(inputs.video_start),
-            "video.max_question_tokens": max(1, question, plan.layout.max_question_tokens)}
+            "video.max_question_tokens": max(1, question, plan.video.max_question_tokens)}
 
 
 # -- per-rank slicing ---------------------------------------------------------------------------

@@ -36,23 +36,43 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, get_args
 
-from .errors import PlanFormatError, PlanMismatchError
+from .errors import PlanMismatchError
+from .links import Links
 
 SCHEMA_VERSION = 1
 
-SEGMENT_KINDS = ("anchor", "block", "chunk", "query")
-KV_KINDS = ("local", "passing", "remote")
-MASKS = ("full", "causal")
-MERGES = ("none", "query")
-COLLECTIVE_KINDS = ("select_all_gather", "query_all_gather", "ring")
+# The closed vocabularies of the contract (plan_load checks every value against them).
+SegmentKind = Literal["anchor", "block", "chunk", "query"]
+KVKind = Literal["local", "passing", "remote"]
+Mask = Literal["full", "causal"]
+Merge = Literal["none", "query"]
+CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring"]
+OpKind = Literal["compute", "comm_start", "comm_wait"]
+Stream = Literal["compute", "comm"]
+ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
+Method = Literal["spava", "apb", "star", "zigzag_ring", "dense"]
+DType = Literal["bf16", "fp16", "fp32"]
+Family = Literal["qwen2_vl", "qwen2_5_vl", "internvl3"]
+Selection = Literal["query_aware", "key_norm"]
+
+SEGMENT_KINDS = get_args(SegmentKind)
+KV_KINDS = get_args(KVKind)
+MASKS = get_args(Mask)
+MERGES = get_args(Merge)
+COLLECTIVE_KINDS = get_args(CollectiveKind)
+
+# Settings that say where and how a plan is deployed, not what it computes: they are kept in
+# plan.json (``Plan.deployment``) but outside the content hash, so equal computations share one
+# hash and one kernel cache. Dotted paths into the resolved config.
+DEPLOYMENT_SETTINGS = ("kernels", "model.checkpoint", "model.init", "model.hf_id", "video.path")
 
 
 @dataclass(frozen=True)
 class Segment:
     name: str  # unique: "anchor", "block3", "chunk5", "query"
-    kind: str  # one of SEGMENT_KINDS
+    kind: SegmentKind
     start: int  # first global token
     stop: int  # one past the last global token
     host: int = -1  # virtual host owning a block/chunk (-1 for anchor and query)
@@ -69,8 +89,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class KVRef:
-    kind: str  # one of KV_KINDS
-    mask: str = "full"  # one of MASKS
+    kind: KVKind
+    mask: Mask = "full"
     start: int = 0  # local / remote: global token range
     stop: int = 0
     slot: int = -1  # passing: collective slot
@@ -93,7 +113,7 @@ class AttnTask:
     q_start: int  # global token range of the query rows
     q_stop: int
     kv: tuple[KVRef, ...]
-    merge: str = "none"  # one of MERGES
+    merge: Merge = "none"
 
     @property
     def rows(self) -> int:
@@ -104,13 +124,24 @@ class AttnTask:
         return sum(ref.length for ref in self.kv)
 
 
+class SelectBlock(NamedTuple):
+    """A block a rank scores and packs for the selection all-gather of ``slot``: tokens
+    [start, stop) of one of its hosts, ``keep`` rows per KV head (a named tuple: it is written to
+    plan.json as [slot, start, stop, keep])."""
+
+    slot: int
+    start: int
+    stop: int
+    keep: int
+
+
 @dataclass(frozen=True)
 class RankPlan:
     rank: int
     hosts: tuple[int, ...]  # virtual hosts this rank runs, in slot order (slot i -> hosts[i])
     local: tuple[tuple[int, int], ...]  # global token ranges of the local sequence, in local order
     tasks: tuple[AttnTask, ...]  # every attention task of this rank, per layer
-    select: tuple[tuple[int, int, int, int], ...]  # (slot, start, stop, keep): blocks it selects from
+    select: tuple[SelectBlock, ...]  # the blocks it selects from
     cache: tuple[tuple[int, int], ...]  # global token ranges of its KV cache shard after prefill
     decode_appends: bool = False  # this rank appends the new tokens' K/V during decode
 
@@ -131,7 +162,7 @@ class RankPlan:
 @dataclass(frozen=True)
 class Collective:
     name: str
-    kind: str  # one of COLLECTIVE_KINDS
+    kind: CollectiveKind
     slot: int = -1  # select_all_gather: which host slot every rank contributes
     rows_per_rank: int = 0  # select_all_gather: keep; query_all_gather: Lq
     bytes_per_rank: int = 0  # bytes each rank contributes per layer
@@ -159,8 +190,8 @@ class Op:
     """
 
     name: str
-    kind: str  # "compute" | "comm_start" | "comm_wait"
-    stream: str = "compute"  # "compute" or "comm"
+    kind: OpKind
+    stream: Stream = "compute"
     tasks: tuple[str, ...] = ()  # attention tasks fused into this launch
     collective: str = ""  # collective started / waited on / merged
     step: int = -1  # ring step (zigzag_ring only)
@@ -207,7 +238,7 @@ class Placement:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str
+    family: Family
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -219,6 +250,32 @@ class ModelSpec:
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How a host scores its block's tokens and picks the ``keep`` it passes on (the select
+    kernels): ``query_aware`` scores keys against the query block (Spava), ``key_norm`` by key
+    norm (the query-unaware APB stand-in); scores are max-pooled over ``pool_window`` tokens."""
+
+    score: Selection = "query_aware"
+    pool_window: int = 5  # odd; 1 disables smoothing
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """The prompt the plan was made for, as the runtime builds and checks its input."""
+
+    frames: int  # sampled frames of the input (layout.frames: after padding to whole temporal grids)
+    source_size: tuple[int, int]  # (height, width) of the source frames, before the processor's resize
+    fps: float  # sampling rate of the frames (temporal positions depend on it)
+    system_tokens: int  # tokens before the video
+    # question capacity: the query segment is [question | assistant suffix] sized for a question of
+    # this many tokens; a shorter one runs on the same plan, padded at the end of the query segment
+    # (pad tokens are never keys of a real row: runtime/attention.py, RankAttention.set_prompt_tokens)
+    max_question_tokens: int
+    spatial_merge: int  # vision patches merged per side into one LLM token
+    temporal_patch: int  # frames per temporal grid
 
 
 @dataclass(frozen=True)
@@ -234,16 +291,6 @@ class Layout:
     passing_tokens: int  # p (the budget before the per-block cap)
     virtual_hosts: int  # V
     segments: tuple[Segment, ...]
-    # Question capacity: the query segment is [question | assistant suffix], sized for a question
-    # of this many tokens (query_tokens - max_question_tokens is the suffix). A shorter question
-    # runs on the same plan: the runtime pads the query segment at its end, and pad tokens are
-    # never keys of a real row (see runtime/attention.py, RankAttention.set_prompt_tokens).
-    max_question_tokens: int = 0
-
-    @property
-    def suffix_tokens(self) -> int:
-        """Tokens after the question in the query segment (the assistant prefix)."""
-        return self.query_tokens - self.max_question_tokens
 
     def segment(self, name: str) -> Segment:
         for seg in self.segments:
@@ -258,9 +305,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class Plan:
-    method: str
+    method: Method
     world_size: int
-    dtype: str
+    dtype: DType
     model: ModelSpec
     layout: Layout
     placement: Placement
@@ -268,8 +315,14 @@ class Plan:
     collectives: tuple[Collective, ...]
     schedule: tuple[RankSchedule, ...]
     prediction: Prediction
-    config: Mapping[str, Any]  # the fully resolved config (config_to_dict)
+    selection: SelectionSpec  # the select kernels' settings
+    video: VideoSpec  # the prompt the runtime builds and checks
+    links: Links  # what communication costs on the plan's topology (the emulated runtime charges it)
+    config: Mapping[str, Any]  # the resolved config minus DEPLOYMENT_SETTINGS (for humans and re-planning)
     schema_version: int = SCHEMA_VERSION
+    # DEPLOYMENT_SETTINGS of the config the plan was made from: stored, but neither hashed nor
+    # compared (two plans that compute the same thing are equal and share a hash).
+    deployment: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -283,8 +336,14 @@ class Plan:
 
     @functools.cached_property
     def hash(self) -> str:
-        """Content hash (computed once: a Plan is immutable, and every consumer asks for it)."""
+        """Content hash of the computation (computed once: a Plan is immutable, and every consumer
+        asks for it). ``deployment`` is not part of it."""
         return content_hash(_plain(dataclasses.asdict(self)))
+
+    def resolved_config(self) -> dict:
+        """The full resolved config the plan was made from (``config`` plus ``deployment``), for
+        re-planning."""
+        return merge_config(self.config, self.deployment)
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json atomically (a temporary file renamed into place)."""
@@ -324,87 +383,56 @@ def _plain(obj: Any) -> Any:
 
 
 def content_hash(data: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of a plan dict, ignoring any 'hash' key."""
-    body = {k: v for k, v in data.items() if k != "hash"}
-    text = json.dumps(_plain(body), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    """sha256 of the canonical JSON of a plan dict: everything but 'hash' and 'deployment'."""
+    body = {k: v for k, v in data.items() if k not in ("hash", "deployment")}
+    # json writes tuples as lists and sorts the (string) keys: the same text as for _plain(body)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# -- loading ------------------------------------------------------------------------------------
-def _build(cls: type, data: Any) -> Any:
-    """Rebuild a (nested, frozen) dataclass from its asdict() form."""
-    if not dataclasses.is_dataclass(cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{cls.__name__} expects an object, got {type(data).__name__}")
-    kwargs = {}
-    hints = _FIELD_BUILDERS.get(cls, {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    for name, value in data.items():
-        builder = hints.get(name)
-        kwargs[name] = builder(value) if builder else _freeze(value)
-    return cls(**kwargs)
+# -- the config's two parts ---------------------------------------------------------------------
+def split_config(resolved: Mapping[str, Any]) -> tuple[dict, dict]:
+    """A resolved config dict -> (what it computes, DEPLOYMENT_SETTINGS), both nested dicts."""
+    computation = _plain(resolved)
+    deployment: dict = {}
+    for dotted in DEPLOYMENT_SETTINGS:
+        *parents, leaf = dotted.split(".")
+        src, dst = computation, deployment
+        for key in parents:
+            src = src.get(key) if isinstance(src, dict) else None
+            dst = dst.setdefault(key, {})
+        if isinstance(src, dict) and leaf in src:
+            dst[leaf] = src.pop(leaf)
+    return computation, deployment
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
+def merge_config(computation: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict:
+    """Inverse of split_config."""
+    out = _plain(computation)
+
+    def put(dst: dict, src: Mapping[str, Any]) -> None:
+        for key, value in src.items():
+            if isinstance(value, Mapping):
+                put(dst.setdefault(key, {}), value)
+            else:
+                dst[key] = value
+
+    put(out, deployment)
+    return out
 
 
-def _tuple_of(cls: type):
-    return lambda items: tuple(_build(cls, item) for item in items)
-
-
-_FIELD_BUILDERS: dict[type, dict[str, Any]] = {
-    Layout: {"segments": _tuple_of(Segment)},
-    AttnTask: {"kv": _tuple_of(KVRef)},
-    RankPlan: {"tasks": _tuple_of(AttnTask)},
-    RankSchedule: {"ops": _tuple_of(Op)},
-    Prediction: {"memory_breakdown": lambda d: dict(d)},
-    Plan: {
-        "model": lambda d: _build(ModelSpec, d),
-        "layout": lambda d: _build(Layout, d),
-        "placement": lambda d: _build(Placement, d),
-        "ranks": _tuple_of(RankPlan),
-        "collectives": _tuple_of(Collective),
-        "schedule": _tuple_of(RankSchedule),
-        "prediction": lambda d: _build(Prediction, d),
-        "config": lambda d: dict(d),
-    },
-}
-
-
-def plan_from_dict(data: Mapping[str, Any], *, source: str = "plan") -> Plan:
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise PlanFormatError(f"{source} has schema version {version!r} but this spava-plan reads version "
-                              f"{SCHEMA_VERSION}; re-plan it with this version", setting="plan")
-    stored = data.get("hash")
-    if stored != content_hash(data):
-        raise PlanFormatError(f"{source} fails its content hash (edited or corrupted); re-plan it", setting="plan")
-    try:
-        return _build(Plan, {k: v for k, v in data.items() if k != "hash"})
-    except (TypeError, ValueError, KeyError) as exc:
-        raise PlanFormatError(f"{source} is malformed: {exc}", setting="plan") from None
-
-
+# -- loading: spava_plan/plan_load.py (trusts nothing in the file) ------------------------------
 def load_plan(path: str | Path) -> Plan:
-    """Read plan.json back into a Plan equal to the one that was saved."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanFormatError(f"no plan file at {str(path)!r}", setting="plan") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanFormatError(f"cannot read {str(path)!r} as a plan: {str(exc).splitlines()[0]}",
-                              setting="plan") from None
-    if not isinstance(data, dict):
-        raise PlanFormatError(f"{str(path)!r} does not hold a plan object", setting="plan")
-    return plan_from_dict(data, source=str(path))
+    """Read plan.json back into a Plan equal to the one that was saved (PlanFormatError otherwise)."""
+    from .plan_load import load_plan as load
+
+    return load(path)
+
+
+def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
+    from .plan_load import plan_from_dict as build
+
+    return build(data, source=source)
 
 
 def rank_tasks(plan: Plan, rank: int, names: Iterable[str]) -> tuple[AttnTask, ...]:

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .config import SpavaConfig, config_to_dict, parse_resolution
+from .config import SpavaConfig, config_to_dict
 from .errors import InputError, PlanFormatError, SpavaError
-from .plan import Plan, load_plan
+from .plan import Plan, load_plan, split_config
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -121,8 +121,11 @@ class StoredPlan:
 
 
 def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
-    """Hash of a config without its video shape: plans with equal keys form one family."""
-    data = json.loads(json.dumps(config_to_dict(config) if isinstance(config, SpavaConfig) else dict(config)))
+    """Hash of a config's computation (deployment settings and the video's shape left out): plans
+    with equal keys form one family. ``plan.config`` is already the computation part."""
+    if isinstance(config, SpavaConfig):
+        config = split_config(config_to_dict(config))[0]
+    data = json.loads(json.dumps(dict(config)))
     for path in SHAPE_KEYS:
         node = data
         for key in path[:-1]:
@@ -141,13 +144,12 @@ def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None)
             path = str(directory.relative_to(Path(root).resolve()))
         except ValueError:
             pass
-    video = plan.config["video"]
-    lay = plan.layout
+    lay, video = plan.layout, plan.video
     return PlanEntry(hash=plan.hash, path=path, model=plan.model.name, method=plan.method,
                      world_size=plan.world_size, dtype=plan.dtype, frames=lay.frames,
-                     resolution=str(video["resolution"]), source_size=parse_resolution(str(video["resolution"])),
+                     resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
                      frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
-                     max_question_tokens=lay.max_question_tokens, system_tokens=int(video["system_tokens"]),
+                     max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
                      compat=compat_key(plan.config))
 
 

@@ -183,8 +183,8 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
     # A question shorter than the plan's capacity runs on the same plan: pad the query segment.
     inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
     if inputs.pad_tokens:
-        notes.append(f"question of {plan.layout.max_question_tokens - inputs.pad_tokens} tokens on a plan for up to "
-                     f"{plan.layout.max_question_tokens} (video.max_question_tokens)")
+        notes.append(f"question of {plan.video.max_question_tokens - inputs.pad_tokens} tokens on a plan for up to "
+                     f"{plan.video.max_question_tokens} (video.max_question_tokens)")
     if replanned:
         notes.append("re-planned for this input: " + " ".join(replanned))
     vis = plan.config["model"]["vision"]
@@ -279,7 +279,7 @@ def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: An
                   temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=fps)
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
-                                          question_tokens=plan.layout.max_question_tokens, seed=args.seed, **common)
+                                          question_tokens=plan.video.max_question_tokens, seed=args.seed, **common)
     if args.question is None:
         raise InputError("is required: question=\"...\"", setting="question")
     return hf_inputs.build_inputs(processing, frames, args.question, video_token_id=int(model.config.video_token_id),

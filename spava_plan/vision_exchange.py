@@ -196,4 +196,4 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     lay = plan.layout
     grids = lay.grid_thw[0]
     return vision_exchange(plan.world_size, grids, lay.video_tokens // grids,
-                           int(plan.config["video"]["system_tokens"]), [r.local for r in plan.ranks])
+                           plan.video.system_tokens, [r.local for r in plan.ranks])

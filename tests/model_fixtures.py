@@ -171,7 +171,7 @@ def tiny_inputs(checkpoint: str | Path, video: str | Path, frames: int, family: 
 def tiny_overrides(inputs, family: str, gpus: int, frames: int, resolution: str, *extra: str,
                    fps: float = 2.0) -> list[str]:
     """Config overrides for the tiny model whose prompt counts are those of ``inputs`` (as a user
-    would set video.system_tokens / video.question_tokens for their tokenizer and question)."""
+    would set video.system_tokens / video.max_question_tokens for their tokenizer and question)."""
     from spava_plan.planner.layout import ASSISTANT_SUFFIX_TOKENS
 
     context = inputs.video_start + inputs.video_tokens + 1

@@ -142,7 +142,7 @@ def test_malformed_plan_values_are_refused(plan, tmp_path):
         dataclasses.replace(plan, model=dataclasses.replace(plan.model, head_dim="16; import os")),
         dataclasses.replace(plan, model=dataclasses.replace(plan.model, num_heads=True)),
         dataclasses.replace(plan, dtype="bf16\nimport os"),
-        dataclasses.replace(plan, config={**plan.config, "method": {**plan.config["method"], "pool_window": "5)"}}),
+        dataclasses.replace(plan, selection=dataclasses.replace(plan.selection, pool_window="5)")),
     ]
     for i, bad in enumerate(cases):
         with pytest.raises(PlanFormatError, match="planner-produced number or identifier|need Hkv"):

@@ -62,3 +62,32 @@ def test_unreadable_files_are_refused(tmp_path, text, message):
         load_plan(tmp_path / "plan.json")
     with pytest.raises(PlanFormatError, match="no plan file"):
         load_plan(tmp_path / "missing.json")
+
+
+# -- identity: the hash names the computation --------------------------------------------------------
+@pytest.mark.parametrize("deploy", [["kernels=false"], ["model.checkpoint=/ckpt/qwen"], ["model.init=random"],
+                                    ["++video.path=/videos/clip.mp4"], ["model.hf_id=someone/else"]])
+def test_deployment_settings_do_not_change_the_hash(tmp_path, deploy):
+    """Settings that only say where/how a plan is deployed share the hash (and so the kernel cache)."""
+    base = build_plan(compose_config(SMALL))
+    other = build_plan(compose_config(SMALL + deploy))
+    assert other.hash == base.hash and other == base
+    assert other.deployment != base.deployment  # ... but they are kept in plan.json
+    back = load_plan(other.save(tmp_path / "plan.json"))
+    assert back.deployment == other.deployment and back.hash == base.hash
+    assert back.resolved_config()["kernels"] == other.resolved_config()["kernels"]
+
+
+@pytest.mark.parametrize("change", ["method.pool_window=3", "method.selection=key_norm", "method.overlap=false",
+                                    "dtype=fp16", "topology.link_latency_us=20"])
+def test_computation_settings_change_the_hash(change):
+    assert build_plan(compose_config(SMALL + [change])).hash != build_plan(compose_config(SMALL)).hash
+
+
+def test_deployment_is_outside_the_hashed_part(tmp_path):
+    data = _saved(tmp_path)
+    assert set(data["deployment"]) == {"kernels", "model", "video"}
+    assert "checkpoint" not in data["config"]["model"] and "kernels" not in data["config"]
+    data["deployment"]["kernels"] = not data["deployment"]["kernels"]  # no re-hash needed
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    assert load_plan(tmp_path / "plan.json").deployment["kernels"] == data["deployment"]["kernels"]

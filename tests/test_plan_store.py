@@ -74,7 +74,7 @@ def test_planning_on_the_fly_caches_by_hash_and_reuses(tmp_path, family):
     store = PlanStore(root, BASE)
     first = store.choose(frames=48, height=56, width=84, question_tokens=40)
     assert first.planned_now and first.directory == root / "cache" / first.plan.hash[:16]
-    assert first.plan.layout.max_question_tokens == 40 and first.frames == 48
+    assert first.plan.video.max_question_tokens == 40 and first.frames == 48
     assert load_plan(first.directory / "plan.json") == first.plan
     assert len(read_index(root)) == 5
     # a new store (a restarted server) finds it in the index: no planning, the same plan
@@ -83,3 +83,20 @@ def test_planning_on_the_fly_caches_by_hash_and_reuses(tmp_path, family):
     # a request the family already holds is never planned
     assert not store.choose(frames=16, height=56, width=84, question_tokens=5).planned_now
     assert len(read_index(root)) == 5
+
+
+def test_the_deploy_family_preset_sweeps_settings_the_schema_knows():
+    """conf/deploy/family.yaml (`spava-plan -m +deploy=family ...`) sweeps frames x resolution; every
+    swept key must compose (a renamed setting would otherwise fail only when someone deploys)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from spava_plan.hydra_conf import compose_config
+
+    preset = OmegaConf.create(files("spava_plan.conf").joinpath("deploy", "family.yaml").read_text())
+    params = preset.hydra.sweeper.params
+    assert set(params) == {"frames", "video.resolution"}
+    for key, values in params.items():
+        for value in str(values).split(","):
+            compose_config(["model=tiny", f"{key}={value}"])

@@ -56,7 +56,7 @@ def test_collectives_latency_plus_bandwidth_and_nodes():
     assert CostModel(ModelConfig(), H100, 2, 1).all_gather(mb) == 0.0  # one rank: nothing moves
     two_nodes = TopologyConfig(gpus=16, nodes=2)
     cross = CostModel(ModelConfig(), two_nodes, 2, 16)
-    assert cross.multi_node and cross.all_gather(mb) == pytest.approx(15.0 * 4 + 15 * mb / (45.0 * 1e3), rel=1e-12)
+    assert cross.links.spans_nodes and cross.all_gather(mb) == pytest.approx(15.0 * 4 + 15 * mb / (45.0 * 1e3), rel=1e-12)
     assert cross.p2p(mb) == pytest.approx(15.0 + mb / (45.0 * 1e3), rel=1e-12)
     # broadcast / all-to-all (bytes of the busiest link): one transfer plus log2(W) latencies
     assert cross.broadcast(mb) == cross.all_to_all(mb) == pytest.approx(15.0 * 4 + mb / (45.0 * 1e3), rel=1e-12)

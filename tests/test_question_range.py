@@ -81,7 +81,7 @@ def test_short_questions_run_on_the_capacity_plan(base, variant, question):
     big = plan_for(*base, W, *variant, f"video.max_question_tokens={CAPACITY}")
     exact = plan_for(*base, W, *variant, f"video.max_question_tokens={question}")
     n = exact.layout.total_tokens
-    assert big.layout.context_tokens == exact.layout.context_tokens and big.layout.max_question_tokens == CAPACITY
+    assert big.layout.context_tokens == exact.layout.context_tokens and big.video.max_question_tokens == CAPACITY
     q, k, v = _inputs(big, n)
     g = torch.Generator().manual_seed(5)
     step = tuple(torch.randn(1, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))

@@ -9,7 +9,7 @@ import torch
 
 from spava_plan.errors import DistributedError, InputError, PlanMismatchError
 from spava_plan.runtime.attention import RankAttention
-from spava_plan.runtime.comm import ALL_TO_ALL, transfer_time_us
+from spava_plan.links import ALL_TO_ALL, Links
 from spava_plan.runtime.comm_emulated import EmulatedWorld
 from spava_plan.runtime.emulated_timeline import Sync
 from spava_plan.runtime.reference import assemble, dense_attention, local_rows
@@ -180,8 +180,8 @@ def test_a_missing_rank_times_out_with_its_name():
 
 
 def test_all_to_all_with_disagreeing_splits_fails_and_is_charged_on_the_busiest_link():
-    topology = {"intra_node_gbps": 100.0, "inter_node_gbps": 10.0, "gpus_per_node": 8, "link_latency_us": 2.0}
-    world = EmulatedWorld(3, timeout_s=10, topology=topology)
+    links = Links(gbps=100.0, latency_us=2.0)
+    world = EmulatedWorld(3, timeout_s=10, links=links)
     sends = [[0, 1, 0], [2, 0, 0], [3, 0, 1]]  # rows rank s sends rank d: rank 0 receives 5 off-rank
 
     def fn(r):
@@ -199,7 +199,7 @@ def test_all_to_all_with_disagreeing_splits_fails_and_is_charged_on_the_busiest_
 
     world.time(fn, warmup=0, repeats=1, observer=Observer(), functional_passes=1)
     # 5 rows of 4 fp32 values into rank 0, the most any rank sends or receives off-rank
-    assert charged == [pytest.approx(transfer_time_us(ALL_TO_ALL, 5 * 16, 3, topology))] * 3
+    assert charged == [pytest.approx(links.transfer_us(ALL_TO_ALL, 5 * 16, 3))] * 3
     assert charged[0] == pytest.approx(2 * 2.0 + 80 / 1e5)
 
     def wrong(r):  # rank 1 expects 1 row from rank 0, which sends it none

@@ -1,7 +1,7 @@
 """The emulated critical-path model on hand-made traces (exact arithmetic, no torch)."""
 import pytest
 
-from spava_plan.runtime.comm import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, transfer_time_us
+from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, plan_links
 from spava_plan.runtime.emulated_timeline import Compute, Start, Sync, Wait, simulate
 
 ALL = (0, 1)
@@ -35,11 +35,16 @@ def test_deadlocked_traces_are_reported():
 
 
 def test_transfer_formula():
-    topo = {"intra_node_gbps": 100.0, "inter_node_gbps": 10.0, "gpus_per_node": 4, "link_latency_us": 2.0}
+    rates = dict(gpus_per_node=4, intra_node_gbps=100.0, inter_node_gbps=10.0, link_latency_us=2.0)
+    node = plan_links(world=4, gpus=4, nodes=1, **rates)
     # 1 MB per rank over 4 GPUs in one node: 3 shares of 1e6 B at 1e5 B/us, 2 latencies of 2 us
-    assert transfer_time_us(ALL_GATHER, 1_000_000, 4, topo) == pytest.approx(3 * 10 + 2 * 2)
-    assert transfer_time_us(P2P, 1_000_000, 8, topo) == pytest.approx(2 + 100)  # 8 GPUs span nodes
+    assert node.transfer_us(ALL_GATHER, 1_000_000, 4) == pytest.approx(3 * 10 + 2 * 2)
+    two_nodes = plan_links(world=8, gpus=8, nodes=2, **rates)
+    assert two_nodes.spans_nodes and two_nodes.transfer_us(P2P, 1_000_000, 8) == pytest.approx(2 + 100)
     # broadcast and all-to-all: one transfer of the (busiest link's) bytes, 2 latencies on 4 GPUs
-    assert transfer_time_us(BROADCAST, 1_000_000, 4, topo) == pytest.approx(10 + 2 * 2)
-    assert transfer_time_us(ALL_TO_ALL, 1_000_000, 4, topo) == pytest.approx(10 + 2 * 2)
-    assert transfer_time_us(ALL_GATHER, 123, 1, topo) == 0.0
+    assert node.transfer_us(BROADCAST, 1_000_000, 4) == pytest.approx(10 + 2 * 2)
+    assert node.transfer_us(ALL_TO_ALL, 1_000_000, 4) == pytest.approx(10 + 2 * 2)
+    assert node.transfer_us(ALL_GATHER, 123, 1) == 0.0
+    # a plan on fewer ranks than the topology has GPUs (dense on one): the nodes its ranks use
+    assert not plan_links(world=4, gpus=8, nodes=2, **rates).spans_nodes
+
