@@ -95,7 +95,7 @@ class Engine:
         base_config = config_from_dict(dict(base.config))
         self.store = PlanStore(cfg.plan_dir, base_config, plan_on_the_fly=cfg.plan_on_the_fly)
         self.max_question = int(cfg.video.max_question_tokens if self.fixed is None
-                                else self.fixed.layout.max_question_tokens)
+                                else self.fixed.video.max_question_tokens)
         ckpt = self.args.checkpoint
         self.processing = hf_inputs.load_processing(ckpt) if ckpt else hf_inputs.default_processing()
         tok = self.processing.tokenizer
@@ -117,10 +117,10 @@ class Engine:
 
         tok = self.processing.tokenizer
         if tok is None:  # random weights without a tokenizer: a synthetic question of the plan's capacity
-            return int(self.base.layout.max_question_tokens)
+            return int(self.base.video.max_question_tokens)
         ids = tok(hf_inputs.prompt_text(self.processing, question))["input_ids"]
         video = ids.index(tok.convert_tokens_to_ids(hf_inputs.VIDEO_PAD))
-        return len(ids) - (video + 2) - int(self.base.layout.suffix_tokens)  # after <|video_pad|><|vision_end|>
+        return len(ids) - (video + 2) - hf_inputs.suffix_tokens(self.base)  # after <|video_pad|><|vision_end|>
 
     def _inputs(self, video: str, question: str, plan: Any, frames_n: int, size: tuple[int, int] | None) -> Any:
         """The request's model inputs for ``plan``: ``frames_n`` frames spread evenly over the clip

@@ -206,6 +206,12 @@ class Worker:
             _fail(exc, 0, PROG)
             sys.stdout.flush()
             os._exit(2)
+        except BaseException as exc:  # noqa: BLE001 - a bug outside a request: no server without its worker
+            log.exception("the request worker failed")
+            self.fatal = f"{type(exc).__name__}: {exc}"
+            if self.comm is not None:
+                self.comm.report_failure(exc)
+            os._exit(1)
 
     def _run(self, job: Job) -> None:
         req = job.request
@@ -216,9 +222,16 @@ class Worker:
         try:
             prepared = self.engine.prepare(req.video, req.question)
             backend = self.engine.backend(prepared)
+        except DistributedError:
+            raise
         except SpavaError as exc:
             self.metrics.requests.labels("400").inc()
             job.emit("error", (400, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in one request must not take the server down
+            log.exception("request %s failed while preparing", job.id)
+            self.metrics.requests.labels("500").inc()
+            job.emit("error", (500, f"{type(exc).__name__}: {exc}"))
             return
         state = {"text": "", "sent": 0, "finish": None, "first": None}
         deadline = time.monotonic() + self.cfg.request_timeout
