@@ -137,6 +137,7 @@ class Job:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: float = field(default_factory=time.time)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    released: bool = False  # its place in the queue is free again
 
     def emit(self, kind: str, data: Any = None) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
@@ -179,10 +180,19 @@ class Worker:
         self.jobs.put(job)
         return True
 
-    def _done(self) -> None:
+    def _done(self, job: Job) -> None:
+        """Release the job's place in the queue (once), before its client can see the answer: a
+        client that sends its next request right after the last event must not get 429."""
         with self.lock:
+            if job.released:
+                return
+            job.released = True
             self.admitted -= 1
             self.metrics.queue.set(self.admitted)
+
+    def _finish(self, job: Job, kind: str, data: Any) -> None:
+        self._done(job)
+        job.emit(kind, data)
 
     def _loop(self) -> None:
         try:
@@ -198,7 +208,7 @@ class Worker:
                 try:
                     self._run(job)
                 finally:
-                    self._done()
+                    self._done(job)
             if self.comm is not None:
                 self.comm.all_gather_object(_STOP)
         except DistributedError as exc:  # a rank died or hung: the whole server goes, naming it
@@ -226,12 +236,12 @@ class Worker:
             raise
         except SpavaError as exc:
             self.metrics.requests.labels("400").inc()
-            job.emit("error", (400, str(exc)))
+            self._finish(job, "error", (400, str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - a bug in one request must not take the server down
             log.exception("request %s failed while preparing", job.id)
             self.metrics.requests.labels("500").inc()
-            job.emit("error", (500, f"{type(exc).__name__}: {exc}"))
+            self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
             return
         state = {"text": "", "sent": 0, "finish": None, "first": None}
         deadline = time.monotonic() + self.cfg.request_timeout
@@ -270,12 +280,12 @@ class Worker:
             raise
         except SpavaError as exc:
             self.metrics.requests.labels("400").inc()
-            job.emit("error", (400, str(exc)))
+            self._finish(job, "error", (400, str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - a bug in one request must not take the server down
             log.exception("request %s failed", job.id)
             self.metrics.requests.labels("500").inc()
-            job.emit("error", (500, f"{type(exc).__name__}: {exc}"))
+            self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
             return
         tokens = result.tokens
         text = state["text"]
@@ -287,7 +297,7 @@ class Worker:
             self.metrics.decode.observe(t.decode_tokens_per_s)
         self.metrics.tokens.inc(len(tokens))
         self.metrics.requests.labels("cancelled" if finish == "cancelled" else "200").inc()
-        job.emit("done", {"finish_reason": "stop" if finish == "cancelled" else finish, "tokens": tokens,
+        self._finish(job, "done", {"finish_reason": "stop" if finish == "cancelled" else finish, "tokens": tokens,
                           "plan": prepared.plan.hash[:16],
                           "prompt_tokens": self.engine.prompt_tokens(prepared), "completion_tokens": len(tokens),
                           "text": text})
