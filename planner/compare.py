@@ -7,13 +7,14 @@ without per-op detail (only their totals are reported).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from spava_plan.config import SpavaConfig
 from spava_plan.errors import SpavaError
 
 from .build import Derived, derive
+from .cost import KERNELS, CostModel
 
 COMPARED = ("spava", "zigzag_ring", "apb", "star", "dense")
 
@@ -33,24 +34,52 @@ class MethodRow:
     speedup_vs_ring: float | None = None
     planned: bool = False  # the method the user asked for
     error: str = ""  # why the method could not be planned at all (then the numbers are unset)
+    phases: dict = field(default_factory=dict)  # critical rank's predicted time by phase (us), see phases()
+
+
+PHASES = ("vision encoder", "attention", "per-token layers", "exposed communication")
+
+
+def phases(d: Derived) -> dict[str, float]:
+    """The critical rank's predicted prefill split into phases (us): the vision encoder (its
+    embedding exchange counted as communication), the per-token work of the layers (norms, q/k/v,
+    o_proj, MLP), attention (with selection and merging) and the communication the schedule
+    cannot hide. Same cost model as the prediction; the four add up to the makespan."""
+    p = d.prediction
+    r = max(range(d.world), key=lambda i: p.rank_us[i])
+    cfg = d.cfg
+    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, d.world)
+    n = d.ranks[r].local_tokens
+    layers = cfg.model.num_layers
+    per_token = layers * (cost.qkv(n).us + cost.out_mlp(n).us
+                          + (KERNELS["qkv"] + KERNELS["out_mlp"]) * cost.launch_us)
+    exposed = p.exposed_comm_us
+    vision = p.vision_us
+    attention = max(0.0, p.rank_us[r] - vision - per_token - layers * d.timeline.exposed_us[r])
+    return {"vision encoder": vision - (exposed - layers * d.timeline.exposed_us[r]), "attention": attention,
+            "per-token layers": per_token, "exposed communication": exposed}
 
 
 def _row(d: Derived, planned: bool) -> MethodRow:
     p = d.prediction
     return MethodRow(method=d.part.method, gpus=d.world, prefill_us=p.makespan_us, rank_us_min=min(p.rank_us),
                      rank_us_max=max(p.rank_us), exposed_comm_us=p.exposed_comm_us,
-                     peak_bytes=max(p.peak_memory_bytes), fits=d.fits, gap=d.placement.gap, planned=planned)
+                     peak_bytes=max(p.peak_memory_bytes), fits=d.fits, gap=d.placement.gap, planned=planned,
+                     phases=phases(d))
 
 
-def compare(main: Derived, configs: Mapping[str, SpavaConfig]) -> list[MethodRow]:
+def compare(main: Derived, configs: Mapping[str, SpavaConfig],
+            known: Mapping[str, Derived] | None = None) -> list[MethodRow]:
     """Rows for the planned method (``main``) and every method in ``configs`` (COMPARED order),
-    with speedups against dense and zigzag_ring where those could be planned."""
+    with speedups against dense and zigzag_ring where those could be planned. ``known`` maps
+    repr(config) to derivations already made (by `tune`) so they are not planned twice."""
     rows: dict[str, MethodRow] = {main.part.method: _row(main, True)}
     for name in COMPARED:
         if name in rows or name not in configs:
             continue
         try:
-            rows[name] = _row(derive(configs[name], require_fit=False, detail=False), False)
+            d = (known or {}).get(repr(configs[name]))
+            rows[name] = _row(d if d is not None else derive(configs[name], require_fit=False, detail=False), False)
         except SpavaError as exc:
             rows[name] = MethodRow(method=name, error=str(exc))
     dense, ring = rows.get("dense"), rows.get("zigzag_ring")

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from spava_plan.config import SpavaConfig
 from spava_plan.plan import Plan
 
-from .compare import MethodRow
+from .compare import PHASES, MethodRow
 from .memory import GIB, PARTS, usable_bytes
 
 MAX_RANK_ROWS = 32  # report.md lists every rank up to this many, then the extremes
@@ -43,6 +43,82 @@ def method_table(rows: Sequence[MethodRow], cap_bytes: int) -> list[str]:
     return out
 
 
+# What a faster method gives up, where it is approximate in a way Spava is not (said beside any
+# recommendation to switch to it).
+QUALITY_NOTES = {
+    "star": "star passes no context between blocks (the paper's ablation: no passing blocks scores 17.33 vs 30.00)",
+    "apb": "apb's selection here is a query-unaware key-norm stand-in for its trained retaining heads",
+}
+
+
+def _dominant(fast: MethodRow, slow: MethodRow) -> tuple[str, float, float]:
+    """The phase that makes ``slow`` slower than ``fast`` (largest difference), with both times."""
+    name = max(PHASES, key=lambda k: (slow.phases.get(k, 0.0) - fast.phases.get(k, 0.0), -PHASES.index(k)))
+    return name, fast.phases.get(name, 0.0), slow.phases.get(name, 0.0)
+
+
+def _share(row: MethodRow) -> str:
+    total = sum(row.phases.values()) or 1.0
+    name = max(PHASES, key=lambda k: row.phases.get(k, 0.0))
+    return f"{name} {row.phases.get(name, 0.0) / total:.0%}"
+
+
+def conclusion_lines(rows: Sequence[MethodRow]) -> list[str]:
+    """Which method that fits is fastest, by how much and why, and a warning when the planned
+    method is not it."""
+    fitting = sorted((r for r in rows if not r.error and r.fits and r.phases), key=lambda r: (r.prefill_us, r.method))
+    mine = next((r for r in rows if r.planned), None)
+    if not fitting:
+        return ["No compared method fits the device's memory; see the table below."]
+    best = fitting[0]
+    out = []
+    if len(fitting) > 1:
+        runner = fitting[1]
+        phase, a, b = _dominant(best, runner)
+        out.append(f"The fastest method that fits is **{best.method}** on {best.gpus} GPU(s): {_ms(best.prefill_us)} ms "
+                   f"predicted, {runner.prefill_us / best.prefill_us:.2f}x faster than the next, {runner.method} "
+                   f"({_ms(runner.prefill_us)} ms). Why: {phase} ({_ms(a)} vs {_ms(b)} ms on the critical rank). "
+                   f"Largest phase of {best.method}: {_share(best)}.")
+    else:
+        out.append(f"The only method that fits is **{best.method}** ({_ms(best.prefill_us)} ms predicted; largest "
+                   f"phase: {_share(best)}).")
+    if mine is not None and mine is not best and not mine.error:
+        phase, a, b = _dominant(best, mine)
+        note = QUALITY_NOTES.get(best.method)
+        out.append("")
+        out.append(f"**Warning:** the planned method, {mine.method} ({_ms(mine.prefill_us)} ms"
+                   f"{'' if mine.fits else ', does not fit'}), is not the fastest: {best.method} is predicted "
+                   f"{mine.prefill_us / best.prefill_us:.2f}x faster on the same work, mostly in {phase} ({_ms(b)} vs "
+                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or search every knob with `tune=latency` (which "
+                   f"keeps to a quality floor on anchor and passing sizes){f'; note: {note}' if note else ''}.")
+    return out
+
+
+def calibration_lines(cfg: SpavaConfig) -> list[str]:
+    """How far to trust the predictions: a calibrated preset says on what device it was fitted and
+    how far off it was on held-out cells; an uncalibrated one says that it is not calibrated."""
+    t = cfg.topology
+    cal = t.calibration
+    if cal is None:
+        return ["", f"Topology `{t.name}` is not calibrated: its rates are datasheet or spot-measured values, so "
+                    "these predictions have no measured error bar (topology=h200_calibrated is fitted to GPU "
+                    "measurements)."]
+    when = f" on {cal.date}" if cal.date else ""
+    fitted = f", fitted on {cal.fitted_on}" if cal.fitted_on else ""
+    return ["", f"Topology `{t.name}` is calibrated to measurements on {cal.device}{when}{fitted}. On held-out "
+                f"cells ({cal.held_out}) its predicted time to first token was off by {cal.held_out_mean_abs_error:.1%} "
+                f"on average, {cal.held_out_max_abs_error:.1%} at worst ({cal.source})."
+                + ("" if cal.device.lower().replace("nvidia ", "") in t.device.lower() else
+                   f" This plan is for {t.device}, not the calibration device.")]
+
+
+def warning_line(rows: Sequence[MethodRow]) -> str | None:
+    """The report's warning as one plain line for the terminal (None when the planned method is the fastest)."""
+    lines = conclusion_lines(rows)
+    warn = [line for line in lines if line.startswith("**Warning:**")]
+    return warn[0].replace("**", "").replace("`", "") if warn else None
+
+
 def _rank_indices(world: int) -> list[int]:
     if world <= MAX_RANK_ROWS:
         return list(range(world))
@@ -63,6 +139,11 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         f"for {t.device} ({t.gemm_tflops:g} TFLOP/s GEMM, {t.attention_tflops:g} TFLOP/s attention, "
         f"{t.hbm_gbps:g} GB/s HBM, {t.intra_node_gbps:g} GB/s NVLink, {t.inter_node_gbps:g} GB/s between nodes, "
         f"{t.num_nodes if plan.world_size > 1 else 1} node(s)); they are not measurements.",
+        "",
+        "## Conclusion",
+        "",
+        *conclusion_lines(rows),
+        *calibration_lines(cfg),
         "",
         "## Tokens",
         "",
@@ -183,8 +264,8 @@ def failed_row(job: str, overrides: str, error: str) -> dict[str, Any]:
     return {**{c: None for c in SUMMARY_COLUMNS}, "job": job, "status": f"error: {error}", "output_dir": overrides}
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    cols = SUMMARY_COLUMNS
+def summary_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
+    cols = columns
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in cols) + " |")

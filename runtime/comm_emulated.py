@@ -420,6 +420,7 @@ class EmulatedTiming:
     makespan_us: float  # slowest rank: the critical path
     repeats: int
     results: list = field(default_factory=list, compare=False)  # the functional pass's return values
+    spans: tuple = field(default=(), compare=False)  # the critical-path model's timeline (emulated_timeline.Timeline.spans)
 
 
 class EmulatedWorld:
@@ -543,7 +544,7 @@ class EmulatedWorld:
         return EmulatedTiming(label=f"emulated {self.world_size}-rank on {name}", device=name,
                               rank_compute_us=line.compute_us,
                               rank_finish_us=line.finish_us, exposed_comm_us=line.exposed_comm_us,
-                              makespan_us=line.makespan_us, repeats=repeats, results=results)
+                              makespan_us=line.makespan_us, repeats=repeats, results=results, spans=line.spans)
 
 
 def _median_trace(runs: Sequence[Sequence[Event]]) -> list[Event]:

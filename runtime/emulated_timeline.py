@@ -16,7 +16,7 @@ rank. Pure Python, no torch: testable on its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Sequence, Union
 
 
@@ -52,6 +52,9 @@ class Timeline:
     finish_us: tuple[float, ...]  # per rank: when its last event ends
     compute_us: tuple[float, ...]  # per rank: sum of its compute
     exposed_comm_us: tuple[float, ...]  # per rank: time stalled in waits
+    # (rank, lane, name, start_us, end_us) of every compute stretch, stall and transfer, for a
+    # trace.json of the run (spava_plan.trace.emulated_spans)
+    spans: tuple[tuple[int, str, str, float, float], ...] = field(default=(), compare=False)
 
     @property
     def makespan_us(self) -> float:
@@ -67,6 +70,7 @@ def simulate(traces: Sequence[Sequence[Event]]) -> Timeline:
     last: list[Hashable | None] = [None] * W
     pos, clock = [0] * W, [0.0] * W
     compute, exposed = [0.0] * W, [0.0] * W
+    spans: list[tuple[int, str, str, float, float]] = []
 
     def finish(key: Hashable, rank: int) -> float | None:
         """When communication ``key`` completes on ``rank`` (None: a peer has not issued it yet)."""
@@ -83,6 +87,7 @@ def simulate(traces: Sequence[Sequence[Event]]) -> Timeline:
                 return None
             begin = max(begin, issue[(key, p)], ready)
         done[(key, rank)] = begin + cost
+        spans.append((rank, "comm", _name(key), begin, begin + cost))
         return done[(key, rank)]
 
     def issue_on(rank: int, key: Hashable, peers: tuple[int, ...], cost: float) -> None:
@@ -97,6 +102,7 @@ def simulate(traces: Sequence[Sequence[Event]]) -> Timeline:
             while pos[r] < len(traces[r]):
                 ev = traces[r][pos[r]]
                 if isinstance(ev, Compute):
+                    spans.append((r, "compute", "compute", clock[r], clock[r] + ev.us))
                     clock[r] += ev.us
                     compute[r] += ev.us
                 elif isinstance(ev, Start):
@@ -108,10 +114,16 @@ def simulate(traces: Sequence[Sequence[Event]]) -> Timeline:
                     if end is None:
                         break  # blocked on a peer: let the other ranks advance
                     exposed[r] += max(0.0, end - clock[r])
+                    if end > clock[r]:
+                        spans.append((r, "compute", f"wait {_name(ev.key)}", clock[r], end))
                     clock[r] = max(clock[r], end)
                 pos[r] += 1
                 progressed = True
         if not progressed:
             stuck = {r: traces[r][pos[r]] for r in range(W) if pos[r] < len(traces[r])}
             raise ValueError(f"the rank traces deadlock (ranks wait on communication a peer never issues): {stuck}")
-    return Timeline(tuple(clock), tuple(compute), tuple(exposed))
+    return Timeline(tuple(clock), tuple(compute), tuple(exposed), tuple(spans))
+
+
+def _name(key: Hashable) -> str:
+    return "/".join(str(k) for k in key) if isinstance(key, tuple) else str(key)

@@ -28,9 +28,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from .errors import SpavaError
+from .errors import InfeasiblePlanError, SpavaError
 
-ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png")
+ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
 _INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
 _CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
@@ -129,13 +129,31 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
         from .video_meta import plan_for_clip
 
         cfg = plan_for_clip(cfg)
+    tuned, known = None, {}
+    if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
+        from .hydra_conf import method_preset
+        from .planner.tune import chosen_config, tune
+
+        base, tuned = cfg, tune(cfg, method_preset, known)
+        cfg = chosen_config(tuned)
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
-    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method})
+    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method}, known)
+    known.clear()
     plan = assemble(main)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".spava-plan-", dir=out_dir))
     try:
         plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False))
+        if tuned is not None:
+            from .planner import tune as tuning
+
+            (tmp / "tuning.csv").write_text(tuning.tuning_csv(tuned))
+            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base))
+            with open(tmp / "report.md", "a") as report:
+                report.write(f"\nThese knobs were chosen by `tune={tuned.target}` ({tuning.describe(tuned)}); "
+                             "tuning.md lists every candidate and why it was not chosen, pareto.png plots them.\n")
+            tuning.render_pareto(tuning.pareto_data(tuned), tmp / "pareto.png")
+            print(tuning.describe(tuned))
         for name in sorted(os.listdir(tmp)):
             target = out_dir / name
             if target.is_dir() and not target.is_symlink():
@@ -166,6 +184,9 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
     (tmp / "plan.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     del data
     (tmp / "schedule.json").write_text(schedule_json(plan))
+    from .planner.timeline import predicted_trace
+
+    (tmp / "trace.json").write_text(predicted_trace(plan))
     (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
     (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash))
     if cfg.kernels:
@@ -211,12 +232,15 @@ def _task(task_cfg: Any) -> dict:
             raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
         _discard_job_dir(out_dir, hc.output_subdir)
-        line = f"spava-plan: error: {where}{exc}"
+        hint = ""
+        if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
+            hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
+        line = f"spava-plan: error: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return failed_row(job, overrides, str(exc))
+        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(hc.overrides.task)}
     except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
         if not multirun:
             raise
@@ -229,7 +253,8 @@ def _task(task_cfg: Any) -> dict:
         _CRASHES.append(line)
         from .planner.report import failed_row
 
-        return failed_row(job, overrides, f"internal error: {type(exc).__name__}")
+        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
+                "_overrides": _override_values(hc.overrides.task)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
@@ -246,8 +271,23 @@ def _task(task_cfg: Any) -> dict:
         print(summary_table(rows))
         for note in capped_notes(plan, cfg):
             print(f"note: {note}")
+        from .planner.report import warning_line
+
+        warning = warning_line(rows)
+        if warning:
+            print(warning)
         print(f"artifacts: {out_dir}")
-    return summary_row(job, plan, cfg, rows, str(out_dir))
+    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(hc.overrides.task),
+            "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
+
+
+def _override_values(overrides: Any) -> dict[str, str]:
+    """key -> value of a job's command-line overrides (for the sweep's per-key columns)."""
+    out = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
 
 
 def capped_notes(plan: Any, cfg: Any) -> list[str]:
@@ -286,18 +326,20 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from .planner.report import SUMMARY_COLUMNS, summary_markdown
+        from .planner.sweep import render_sweep, sweep_plot_data, with_swept_columns
 
         if not self.rows:
             return
         root = Path(str(config.hydra.sweep.dir)).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        rows = sorted(self.rows, key=lambda r: int(r["job"]))
+        jobs = sorted(self.rows, key=lambda r: int(r["job"]))
+        rows, columns = with_swept_columns(jobs, SUMMARY_COLUMNS)
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         _atomic_write(root / "summary.csv", text.getvalue())
-        md = summary_markdown(rows)
+        md = summary_markdown(rows, columns)
         _atomic_write(root / "summary.md", md)
         if _INDEX:  # the sweep is a plan family: spava_plan.plan_store.PlanStore(root, ...) serves from it
             from .plan_store import INDEX_NAME, write_index
@@ -305,7 +347,10 @@ class SweepSummary(Callback):
             write_index(root, _INDEX)
             print(f"plan index: {root / INDEX_NAME} ({len(_INDEX)} plans)")
         print(md, end="")
-        print(f"summary: {root / 'summary.csv'}")
+        plot = sweep_plot_data(jobs)
+        if plot is not None:
+            render_sweep(plot, root / "sweep.png")
+        print(f"summary: {root / 'summary.csv'}" + (f" (plot: {root / 'sweep.png'})" if plot is not None else ""))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError
+from .calibration_config import CalibrationConfig
+from .tune_config import TuneConfig
 
 # Resolution presets: (height, width) of the source video before the processor resizes it.
 RESOLUTION_PRESETS = {
@@ -238,6 +240,7 @@ class TopologyConfig:
     inter_node_gbps: float = 45.0  # per-GPU network bandwidth between nodes, GB/s
     link_latency_us: float = 15.0  # fixed cost per collective step
     launch_overhead_us: float = 5.0  # fixed cost per kernel launch
+    calibration: Optional[CalibrationConfig] = None  # set by calibrated presets: device, held-out error
 
     def __post_init__(self) -> None:
         _check_fields(self, "topology.")
@@ -385,6 +388,7 @@ class SpavaConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # `tune=latency`: let the planner choose the knobs
     dtype: str = "bf16"  # activation / KV dtype of the run
     kernels: bool = True  # render the plan's Triton kernels next to plan.json
 

@@ -530,6 +530,9 @@ def run_emulated(args: Args) -> int:
         print(f"{timing.label}: time to first token {timing.makespan_us / 1e3:.2f} ms on the critical path "
               f"(each rank alone: {ranks} ms; exposed communication up to {max(timing.exposed_comm_us) / 1e3:.2f} ms, "
               f"charged from the plan's topology; median of {timing.repeats})", flush=True)
+        from .trace import write_emulated_trace
+
+        print(write_emulated_trace(args.plan, timing), flush=True)
     return 0
 
 

@@ -22,7 +22,7 @@ def test_run_writes_every_artifact(tmp_path):
     res = spava_plan(SMALL + ["gpus=4", "hydra.run.dir=out"], tmp_path)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
-    for name in ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png"):
+    for name in ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".spava-plan-*")), "temporary directory left behind"
     plan = load_plan(out / "plan.json")
@@ -68,6 +68,8 @@ def test_bad_input_is_one_line_exit_2_and_no_artifacts(tmp_path, args, setting):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spava-plan: error: "), res.stderr
     assert setting in lines[0] and "Traceback" not in res.stderr
+    if "does not fit" in lines[0]:  # a memory refusal points at the search
+        assert lines[0].endswith("tune=latency (or tune=memory)")
     assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
 
 
@@ -115,7 +117,9 @@ def test_sweep_writes_a_summary(tmp_path):
         assert float(r["speedup_vs_zigzag_ring"]) == pytest.approx(1.0) if ring else float(r["speedup_vs_dense"]) > 1
     md = (sweep / "summary.md").read_text()
     assert md.count("\n") == 2 + 8 and "| job |" in md
-    assert res.stdout.splitlines()[-1] == f"summary: {sweep.resolve() / 'summary.csv'}"
+    assert res.stdout.splitlines()[-1] == (f"summary: {sweep.resolve() / 'summary.csv'} "
+                                           f"(plot: {sweep.resolve() / 'sweep.png'})")
+    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
@@ -148,3 +152,24 @@ def test_timeline_worker_draws_in_a_child(tmp_path):
     idle = TimelineWorker()  # released without work: the child exits cleanly and draws nothing
     idle.close()
     assert idle._status == 0 and not (tmp_path / "u.png").exists()
+
+
+def test_tune_writes_the_search_and_an_ordinary_plan(tmp_path):
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    res = spava_plan(SMALL + ["gpus=8", "tune=latency", "tune.methods=[spava,zigzag_ring]", "kernels=false",
+                              "hydra.run.dir=out"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    for name in ("tuning.csv", "tuning.md", "pareto.png", "trace.json", "plan.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "tuning.csv").open()))
+    chosen = [r for r in rows if r["status"] == "chosen"]
+    assert len(chosen) == 1 and all(r["reason"] for r in rows)
+    md = (out / "tuning.md").read_text()
+    overrides = md.split("without tuning: `spava-plan ")[1].split("`")[0].split()
+    plan = load_plan(out / "plan.json")  # the same plan as its knobs give without tuning
+    assert plan.hash == build_plan(compose_config(SMALL + overrides + ["kernels=false"])).hash
+    assert "chosen by `tune=latency`" in (out / "report.md").read_text()
+    assert any(line.startswith("tune=latency: chose ") for line in res.stdout.splitlines())

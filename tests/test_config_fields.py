@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spava_plan.config import CommandLineConfig, ConfigError, SpavaConfig, _field_hints, config_to_dict, to_config
+from spava_plan.calibration_config import CalibrationConfig
 from spava_plan.errors import SpavaError
 from spava_plan.planner.build import assemble, derive
 
@@ -40,6 +41,8 @@ def leaf_fields(cls: type = CommandLineConfig, prefix: str = "") -> dict[str, ty
     """Dotted path -> type hint of every leaf field under the command line's schema."""
     out: dict[str, typing.Any] = {}
     for name, hint in _field_hints(cls).items():
+        if typing.get_origin(hint) is typing.Union:  # Optional[a dataclass] (topology.calibration)
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
         if dataclasses.is_dataclass(hint):
             out.update(leaf_fields(hint, f"{prefix}{name}."))
         else:
@@ -146,12 +149,16 @@ def _built_directly(path: str, value: typing.Any) -> SpavaConfig:
 
     def rebuild(obj: typing.Any, keys: list[str]) -> typing.Any:
         head, *rest = keys
-        new = value if not rest else rebuild(getattr(obj, head), rest)
+        inner = getattr(obj, head)
+        if inner is None and rest:  # an unset Optional group (topology.calibration): start from a valid one
+            inner = _VALID_OPTIONAL_GROUPS[head]
+        new = value if not rest else rebuild(inner, rest)
         return dataclasses.replace(obj, **{head: new})
     return rebuild(base, path.split("."))
 
 
 _BASE_CONFIG = to_config(BASE)
+_VALID_OPTIONAL_GROUPS = {"calibration": CalibrationConfig(device="GPU", held_out="cells", source="results")}
 
 
 def test_every_extreme_of_every_field_built_in_python():

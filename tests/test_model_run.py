@@ -3,8 +3,10 @@ Spava budget, W ranks as gloo processes (launched the way torchrun launches them
 one process; and every bad input ending with one clear line and exit code 2 on every rank."""
 from __future__ import annotations
 
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +146,14 @@ def test_random_init_without_checkpoint_runs_the_plan(setup):
     assert re.search(r"^answer: token ids( \d+){1,5}$", out, re.M) and "random weights" in out
     ttft = re.search(r"^emulated 2-rank on cpu: time to first token ([\d.]+) ms on the critical path", out, re.M)
     assert ttft and float(ttft.group(1)) > 0, out
+    trace = re.search(r"^trace of the emulated run: (\S+) ", out, re.M)  # same format as the plan's trace.json
+    assert trace, out
+    doc = json.loads(Path(trace.group(1)).read_text())
+    ranks = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert ranks == {"rank 0", "rank 1"} and {e["cat"] for e in spans} >= {"compute", "comm"}
+    end = max(e["ts"] + e["dur"] for e in spans) / 1e3
+    assert end == pytest.approx(float(ttft.group(1)), abs=0.01)  # the printed TTFT is rounded to 0.01 ms
 
 
 @pytest.mark.parametrize("name, billions", [("qwen2_5vl_3b", 3.75), ("qwen2vl", 8.29)])

@@ -96,6 +96,54 @@ def test_short_questions_run_on_the_capacity_plan(base, variant, question):
         assert (got - ref).abs().max() < TOL
 
 
+class _Locked:
+    """Triton's CPU interpreter keeps global state: emulated ranks (threads) take turns in it."""
+
+    def __init__(self, backend):
+        import threading
+
+        self._backend, self._lock, self.name = backend, threading.Lock(), backend.name
+
+    def __getattr__(self, attr):
+        value = getattr(self._backend, attr)
+
+        def call(*a, **k):
+            with self._lock:
+                return value(*a, **k)
+        return call if callable(value) else value
+
+
+@pytest.mark.parametrize("variant", [("method=spava", "method.pass_all=true"), ("method=apb",)])
+def test_the_generated_kernels_run_shorter_questions_unchanged(tmp_path, variant):
+    """The plan's own Triton kernels (CPU interpreter off-GPU) take the padded query with runtime
+    segment lengths: fp32 kernels vs the fp64 exact-length reference."""
+    pytest.importorskip("triton")
+    from spava_plan.codegen import render_kernels
+    from spava_plan.runtime.backends.triton_gen import TritonBackend
+
+    base = LARGE if "method=apb" in variant else SMALL
+    big = plan_for(*base, "gpus=2", *variant, f"video.max_question_tokens={CAPACITY}")
+    exact = plan_for(*base, "gpus=2", *variant, "video.max_question_tokens=5")
+    n = exact.layout.total_tokens
+    render_kernels(big, tmp_path)
+    backend = _Locked(TritonBackend(tmp_path, plan_hash=big.hash, tune=False))
+    q, k, v = _inputs(big, n)
+    world = EmulatedWorld.for_plan(big, timeout_s=300)
+    attns = [RankAttention(big, r, world.comm(r), backend) for r in range(2)]
+
+    def rank(r):
+        attns[r].set_prompt_tokens(n)
+        return attns[r].prefill(0, *(x.float() for x in local_rows(big, r, q, k, v)))
+
+    outs = world.run(rank)
+    want, _, _ = _run(exact, q[:n], k[:n], v[:n])
+    for r in range(2):
+        rows = torch.cat([torch.arange(a, b) for a, b in big.ranks[r].local])
+        real = rows < n
+        # fp32 kernels vs fp64: rounding only (as tests/test_kernels_attention.py)
+        assert (outs[r][real].double() - want[rows[real]]).abs().max() < 1e-4
+
+
 def test_selection_uses_the_real_query_rows_only():
     """With real top-k selection, the junk pad queries would change which keys pass if they entered
     the query mean; the capacity plan's packed selections equal the exact-length plan's."""
