@@ -532,7 +532,8 @@ def run_emulated(args: Args) -> int:
               f"charged from the plan's topology; median of {timing.repeats})", flush=True)
         from .trace import write_emulated_trace
 
-        print(write_emulated_trace(args.plan, timing), flush=True)
+        # beside plan= or, planned for this input, beside the plan saved in the output directory
+        print(write_emulated_trace(args.plan or os.path.join(args.out_dir or ".", "plan.json"), timing), flush=True)
     return 0
 
 
