@@ -270,13 +270,15 @@ def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int)
     return model.eval()
 
 
-def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any, fps: float) -> Any:
-    """``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid)."""
+def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any, fps: float | None = None) -> Any:
+    """``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid); None:
+    the plan's video.fps (random frames, benchmarks)."""
     from .runtime import hf_inputs
 
     m, v = plan.config["model"], plan.config["video"]
     common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
-                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=fps)
+                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"],
+                  fps=float(v["fps"]) if fps is None else fps)
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
                                           question_tokens=plan.video.max_question_tokens, seed=args.seed, **common)
