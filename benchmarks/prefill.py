@@ -52,7 +52,7 @@ W_DEFAULT = 8
 EMULATED = ("spava", "zigzag_ring", "apb", "star")
 DENSE = ("dense_flash", "dense_cudnn")
 METHODS = DENSE + EMULATED
-MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b"}
+MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b", "ivl2b": "internvl3_2b"}
 # The tiny Qwen2.5-VL of the tests (model_fixtures.TINY_25_OVERRIDES): window attention included.
 TINY_25 = ("model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
 
@@ -87,6 +87,8 @@ TABLES: dict[str, list[Cell]] = {
     "3b_720p": _cells("3b", (16, 56), "720p"),
     "7b_1440p": _cells("7b", (64, 16, 32, 56), "1440p"),
     "7b_720p": _cells("7b", (16, 56), "720p"),
+    # InternVL3 resizes every frame to one 448x448 tile: the source resolution only changes the resize
+    "internvl3_2b": _cells("ivl2b", (64,), "720p"),
 }
 TABLES["all"] = (TABLES["3b_1440p"] + TABLES["3b_720p"] + TABLES["7b_1440p"][:1] + TABLES["7b_1440p"][1:]
                  + TABLES["7b_720p"])
@@ -162,7 +164,8 @@ class ThreadedImages:
         chunks = [images[a:b] for a, b in bounds if b > a]
         with ThreadPoolExecutor(len(chunks)) as pool:
             outs = list(pool.map(lambda c: self.inner(images=c, **kwargs), chunks))
-        return {k: torch.cat([o[k] for o in outs]) for k in ("pixel_values", "image_grid_thw")}
+        return {k: torch.cat([o[k] for o in outs]) for k in ("pixel_values", "image_grid_thw", "num_patches")
+                if k in outs[0]}
 
 
 class Spans:
@@ -304,7 +307,8 @@ class Runner:
         from spava_plan.runtime.vision_parallel import check_grids
 
         t0 = time.perf_counter()
-        proc = hf_inputs.default_processing()
+        m = plan.config["model"]
+        proc = hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"])
         proc.image_processor = ThreadedImages(proc.image_processor, self.workers)
         frames = run._random_frames(plan, seed=0)  # random uint8 pixels at the plan's source resolution
         args = self.args(plan, "")
@@ -361,9 +365,10 @@ class Runner:
         from torch.nn.attention import sdpa_kernel
 
         from spava_plan.runtime.hf_attention import language_model, text_config
-        from spava_plan.runtime.vision_parallel import vision_module
+        from spava_plan.runtime.vision_parallel import vision_bounds
 
         model, dev = self.model, self.device
+        vis_first, vis_last = vision_bounds(model)  # the modules the stock forward enters / leaves the ViT by
         backends, label = sdpa_backends(method, dev)
         register_bench_sdpa(self.spans)
         tc = text_config(model)
@@ -377,12 +382,14 @@ class Runner:
                     marks[name] = self.spans.clock.mark()
             return fn
 
-        handles = [vision_module(model).register_forward_pre_hook(hook("vision0")),
-                   vision_module(model).register_forward_hook(hook("vision1")),
+        handles = [vis_first.register_forward_pre_hook(hook("vision0")),
+                   vis_last.register_forward_hook(hook("vision1")),
                    language_model(model).register_forward_pre_hook(hook("lm0")),
                    language_model(model).register_forward_hook(hook("lm1"))]
         params = inspect.signature(model.forward).parameters
-        pos = positions.unsqueeze(1).to(dev)  # (3, 1, N): the global M-RoPE ids the runtime uses
+        one_d = getattr(model.config, "model_type", None) == "internvl"  # InternVL3: 1-D ids, pixel_values
+        pos = positions[:1].to(dev) if one_d else positions.unsqueeze(1).to(dev)  # (3, 1, N): global M-RoPE ids
+        pixel_key = "pixel_values" if one_d else "pixel_values_videos"
         fixed = {"video_grid_thw": inputs.video_grid_thw, "second_per_grid_ts": inputs.second_per_grid_ts,
                  "mm_token_type_ids": inputs.mm_token_type_ids}
         reps, token, logits = [], None, None
@@ -398,8 +405,7 @@ class Runner:
             def leave(*_: Any) -> None:
                 pinned.pop().__exit__(None, None, None)
 
-            handles += [vision_module(model).register_forward_pre_hook(enter),
-                        vision_module(model).register_forward_hook(leave)]
+            handles += [vis_first.register_forward_pre_hook(enter), vis_last.register_forward_hook(leave)]
             label += " (ViT attention: FLASH_ATTENTION, cuDNN refused it)"
         try:
             for i in range(warmup + repeats):
@@ -412,7 +418,7 @@ class Runner:
                 with sdpa_kernel(backends), torch.inference_mode():
                     kwargs = {k: (v.to(dev) if v is not None else None) for k, v in fixed.items() if k in params}
                     out = model(input_ids=inputs.input_ids.to(dev),
-                                pixel_values_videos=inputs.pixel_values_videos.to(dev), position_ids=pos,
+                                **{pixel_key: inputs.pixel_values_videos.to(dev)}, position_ids=pos,
                                 use_cache=False, logits_to_keep=1, **kwargs)
                     last = out.logits[0, -1].float()
                     tok = torch.argmax(last)

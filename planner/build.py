@@ -19,7 +19,7 @@ from typing import Iterator
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
 from spava_plan.plan import (Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
-from spava_plan.vision_exchange import VisionExchange, vision_exchange
+from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
@@ -242,8 +242,11 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     # exchange the runtime builds from the Plan: spava_plan.vision_exchange.plan_vision_exchange).
     unit = vision_unit(cfg.model, tokens.grid_thw)
     grids = tokens.grid_thw[0]
-    exchange = vision_exchange(world, grids, tokens.video_tokens // grids, tokens.video_start,
-                               [r.local for r in ranks])
+    tiles = None
+    if cfg.model.family == "internvl3":  # frame text between the tiles: plan in embedding-row space
+        tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
+    exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
+                               tiles)
     exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
     most = max(b - a for a, b in exchange.grids)
     vision_us = most * cost.vision_unit(unit).us + exchange_us

@@ -5,7 +5,8 @@ The counts follow the models' own processors:
   patch x merge (28), rounding to the nearest multiple, within [min_pixels, max_pixels]; frames are
   padded to a multiple of the temporal patch (2) by repeating the last one; every temporal grid
   gives (H/28)*(W/28) tokens.
-- InternVL3: one 448x448 tile per frame, 256 tokens per tile, plus the frame's text tokens.
+- InternVL3: one 448x448 tile per frame, 256 tokens per tile, plus the frame's text tokens
+  "Frame{i}: <img>...</img>\n" as the processor writes them (spava_plan.vision_exchange).
 
 Prompt layout (SPAVA_SPEC.md section 1): [system + <|vision_start|> | video | <|vision_end|>] is
 the context (L tokens), [question | <|im_end|>\n<|im_start|>assistant\n] is the query (Lq), sized
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 from spava_plan.config import ModelConfig, VideoConfig
 from spava_plan.errors import ConfigError
+from spava_plan.vision_exchange import frame_video_tokens
 
 # "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n" closing the user turn in the chat template.
 ASSISTANT_SUFFIX_TOKENS = 5
@@ -152,7 +154,8 @@ def token_layout(model: ModelConfig, video: VideoConfig) -> TokenLayout:
     if model.family == "internvl3":
         frames = video.frames
         tile = vis.tile_size
-        video_tokens = frames * (vis.tile_tokens + vis.frame_text_tokens)
+        # "Frame{i}: <img>" tile "</img>\n" per frame, exactly as the processor writes it
+        video_tokens = frame_video_tokens(frames, vis.tile_tokens, vis.frame_text_tokens)
         side = int(math.isqrt(vis.tile_tokens))
         grid = (frames, side, side)
         frame_size = (tile, tile)

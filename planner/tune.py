@@ -131,8 +131,7 @@ def _config(base: SpavaConfig, method: MethodConfig, gpus: int, solver: str) -> 
                                else None)
     solv = base.solver if solver == base.solver.name else SolverConfig(name=solver)
     tune = type(base.tune)()  # the chosen plan is an ordinary plan: the same as its knobs give without tuning
-    # gpus / nodes are shorthands of topology (properties of SpavaConfig): the topology carries them
-    return dataclasses.replace(base, topology=topo, method=method, solver=solv, tune=tune)
+    return dataclasses.replace(base, topology=topo, method=method, solver=solv, tune=tune)  # gpus/nodes: topology's
 
 
 def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tuple[list[Candidate], dict]:

@@ -4,7 +4,7 @@
              video tokens only (broadcasts of the rows every rank holds + one all_to_all_single)
     prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
              layers, Spava attention via the attention interface (hf_attention.py), exact global
-             M-RoPE ids; the query rows come out identical on every rank
+             M-RoPE ids (InternVL3: 1-D ids); the query rows come out identical on every rank
     token 1  lm_head on the LAST query row only, greedy argmax on rank 0, broadcast
     decode   each new token is replicated on every rank; per layer RankAttention.decode attends the
              rank's KV cache shard, all-gathers and LSE-merges (exact), one rank appends the new
@@ -74,6 +74,8 @@ class RankRunner:
         self.visual = vision_module(model)
         self.merge = plan.video.spatial_merge
         self.exchange = plan_vision_exchange(plan)
+        # InternVL3's language model (Qwen2) takes 1-D position ids (1, n); Qwen2-VL's M-RoPE (3, 1, n)
+        self.one_d = plan.model.family == "internvl3"
         self.attention: Any = None
         self.source = self._source(plan.layout.total_tokens)
 
@@ -110,6 +112,8 @@ class RankRunner:
         n = self.plan.layout.total_tokens if prompt_tokens is None else int(prompt_tokens)
         index = local_indices(self.rank_plan, device=self.device)
         pos = slice_positions(positions.to(self.device), index)
+        if self.one_d:
+            pos = pos[0]
         self.attention = self.make_attention()
         if n != self.plan.layout.total_tokens:
             self.attention.set_prompt_tokens(n)
@@ -141,7 +145,7 @@ class RankRunner:
         """Hidden state of one new token at ``position`` (all three M-RoPE components equal)."""
         ids = torch.tensor([token], device=self.device)
         emb = self.lm.get_input_embeddings()(ids).unsqueeze(0)
-        pos = torch.full((3, 1, 1), position, dtype=torch.long, device=self.device)
+        pos = torch.full((1, 1) if self.one_d else (3, 1, 1), position, dtype=torch.long, device=self.device)
         out = self.lm(inputs_embeds=emb, position_ids=pos, use_cache=False, spava=SpavaCall(self.attention, "decode"))
         return out.last_hidden_state[0, -1]
 
@@ -194,4 +198,4 @@ def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
         return inputs
     return ModelInputs(inputs.input_ids.to(device), inputs.mm_token_type_ids.to(device), inputs.pixel_values_videos,
                        inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size,
-                       inputs.pad_tokens)
+                       pad_tokens=inputs.pad_tokens, video_span=inputs.video_span, end_tokens=inputs.end_tokens)

@@ -1,4 +1,4 @@
-"""Model inputs for Qwen2-VL / Qwen2.5-VL: prompt ids, video pixels, exact global M-RoPE position
+"""Model inputs for Qwen2-VL / Qwen2.5-VL (InternVL3: runtime/internvl_inputs.py): prompt ids, video pixels, exact global M-RoPE position
 ids, the plan-vs-input check, and the per-rank slicing of the local sequence.
 
 Inputs come from the checkpoint's own processing classes. With torchvision present the model's
@@ -63,6 +63,11 @@ class ModelInputs:
     # Query padding appended by ``pad_query`` (the last ``pad_tokens`` rows are not part of the
     # prompt): a question shorter than the plan's capacity runs on the plan's full layout.
     pad_tokens: int = 0
+    # InternVL3: the video is frame text and tiles ("Frame{i}: <img>...</img>\n"): its global span
+    # [start, stop) including the text, and no <|vision_end|> after it. None: the video is the run
+    # of video tokens (Qwen), closed by one <|vision_end|>.
+    video_span: tuple[int, int] | None = None
+    end_tokens: int = 1  # tokens after the video that still belong to the context
 
     @property
     def total_tokens(self) -> int:
@@ -80,11 +85,20 @@ class ModelInputs:
 
     @property
     def video_start(self) -> int:
+        if self.video_span is not None:
+            return self.video_span[0]
         return int(torch.nonzero(self.video_mask)[0, 0])
 
     @property
     def video_tokens(self) -> int:
+        """Tokens of the video in the prompt (InternVL3: with the frames' text)."""
+        if self.video_span is not None:
+            return self.video_span[1] - self.video_span[0]
         return int(self.video_mask.sum())
+
+    @property
+    def context_tokens(self) -> int:
+        return self.video_start + self.video_tokens + self.end_tokens
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -114,10 +128,16 @@ def load_processing(checkpoint: str) -> Processing:
     return Processing(tokenizer, image_processor, None, template, "parts")
 
 
-def default_processing(tokenizer: Any = None) -> Processing:
+def default_processing(tokenizer: Any = None, family: str = "qwen2_vl", tile_size: int = 448) -> Processing:
     """Processing for a random-weight model with no checkpoint: the Qwen image processor class with
-    its defaults (no files needed) and no tokenizer (the prompt is then synthetic ids)."""
+    its defaults (no files needed) and no tokenizer (the prompt is then synthetic ids).
+    InternVL3: its image processor class with the tile size, one tile per frame."""
     import transformers
+
+    if family == "internvl3":
+        from .internvl_inputs import internvl_image_processor
+
+        return Processing(tokenizer, internvl_image_processor(tile_size), None, None, "default")
 
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     return Processing(tokenizer, cls(), None, None, "default")
@@ -203,8 +223,13 @@ def frames_to_video_patches(image_processor: Any, frames: np.ndarray, *, size: d
 
 def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, family: str, min_pixels: int,
                  max_pixels: int, temporal_patch: int, merge: int, fps: float,
-                 video_token_id: int | None = None) -> ModelInputs:
+                 video_token_id: int | None = None, tile_size: int = 448, tile_tokens: int = 256) -> ModelInputs:
     """Prompt ids + pixels for one video and one question, as the model's processor builds them."""
+    if family == "internvl3":
+        from .internvl_inputs import build_internvl_inputs
+
+        return build_internvl_inputs(processing, frames, question, tile_size=tile_size, tile_tokens=tile_tokens,
+                                     image_token_id=video_token_id)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
                                 temporal_patch=temporal_patch)
     n_video = int(grid.prod()) // (merge * merge)
@@ -220,11 +245,18 @@ def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, f
 
 def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: Any, system_tokens: int,
                      question_tokens: int, family: str, min_pixels: int, max_pixels: int, temporal_patch: int,
-                     merge: int, fps: float, seed: int = 0) -> ModelInputs:
+                     merge: int, fps: float, seed: int = 0, tile_size: int = 448, tile_tokens: int = 256,
+                     frame_text_tokens: int = 6) -> ModelInputs:
     """For a random-weight model with no tokenizer: the Qwen layout with random text ids.
 
     [random system ids | <|vision_start|> | video | <|vision_end|> | random question ids | 5 suffix ids]
     """
+    if family == "internvl3":
+        from .internvl_inputs import synthetic_internvl_inputs
+
+        return synthetic_internvl_inputs(processing, frames, hf_config=hf_config, system_tokens=system_tokens,
+                                         question_tokens=question_tokens, tile_size=tile_size,
+                                         tile_tokens=tile_tokens, frame_text_tokens=frame_text_tokens, seed=seed)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
                                 temporal_patch=temporal_patch)
     n_video = int(grid.prod()) // (merge * merge)
@@ -261,7 +293,11 @@ def _inputs(ids, pixels, grid, vid, *, family, fps, temporal_patch, merge, patch
 
 # -- positions ----------------------------------------------------------------------------------
 def global_position_ids(model: Any, inputs: ModelInputs) -> torch.Tensor:
-    """(3, N) M-RoPE position ids of the whole prompt from the model's own get_rope_index."""
+    """(3, N) M-RoPE position ids of the whole prompt from the model's own get_rope_index.
+    InternVL3 (1-D RoPE; its language model numbers the tokens 0..N-1): three equal rows."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "internvl":
+        n = inputs.total_tokens
+        return torch.arange(n, device=inputs.input_ids.device).unsqueeze(0).expand(3, n).contiguous()
     inner = getattr(model, "model", model)
     fn = getattr(inner, "get_rope_index", None) or getattr(model, "get_rope_index")
     params = inspect.signature(fn).parameters
@@ -333,7 +369,7 @@ def check_against_plan(plan: Plan, inputs: ModelInputs, positions: torch.Tensor)
         raise PlanMismatchError(f"the prompt has {inputs.video_start} tokens before the video but the plan has "
                                 f"{system}; re-plan with video.system_tokens={inputs.video_start} {REPLAN_HINT}",
                                 setting="video.system_tokens")
-    context = inputs.video_start + inputs.video_tokens + 1
+    context = inputs.context_tokens
     query = inputs.prompt_tokens - context
     if context != lay.context_tokens:
         raise PlanMismatchError(f"the prompt's context has {context} tokens but the plan's has {lay.context_tokens}; "
@@ -370,7 +406,7 @@ def _same_timing(plan: Plan, inputs: ModelInputs) -> bool:
 def observed_settings(inputs: ModelInputs, plan: Plan, source_size: tuple[int, int], frames: int) -> dict[str, Any]:
     """Config settings (dotted keys) that describe this input, for re-planning (the entry point uses them).
     The question capacity only grows: a re-planned plan still holds the plan's questions."""
-    context = inputs.video_start + inputs.video_tokens + 1
+    context = inputs.context_tokens
     question = inputs.prompt_tokens - context - suffix_tokens(plan)
     return {"video.frames": int(frames), "video.resolution": f"{source_size[0]}x{source_size[1]}",
             "video.system_tokens": int(inputs.video_start),

@@ -98,6 +98,8 @@ def install(model: Any) -> Any:
     """Route ``model``'s vision tower through the batched function (idempotent); returns the model."""
     from .vision_parallel import vision_module
 
+    if getattr(model.config, "model_type", None) == "internvl":
+        return model  # InternViT attends over one whole tile: transformers' sdpa call is already one launch
     register()
     vision_module(model).config._attn_implementation = ATTN_NAME
     return model

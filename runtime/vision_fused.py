@@ -214,6 +214,8 @@ def install(model: Any) -> Any:
     is left alone."""
     from .vision_parallel import vision_module
 
+    if getattr(model.config, "model_type", None) == "internvl":
+        return model  # InternViT (LayerNorm, GELU MLP) has none of the Qwen ViT steps fused here
     visual = vision_module(model)
     if getattr(visual, "_spava_fused", False):
         return model

@@ -223,7 +223,8 @@ def _task(task_cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
     # unresolved: an override may itself hold an interpolation that fails (model.name=${oc.env:NOPE})
-    overrides = " ".join(OmegaConf.to_container(hc.overrides.task, resolve=False))
+    task_overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    overrides = " ".join(task_overrides)
     where = f"job #{job} ({overrides}): " if multirun else ""
     try:
         try:
@@ -240,7 +241,7 @@ def _task(task_cfg: Any) -> dict:
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(hc.overrides.task)}
+        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(task_overrides)}
     except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
         if not multirun:
             raise
@@ -254,7 +255,7 @@ def _task(task_cfg: Any) -> dict:
         from .planner.report import failed_row
 
         return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
-                "_overrides": _override_values(hc.overrides.task)}
+                "_overrides": _override_values(task_overrides)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
@@ -269,22 +270,26 @@ def _task(task_cfg: Any) -> dict:
         print(f"{cfg.model.name}: {lay.total_tokens:,} tokens ({lay.frames} frames, {lay.virtual_hosts} blocks) "
               f"on {plan.world_size} x {cfg.topology.name}; plan {plan_hash[:12]}")
         print(summary_table(rows))
-        for note in capped_notes(plan, cfg):
-            print(f"note: {note}")
         from .planner.report import warning_line
 
         warning = warning_line(rows)
         if warning:
             print(warning)
+        for note in capped_notes(plan, cfg):
+            print(f"note: {note}")
         print(f"artifacts: {out_dir}")
-    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(hc.overrides.task),
+    return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(task_overrides),
             "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
 
 
 def _override_values(overrides: Any) -> dict[str, str]:
     """key -> value of a job's command-line overrides (for the sweep's per-key columns)."""
+    from omegaconf import OmegaConf
+
     out = {}
-    for item in overrides:
+    # unresolved, as _task reads them: an override may hold an interpolation that fails
+    items = OmegaConf.to_container(overrides, resolve=False) if OmegaConf.is_config(overrides) else overrides
+    for item in items:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out

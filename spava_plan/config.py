@@ -145,7 +145,7 @@ class VisionConfig:
     max_pixels: int = 28 * 28 * 16384  # processor's upper pixel bound per frame
     tile_size: int = 448  # InternVL3: square tile side (one tile per frame)
     tile_tokens: int = 256  # InternVL3: LLM tokens per tile after pixel shuffle
-    frame_text_tokens: int = 0  # text tokens wrapped around each frame (InternVL3: "Frame i: <img>...</img>")
+    frame_text_tokens: int = 0  # InternVL3: text tokens of "Frame{i}: <img>...</img>\n" except i's digits (6)
     depth: int = 32  # ViT layers
     hidden_size: int = 1280  # ViT width
     num_heads: int = 16
@@ -244,6 +244,8 @@ class TopologyConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "topology.")
+        if self.calibration is not None:  # its own module checks presence; finiteness and text here
+            _check_fields(self.calibration, "topology.calibration.")
         _positive_int(self.gpus, "gpus", MAX_GPUS)
         _positive_int(self.gpus_per_node, "topology.gpus_per_node", MAX_GPUS)
         if self.nodes is not None:
@@ -394,6 +396,7 @@ class SpavaConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
+        _check_fields(self.tune, "tune.")  # tune_config.py checks the choices; types, finiteness, text here
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.solver.name == "local_search":  # each move scans the ranks: bound the whole search
             ranks = max(self.topology.gpus, SEARCH_MIN_RANKS)
@@ -502,8 +505,17 @@ def _reject_unknown_keys(data: Any, cls: type, prefix: str) -> None:
         name = f"{prefix}{key}"
         if key not in hints:
             raise ConfigError(f"unknown setting {name!r}; known here: {', '.join(hints)}", setting=name)
-        if dataclasses.is_dataclass(hints[key]):
-            _reject_unknown_keys(data[key], hints[key], f"{name}.")
+        sub = _dataclass_of(hints[key])
+        if sub is not None:
+            _reject_unknown_keys(data[key], sub, f"{name}.")
+
+
+def _dataclass_of(hint: Any) -> Any:
+    """The dataclass a field holds (Optional[X] included), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def config_to_dict(cfg: SpavaConfig) -> dict:

@@ -1,4 +1,4 @@
-"""`spava-run` (``python -m spava_plan.run``): answer a question about a video under a plan (a Hydra app).
+"""`spava-run` (``python -m spava_plan.run``): answer a question about a video with Qwen2-VL / Qwen2.5-VL / InternVL3 under a plan (a Hydra app).
 
     torchrun --nproc-per-node W -m spava_plan.run plan=PATH model.checkpoint=PATH video=PATH question="..."
     spava-run plan=PATH ...        # one process: W ranks emulated as threads
@@ -144,7 +144,9 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None) -> Prepa
         replanned.append(f"model dims of the checkpoint ({settings['model.family']})")
     # Processing + input.
     t0 = time.perf_counter()
-    processing = hf_inputs.load_processing(args.checkpoint) if args.checkpoint else hf_inputs.default_processing()
+    m = plan.config["model"]
+    processing = (hf_inputs.load_processing(args.checkpoint) if args.checkpoint else
+                  hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"]))
     frames_n = int(plan.config["video"]["frames"])
     clip_fps = float(plan.config["video"]["fps"])  # random frames: the plan's rate
     if args.video:
@@ -272,16 +274,18 @@ def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int)
 
 def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: Any, fps: float | None = None) -> Any:
     """``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid); None:
-    the plan's video.fps (random frames, benchmarks)."""
+    the plan's video.fps (random frames)."""
     from .runtime import hf_inputs
 
     m, v = plan.config["model"], plan.config["video"]
+    fps = float(v["fps"]) if fps is None else fps
     common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
-                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"],
-                  fps=float(v["fps"]) if fps is None else fps)
+                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=fps,
+                  tile_size=m["vision"]["tile_size"], tile_tokens=m["vision"]["tile_tokens"])  # InternVL3
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
-                                          question_tokens=plan.video.max_question_tokens, seed=args.seed, **common)
+                                          question_tokens=plan.video.max_question_tokens, seed=args.seed,
+                                          frame_text_tokens=m["vision"]["frame_text_tokens"], **common)
     if args.question is None:
         raise InputError("is required: question=\"...\"", setting="question")
     return hf_inputs.build_inputs(processing, frames, args.question, video_token_id=int(model.config.video_token_id),

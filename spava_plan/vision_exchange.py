@@ -18,7 +18,9 @@ local order. Pure Python, no torch.
 Notation: a "span" is a global token range [start, stop); a "piece" is (rank, start, stop): the
 rank is the source (in ``shared`` and ``recvs``) or the destination (in ``sends``). Grid g covers
 the video tokens [video_start + g*tpg, video_start + (g+1)*tpg), tpg = tokens per grid.
-InternVL3 (planned, not run): a frame's text tokens are counted with its tile's rows.
+InternVL3: a frame's text tokens ("Frame{i}: <img>" ... "</img>\n") lie between its tiles' rows, so
+the exchange is planned in embedding-row space (row f*256 + j is tile f's token j): each rank's
+local spans are mapped to the rows of the image tokens they hold (``frame_tile_spans``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,57 @@ def grid_ranges(grids: int, world: int) -> list[Span]:
         n = base + (1 if r < extra else 0)
         out.append((pos, pos + n))
         pos += n
+    return out
+
+
+# -- InternVL3 frame text -------------------------------------------------------------------------
+# The processor writes each frame as "Frame{i}: <img>" + tile_tokens x <IMG_CONTEXT> + "</img>" and
+# joins frames with "\n"; the chat template's "<video>\n" adds the last frame's "\n". With a Qwen2
+# tokenizer that is "Frame", one token per digit of i (numbers are split into digits), ":", " ",
+# "<img>" before the tile and "</img>", "\n" after it: ``frame_text_tokens`` (6) counts every text
+# token of a frame except the digits.
+FRAME_SUFFIX_TOKENS = 2  # "</img>", "\n"
+
+
+def frame_digits(i: int) -> int:
+    """Tokens of the frame number i (1-based) in "Frame{i}: ": one per decimal digit."""
+    return len(str(i))
+
+
+def frame_video_tokens(frames: int, tile_tokens: int, frame_text_tokens: int) -> int:
+    """All tokens of InternVL3's video prompt for ``frames`` frames (text and tiles)."""
+    digits = sum(d * (min(frames, 10 ** d - 1) - 10 ** (d - 1) + 1) for d in range(1, len(str(frames)) + 1))
+    return frames * (tile_tokens + frame_text_tokens) + digits
+
+
+def frame_tile_spans(video_start: int, frames: int, tile_tokens: int, frame_text_tokens: int) -> list[Span]:
+    """Global token span of each frame's tile (its <IMG_CONTEXT> tokens), frames in order."""
+    prefix = frame_text_tokens - FRAME_SUFFIX_TOKENS
+    spans, pos = [], video_start
+    for i in range(1, frames + 1):
+        a = pos + prefix + frame_digits(i)
+        spans.append((a, a + tile_tokens))
+        pos = a + tile_tokens + FRAME_SUFFIX_TOKENS
+    return spans
+
+
+def _rows_before(tiles: Sequence[Span], starts: list[int], token: int) -> int:
+    """Image tokens (embedding rows) at global tokens < ``token``; tiles are equal-sized."""
+    f = bisect.bisect_right(starts, token) - 1
+    if f < 0:
+        return 0
+    a, b = tiles[f]
+    return f * (b - a) + min(token, b) - a
+
+
+def _to_rows(spans: Sequence[Span], tiles: Sequence[Span]) -> list[Span]:
+    """Global token spans -> the embedding-row spans of the image tokens they hold (same order)."""
+    starts = [a for a, _ in tiles]
+    out = []
+    for a, b in spans:
+        lo, hi = _rows_before(tiles, starts, a), _rows_before(tiles, starts, b)
+        if lo < hi:
+            out.append((lo, hi))
     return out
 
 
@@ -156,9 +209,15 @@ class VisionExchange:
 
 
 def vision_exchange(world: int, grids: int, tokens_per_grid: int, video_start: int,
-                    locals_: Sequence[Sequence[Span]]) -> VisionExchange:
+                    locals_: Sequence[Sequence[Span]], tiles: Sequence[Span] | None = None) -> VisionExchange:
     """The exchange for ``grids`` temporal grids of ``tokens_per_grid`` video tokens starting at
-    global token ``video_start``, split over ``world`` ranks whose local sequences are ``locals_``."""
+    global token ``video_start``, split over ``world`` ranks whose local sequences are ``locals_``.
+    With ``tiles`` (InternVL3: each grid's image-token span, text between them) the exchange is
+    planned in embedding-row space: row g*tokens_per_grid + j is grid g's j-th image token."""
+    if tiles is not None:
+        assert len(tiles) == grids and all(b - a == tokens_per_grid for a, b in tiles), (grids, tokens_per_grid)
+        locals_ = [_to_rows(spans, tiles) for spans in locals_]
+        video_start = 0
     assert len(locals_) == world and grids >= world, (len(locals_), world, grids)
     video = (video_start, video_start + grids * tokens_per_grid)
     ranges = grid_ranges(grids, world)
@@ -195,5 +254,9 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     the plan's ``video.system_tokens`` (as the runtime checks the prompt against the plan)."""
     lay = plan.layout
     grids = lay.grid_thw[0]
-    return vision_exchange(plan.world_size, grids, lay.video_tokens // grids,
-                           plan.video.system_tokens, [r.local for r in plan.ranks])
+    start = plan.video.system_tokens
+    tpg = lay.grid_thw[1] * lay.grid_thw[2]
+    tiles = None
+    if plan.model.family == "internvl3":
+        tiles = frame_tile_spans(start, grids, tpg, int(plan.config["model"]["vision"]["frame_text_tokens"]))
+    return vision_exchange(plan.world_size, grids, tpg, start, [r.local for r in plan.ranks], tiles)

@@ -194,9 +194,13 @@ def tiny_plan(inputs, family: str, gpus: int, frames: int, resolution: str, *ext
 
 def local_video_rows(inputs, index):
     """Rows of the whole video's embeddings at the video tokens among global tokens ``index``
-    (a tensor), in that order: what a rank with local sequence ``index`` must end up with."""
-    ids = inputs.input_ids[0][index]
-    return index[ids == inputs.video_token_id] - inputs.video_start
+    (a tensor), in that order: what a rank with local sequence ``index`` must end up with.
+    (Row = how many video tokens precede the token: InternVL3's frame text lies between tiles.)"""
+    import torch
+
+    is_video = inputs.input_ids[0] == inputs.video_token_id
+    row = torch.cumsum(is_video.long(), 0) - 1
+    return row[index][is_video[index]]
 
 
 def dist_env(rank: int, world: int, port: int) -> dict:
@@ -274,3 +278,119 @@ def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str
                        root / f"out_{backend}_W{W}_rank{rank}.pt")
     finally:
         comm.close()
+
+
+# -- tiny InternVL3 ---------------------------------------------------------------------------------
+# Special tokens of InternVL3's tokenizer (Qwen2's plus the image markers); the processor writes
+# every frame as "Frame{i}: <img>" + <IMG_CONTEXT> x tile_tokens + "</img>".
+INTERNVL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                           "<video>"]
+# Qwen2's pre-tokenizer pattern (its tokenizer.json): numbers split into single digits, a newline
+# never joins the word after it. The tiny InternVL tokenizer uses it so that the frame text splits
+# as in the real tokenizer ("Frame", digits, ":", " ").
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# InternVL3-hf's chat template structure: the video part renders "<video>\n" (written compactly).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_INTERNVL_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            image_size=[140, 140], patch_size=[7, 7])  # conf/model/tiny_internvl3.yaml
+TINY_INTERNVL_TILE, TINY_INTERNVL_TOKENS = 140, 100
+
+
+def build_internvl_tokenizer(vocab_size: int = TINY_TEXT["vocab_size"]):
+    """A byte-level BPE with Qwen2's pre-tokenizer and InternVL's special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 16, special_tokens=INTERNVL_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # the words the chat template and the frame text write right after a special token or newline
+    corpus = _CORPUS + ["\n".join(f"Frame{i}: " for i in range(1, 40)), "system\nuser\nassistant\n"] * 8
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=INTERNVL_SPECIAL_TOKENS[1:])
+    fast.chat_template = INTERNVL_CHAT_TEMPLATE
+    assert len(fast) <= vocab_size, len(fast)
+    return fast
+
+
+def tiny_internvl_config(tokenizer):
+    """transformers' InternVLConfig with the dims of conf/model/tiny_internvl3.yaml."""
+    from transformers import InternVLConfig
+
+    t = TINY_TEXT
+    text = dict(model_type="qwen2", vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+                num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+                max_position_embeddings=t["max_position_embeddings"], tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"]},
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    vision = dict(TINY_INTERNVL_VISION, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+                  hidden_act="gelu", use_mean_pooling=False)
+    return InternVLConfig(text_config=text, vision_config=vision,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                          image_seq_length=TINY_INTERNVL_TOKENS, downsample_ratio=0.5, tie_word_embeddings=False)
+
+
+def build_internvl_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny InternVL model, its tokenizer and image processor to ``path``."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from spava_plan.runtime.internvl_inputs import internvl_image_processor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_internvl_tokenizer()
+    config = tiny_internvl_config(tokenizer)
+    config.text_config.initializer_range = 0.15  # spread the logits: no near-ties for greedy argmax
+    config.vision_config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    internvl_image_processor(TINY_INTERNVL_TILE).save_pretrained(path)
+    return path
+
+
+def tiny_internvl_inputs(checkpoint: str | Path, video: str | Path, frames: int, question: str = QUESTION):
+    """Processor inputs (one 140x140 tile per frame) for the tiny InternVL checkpoint."""
+    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.video_io import read_frames
+
+    pixels, _ = read_frames(str(video), frames)
+    proc = hf_inputs.load_processing(str(checkpoint))
+    return hf_inputs.build_inputs(proc, pixels, question, family="internvl3", min_pixels=0, max_pixels=0,
+                                  temporal_patch=1, merge=2, fps=2.0, tile_size=TINY_INTERNVL_TILE,
+                                  tile_tokens=TINY_INTERNVL_TOKENS)
+
+
+def tiny_internvl_plan(inputs, gpus: int, frames: int, *extra: str):
+    """A plan for the tiny InternVL fitting ``inputs`` (system and question lengths from the prompt)."""
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+    from spava_plan.planner.layout import ASSISTANT_SUFFIX_TOKENS
+
+    question = inputs.total_tokens - inputs.context_tokens - ASSISTANT_SUFFIX_TOKENS
+    return build_plan(compose_config(["model=tiny_internvl3", f"gpus={gpus}", f"frames={frames}",
+                                      f"video.system_tokens={inputs.video_start}",
+                                      f"video.max_question_tokens={question}", "dtype=fp32", "kernels=false", *extra]))

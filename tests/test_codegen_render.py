@@ -91,7 +91,8 @@ def test_every_launch_the_plan_makes_is_rendered(method, tmp_path):
 
 
 # ---- nothing but planner numbers and identifiers reaches the templates ------------------------------
-HOSTILE = "__HOSTILE__'\"); import os; os.system('echo pwned')  # ${PLAN_HASH}\n\"\"\"{{x}}"
+# printable (config validation refuses control characters such as a newline in any string field)
+HOSTILE = "__HOSTILE__'\"); import os; os.system('echo pwned')  # ${PLAN_HASH} \"\"\"{{x}}"
 
 
 def _leaves(obj, path=()):

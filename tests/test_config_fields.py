@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spava_plan.config import CommandLineConfig, ConfigError, SpavaConfig, _field_hints, config_to_dict, to_config
-from spava_plan.calibration_config import CalibrationConfig
 from spava_plan.errors import SpavaError
 from spava_plan.planner.build import assemble, derive
 
@@ -41,10 +40,9 @@ def leaf_fields(cls: type = CommandLineConfig, prefix: str = "") -> dict[str, ty
     """Dotted path -> type hint of every leaf field under the command line's schema."""
     out: dict[str, typing.Any] = {}
     for name, hint in _field_hints(cls).items():
-        if typing.get_origin(hint) is typing.Union:  # Optional[a dataclass] (topology.calibration)
-            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
-        if dataclasses.is_dataclass(hint):
-            out.update(leaf_fields(hint, f"{prefix}{name}."))
+        sub = next((h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)), None)
+        if sub is not None:  # a group, or an optional one (topology.calibration)
+            out.update(leaf_fields(sub, f"{prefix}{name}."))
         else:
             out[f"{prefix}{name}"] = hint
     return out
@@ -66,6 +64,8 @@ def extremes(hint: typing.Any) -> list:
         return FLOAT_EXTREMES + [1, 10**400, "abc", "inf", None]
     if hint is str:
         return HOSTILE_TEXT + [1, 1.5, None, [1]]
+    if typing.get_origin(hint) is list and typing.get_args(hint)[0] is str:
+        return [[], ["nope"], ["a\nb"], [""], [1], [None], None, 5, "abc"]
     if typing.get_origin(hint) is list:
         return [[], [-1, 40, 25], [0, 0, 32], [1.5, 30.5], ["a"], [math.nan], [10**30, 1, 1], [16, 24, 24], None, 5]
     raise AssertionError(f"no extremes for {hint}: add them here")
@@ -150,15 +150,16 @@ def _built_directly(path: str, value: typing.Any) -> SpavaConfig:
     def rebuild(obj: typing.Any, keys: list[str]) -> typing.Any:
         head, *rest = keys
         inner = getattr(obj, head)
-        if inner is None and rest:  # an unset Optional group (topology.calibration): start from a valid one
-            inner = _VALID_OPTIONAL_GROUPS[head]
+        if rest and inner is None:  # an optional group left out (topology.calibration): build it
+            hint = _field_hints(type(obj))[head]
+            cls = next(h for h in typing.get_args(hint) if dataclasses.is_dataclass(h))
+            return dataclasses.replace(obj, **{head: cls(**{rest[0]: value})})
         new = value if not rest else rebuild(inner, rest)
         return dataclasses.replace(obj, **{head: new})
     return rebuild(base, path.split("."))
 
 
 _BASE_CONFIG = to_config(BASE)
-_VALID_OPTIONAL_GROUPS = {"calibration": CalibrationConfig(device="GPU", held_out="cells", source="results")}
 
 
 def test_every_extreme_of_every_field_built_in_python():
@@ -181,7 +182,8 @@ def values_for(hint: typing.Any) -> st.SearchStrategy:
               str: st.text(max_size=40)}
     if hint in scalar:
         return st.one_of(scalar[hint], st.sampled_from(extremes(hint)))
-    return st.one_of(st.lists(st.integers(-5, 200), max_size=4), st.sampled_from(extremes(hint)))
+    item = st.text(max_size=12) if typing.get_args(hint)[0] is str else st.integers(-5, 200)
+    return st.one_of(st.lists(item, max_size=4), st.sampled_from(extremes(hint)))
 
 
 @st.composite

@@ -40,11 +40,12 @@ def test_explicit_height_by_width_and_pixel_bounds():
 
 
 def test_internvl3_counts_tiles():
+    """"Frame{i}: <img>" tile "</img>\n": 6 text tokens per frame plus one per digit of i."""
     m = ModelConfig(name="internvl3_2b", family="internvl3")
-    m.vision.frame_text_tokens = 7
+    m.vision.frame_text_tokens = 6
     t = token_layout(m, VideoConfig(frames=10, resolution="1080p", system_tokens=15, max_question_tokens=32))
-    assert t.video_tokens == 10 * (256 + 7)
-    assert t.context_tokens == 15 + 10 * 263 and t.query_tokens == 32 + 5
+    assert t.video_tokens == 10 * (256 + 6) + 9 * 1 + 1 * 2
+    assert t.context_tokens == 15 + t.video_tokens and t.query_tokens == 32 + 5
 
 
 def test_paper_rules():
