@@ -1,4 +1,5 @@
-"""`spava-run` (``python -m spava_plan.run``): answer a question about a video with Qwen2-VL / Qwen2.5-VL / InternVL3 under a plan (a Hydra app).
+"""`spava-run` (``python -m spava_plan.run``): answer a question about a video with Qwen2-VL /
+Qwen2.5-VL / InternVL3 under a plan (a Hydra app).
 
     torchrun --nproc-per-node W -m spava_plan.run plan=PATH model.checkpoint=PATH video=PATH question="..."
     spava-run plan=PATH ...        # one process: W ranks emulated as threads
