@@ -280,7 +280,9 @@ def check_plan(plan: Plan) -> None:
               f"layout.{name}", f"is out of range: {getattr(lay, name)}")
     _need(all(x >= 1 for x in lay.grid_thw), "layout.grid_thw", "must be positive")
     # the frame-parallel vision encoder gives every rank at least one temporal grid
-    _need(lay.grid_thw[0] >= W and lay.video_tokens % lay.grid_thw[0] == 0, "layout.grid_thw",
+    # (InternVL3's video tokens also hold each frame's text, whose length varies with the frame number)
+    _need(lay.grid_thw[0] >= W and (plan.model.family == "internvl3" or lay.video_tokens % lay.grid_thw[0] == 0),
+          "layout.grid_thw",
           f"needs at least world_size={W} temporal grids that divide layout.video_tokens")
     _need(all(x >= 1 for x in lay.frame_size), "layout.frame_size", "must be positive")
     V = lay.virtual_hosts
