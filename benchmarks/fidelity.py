@@ -176,14 +176,13 @@ def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend) -> torch
     ctx, hkv = lay.context_tokens, plan.model.num_kv_heads
     needles = data.needles
     seen = torch.zeros(hkv, ctx, len(needles), dtype=torch.bool)
-    method = plan.config["method"]
     # selected global indices per (slot, rank): (keep, Hkv)
     chosen: dict[tuple[int, int], torch.Tensor] = {}
     qq = data.q[ctx:]
     for rp in plan.ranks:
         for slot, a, b, keep in rp.select:
-            chosen[(slot, rp.rank)] = a + backend.select_indices(qq, data.k[a:b], keep, method["pool_window"],
-                                                                 method["selection"])
+            chosen[(slot, rp.rank)] = a + backend.select_indices(qq, data.k[a:b], keep, plan.selection.pool_window,
+                                                                 plan.selection.score)
     for rp in plan.ranks:
         for task in rp.tasks:
             lo, hi = task.q_start, min(task.q_stop, ctx)

@@ -317,8 +317,7 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         record(f"sdpa_{bk}/segments", lambda i: run_segments(calls[i], scale, bk, ok_gqa))
         del calls
     if "select" in variants and sets[0][2]:
-        pool = int(plan.config["method"]["pool_window"])
-        score = str(plan.config["method"]["selection"])
+        pool, score = plan.selection.pool_window, plan.selection.score
         record("select", lambda i: [backend.select(sets[i][1], kb, vb, kp, pool, score) for kb, vb, kp in sets[i][2]])
         res["select_blocks"] = [[kb.shape[0], kp] for kb, _, kp in sets[0][2]]
         mod = backend.mod  # where the selection time goes: score + top-k, then the packed gather

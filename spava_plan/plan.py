@@ -66,7 +66,10 @@ COLLECTIVE_KINDS = get_args(CollectiveKind)
 # Settings that say where and how a plan is deployed, not what it computes: they are kept in
 # plan.json (``Plan.deployment``) but outside the content hash, so equal computations share one
 # hash and one kernel cache. Dotted paths into the resolved config.
-DEPLOYMENT_SETTINGS = ("kernels", "model.checkpoint", "model.init", "model.hf_id", "video.path")
+# (``tune``: how the knobs were chosen, not what they compute; ``topology.calibration``: where the
+# rates came from, the rates themselves are hashed.)
+DEPLOYMENT_SETTINGS = ("kernels", "model.checkpoint", "model.init", "model.hf_id", "video.path", "tune",
+                       "topology.calibration")
 
 
 @dataclass(frozen=True)

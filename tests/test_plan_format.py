@@ -86,7 +86,7 @@ def test_computation_settings_change_the_hash(change):
 
 def test_deployment_is_outside_the_hashed_part(tmp_path):
     data = _saved(tmp_path)
-    assert set(data["deployment"]) == {"kernels", "model", "video"}
+    assert set(data["deployment"]) == {"kernels", "model", "video", "tune", "topology"}
     assert "checkpoint" not in data["config"]["model"] and "kernels" not in data["config"]
     data["deployment"]["kernels"] = not data["deployment"]["kernels"]  # no re-hash needed
     (tmp_path / "plan.json").write_text(json.dumps(data))
