@@ -600,15 +600,9 @@ def prepare_process(comm_option: str) -> None:
 
 def remove_if_empty(out_dir: str | None) -> None:
     """Hydra creates the run directory up front; leave none behind when nothing was saved in it."""
-    if not out_dir:
-        return
-    path, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
-    while path != cwd and cwd in path.parents:
-        try:
-            path.rmdir()  # only succeeds when empty
-        except OSError:
-            break
-        path = path.parent
+    from .hydra_conf import remove_empty_dirs
+
+    remove_empty_dirs(out_dir)
 
 
 _EXIT = [0]
