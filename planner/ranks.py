@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
+from spava_plan.plan import DTYPE_BYTES, AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
 
 from .partition import KVSource, Partition, host_kv
 
@@ -247,7 +247,7 @@ def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Co
         lq = part.query[1] - part.query[0]
         # (out, lse) partials travel in fp32 so the merge is exact to fp32 rounding
         out.append(Collective("query", "query_all_gather", rows_per_rank=lq,
-                              bytes_per_rank=lq * model.num_heads * (d + 1) * 4))
+                              bytes_per_rank=lq * model.num_heads * (d + 1) * DTYPE_BYTES["fp32"]))
     if part.method == "zigzag_ring" and part.world > 1:
         chunk = max(b - a for a, b in part.blocks)
         out.append(Collective("ring", "ring", rows_per_rank=2 * chunk,
