@@ -24,7 +24,7 @@ from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
-from .partition import Partition, check_vision_units, partition
+from .partition import Partition, check_vision_units, host_kv, partition
 from .placement import place
 from .ranks import RingSources, collectives, rank_plans
 from .schedule import Step, Timeline, rank_schedules, rank_steps, simulate
@@ -58,25 +58,13 @@ def segments(tokens: TokenLayout, part: Partition) -> tuple[Segment, ...]:
 
 def host_costs(part: Partition, cost: CostModel, query_tokens: int) -> list[float]:
     """Per-layer time (us) of each virtual host's own work, independent of where it is placed:
-    its attention task, the selection of its block and the per-token work of its rows.
-
-    spava/apb: host v attends v * keep passing keys (the selections of hosts 0..v-1), the anchor
-    (apb: and the query) fully, and its block causally. star: block r attends block 0 fully.
-    zigzag_ring: chunk c attends every earlier chunk fully. dense: one host, the whole prompt.
-    """
-    anchor = part.anchor_tokens if part.anchor else 0
+    its attention task over the sources of ``host_kv``, the selection of its block and the
+    per-token work of its rows."""
     out = []
     for v, (a, b) in enumerate(part.blocks):
         rows = b - a
-        if part.method in ("spava", "apb"):
-            sources = [(v * part.keep, False), (anchor, False)]
-            if part.method == "apb":
-                sources.append((query_tokens, False))
-        elif part.method == "star":
-            sources = [(part.blocks[0][1] - part.blocks[0][0], False)] if v else []
-        else:  # zigzag_ring, dense
-            sources = [(a, False)]
-        work = cost.attention(rows, tuple(s for s in sources if s[0]) + ((rows, True),)) + cost.layer_tokens(rows)
+        sources = tuple((s.keys(part.keep), s.causal) for s in host_kv(part, v))
+        work = cost.attention(rows, sources) + cost.layer_tokens(rows)
         if part.keep:
             work = work + cost.select(rows, part.keep, query_tokens)
         out.append(work.us)

@@ -26,13 +26,14 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from spava_plan.config import ModelConfig, TopologyConfig
+from spava_plan.plan import DTYPE_BYTES
 from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, Links, plan_links
 from spava_plan.vision_exchange import VisionExchange
 
 from .vision import VisionUnit, unit_attention_pairs, unit_gemms
 
 ATTN_TILE_ROWS = 128  # query-row tile of FlashAttention-class kernels
-LSE_BYTES = 4  # fp32 log-sum-exp / partials
+LSE_BYTES = DTYPE_BYTES["fp32"]  # fp32 log-sum-exp / partials
 
 # Kernel launches behind each compute op of the schedule (the schedule charges one overhead each).
 KERNELS = {"qkv": 3, "out_mlp": 6, "attend": 1, "merge": 1, "select_block": 4, "vision_unit": 0}

@@ -10,6 +10,7 @@ block, hence every all-gather buffer, has the same length; Spava then equals exa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from spava_plan.config import MethodConfig
 from spava_plan.errors import InfeasiblePlanError
@@ -35,6 +36,48 @@ class Partition:
     @property
     def virtual_hosts(self) -> int:
         return len(self.blocks)
+
+
+class KVSource(NamedTuple):
+    """One key source of a virtual host's attention task. ``passing``: the selections of hosts
+    [start, stop) (keep keys each); ``span``: the prompt's tokens [start, stop)."""
+
+    kind: str  # "passing" or "span"
+    start: int
+    stop: int
+    causal: bool = False
+
+    def keys(self, keep: int) -> int:
+        return (self.stop - self.start) * (keep if self.kind == "passing" else 1)
+
+
+def host_kv(part: Partition, v: int) -> tuple[KVSource, ...]:
+    """The keys virtual host v attends, the one statement of each method's sources (SPAVA_SPEC.md
+    sections 4 and 8) that the host cost model and the rank plans both read; empty sources are left
+    out.
+
+    spava/apb: the selections of hosts 0..v-1, the anchor (apb: and the query) fully, its block
+    causally. star: block 0 fully (host v > 0), its block causally. zigzag_ring: every earlier chunk
+    (the prefix [0, a)) fully, itself causally. dense: one host, the whole prompt causally.
+    """
+    a, b = part.blocks[v]
+    out: list[KVSource] = []
+    if part.method in ("spava", "apb"):
+        if part.keep and v:
+            out.append(KVSource("passing", 0, v))
+        if part.anchor:
+            out.append(KVSource("span", *part.anchor))
+        if part.method == "apb":
+            assert part.query is not None
+            out.append(KVSource("span", *part.query))  # APB embeds the query in the anchor
+    elif part.method == "star":
+        if v:
+            out.append(KVSource("span", *part.blocks[0]))
+    elif part.method == "zigzag_ring":
+        if a:
+            out.append(KVSource("span", 0, a))  # the chunks before it tile [0, a)
+    out.append(KVSource("span", a, b, causal=True))
+    return tuple(out)
 
 
 def _blocks_for(layout: TokenLayout, method: MethodConfig, world: int, hosts: int, anchor: int,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import bisect
 
-from spava_plan.plan import AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
+from spava_plan.plan import DTYPE_BYTES, AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
 
-from .partition import Partition
+from .partition import KVSource, Partition, host_kv
 
 QUERY_RANK = 0  # the rank that attends the query's own keys and appends decoded tokens' K/V
 
@@ -93,6 +93,12 @@ def _local(a: int, b: int, mask: str = "full") -> KVRef:
     return KVRef(kind="local", mask=mask, start=a, stop=b)
 
 
+def _span_ref(src: KVSource) -> KVRef:
+    """A span source this rank holds (the anchor, its own block, the query, star's block 0)."""
+    assert src.kind == "span"
+    return _local(src.start, src.stop, "causal" if src.causal else "full")
+
+
 def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
     """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
     W = part.world
@@ -112,12 +118,9 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
         local.append(part.query)
         for v in hosts:
             a, b = part.blocks[v]
-            kv = list(passing[v])
-            if part.anchor:
-                kv.append(_local(*part.anchor))
-            if part.method == "apb":
-                kv.append(_local(*part.query))  # APB embeds the query in the anchor
-            kv.append(_local(a, b, "causal"))
+            # the passing block arrives by all-gathers (its runs of rows); every span is local
+            kv = [ref for src in host_kv(part, v)
+                  for ref in (passing[v] if src.kind == "passing" else (_span_ref(src),))]
             tasks.append(AttnTask(f"host{v}", a, b, kv=tuple(kv)))
         qkv: list[KVRef] = []
         share = _anchor_slice(part.anchor, r, W) if part.anchor else None
@@ -142,13 +145,13 @@ def _star_ranks(part: Partition) -> list[RankPlan]:
     ranks = []
     for r in range(W):
         own = part.blocks[r]
+        host = AttnTask(f"host{r}", *own, kv=tuple(_span_ref(src) for src in host_kv(part, r)))
         if r == 0:
             local = (own, part.query)
-            tasks = [AttnTask("host0", *own, kv=(_local(*own, "causal"),))]
+            tasks = [host]
         else:
             local = (first, own, part.query)
-            tasks = [AttnTask("anchor", *first, kv=(_local(*first, "causal"),)),
-                     AttnTask(f"host{r}", *own, kv=(_local(*first), _local(*own, "causal")))]
+            tasks = [AttnTask("anchor", *first, kv=(_local(*first, "causal"),)), host]
         qkv = [_local(*own)] + ([_local(*part.query, "causal")] if r == QUERY_RANK else [])
         tasks.append(AttnTask("query", *part.query, kv=tuple(qkv), merge="query"))
         cache = (own, part.query) if r == QUERY_RANK else (own,)
@@ -168,16 +171,23 @@ def _ring_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
     last_owner = host_rank[len(part.blocks) - 1]
     remote = [KVRef(kind="remote", mask="full", start=a, stop=b, owner=host_rank[j])
               for j, (a, b) in enumerate(part.blocks)]
+    chunk_at = {a: j for j, (a, _) in enumerate(part.blocks)}
+    chunk_at[part.blocks[-1][1]] = len(part.blocks)
     ranks = []
     for r in range(W):
         chunks = per_rank[r]
         tasks = []
         for c in chunks:
-            kv = remote[:c]
-            for j in chunks:  # this rank's own earlier chunks are local
-                if j < c:
-                    kv[j] = _local(*part.blocks[j])
-            kv.append(_local(*part.blocks[c], "causal"))
+            kv: list[KVRef] = []
+            for src in host_kv(part, c):
+                if src.causal:  # the chunk itself
+                    kv.append(_span_ref(src))
+                    continue
+                first, stop, at = chunk_at[src.start], chunk_at[src.stop], len(kv)
+                kv += remote[first:stop]  # the chunks tiling the span, from their owners
+                for j in chunks:  # except this rank's own, which are local
+                    if first <= j < stop:
+                        kv[at + j - first] = _local(*part.blocks[j])
             tasks.append(AttnTask(f"chunk{c}", *part.blocks[c], kv=tuple(kv)))
         local = tuple(part.blocks[c] for c in chunks)
         ranks.append(RankPlan(rank=r, hosts=chunks, local=local, tasks=tuple(tasks), select=(), cache=local,
@@ -209,7 +219,7 @@ class RingSources:
 
 def _dense_ranks(part: Partition) -> list[RankPlan]:
     span = part.blocks[0]
-    task = AttnTask("host0", *span, kv=(_local(*span, "causal"),))
+    task = AttnTask("host0", *span, kv=tuple(_span_ref(src) for src in host_kv(part, 0)))
     return [RankPlan(rank=0, hosts=(0,), local=(span,), tasks=(task,), select=(), cache=(span,), decode_appends=True)]
 
 
@@ -237,7 +247,7 @@ def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Co
         lq = part.query[1] - part.query[0]
         # (out, lse) partials travel in fp32 so the merge is exact to fp32 rounding
         out.append(Collective("query", "query_all_gather", rows_per_rank=lq,
-                              bytes_per_rank=lq * model.num_heads * (d + 1) * 4))
+                              bytes_per_rank=lq * model.num_heads * (d + 1) * DTYPE_BYTES["fp32"]))
     if part.method == "zigzag_ring" and part.world > 1:
         chunk = max(b - a for a, b in part.blocks)
         out.append(Collective("ring", "ring", rows_per_rank=2 * chunk,

@@ -9,7 +9,8 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.plan import Plan
 
-_PLAN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .dtypes import TORCH_DTYPES
+
 # Wider float types than the plan's are accepted: reference and fidelity runs use fp32/fp64.
 _WIDER = (torch.float32, torch.float64)
 
@@ -21,7 +22,8 @@ def check_world(plan: Plan, rank: int, world_size: int) -> None:
 
 
 def allowed_dtypes(plan: Plan) -> tuple[torch.dtype, ...]:
-    return (_PLAN_DTYPES[plan.dtype],) + tuple(d for d in _WIDER if d != _PLAN_DTYPES[plan.dtype])
+    mine = TORCH_DTYPES[plan.dtype]
+    return (mine,) + tuple(d for d in _WIDER if d != mine)
 
 
 def check_layer(plan: Plan, layer: int) -> None:

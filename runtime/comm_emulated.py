@@ -11,16 +11,18 @@ Two passes (DESIGN.md, "Multi-rank speed on one GPU"):
    cannot hide, charging each tagged collective the plan's predicted time (and untagged ones
    the plan's ``links``: spava_plan/links.py, the planner's own model).
 
+The parts: runtime/comm_hub.py (the threads' rendezvous), runtime/comm_record.py (the functional
+pass's log, the replay's marks), runtime/emulated_timeline.py (the timing model); this file is the
+Communicator over them and the world that runs both passes.
+
 A rank that raises aborts the others' pending communication at once with a DistributedError
 naming it; a rank that never shows up makes the others time out with the same kind of error.
 """
 from __future__ import annotations
 
 import math
-import statistics
 import threading
-import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,168 +32,11 @@ from spava_plan.errors import DistributedError, SpavaError
 from spava_plan.links import Links
 
 from .comm import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle, tensor_bytes
-from .emulated_timeline import Compute, Event, Start, Sync, Timeline, Wait, simulate
+from .comm_hub import _Hub, _sig
+from .comm_record import Clock, _Entry, _median_trace, _Pending, _Trace
+from .emulated_timeline import Event, Timeline, simulate
 
-_POLL_S = 0.05  # how often a blocked rank looks for a failed peer
-
-
-def _sig(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), str(t.dtype))
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class _Hub:
-    """State shared by the ranks of one world: pending collectives, P2P mailboxes, failures."""
-
-    def __init__(self, world_size: int, timeout_s: float):
-        self.W = world_size
-        self.timeout_s = timeout_s
-        self.cond = threading.Condition()
-        self.slots: dict[int, dict] = {}
-        self.mail: dict[tuple[int, int], deque] = defaultdict(deque)
-        self.failed: tuple[int, str] | None = None
-
-    def reset(self) -> None:
-        with self.cond:
-            self.slots.clear()
-            self.mail.clear()
-            self.failed = None
-
-    def fail(self, rank: int, exc: BaseException) -> None:
-        with self.cond:
-            if self.failed is None:
-                self.failed = (rank, _describe(exc))
-            self.cond.notify_all()
-
-    def _block(self, rank: int, what: str, ready: Callable[[], bool], missing: Callable[[], list[int]]) -> None:
-        """Wait (holding cond) until ready(); abort on a peer's failure or the timeout."""
-        deadline = time.monotonic() + self.timeout_s
-        while not ready():
-            if self.failed is not None and self.failed[0] != rank:
-                bad, text = self.failed
-                raise DistributedError(f"rank {rank}: {what} aborted because rank {bad} failed: {text}",
-                                       setting="runtime")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DistributedError(f"rank {rank}: {what} timed out after {self.timeout_s:g} s waiting for "
-                                       f"rank(s) {missing()}", setting="runtime.timeout")
-            self.cond.wait(min(left, _POLL_S))
-
-    def deposit(self, index: int, rank: int, kind: str, tag: str, sig: Any, item: Any) -> None:
-        """Rank's part of collective #index (a real collective starts when it is issued)."""
-        with self.cond:
-            slot = self.slots.setdefault(index, {"kind": kind, "tag": tag, "sig": {}, "items": {}, "left": self.W})
-            if slot["kind"] != kind:
-                first = min(slot["sig"])
-                raise DistributedError(
-                    f"rank {rank}: ranks disagree on collective #{index}: rank {first} issued {slot['kind']} "
-                    f"{slot['tag']!r} but rank {rank} issued {kind} {tag!r}", setting="runtime")
-            slot["sig"][rank], slot["items"][rank] = sig, item
-            self.cond.notify_all()
-
-    def gather(self, index: int, rank: int, root: int | None = None) -> list[Any]:
-        """Every rank's item of collective #index once present (``root``: only that rank's)."""
-        with self.cond:
-            slot = self.slots[index]
-            what = f"{slot['kind']} {slot['tag']!r} (collective #{index})"
-            need = [root] if root is not None else list(range(self.W))
-            self._block(rank, what, lambda: all(r in slot["items"] for r in need),
-                        lambda: [r for r in need if r not in slot["items"]])
-            if slot["kind"] == ALL_GATHER and len(set(slot["sig"].values())) > 1:
-                sizes = ", ".join(f"rank {r} {s}" for r, s in sorted(slot["sig"].items()))
-                raise DistributedError(f"rank {rank}: {what} needs equal sizes on every rank: {sizes}",
-                                       setting="runtime")
-            items = [slot["items"].get(r) for r in range(self.W)]
-            slot["left"] -= 1
-            if slot["left"] == 0:
-                del self.slots[index]
-            return items
-
-    def collective(self, index: int, rank: int, kind: str, tag: str, sig: Any, item: Any,
-                   root: int | None = None) -> list[Any]:
-        self.deposit(index, rank, kind, tag, sig, item)
-        return self.gather(index, rank, root)
-
-    def post(self, src: int, dst: int, item: torch.Tensor) -> None:
-        with self.cond:
-            self.mail[(src, dst)].append(item)
-            self.cond.notify_all()
-
-    def take(self, src: int, dst: int, what: str) -> torch.Tensor:
-        with self.cond:
-            box = self.mail[(src, dst)]
-            self._block(dst, what, lambda: bool(box), lambda: [src])
-            return box.popleft()
-
-
-class Clock:
-    """Marks on the device timeline: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def between_us(self, a: Any, b: Any) -> float:
-        if self.cuda:
-            return float(a.elapsed_time(b)) * 1e3
-        return (b - a) * 1e6
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-@dataclass
-class _Entry:
-    """One communication call as logged in the functional pass (what the rank received)."""
-
-    kind: str
-    tag: str
-    sig: Any
-    data: Any = None
-
-
-class _Trace:
-    """Replay-mode recorder: the rank's comm calls with their enter/exit marks."""
-
-    def __init__(self, clock: Clock):
-        self.clock = clock
-        self.calls: list[tuple[str, Any, tuple[int, ...], float, Any, Any]] = []  # (type, key, peers, cost, enter, exit)
-        self.begin = clock.mark()
-        self.end: Any = None
-
-    def events(self) -> list[Event]:
-        out: list[Event] = []
-        at = self.begin
-        for typ, key, peers, cost, enter, leave in self.calls:
-            out.append(Compute(self.clock.between_us(at, enter)))
-            out.append(Start(key, peers, cost) if typ == "start" else Wait(key) if typ == "wait"
-                       else Sync(key, peers, cost))
-            at = leave
-        out.append(Compute(self.clock.between_us(at, self.end)))
-        return out
-
-
-class _Pending:
-    """Handle of an emulated asynchronous operation."""
-
-    def __init__(self, finish: Callable[[], None]):
-        self._finish: Callable[[], None] | None = finish
-
-    def wait(self) -> None:
-        if self._finish is not None:
-            finish, self._finish = self._finish, None
-            finish()
-
+__all__ = ["Clock", "EmulatedComm", "EmulatedTiming", "EmulatedWorld", "Outcome"]
 
 class EmulatedComm(Communicator):
     """One rank of an EmulatedWorld. Functional mode talks to the hub; replay mode reads the log."""
@@ -545,15 +390,6 @@ class EmulatedWorld:
                               rank_compute_us=line.compute_us,
                               rank_finish_us=line.finish_us, exposed_comm_us=line.exposed_comm_us,
                               makespan_us=line.makespan_us, repeats=repeats, results=results, spans=line.spans)
-
-
-def _median_trace(runs: Sequence[Sequence[Event]]) -> list[Event]:
-    """Element-wise median of the compute stretches of structurally identical traces."""
-    out: list[Event] = []
-    for events in zip(*runs):
-        first = events[0]
-        out.append(Compute(statistics.median(e.us for e in events)) if isinstance(first, Compute) else first)
-    return out
 
 
 def _result_device(results: Sequence[Any]) -> torch.device:

@@ -15,6 +15,8 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.plan import Plan
 
+from .dtypes import TORCH_DTYPES
+
 # Plan family -> transformers class, and the model_type its config.json declares.
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
             "internvl3": "InternVLForConditionalGeneration"}
@@ -24,7 +26,7 @@ INTERNVL_SPECIAL_IDS = {"start_image_token_id": 151665, "end_image_token_id": 15
 # Qwen's vision special token ids (vocabularies of ~152K); tiny vocabularies use their last ids.
 QWEN_SPECIAL_IDS = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
                     "video_token_id": 151656}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+DTYPES = TORCH_DTYPES  # dtype name -> torch dtype (runtime/dtypes.py)
 
 
 def _model_class(family: str) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError
+from .plan import DTYPE_BYTES
 from .calibration_config import CalibrationConfig
 from .tune_config import TuneConfig
 
@@ -37,7 +38,7 @@ MODEL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "internvl3")
 METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
 SOLVERS = ("zigzag", "greedy", "exact", "local_search")
 SELECTIONS = ("query_aware", "key_norm")
-DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
 # artifacts grow with gpus: at the ceilings (the largest sizes benchmarks/plan_speed.py times)

@@ -54,6 +54,10 @@ Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
 Method = Literal["spava", "apb", "star", "zigzag_ring", "dense"]
 DType = Literal["bf16", "fp16", "fp32"]
+# The one dtype table: bytes per element of each plan dtype (config validation, cost and memory
+# models, collective sizes). runtime/dtypes.py maps the same names to torch dtypes.
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+assert tuple(DTYPE_BYTES) == get_args(DType)
 Family = Literal["qwen2_vl", "qwen2_5_vl", "internvl3"]
 Selection = Literal["query_aware", "key_norm"]
 

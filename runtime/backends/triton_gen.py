@@ -25,9 +25,10 @@ import torch
 
 from spava_plan.errors import InputError, PlanMismatchError
 
+from ..dtypes import PLAN_TORCH_DTYPES
 from .base import TaskInput
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = PLAN_TORCH_DTYPES  # the kernels serve every plan dtype
 
 
 def _interpreted() -> bool:
