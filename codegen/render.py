@@ -220,8 +220,8 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
                 task_sigs.append(masks)
     task_fns = {masks: f"_task_{i}" for i, masks in enumerate(task_sigs)}
     shapes = {"HEAD_DIM": d, "GQA_GROUP": hq // hkv}
-    task_code = _Code("\n\n".join(_task_function(task_fns[m], m) for m in task_sigs))
-    launch_code = _Code("\n\n".join(_launch_kernel(launch, task_fns, shapes) for launch in lst))
+    task_code = _Code("\n\n".join(_task_function(task_fns[m], m) for m in task_sigs).rstrip("\n"))
+    launch_code = _Code("\n\n".join(_launch_kernel(launch, task_fns, shapes) for launch in lst).rstrip("\n"))
     table = _Code("\n".join(f'    {_signature(launch.tasks)}: "{_ident(launch.name, "a launch name")}",'
                             for launch in lst))
     source = _fill(
