@@ -130,11 +130,15 @@ class RankRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
-    def pick(self, logits: torch.Tensor | None) -> int:
-        """Greedy token on the source rank, broadcast: every rank continues with the same token."""
+    def pick(self, logits: torch.Tensor | None, sampler: Callable[[torch.Tensor], int] | None = None) -> int:
+        """The next token, chosen on the source rank (greedy, or ``sampler(logits)``) and broadcast:
+        every rank continues with the same token, so sampling needs no agreement on random state."""
         if self.comm.rank == self.source:
             assert logits is not None, "the source rank holds the last prompt token"
-            token = torch.argmax(logits, dim=-1).reshape(1).to(torch.long)
+            if sampler is None:
+                token = torch.argmax(logits, dim=-1).reshape(1).to(torch.long)
+            else:
+                token = torch.tensor([int(sampler(logits))], dtype=torch.long, device=self.device)
         else:
             token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.comm.broadcast(token, src=self.source)
@@ -149,8 +153,19 @@ class RankRunner:
         return out.last_hidden_state[0, -1]
 
     # -- the whole request ------------------------------------------------------------------------
+    def go_on(self, verdict: bool) -> bool:
+        """Rank 0's verdict (continue decoding?) broadcast to every rank."""
+        flag = torch.tensor([1 if verdict else 0], dtype=torch.long, device=self.device)
+        self.comm.broadcast(flag, src=0, tag="control")
+        return bool(flag.item())
+
     def generate(self, inputs: ModelInputs, positions: torch.Tensor, max_new_tokens: int,
-                 eos_ids: Sequence[int] = ()) -> GenerationResult:
+                 eos_ids: Sequence[int] = (), sampler: Callable[[torch.Tensor], int] | None = None,
+                 on_token: Callable[[list[int]], bool] | None = None) -> GenerationResult:
+        """Prefill and decode one prompt. ``sampler`` (used on the source rank only) replaces greedy
+        argmax; ``on_token(tokens)`` (every rank passes one, or none does) is called after each new
+        token and rank 0's answer decides for all ranks whether decoding goes on (a server streams
+        and cancels through it)."""
         timing = Timing()
         # The previous request's KV cache goes now, not when prefill makes the next one: kept, it
         # would sit beside this request's vision stage (8 GB at a 170K-token rank of a 7B model).
@@ -164,7 +179,7 @@ class RankRunner:
         del emb
         first_logits = None if pre.last_row is None else self.logits(pre.hidden[pre.last_row])
         t2 = self._now()
-        token = self.pick(first_logits)
+        token = self.pick(first_logits, sampler)
         t3 = self._now()
         timing.vision_s, timing.prefill_s, timing.first_token_s = t1 - t0, t2 - t1, t3 - t0
         tokens = [token]
@@ -172,9 +187,13 @@ class RankRunner:
         # Text after the prompt continues at (largest prompt position) + 1 on all three components.
         position = int(positions[:, :inputs.prompt_tokens].max()) + 1  # query padding excluded
         while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            if on_token is not None and not self.go_on(on_token(tokens)):
+                break
             hidden = self.decode_step(tokens[-1], position)
-            tokens.append(self.pick(self.logits(hidden)))
+            tokens.append(self.pick(self.logits(hidden), sampler))
             position += 1
+        if on_token is not None:
+            on_token(tokens)  # the last token (the verdict no longer matters)
         t4 = self._now()
         timing.decode_s, timing.decode_tokens = t4 - t3, len(tokens) - 1
         return GenerationResult(tokens, first_logits, timing)

@@ -97,13 +97,12 @@ def solo_inputs(plan: Plan, hf_config: Any, rank: int, seed: int = 0) -> ModelIn
     """Random-weight inputs in the plan's exact layout for rank ``rank``: random text ids (below the
     special ids) around one contiguous video, and random pixels in this rank's temporal grids only.
     The ids and grid are the plan's, so ``check_against_plan`` holds."""
-    cfg = plan.config
-    m, v, vis = cfg["model"], cfg["video"], cfg["model"]["vision"]
-    merge, tp, patch = int(vis["spatial_merge"]), int(vis["temporal_patch"]), int(vis["patch_size"])
+    merge, tp = plan.video.spatial_merge, plan.video.temporal_patch
+    patch = int(hf_config.vision_config.patch_size)  # pixel rows must fit the loaded tower
     t, rows, cols = plan.layout.grid_thw
     grid = torch.tensor([[t, rows * merge, cols * merge]], dtype=torch.long)
     lay = plan.layout
-    video_start = int(v["system_tokens"])  # [system ids | vision_start] then the video, as synthetic_inputs
+    video_start = plan.video.system_tokens  # [system ids | vision_start] then the video, as synthetic_inputs
     gen = torch.Generator().manual_seed(seed)
     specials = [int(getattr(hf_config, k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                      "vision_end_token_id")]
@@ -118,5 +117,5 @@ def solo_inputs(plan: Plan, hf_config: Any, rank: int, seed: int = 0) -> ModelIn
     pixels = torch.empty((t * per_grid, 3 * tp * patch * patch), dtype=torch.float32)
     g0, g1 = plan_vision_exchange(plan).grids[rank]
     pixels[g0 * per_grid: g1 * per_grid].uniform_(-1.8, 2.1, generator=gen)  # the processor's normalised range
-    return _inputs(ids.unsqueeze(0), pixels, grid, vid, family=m["family"], fps=float(v["fps"]), temporal_patch=tp,
+    return _inputs(ids.unsqueeze(0), pixels, grid, vid, family=plan.model.family, fps=plan.video.fps, temporal_patch=tp,
                    merge=merge, patch=patch)

@@ -199,16 +199,11 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
 def _discard_job_dir(out_dir: Path, hydra_subdir: str | None) -> None:
     """Remove what Hydra wrote for a failed job (its config snapshot) and the job directory and
     its parents up to the working directory while they are empty."""
+    from .hydra_conf import remove_empty_dirs
+
     if hydra_subdir:
         shutil.rmtree(out_dir / hydra_subdir, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    path = out_dir.resolve()
-    while path != cwd and cwd in path.parents:
-        try:
-            path.rmdir()  # only succeeds when empty
-        except OSError:
-            break
-        path = path.parent
+    remove_empty_dirs(out_dir)
 
 
 def _task(task_cfg: Any) -> dict:

@@ -6,6 +6,7 @@ by the dataclasses in spava_plan.config before the YAML groups supply values.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Sequence
 
 from .config import CommandLineConfig, MethodConfig, SpavaConfig, to_config
@@ -86,3 +87,17 @@ def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, method=method_preset(name))
+
+
+def remove_empty_dirs(out_dir: str | Path | None) -> None:
+    """Hydra creates a job's directory up front: remove it, and its parents up to the working
+    directory, while they are empty (a failed or output-less job leaves nothing behind)."""
+    if not out_dir:
+        return
+    path, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
+    while path != cwd and cwd in path.parents:
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            break
+        path = path.parent

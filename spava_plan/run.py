@@ -1,57 +1,44 @@
-"""``python -m spava_plan.run``: answer a question about a video with Qwen2-VL / Qwen2.5-VL / InternVL3 under a plan.
+"""`spava-run` (``python -m spava_plan.run``): answer a question about a video with Qwen2-VL /
+Qwen2.5-VL / InternVL3 under a plan (a Hydra app).
 
     torchrun --nproc-per-node W -m spava_plan.run plan=PATH model.checkpoint=PATH video=PATH question="..."
-    python -m spava_plan.run plan=PATH ...        # one process: W ranks emulated as threads
+    spava-run plan=PATH ...        # one process: W ranks emulated as threads
+    spava-run model=tiny model.init=random gpus=2 video=clip.mp4 ...   # no plan=: plan for this input
 
-Arguments are key=value (like the planner's):
-    plan=PATH               plan.json made by spava-plan (its world size = number of ranks)
-    model.checkpoint=PATH   Hugging Face checkpoint directory (weights, config, tokenizer, processor)
-    model.init=random       real-size random weights (benchmarks); with model.checkpoint only its
-                            config and tokenizer are used; without one, the plan's model dims and a
-                            synthetic prompt (random text ids) are used
-    video=PATH              video file (PyAV); with model.init=random it may be left out: random pixels
-    question="..."          the question (model.init=random without a tokenizer: not needed)
-    max_new_tokens=32       greedy tokens to generate (the first one comes from prefill)
-    replan=false            true: when the input does not match the plan (frames, resolution, prompt
-                            length), plan again for this input instead of stopping
-    backend=auto            auto | torch | triton (auto: triton on CUDA, the torch reference otherwise)
-    device=auto             auto | cpu | cuda
-    dtype=plan              plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
-    comm=auto               auto (torchrun -> torch.distributed, else emulated) | dist | emulated
-    timeout=300             seconds a rank waits for its peers before failing
-    rank=R                  single-rank mode: run only rank R of the plan on this device, with random data
-                            in place of what its peers would send (runtime/solo.py); its time and peak
-                            memory are the real rank's, its answer is meaningless (labelled single-rank)
-    emulated_timing=false   true (one process only): also replay every rank alone and report the
-                            emulated W-rank time to first token (vision + prefill + token 1; the
-                            critical path, communication charged from the plan's topology)
+The options are the config tree of `spava-plan` (conf/run.yaml: model, topology, video, method,
+solver groups, gpus/frames shorthands) plus the run options of ``RunConfig`` (spava_plan/run_config.py):
+plan, question, max_new_tokens, replan, backend, device, dtype, comm, timeout, seed, emulated_timing,
+rank (single-rank mode: only rank R of the plan on this device, random data in place of what its
+peers would send, runtime/solo.py; its time and peak memory are the real rank's, its answer is not);
+``video=PATH`` stands for ``video.path=PATH``. ``--help``, ``--cfg job``, config files and overrides
+work as for any Hydra app. A plan made for the input (``replan=true``, or no ``plan=``) is saved as
+plan.json in the run's output directory (hydra.run.dir) and reported.
 
-This is one of the two modules (with spava_plan.cli) that wire the stages together: it may call
-the planner (replan=true) and codegen (kernels for the triton backend). User errors print one
-line on every rank and exit with code 2; a failed peer never makes the others hang.
+This is one of the entry modules (with spava_plan.cli and spava_plan.serve) that wire the stages
+together: it may call the planner (re-planning) and codegen (kernels for the triton backend). User
+errors print one line on every rank and exit with code 2; a failed peer never makes the others hang.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import progress
 from .errors import InfeasiblePlanError, InputError, SpavaError
 
-USAGE = __doc__.split("Arguments are", 1)[0].strip()
-
-DEFAULTS = {
-    "plan": None, "model.checkpoint": None, "model.init": "checkpoint", "video": None, "question": None,
-    "max_new_tokens": "32", "replan": "false", "backend": "auto", "device": "auto", "dtype": "plan",
-    "comm": "auto", "timeout": "300", "seed": "0", "emulated_timing": "false", "rank": "",
-}
+log = logging.getLogger("spava_plan.run")
+PROG = "spava-run"
 
 
 @dataclass
 class Args:
-    plan: str
+    """The runtime's view of a run's options (built from a RunConfig by ``args_from_config``)."""
+
+    plan: str | None
     checkpoint: str | None
     init: str
     video: str | None
@@ -66,50 +53,26 @@ class Args:
     seed: int
     emulated_timing: bool = False
     rank: int | None = None  # single-rank mode (runtime/solo.py)
+    plan_config: Any = None  # SpavaConfig to plan from when plan is None
+    out_dir: str | None = None  # where a plan made for the input is saved
+
+
+def args_from_config(cfg: Any, out_dir: str | None = None) -> Args:
+    """RunConfig (validated) -> Args; a model id in the local Hugging Face cache becomes its folder."""
+    from .run_config import resolve_checkpoint
+
+    return Args(plan=cfg.plan, checkpoint=resolve_checkpoint(cfg.model.checkpoint), init=cfg.model.init,
+                video=cfg.video.path, question=cfg.question, max_new_tokens=cfg.max_new_tokens, replan=cfg.replan,
+                backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, comm=cfg.comm, timeout=cfg.timeout,
+                seed=cfg.seed, emulated_timing=cfg.emulated_timing, rank=cfg.rank,
+                plan_config=None if cfg.plan else cfg.plan_config(), out_dir=out_dir)
 
 
 def parse_args(argv: Sequence[str]) -> Args:
-    values = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("-")
-        if not sep or key not in DEFAULTS:
-            raise InputError(f"unknown argument {arg!r}; expected key=value with key one of {', '.join(DEFAULTS)}",
-                             setting="arguments")
-        values[key] = value
+    """``key=value`` arguments (the command line's syntax) -> Args, through the Hydra config tree."""
+    from .run_config import compose_entry_config
 
-    def choice(key: str, options: Sequence[str]) -> str:
-        v = str(values[key]).lower()
-        if v not in options:
-            raise InputError(f"must be one of {', '.join(options)}, got {values[key]!r}", setting=key)
-        return v
-
-    def integer(key: str, lo: int) -> int:
-        try:
-            v = int(values[key])
-        except ValueError:
-            raise InputError(f"must be an integer, got {values[key]!r}", setting=key) from None
-        if v < lo:
-            raise InputError(f"must be >= {lo}, got {v}", setting=key)
-        return v
-
-    if not values["plan"]:
-        raise InputError("is required: plan=PATH to a plan.json made by spava-plan", setting="plan")
-    init = choice("model.init", ("checkpoint", "random"))
-    if init == "checkpoint" and not values["model.checkpoint"]:
-        raise InputError("is required (or model.init=random for random weights)", setting="model.checkpoint")
-    try:
-        timeout = float(values["timeout"])
-    except ValueError:
-        raise InputError(f"must be a number of seconds, got {values['timeout']!r}", setting="timeout") from None
-    return Args(plan=values["plan"], checkpoint=values["model.checkpoint"] or None, init=init,
-                video=values["video"] or None, question=values["question"],
-                max_new_tokens=integer("max_new_tokens", 1), replan=choice("replan", ("true", "false")) == "true",
-                backend=choice("backend", ("auto", "torch", "triton")), device=choice("device", ("auto", "cpu", "cuda")),
-                dtype=choice("dtype", ("plan", "bf16", "fp16", "fp32", "fp64")),
-                comm=choice("comm", ("auto", "dist", "emulated")), timeout=timeout, seed=integer("seed", 0),
-                emulated_timing=choice("emulated_timing", ("true", "false")) == "true",
-                rank=integer("rank", 0) if values["rank"] != "" else None)
+    return args_from_config(compose_entry_config("run", argv))
 
 
 # -- set-up shared by both launch modes ----------------------------------------------------------
@@ -167,29 +130,14 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
     from .runtime.video_io import probe, read_frames
     from .runtime.vision_parallel import check_grids
 
-    plan = load_plan(args.plan)
+    plan = initial_plan(args)
     plan.check_world(world_size)
     device = _device(args, local_rank)
-    dtype = _dtype(args, plan)
     notes: list[str] = []
-    # Model.
     t_load = time.perf_counter()
-    if args.init == "checkpoint":
-        model = hf_model.load_checkpoint(args.checkpoint, dtype=dtype, device=device)
-    elif args.checkpoint:
-        model = _random_from_checkpoint(args.checkpoint, dtype, device, args.seed)
-        notes.append("random weights with the checkpoint's architecture (model.init=random)")
-    else:
-        model = hf_model.random_model(plan.config["model"], dtype=dtype, device=device, seed=args.seed)
-        notes.append("random weights with the plan's model dims (model.init=random)")
-    # The ViT's window attention as one SDPA call per window size, not transformers' per-window
-    # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
-    vision_attention.install(model)
-    if device.type == "cuda":  # Triton kernels for the ViT's and the LLM's elementwise steps (the CPU keeps torch's)
-        vision_fused.install(model)
-        llm_fused.install(model)
+    model = load_model(args, plan, device, notes)
     load_s = time.perf_counter() - t_load
-    replanned: list[str] = []
+    replanned: list[str] = [] if args.plan else [f"planned for this input from the config ({plan.world_size} ranks)"]
     try:
         hf_model.check_model(plan, model)
     except SpavaError:
@@ -211,7 +159,8 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
             frames_n = info.total_frames
             plan = replan(plan, {"video.frames": frames_n})
             replanned.append(f"frames={frames_n}")
-        frames, info = read_frames(args.video, frames_n)
+        with progress.step(f"decoding {frames_n} frames of {args.video}"):
+            frames, info = read_frames(args.video, frames_n)
         source = (info.height, info.width)
         if info.fps > 0:
             # Qwen2.5-VL's temporal positions follow the frames' real rate (as the processor's
@@ -260,8 +209,63 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
                                              tok.convert_tokens_to_ids("<|endoftext|>")}
                                   if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
     torch.manual_seed(args.seed)
-    return Prepared(plan, Path(args.plan).resolve().parent, model, processing, inputs, positions, device, eos,
+    plan_dir = Path(args.plan).resolve().parent if args.plan else Path(args.out_dir or ".").resolve()
+    return Prepared(plan, plan_dir, model, processing, inputs, positions, device, eos,
                     notes, time.perf_counter() - t0, bool(replanned), load_s)
+
+
+def initial_plan(args: Args) -> Any:
+    """plan= loaded, or (no plan=) planned from the run's config; re-planned for the input later."""
+    from .plan import load_plan
+
+    if args.plan:
+        return load_plan(args.plan)
+    from .planner.build import build_plan
+
+    args.replan = True  # the config's frames / resolution / prompt sizes are a starting point only
+    cfg = args.plan_config
+    if cfg.video.path:  # frames at video.fps and the clip's size, from its metadata
+        from .video_meta import plan_for_clip
+
+        cfg = plan_for_clip(cfg)
+    with progress.step("planning from the config"):
+        return build_plan(cfg)
+
+
+def load_model(args: Args, plan: Any, device: Any, notes: list[str]) -> Any:
+    """The model of the run (checkpoint, or random weights), ready for the runtime."""
+    from .runtime import hf_model, llm_fused, vision_attention, vision_fused
+
+    dtype = _dtype(args, plan)
+    with progress.step("loading the model"):
+        if args.init == "checkpoint":
+            model = hf_model.load_checkpoint(args.checkpoint, dtype=dtype, device=device)
+        elif args.checkpoint:
+            model = _random_from_checkpoint(args.checkpoint, dtype, device, args.seed)
+            notes.append("random weights with the checkpoint's architecture (model.init=random)")
+        else:
+            model = hf_model.random_model(plan.config["model"], dtype=dtype, device=device, seed=args.seed)
+            notes.append("random weights with the plan's model dims (model.init=random)")
+    # The ViT's window attention as one SDPA call per window size, not transformers' per-window
+    # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
+    vision_attention.install(model)
+    if device.type == "cuda":  # Triton kernels for the ViT's and the LLM's elementwise steps (the CPU keeps torch's)
+        vision_fused.install(model)
+        llm_fused.install(model)
+    return model
+
+
+def save_plan(prepared: "Prepared", args: Args) -> str | None:
+    """A plan made for the input, saved as plan.json in the run's output directory (rank 0 only)."""
+    if not prepared.replanned or not args.out_dir:
+        return None
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "plan.json"
+    prepared.plan.save(path)
+    prepared.notes.append(f"the plan made for this input is saved at {path}")
+    log.info("saved the plan made for this input: %s", path)
+    return str(path)
 
 
 def _random_from_checkpoint(checkpoint: str, dtype: Any, device: Any, seed: int) -> Any:
@@ -424,9 +428,11 @@ def report(args: Args, prepared: Prepared, result: Any, label: str, backend: str
     return "\n".join(lines)
 
 
-def _fail(exc: SpavaError, rank: int | None) -> int:
+def _fail(exc: SpavaError, rank: int | None, prog: str = PROG) -> int:
+    """One line on stderr (on a line of its own: open progress bars are closed first)."""
+    progress.close_bars()
     where = "" if rank is None else f"[rank {rank}] "
-    print(f"spava-plan run: {where}error: {exc}", file=sys.stderr, flush=True)
+    print(f"{prog}: {where}error: {exc}", file=sys.stderr, flush=True)
     return exc.exit_code
 
 
@@ -476,9 +482,13 @@ def run_distributed(args: Args) -> int:
                 except SpavaError as exc:
                     error = exc
             _agree(comm, error)
-        result = execute(args, prepared, comm, backend)
         if comm.rank == 0:
+            save_plan(prepared, args)
+            with progress.step(f"vision, prefill and {args.max_new_tokens} new tokens on {comm.label}"):
+                result = execute(args, prepared, comm, backend)
             print(report(args, prepared, result, comm.label, backend.name), flush=True)
+        else:
+            execute(args, prepared, comm, backend)
         comm.barrier()
         comm.close()
         return 0
@@ -514,17 +524,18 @@ class _OneAtATime:
 
 
 def run_emulated(args: Args) -> int:
-    from .plan import load_plan
     from .runtime.comm_emulated import EmulatedWorld
 
     try:
-        world_size = load_plan(args.plan).world_size
+        world_size = _world_size(args)
         prepared = prepare(args, world_size)
         backend = make_backend(args, prepared)
         if backend.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             backend = _OneAtATime(backend)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
-        results = world.run(lambda rank: execute(args, prepared, world.comm(rank), backend))
+        save_plan(prepared, args)
+        with progress.step(f"vision, prefill and {args.max_new_tokens} new tokens on {world_size} emulated ranks"):
+            results = world.run(lambda rank: execute(args, prepared, world.comm(rank), backend))
         timing = None
         if args.emulated_timing:
             # Time to first token, each rank replayed alone (the same calls every time: one token).
@@ -541,7 +552,119 @@ def run_emulated(args: Args) -> int:
               f"charged from the plan's topology; median of {timing.repeats})", flush=True)
         from .trace import write_emulated_trace
 
-        print(write_emulated_trace(args.plan, timing), flush=True)
+        # beside plan= or, planned for this input, beside the plan saved in the output directory
+        print(write_emulated_trace(args.plan or os.path.join(args.out_dir or ".", "plan.json"), timing), flush=True)
+    return 0
+
+
+def _world_size(args: Args) -> int:
+    """The emulated world: the plan's ranks (or gpus= when planning from the config)."""
+    if args.plan:
+        from .plan import load_plan
+
+        return load_plan(args.plan).world_size
+    return int(args.plan_config.topology.gpus)
+
+
+def launch_mode(comm: str) -> str:
+    """dist under torchrun (or comm=dist), else emulated; InputError for impossible combinations."""
+    under_torchrun = bool(os.environ.get("RANK", "").isdigit() and os.environ.get("WORLD_SIZE", "").isdigit())
+    mode = comm if comm != "auto" else ("dist" if under_torchrun else "emulated")
+    if mode == "dist" and not under_torchrun:
+        raise InputError("comm=dist needs torchrun (RANK/WORLD_SIZE are not set)", setting="comm")
+    if mode == "emulated" and under_torchrun and int(os.environ["WORLD_SIZE"]) > 1:
+        raise InputError("comm=emulated runs in one process; do not launch it with torchrun", setting="comm")
+    return mode
+
+
+def torchrun_rank() -> int | None:
+    rank = os.environ.get("RANK", "")
+    return int(rank) if rank.isdigit() and os.environ.get("WORLD_SIZE", "").isdigit() else None
+
+
+def prepare_process(comm_option: str) -> None:
+    """Process-wide settings before torch loads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model id is looked up in the local cache, never fetched
+    # Expandable segments keep the caching allocator within ~5% of what it hands out (12-18% more
+    # with the default at a 170K-token rank): planner/memory.py's ALLOCATOR_SLACK assumes it.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    try:
+        mode = launch_mode(comm_option)
+    except SpavaError:
+        return
+    if mode == "emulated":
+        # Emulated ranks are threads, each with its own OpenMP pool; idle pools must not spin while
+        # another rank computes (on a CPU that slows every rank many times over).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def remove_if_empty(out_dir: str | None) -> None:
+    """Hydra creates the run directory up front; leave none behind when nothing was saved in it."""
+    from .hydra_conf import remove_empty_dirs
+
+    remove_empty_dirs(out_dir)
+
+
+_EXIT = [0]
+
+
+def _task(hydra_cfg: Any) -> None:
+    """The Hydra task: validate the options, then run (torchrun: one rank; else W emulated ranks)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .run_config import to_entry_config
+
+    out_dir = str(HydraConfig.get().runtime.output_dir)
+    rank = torchrun_rank()
+    try:
+        progress.quiet_library_bars()
+        cfg = to_entry_config(hydra_cfg, "run")
+        # Only rank 0 saves into the output directory (the other ranks' directories stay empty).
+        args = args_from_config(cfg, out_dir if not rank else None)
+        mode = launch_mode(args.comm)
+    except SpavaError as exc:
+        remove_if_empty(out_dir)
+        _EXIT[0] = _fail(exc, rank)
+        return
+    try:
+        if args.rank is not None:
+            _EXIT[0] = run_single_rank(args)
+        else:
+            _EXIT[0] = run_distributed(args) if mode == "dist" else run_emulated(args)
+    finally:
+        remove_if_empty(out_dir)
+
+
+def hydra_main(config_name: str, task: Any, prog: str, argv: Sequence[str] | None = None) -> int:
+    """Run a Hydra task function over conf/<config_name>.yaml with this process's arguments;
+    Hydra / OmegaConf / SpavaError failures become one line and exit code 2 (on every rank)."""
+    import hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .hydra_conf import CONFIG_MODULE, hydra_error
+    from .run_config import argv_shorthands, register_schemas
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    rank = torchrun_rank()
+    comm = next((a.split("=", 1)[1] for a in args if a.startswith("comm=")), "auto")
+    prepare_process(comm)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's exceptions reach this function, not a stack trace
+    register_schemas()
+    try:
+        sys.argv = [sys.argv[0], *argv_shorthands(args)]
+        app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
+        app()
+    except SpavaError as exc:
+        return _fail(exc, rank, prog)
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OmegaConfBaseException, Exception) as exc:
+        from hydra.errors import HydraException
+
+        if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+            raise  # a bug, not a user error: keep the traceback
+        return _fail(hydra_error(exc), rank, prog)
     return 0
 
 
@@ -551,6 +674,8 @@ def run_single_rank(args: Args) -> int:
     from .runtime.solo import SoloComm
 
     try:
+        if not args.plan:
+            raise InputError("is required with rank=R: the plan whose rank runs alone", setting="plan")
         world_size = load_plan(args.plan).world_size
         if args.rank >= world_size:
             raise InputError(f"the plan has ranks 0..{world_size - 1}, got {args.rank}", setting="rank")
@@ -577,34 +702,15 @@ def run_single_rank(args: Args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    # Expandable segments keep the caching allocator within ~5% of what it hands out (12-18% more
-    # with the default at a 170K-token rank): planner/memory.py's ALLOCATOR_SLACK assumes it.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local paths; never reach a hub
-    under_torchrun = bool(os.environ.get("RANK", "").isdigit() and os.environ.get("WORLD_SIZE", "").isdigit())
-    rank = int(os.environ["RANK"]) if under_torchrun else None
-    try:
-        args = parse_args(argv)
-    except SpavaError as exc:
-        return _fail(exc, rank)
-    mode = args.comm if args.comm != "auto" else ("dist" if under_torchrun else "emulated")
-    if mode == "emulated":
-        # Emulated ranks are threads, each with its own OpenMP pool; idle pools must not spin while
-        # another rank computes (on a CPU that slows every rank many times over). Set before torch loads.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if mode == "dist" and not under_torchrun:
-        return _fail(InputError("comm=dist needs torchrun (RANK/WORLD_SIZE are not set)", setting="comm"), rank)
-    if mode == "emulated" and under_torchrun and int(os.environ["WORLD_SIZE"]) > 1:
-        return _fail(InputError("comm=emulated runs in one process; do not launch it with torchrun", setting="comm"),
-                     rank)
-    if args.rank is not None:
-        return run_single_rank(args)
-    return run_distributed(args) if mode == "dist" else run_emulated(args)
+    """Console script `spava-run`."""
+    _EXIT[0] = 0
+    code = hydra_main("run", _task, PROG, argv)
+    return code or _EXIT[0]
+
+
+def console_main() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

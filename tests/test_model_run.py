@@ -71,7 +71,7 @@ def test_default_budget_gloo_run_completes_and_matches_the_emulated_run(setup):
 
 
 def _one_error_line(stderr: str, rank: int | None = None) -> str:
-    lines = [ln for ln in stderr.splitlines() if "spava-plan run:" in ln]
+    lines = [ln for ln in stderr.splitlines() if "spava-run:" in ln]
     assert len(lines) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     if rank is not None:
@@ -130,7 +130,7 @@ def test_replan_fits_a_different_question(setup):
     ({"model.checkpoint": "/nonexistent/ckpt"}, "model.checkpoint: no checkpoint directory"),
     ({"plan": "/nonexistent/plan.json"}, "no plan file at '/nonexistent/plan.json'"),
     ({"max_new_tokens": 0}, "max_new_tokens: must be >= 1"),
-    ({"bogus": 1}, "unknown argument 'bogus=1'"),
+    ({"bogus": 1}, "unknown setting 'bogus'"),
 ])
 def test_single_process_errors_are_one_line_exit_2(setup, over, match):
     rc, out, err = _single(setup, **over)
@@ -208,3 +208,57 @@ def test_pass_all_run_answers_exactly_like_the_stock_model(setup, tmp_path):
                              max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=0)
     new = gen[0, inputs.total_tokens:].tolist()
     assert (answer, n) == (tok.decode(new, skip_special_tokens=True).strip(), len(new))
+
+
+# -- the Hydra app's options (no model needed) -------------------------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ("max_new_tokens=1000000000", "max_new_tokens: must be >= 1 and at most 32768"),
+    ("max_new_tokens=0", "max_new_tokens: must be >= 1"),
+    ("timeout=nan", "timeout: must be a (finite )?number"),
+    ("timeout=0", "timeout: must be a number of seconds > 0"),
+    ("timeout=-1", "timeout: must be a number of seconds > 0"),
+    ("timeout=inf", "timeout: must be a (finite )?number"),
+    ("backend=cuda", "backend: must be one of auto, torch, triton"),
+    ("max_new_tokens=abc", "max_new_tokens"),
+    ("bogus=1", "unknown setting 'bogus'"),
+])
+def test_run_options_are_refused_in_one_line(override, match):
+    from spava_plan.errors import ConfigError
+    from spava_plan.run_config import compose_entry_config
+
+    with pytest.raises(ConfigError, match=match):
+        compose_entry_config("run", ["model=tiny", override])
+
+
+def test_run_options_compose_like_the_planner_config():
+    from spava_plan.run_config import compose_entry_config
+
+    cfg = compose_entry_config("run", ["model=tiny", "gpus=2", "frames=8", "replan=yes", "video=/x/clip.mp4",
+                                       "question=What?", "timeout=12.5"])
+    assert cfg.replan is True and cfg.video.path == "/x/clip.mp4" and cfg.timeout == 12.5
+    assert cfg.topology.gpus == 2 and cfg.video.frames == 8
+    plan_cfg = cfg.plan_config()  # the planner's own config, validated by its schema
+    assert plan_cfg.model.name == "tiny" and plan_cfg.topology.gpus == 2 and plan_cfg.dtype == "bf16"
+    assert compose_entry_config("run", ["model=tiny", "video=default"]).video.path is None  # the group option
+
+
+def test_cfg_and_help_print_the_config(tmp_path):
+    import subprocess
+
+    p = subprocess.run([sys.executable, *RUN, "--cfg", "job", "model=tiny", "video=/x/clip.mp4", "question=Why?"],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^  path: /x/clip.mp4$", p.stdout, re.M) and "question: Why?" in p.stdout
+    p = subprocess.run([sys.executable, *RUN, "--help"], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "spava-run" in p.stdout and "model: " in p.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_error_after_the_model_loads_is_a_line_of_its_own(setup):
+    """The question does not fit: found after the model loaded. The error starts its own line."""
+    rc, out, err = _single(setup, question=mf.QUESTION + " Please describe every object and every motion.")
+    assert rc == 2
+    line = _one_error_line(err)
+    assert line.startswith("spava-run: error: ") and "video.max_question_tokens" in line, err
+    assert err.splitlines()[0] == line  # the first line of stderr: no progress bar or log line before it

@@ -1,0 +1,240 @@
+"""Schemas of the two deployment entry points, `spava-run` and `spava-serve` (Hydra apps).
+
+Both compose the same config tree as `spava-plan` (conf/: model, topology, video, method, solver
+groups and the gpus/nodes/frames shorthands) plus their own options, typed and validated here once:
+
+    RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
+                 comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
+    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly...  (conf/serve.yaml)
+
+``video=PATH`` keeps its old meaning on these commands: when the value is not an option of the video
+config group it is rewritten to ``video.path=PATH`` (``argv_shorthands``).
+
+No torch import here (composing a run config is as light as composing a plan config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from .config import (DTYPES, MethodConfig, ModelConfig, SolverConfig, SpavaConfig, TopologyConfig, VideoConfig,
+                     _check_fields, to_config)
+from .errors import ConfigError
+
+CHOICES = {
+    "backend": ("auto", "torch", "triton"),
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("plan", "bf16", "fp16", "fp32", "fp64"),
+    "comm": ("auto", "dist", "emulated"),
+}
+# Ceilings: beyond these a value is a typo, not a workload (DESIGN.md: bound every knob that drives
+# time or size). The decode KV cache is allocated for max_new_tokens up front, so an unbounded value
+# would end in an allocator failure instead of a clear line.
+MAX_NEW_TOKENS = 32768
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_QUEUE = 4096
+
+
+def _require(ok: bool, setting: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, setting=setting)
+
+
+@dataclass
+class RunConfig:
+    """`spava-run`: the planner's config tree plus the options of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    # Shorthands (as spava-plan's): set topology.gpus, topology.nodes and video.frames when given.
+    gpus: Optional[int] = None
+    nodes: Optional[int] = None
+    frames: Optional[int] = None
+    kernels: bool = False
+    # -- the run -------------------------------------------------------------------------------
+    plan: Optional[str] = None  # plan.json from spava-plan; null: plan from this config for the input
+    question: Optional[str] = None  # the question about the video (video=PATH is video.path)
+    max_new_tokens: int = 32  # tokens to generate (the first one comes from prefill)
+    replan: bool = False  # plan again when the input does not match the plan (saved next to the output)
+    backend: str = "auto"  # auto | torch | triton (auto: triton on CUDA, the torch reference otherwise)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "plan"  # plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
+    comm: str = "auto"  # auto (torchrun -> torch.distributed, else emulated) | dist | emulated
+    timeout: float = 300.0  # seconds a rank waits for its peers before failing (process-group timeout)
+    seed: int = 0  # random weights / pixels / synthetic prompts (model.init=random)
+    emulated_timing: bool = False  # one process: also report the emulated W-rank time to first token
+    rank: Optional[int] = None  # single-rank mode: run only rank R of the plan here (runtime/solo.py)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        # Fold the shorthands into their groups (the groups validate them) and mirror them back.
+        if self.gpus is not None or self.nodes is not None:
+            self.topology = dataclasses.replace(
+                self.topology, gpus=self.topology.gpus if self.gpus is None else self.gpus,
+                nodes=self.topology.nodes if self.nodes is None else self.nodes)
+        if self.frames is not None:
+            self.video = dataclasses.replace(self.video, frames=self.frames)
+        self.gpus, self.nodes, self.frames = self.topology.gpus, self.topology.nodes, self.video.frames
+        for key, options in CHOICES.items():
+            value = getattr(self, key)
+            _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
+        _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "max_new_tokens",
+                 f"must be >= 1 and at most {MAX_NEW_TOKENS} (the decode cache is allocated for it up front), "
+                 f"got {self.max_new_tokens}")
+        _require(math.isfinite(self.timeout) and 0 < self.timeout <= MAX_TIMEOUT_S, "timeout",
+                 f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g} (7 days), got {self.timeout!r}")
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.rank is None or self.rank >= 0, "rank", f"must be >= 0 (a rank of the plan), got {self.rank}")
+        _require(self.model.init in ("checkpoint", "random"), "model.init",
+                 f"must be 'checkpoint' or 'random', got {self.model.init!r}")
+        _require(self.model.init == "random" or bool(self.model.checkpoint), "model.checkpoint",
+                 "is required: a checkpoint folder or a Hugging Face model id in the local cache "
+                 "(or model.init=random for random weights)")
+        if self.question is not None:
+            _require("\x00" not in self.question, "question", "must not contain a NUL character")
+
+    # -- derived ---------------------------------------------------------------------------------
+    def plan_config(self) -> SpavaConfig:
+        """The planner's config for planning on the fly (no plan=): the same groups and shorthands;
+        the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as bf16)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig) if hasattr(self, f.name)
+                and f.name not in ("dtype", "gpus", "nodes", "frames")}
+        data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
+        data["dtype"] = self.dtype if self.dtype in DTYPES else ("fp32" if self.dtype == "fp64" else "bf16")
+        data["kernels"] = False
+        return to_config(data)
+
+
+@dataclass
+class ServeConfig(RunConfig):
+    """`spava-serve`: a run config whose requests come over HTTP (OpenAI-compatible API)."""
+
+    host: str = "127.0.0.1"  # address rank 0 listens on (0.0.0.0: every interface)
+    port: int = 8000
+    served_model_name: Optional[str] = None  # the "model" of /v1/models (default: model.name)
+    queue_size: int = 8  # requests waiting behind the running one; more get HTTP 429
+    # A plan family (index.json, e.g. a `spava-plan -m ...` sweep root) to pick the smallest fitting
+    # plan from; plans made on the fly are added to it under cache/ (relative: to the working directory).
+    plan_dir: str = "plans"
+    plan_on_the_fly: bool = True  # false: a video that no plan of plan_dir holds is refused (HTTP 400)
+    request_timeout: float = 600.0  # seconds one request may take before it is cancelled
+    heartbeat: float = 10.0  # seconds between idle checks of the peer ranks (torchrun)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.rank is None, "rank", "is spava-run's single-rank mode; a server runs every rank of its plans")
+        _require(1 <= self.port <= 65535, "port", f"must be within 1..65535, got {self.port}")
+        _require(bool(self.host.strip()), "host", "must not be empty")
+        _require(0 <= self.queue_size <= MAX_QUEUE, "queue_size", f"must be within 0..{MAX_QUEUE}, got {self.queue_size}")
+        for key in ("request_timeout", "heartbeat"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S, key,
+                     f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, got {value!r}")
+        _require(self.heartbeat < self.timeout, "heartbeat",
+                 f"must be below timeout ({self.heartbeat:g} >= {self.timeout:g}): idle ranks check on each other "
+                 f"more often than the process group gives up on them")
+
+
+# -- composition ---------------------------------------------------------------------------------
+SCHEMAS = {"run": ("spava_run_schema", RunConfig), "serve": ("spava_serve_schema", ServeConfig)}
+
+
+def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from .hydra_conf import register_schema
+
+    register_schema()
+    for name, cls in SCHEMAS.values():
+        ConfigStore.instance().store(name=name, node=cls)
+
+
+def video_options() -> set[str]:
+    """Names of the video config group's options (conf/video/*.yaml)."""
+    from importlib.resources import files
+
+    from .hydra_conf import CONFIG_MODULE
+
+    root = files(CONFIG_MODULE).joinpath("video")
+    return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def argv_shorthands(argv: Sequence[str]) -> list[str]:
+    """``video=PATH`` (a file, not a video group option) -> ``video.path=PATH``; the rest unchanged."""
+    options = video_options()
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key == "video" and value not in options and "," not in value:
+            arg = f"video.path={value}"
+        out.append(arg)
+    return out
+
+
+def to_entry_config(cfg: Any, kind: str) -> RunConfig:
+    """A composed Hydra config -> a validated RunConfig / ServeConfig (ConfigError naming the key)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cls = SCHEMAS[kind][1]
+    if isinstance(cfg, cls):
+        return cfg
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+        data.pop("hydra", None)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{exc.msg if hasattr(exc, 'msg') else exc}".splitlines()[0], setting=str(key)) from None
+    assert isinstance(obj, cls)
+    return obj
+
+
+def compose_entry_config(kind: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """conf/<kind>.yaml with command-line style overrides (for library use and tests)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .hydra_conf import CONFIG_MODULE, hydra_error
+
+    register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=kind, overrides=argv_shorthands(overrides))
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra's override / missing-config errors
+        raise hydra_error(exc) from None
+    return to_entry_config(cfg, kind)
+
+
+def resolve_checkpoint(name: str | None) -> str | None:
+    """A checkpoint folder, or a Hugging Face model id found in the local HF cache (never downloaded)
+    -> the folder. InputError naming model.checkpoint when it is neither."""
+    from .errors import InputError
+
+    if not name or os.path.isdir(name):
+        return name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"no checkpoint directory at {name!r}", setting="model.checkpoint")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=name, local_files_only=True)
+    except ImportError:
+        raise InputError(f"no checkpoint directory at {name!r} (huggingface_hub is not installed to look the "
+                         f"id up in the local cache)", setting="model.checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or a bad id
+        raise InputError(f"no checkpoint directory at {name!r}, and it is not a model in the local Hugging Face "
+                         f"cache ({type(exc).__name__}); download it first (huggingface-cli download {name})",
+                         setting="model.checkpoint") from None

@@ -1,0 +1,259 @@
+"""`spava-serve` end to end: a real server process on 127.0.0.1 (tiny checkpoint, tiny clips made with
+PyAV here), real HTTP with the `openai` client. Every server is started on a free port, waited for
+with a bounded deadline and always stopped; request loops are bounded."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import model_fixtures as mf  # noqa: E402
+
+FRAMES = 8
+COMMON = ["model=tiny", "model.init=checkpoint", "gpus=2", f"frames={FRAMES}", "dtype=fp32", "backend=torch"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    return env
+
+
+class Server:
+    """spava-serve in its own process(es); ``stop()`` always ends them."""
+
+    def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0):
+        from spava_plan.runtime.comm_dist import free_port
+
+        self.port = free_port()
+        args = ["-m", "spava_plan.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
+                f"plan_dir={root / 'plans'}", *extra]
+        self.procs = []
+        self.logs = []
+        if ranks:  # gloo world launched the way torchrun launches its workers
+            master = free_port()
+            for r in range(ranks):
+                log = open(root / f"serve-{self.port}-rank{r}.err", "w+")
+                self.logs.append(log)
+                self.procs.append(subprocess.Popen([sys.executable, *args], cwd=str(root),
+                                                   env=mf.dist_env(r, ranks, master), stdout=subprocess.DEVNULL,
+                                                   stderr=log))
+        else:
+            log = open(root / f"serve-{self.port}.err", "w+")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen([sys.executable, *args], cwd=str(root), env=_env(),
+                                               stdout=subprocess.DEVNULL, stderr=log))
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise AssertionError(f"the server exited at start:\n{self.stderr()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            self.stop()
+            raise AssertionError(f"the server did not come up in {start_timeout} s:\n{self.stderr()[-3000:]}")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120, max_retries=0)
+
+    def stderr(self, rank: int = 0) -> str:
+        log = self.logs[rank]
+        log.flush()
+        log.seek(0)
+        return log.read()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _messages(video, question=mf.QUESTION):
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
+                                         {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    mf.build_checkpoint(root / "ckpt", "qwen2_vl")
+    mf.write_video(root / "clip.mp4", frames=2 * FRAMES, height=56, width=84)  # 4 s at 4 fps: 8 frames at video.fps=2
+    # The checkpoint as a model id in a local Hugging Face cache (the layout huggingface_hub writes).
+    snap = root / "hub" / "models--spava--tiny" / "snapshots" / "0123abcd"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(root / "ckpt", target_is_directory=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abcd")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    srv = Server(root, "queue_size=0")
+    yield srv
+    srv.stop()
+
+
+def _ask(server, video, question=mf.QUESTION, **kw):
+    kw.setdefault("max_tokens", 6)
+    return server.client.chat.completions.create(model="tiny", messages=_messages(video, question), **kw)
+
+
+def test_greedy_answer_equals_spava_run_and_streaming_matches(server, root):
+    out = _ask(server, root / "clip.mp4")
+    text, usage = out.choices[0].message.content, out.usage
+    assert usage.completion_tokens >= 1 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # spava-run on the same inputs (it plans for the clip from the same config) answers the same;
+    # its checkpoint given as a model id found in the local Hugging Face cache.
+    p = subprocess.run([sys.executable, "-m", "spava_plan.run", *COMMON, "model.checkpoint=spava/tiny",
+                        f"video={root / 'clip.mp4'}", f"question={mf.QUESTION}", "max_new_tokens=6"],
+                       cwd=str(root), env={**_env(), "HF_HUB_CACHE": str(root / "hub")}, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    answer = re.search(r"^answer: (.*)$", p.stdout, re.M).group(1)
+    decoded = re.search(r"\((\d+) tokens, max_new_tokens=6\)", p.stdout)
+    assert answer == text.strip() and int(decoded.group(1)) + 1 == usage.completion_tokens, (p.stdout, text)
+    saved = re.search(r"the plan made for this input is saved at (\S+)", p.stdout)
+    assert saved and os.path.isfile(saved.group(1))
+    # Streaming (server-sent events) delivers the same text in pieces, then usage.
+    chunks = list(_ask(server, root / "clip.mp4", stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_seeded_sampling_is_reproducible(server, root):
+    a = _ask(server, root / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
+    b = _ask(server, root / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+def test_questions_of_different_lengths(server, root):
+    short = _ask(server, root / "clip.mp4", "What happens?")
+    long = _ask(server, root / "clip.mp4", mf.QUESTION + " Describe the colours.")
+    assert short.usage.prompt_tokens < long.usage.prompt_tokens
+    assert short.usage.completion_tokens >= 1 and long.usage.completion_tokens >= 1
+    # One plan (its hash is the response's system_fingerprint) holds both: video.max_question_tokens.
+    assert short.system_fingerprint and short.system_fingerprint == long.system_fingerprint
+    index = json.loads((root / "plans" / "index.json").read_text())
+    assert [p["hash"][:16] for p in index["plans"]] == [short.system_fingerprint]
+
+
+def test_bad_requests_get_400_and_the_server_goes_on(server, root, tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 64)
+    with pytest.raises(openai.BadRequestError, match="cannot open .*junk.mp4"):
+        _ask(server, junk)
+    with pytest.raises(openai.BadRequestError, match="no video file"):
+        _ask(server, tmp_path / "missing.mp4")
+    with pytest.raises(openai.BadRequestError, match="video.max_question_tokens"):
+        _ask(server, root / "clip.mp4", "why " * 200)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   timeout=30)
+    assert r.status_code == 400 and "video_url" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": _messages(root / "clip.mp4"),
+                                                              "max_tokens": 10 ** 9}, timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    assert _ask(server, root / "clip.mp4").usage.completion_tokens >= 1
+
+
+def test_full_queue_gives_429_and_a_disconnect_cancels(server, root):
+    """queue_size=0: while one request runs, the next is refused; closing the stream cancels the
+    running request, and the server answers the next one."""
+    body = {"model": "tiny", "messages": _messages(root / "clip.mp4"), "max_tokens": 4000, "stream": True,
+            "temperature": 1.0, "seed": 1}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", server.url + "/v1/chat/completions", json=body) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data:"))  # the request is running
+            r = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2},
+                           timeout=30)
+            assert r.status_code == 429, r.text
+        # leaving the block closed the connection mid-stream: the request stops after its current
+        # token (about 80 tokens/s here; uncancelled, its 4000 tokens would take about a minute)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert _ask(server, root / "clip.mp4", max_tokens=2).usage.completion_tokens >= 1
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the cancelled request kept running"
+            time.sleep(0.2)
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert re.search(r'spava_requests_total\{status="429"\} [1-9]', metrics)
+    assert re.search(r'spava_requests_total\{status="cancelled"\} [1-9]', metrics)
+    assert "spava_time_to_first_token_seconds_bucket" in metrics and "spava_queue_depth" in metrics
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    assert httpx.get(server.url + "/health", timeout=10).json()["ranks"] == 2
+
+
+def test_gloo_server_answers_like_the_emulated_one_and_a_dead_rank_stops_it(server, root):
+    expected = _ask(server, root / "clip.mp4").choices[0].message.content
+    srv = Server(root, "timeout=20", "heartbeat=1", ranks=2)
+    try:
+        assert _ask(srv, root / "clip.mp4").choices[0].message.content == expected
+        srv.procs[1].kill()  # rank 1 dies while the server idles
+        try:
+            srv.procs[0].wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 kept running after rank 1 died")
+        err = srv.stderr(0)
+        assert srv.procs[0].returncode == 2, err[-3000:]
+        assert re.search(r"spava-serve: \[rank 0\] error: .*rank 1", err), err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        srv.stop()
+
+
+def test_serve_config_errors_are_one_line(root):
+    p = subprocess.run([sys.executable, "-m", "spava_plan.serve", "model=tiny", "queue_size=-1"], cwd=str(root),
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("spava-serve: error: queue_size")
+    assert "Traceback" not in p.stderr
+
+
+def test_parse_chat_refuses_what_it_cannot_serve():
+    from spava_plan.errors import InputError
+    from spava_plan.serve import parse_chat
+
+    ok = {"messages": _messages("/tmp/a.mp4"), "stop": "x", "seed": 3, "temperature": 0.5}
+    req = parse_chat(ok, 100)
+    assert req.video == "/tmp/a.mp4" and req.stop == ["x"] and req.sampling.seed == 3
+    for bad in ({**ok, "temperature": float("nan")}, {**ok, "top_p": 0}, {**ok, "seed": -1}, {**ok, "max_tokens": 0},
+                {**ok, "messages": [{"role": "user", "content": [{"type": "video_url",
+                                                                   "video_url": {"url": "http://x/a.mp4"}}]}]},
+                {**ok, "messages": []}, [1, 2], {**ok, "stop": [""]}):
+        with pytest.raises(InputError):
+            parse_chat(bad, 100)
+    json.dumps(req.sampling.__dict__)  # travels to the other ranks as plain data
