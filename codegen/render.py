@@ -1,7 +1,8 @@
 """Render a plan's Triton kernels: text only, no torch or triton import (planning runs anywhere).
 
 ``render_kernels(plan, out_dir)`` writes into ``out_dir`` (``kernels/`` beside plan.json):
-  spava_<plan hash[:16]>.py  the generated module (imports only torch and triton)
+  spava_<plan hash[:16]>.py  the generated module: imports triton and the plan-independent
+                             kernels (spava_plan.runtime.backends.triton_kernels), holds the rest
   manifest.json              plan hash, template digest, module sha256 and the launch table
 The bytes depend only on the plan and the template files, so rendering twice gives identical
 files; a kernel dir whose manifest already names this plan and these templates is left as is.
@@ -25,7 +26,7 @@ from typing import Iterable
 from spava_plan.errors import PlanFormatError
 from spava_plan.plan import MASKS, Plan
 
-RENDER_VERSION = 1  # bump when the rendering logic (not the templates) changes its output
+RENDER_VERSION = 2  # bump when the rendering logic (not the templates) changes its output
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _HEX = re.compile(r"[0-9a-f]{64}\Z")
 # Fixed tables from validated enum values to the identifiers the templates see.
@@ -33,9 +34,7 @@ _MASK_IDENT = {"full": "MASK_FULL", "causal": "MASK_CAUSAL"}
 _CAUSAL_FLAG = {"full": "False", "causal": "True"}
 _DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _SCORES = {"query_aware": "query_aware", "key_norm": "key_norm"}
-_TEMPLATES = ("module.py.tmpl", "task.py.tmpl", "task_param.py.tmpl", "task_call.py.tmpl", "launch.py.tmpl",
-              "launch_param.py.tmpl", "launch_seg_param.py.tmpl", "launch_branch.py.tmpl",
-              "launch_seg_arg.py.tmpl", "launch_entry.py.tmpl")
+_TEMPLATES = ("module.py.tmpl", "task.py.tmpl", "task_segment.py.tmpl", "launch.py.tmpl", "launch_task.py.tmpl")
 # Every plan's module also has the one-segment launches: the backend's fallback for a task
 # structure the plan never produced (e.g. one ring step) runs segment by segment and merges.
 _BASE_TASKS = (("full",), ("causal",))
@@ -154,23 +153,44 @@ def launches(plan: Plan) -> tuple[Launch, ...]:
 
 
 # ---- rendering --------------------------------------------------------------------------------
+def _arg_line(indent: int, names: Iterable[str]) -> str:
+    """One line of a parameter/argument list: names built here from ints, so identifiers only."""
+    names = tuple(names)
+    assert all(_NAME.match(n) for n in names), names
+    return " " * indent + ", ".join(names) + ",\n"
+
+
+def _segment_names(prefix: str, s: int) -> tuple[str, ...]:
+    """K/V pointers, length and strides of segment s, as named in task.py.tmpl's legend."""
+    return tuple(f"{prefix}{x}" for x in (f"k{s}_ptr", f"v{s}_ptr", f"n{s}", f"sk{s}_t", f"sk{s}_h",
+                                          f"sv{s}_t", f"sv{s}_h"))
+
+
+def _launch_segment_names(t: int, s: int) -> tuple[str, ...]:
+    return tuple(f"t{t}_{x}" for x in (f"k{s}", f"v{s}", f"n{s}", f"sk{s}_t", f"sk{s}_h", f"sv{s}_t", f"sv{s}_h"))
+
+
 def _task_function(name: str, masks: tuple[str, ...]) -> _Code:
-    params = _Code("".join(_fill("task_param.py.tmpl", S=s) for s in range(len(masks))).rstrip("\n"))
-    calls = _Code("".join(_fill("task_call.py.tmpl", S=s, MASK=m, CAUSAL=_CAUSAL_FLAG[m])
-                          for s, m in enumerate(masks)).rstrip("\n"))
-    return _fill("task.py.tmpl", NAME=name, SEGMENTS=len(masks), MASKS=masks, PARAMS=params, CALLS=calls)
+    params = _Code("".join(_arg_line(8, _segment_names("", s)) for s in range(len(masks))).rstrip("\n"))
+    segments = _Code("".join(_fill("task_segment.py.tmpl", S=s, MASK=m, CAUSAL=_CAUSAL_FLAG[m])
+                             for s, m in enumerate(masks)).rstrip("\n"))
+    return _fill("task.py.tmpl", NAME=name, SEGMENTS=len(masks), MASKS=masks, SEGMENT_PARAMS=params,
+                 SEGMENTS_CODE=segments)
 
 
-def _launch_kernel(launch: Launch, task_fns: dict[tuple[str, ...], str]) -> _Code:
-    params, branches = [], []
+def _launch_kernel(launch: Launch, task_fns: dict[tuple[str, ...], str], shapes: dict[str, int]) -> _Code:
+    params, bodies = [], []
     for t, masks in enumerate(launch.tasks):
-        params.append(_fill("launch_param.py.tmpl", T=t))
-        params += [_fill("launch_seg_param.py.tmpl", T=t, S=s) for s in range(len(masks))]
-        args = _Code("".join(_fill("launch_seg_arg.py.tmpl", T=t, S=s) for s in range(len(masks))).rstrip("\n"))
-        branches.append(_fill("launch_branch.py.tmpl", T=t, TASK_FN=task_fns[masks], ARGS=args))
+        params.append(_arg_line(8, (f"t{t}_{x}" for x in ("q", "sq_t", "sq_h", "o", "so_t", "so_h", "lse", "sl_t",
+                                                           "sl_h", "M"))))
+        params += [_arg_line(8, _launch_segment_names(t, s)) for s in range(len(masks))]
+        args = [_arg_line(12, (f"t{t}_{x}" for x in ("lse", "sl_t", "sl_h", "M")))]
+        args += [_arg_line(12, _launch_segment_names(t, s)) for s in range(len(masks))]
+        bodies.append(_fill("launch_task.py.tmpl", T=t, TASK_FN=task_fns[masks], ARGS=_Code("".join(args).rstrip("\n"))))
     comment = tuple(task_fns[m] for m in launch.tasks)
     return _fill("launch.py.tmpl", NAME=launch.name, TASKS=len(launch.tasks), COMMENT=comment,
-                 PARAMS=_Code("".join(params).rstrip("\n")), BRANCHES=_Code("".join(branches).rstrip("\n")))
+                 TASK_PARAMS=_Code("".join(params).rstrip("\n")), TASKS_CODE=_Code("".join(bodies).rstrip("\n")),
+                 **shapes)
 
 
 def _signature(tasks: Iterable[tuple[str, ...]]) -> _Code:
@@ -199,13 +219,14 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
             if masks not in task_sigs:
                 task_sigs.append(masks)
     task_fns = {masks: f"_task_{i}" for i, masks in enumerate(task_sigs)}
-    task_code = _Code("\n\n".join(_task_function(task_fns[m], m) for m in task_sigs))
-    launch_code = _Code("\n\n".join(_launch_kernel(launch, task_fns) for launch in lst))
-    table = _Code("".join(_fill("launch_entry.py.tmpl", SIGNATURE=_signature(launch.tasks), NAME=launch.name)
-                          for launch in lst).rstrip("\n"))
+    shapes = {"HEAD_DIM": d, "GQA_GROUP": hq // hkv}
+    task_code = _Code("\n\n".join(_task_function(task_fns[m], m) for m in task_sigs).rstrip("\n"))
+    launch_code = _Code("\n\n".join(_launch_kernel(launch, task_fns, shapes) for launch in lst).rstrip("\n"))
+    table = _Code("\n".join(f'    {_signature(launch.tasks)}: "{_ident(launch.name, "a launch name")}",'
+                            for launch in lst))
     source = _fill(
         "module.py.tmpl", PLAN_HASH=_Code(plan_hash), TEMPLATE_DIGEST=_Code(template_digest()[:16]),
-        HEAD_DIM=d, GROUP=hq // hkv, Q_HEADS=hq, KV_HEADS=hkv, WORLD=_int(plan.world_size, "world_size", 1),
+        Q_HEADS=hq, KV_HEADS=hkv, **shapes, WORLD=_int(plan.world_size, "world_size", 1),
         DTYPE=_choice(_DTYPES, plan.dtype, "dtype"),
         POOL_WINDOW=_int(plan.selection.pool_window, "selection.pool_window", 1),
         SELECT_SCORE=_choice(_SCORES, plan.selection.score, "selection.score"),

@@ -1,5 +1,5 @@
 """codegen.render: deterministic, cached rendering from template files; generated modules import
-only torch and triton; codegen itself imports neither; no config string reaches generated code."""
+only triton and spava_plan.runtime.backends.triton_kernels; codegen itself imports neither; no config string reaches generated code."""
 from __future__ import annotations
 
 import ast
@@ -57,8 +57,11 @@ def _imports(source: str) -> set[str]:
     return names
 
 
-def test_generated_module_imports_only_torch_and_triton(plan, tmp_path):
-    assert _imports(render_kernels(plan, tmp_path).read_text()) == {"torch", "triton", "triton.language"}
+def test_generated_module_imports_only_triton_and_the_shared_kernels(plan, tmp_path):
+    """Plan-independent code (tile loop, scheduling, selection, merge) is one package module, not
+    a copy per plan; the generated module imports it and triton, nothing else."""
+    assert _imports(render_kernels(plan, tmp_path).read_text()) == {
+        "triton", "triton.language", "spava_plan.runtime.backends", "spava_plan.runtime.backends.triton_kernels"}
 
 
 def test_codegen_needs_neither_torch_nor_triton():

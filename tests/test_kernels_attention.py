@@ -121,6 +121,26 @@ def test_whole_rank_in_one_launch(spava_backend):
         assert rel(out, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4
 
 
+def test_launch_kernels_assert_their_plan_constants(spava_backend):
+    """Each launch kernel's tl.static_asserts: the plan's GQA_GROUP and HEAD_DIM, tiles >= 16."""
+    plan, backend = spava_backend
+    mod = backend.mod
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(5, mod.Q_HEADS, mod.HEAD_DIM, generator=gen)
+    k = torch.randn(40, mod.KV_HEADS, mod.HEAD_DIM, generator=gen)
+    tasks = [(q, [(k, k, False)], None)]
+    kernel = getattr(mod, mod.LAUNCHES[((mod.MASK_FULL,),)])
+    shapes = dict(group=mod.GQA_GROUP, head_dim=mod.HEAD_DIM, kv_heads=mod.KV_HEADS)
+    from spava_plan.runtime.backends import triton_kernels
+
+    triton_kernels.attend(kernel, tasks, 0.25, mod.INTERPRETER_CONFIG, **shapes)  # the plan's own values pass
+    for change, message in [({"group": mod.GQA_GROUP + 1}, "GQA_GROUP"), ({"head_dim": 2 * mod.HEAD_DIM}, "HEAD_DIM")]:
+        with pytest.raises(Exception, match=message):
+            triton_kernels.attend(kernel, tasks, 0.25, mod.INTERPRETER_CONFIG, **{**shapes, **change})
+    with pytest.raises(Exception, match="BLOCK_M >= MIN_DOT"):
+        triton_kernels.attend(kernel, tasks, 0.25, (8, 32, 1, 1, 0, 1), **shapes)
+
+
 @pytest.mark.parametrize("config", [(64, 16, 1, 1, 1, 0), (16, 64, 1, 1, 0, 1)])
 def test_tile_shapes_and_tma_path(spava_backend, config):
     """Other tile shapes (BLOCK_M smaller and larger than BLOCK_N) and the tensor-descriptor loads."""

@@ -63,7 +63,9 @@ def test_long_blocks_use_topk_with_the_same_tie_rule(backend, monkeypatch):
     gen = torch.Generator().manual_seed(4)
     q, k = ints(gen, 4, 4, 16), ints(gen, 300, 2, 16)
     fast = backend.mod.select_indices(q, k, 100, 5, "query_aware")
-    monkeypatch.setattr(backend.mod, "MAX_TOP_BLOCK", 64)  # force the torch.topk path
+    from spava_plan.runtime.backends import triton_kernels  # selection is plan-independent: it lives there
+
+    monkeypatch.setattr(triton_kernels, "MAX_TOP_BLOCK", 64)  # force the torch.topk path
     assert torch.equal(backend.mod.select_indices(q, k, 100, 5, "query_aware"), fast)
 
 
