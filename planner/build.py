@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
+from spava_plan.errors import InfeasiblePlanError
 from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
@@ -258,10 +259,24 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                    exchange, chunking)
 
 
+# A ring plan lists every ring step of every rank: O(W^2) ops (about 1.3 GB of plan.json at 1024
+# GPUs). Beyond this many GPUs its plan is refused; its prediction (compare, tune) stays available.
+MAX_RING_PLAN_GPUS = 128
+
+
+def check_plan_size(method: str, world: int) -> None:
+    """Refuse a plan whose materialised form would be too large to write and load."""
+    if method == "zigzag_ring" and world > MAX_RING_PLAN_GPUS:
+        raise InfeasiblePlanError(
+            f"method=zigzag_ring lists every ring step (O(W^2) ops: about {1.3 * (world / 1024) ** 2:.1f} GB of "
+            f"plan.json at {world} GPUs); plan it on at most {MAX_RING_PLAN_GPUS} GPUs", setting="gpus")
+
+
 def assemble(d: Derived) -> Plan:
     """The immutable Plan of a derivation, with every op of the timed schedule."""
     assert all(len(t) == len(s) for t, s in zip(d.timeline.timings, d.steps)) and d.timeline.timings, \
         "assemble() needs a derivation made with detail=True"
+    check_plan_size(d.part.method, d.world)
     computation, deployment = split_config(config_to_dict(d.cfg))
     video, vision = d.cfg.video, d.cfg.model.vision
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),

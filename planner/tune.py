@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
 from spava_plan.errors import InfeasiblePlanError, SpavaError
 
-from .build import Derived, derive
+from .build import MAX_RING_PLAN_GPUS, Derived, derive
 from .cost import CostModel, visible_pairs
 from .layout import apb_passing, paper_anchor, paper_passing, token_layout
 from .memory import GIB, usable_bytes, weight_bytes
@@ -159,7 +159,11 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
                 c = Candidate(len(out), method, w, 1 if method in ("apb", "star", "dense") else 2, None, None,
                               "fixed", _config(base, preset, w, base.solver.name))
                 passes = {"star": 0, "apb": apb_passing(L)}.get(method)
-                if passes is not None and passes < floor_p:
+                if method == "zigzag_ring" and w > MAX_RING_PLAN_GPUS:
+                    c.status, c.reason = "rejected", (
+                        f"a zigzag_ring plan lists every ring step (O(W^2) ops); it is planned on at most "
+                        f"{MAX_RING_PLAN_GPUS} GPUs")
+                elif passes is not None and passes < floor_p:
                     c.status, c.reason = "rejected", (
                         f"below the quality floor: passes {passes} tokens per block, floor {floor_p} "
                         f"(set tune.min_passing={passes} to allow)")

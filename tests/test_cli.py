@@ -61,6 +61,8 @@ def test_run_writes_every_artifact(tmp_path):
     (["gpus=65536", "frames=1048576"], "gpus"),  # beyond the ceilings: refused at once
     (["video.fps=1e-300"], "video.fps"),
     (["topology.gpus_per_node=3"], "topology.gpus_per_node"),  # 8 GPUs on uneven nodes
+    # a ring plan lists O(W^2) ops: 1.3 GB of plan.json at 1024 GPUs; refused above 128
+    (["method=zigzag_ring", "gpus=256", "frames=1024", "kernels=false"], "gpus"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_artifacts(tmp_path, args, setting):
     res = spava_plan(["model=qwen2vl", "hydra.run.dir=out/job"] + args, tmp_path)
