@@ -194,6 +194,16 @@ class Worker:
         self._done(job)
         job.emit(kind, data)
 
+    def _reject(self, job: Job, exc: Exception, stage: str) -> None:
+        """A request's own failure: 400 for a SpavaError (bad input), 500 for a bug; the server goes on."""
+        if isinstance(exc, SpavaError):
+            self.metrics.requests.labels("400").inc()
+            self._finish(job, "error", (400, str(exc)))
+            return
+        log.exception("request %s failed %s", job.id, stage)
+        self.metrics.requests.labels("500").inc()
+        self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
+
     def _loop(self) -> None:
         try:
             while not self.stopping.is_set():
@@ -234,14 +244,8 @@ class Worker:
             backend = self.engine.backend(prepared)
         except DistributedError:
             raise
-        except SpavaError as exc:
-            self.metrics.requests.labels("400").inc()
-            self._finish(job, "error", (400, str(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug in one request must not take the server down
-            log.exception("request %s failed while preparing", job.id)
-            self.metrics.requests.labels("500").inc()
-            self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a bad or failing request must not take the server down
+            self._reject(job, exc, "while preparing")
             return
         state = {"text": "", "sent": 0, "finish": None, "first": None}
         deadline = time.monotonic() + self.cfg.request_timeout
@@ -278,14 +282,8 @@ class Worker:
                 result = self._run_dist(prepared, backend, req.sampling, on_token, request)
         except DistributedError:
             raise
-        except SpavaError as exc:
-            self.metrics.requests.labels("400").inc()
-            self._finish(job, "error", (400, str(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug in one request must not take the server down
-            log.exception("request %s failed", job.id)
-            self.metrics.requests.labels("500").inc()
-            self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a bad or failing request must not take the server down
+            self._reject(job, exc, "while running")
             return
         tokens = result.tokens
         text = state["text"]
