@@ -162,16 +162,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- prompt and pixels --------------------------------------------------------------------------
+def chat_prompt(processing: Processing, question: str, fallback: str) -> str:
+    """One user turn [video, question] through the checkpoint's chat template, with the generation
+    prompt; ``fallback`` (a ``{question}`` format string) when the checkpoint has no template. Each
+    family checks where the template put its video placeholder."""
+    if processing.chat_template is None:
+        return fallback.format(question=question)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return processing.tokenizer.apply_chat_template(messages, chat_template=processing.chat_template,
+                                                    tokenize=False, add_generation_prompt=True)
+
+
 def prompt_text(processing: Processing, question: str) -> str:
     """The chat prompt with one video placeholder and the generation prompt."""
     check_question(question)
-    template = processing.chat_template
-    if template is None:
-        return FALLBACK_TEMPLATE_TEXT.format(question=question)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    text = processing.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                    add_generation_prompt=True)
-    if text.count(VIDEO_PAD) != 1:
+    text = chat_prompt(processing, question, FALLBACK_TEMPLATE_TEXT)
+    if processing.chat_template is not None and text.count(VIDEO_PAD) != 1:
         raise InputError(f"the checkpoint's chat template does not place exactly one {VIDEO_PAD} for a video",
                          setting="model.checkpoint")
     return text

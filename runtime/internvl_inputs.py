@@ -24,7 +24,7 @@ import torch
 from spava_plan.errors import InputError
 from spava_plan.vision_exchange import frame_tile_spans, frame_video_tokens
 
-from .hf_inputs import ModelInputs, Processing
+from .hf_inputs import ModelInputs, Processing, chat_prompt
 
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_MARKERS = (IMG_START, IMG_END, IMG_CONTEXT, VIDEO, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -61,13 +61,8 @@ def check_question(question: str) -> None:
 def prompt_text(processing: Processing, question: str) -> str:
     """The chat prompt with one ``<video>`` placeholder and the generation prompt."""
     check_question(question)
-    template = processing.chat_template
-    if template is None:
-        return FALLBACK_TEMPLATE_TEXT.format(question=question)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    text = processing.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                    add_generation_prompt=True)
-    if text.count(VIDEO) != 1 or VIDEO + "\n" not in text:
+    text = chat_prompt(processing, question, FALLBACK_TEMPLATE_TEXT)
+    if processing.chat_template is not None and (text.count(VIDEO) != 1 or VIDEO + "\n" not in text):
         raise InputError(f"the checkpoint's chat template does not place exactly one {VIDEO} followed by a newline "
                          f"for a video", setting="model.checkpoint")
     return text
