@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+from spava_plan import critical_path
+from spava_plan.critical_path import Compute, Event, Start, Wait, ring_peers
 from spava_plan.plan import AttnTask, Collective, Op, OpKind, RankPlan, RankSchedule, Stream
 
 from .cost import Work
@@ -134,13 +136,14 @@ def _ring_template(world: int) -> list[Step]:
 
 
 # -- timing ---------------------------------------------------------------------------------------
-# Two streams per rank. Compute ops run back to back on the compute stream. ``comm_start`` launches
-# a collective at the compute stream's current time; the transfer itself runs on the comm stream
-# once every participant has launched it and finished its earlier transfers (NCCL serialises one
-# communicator's collectives), so the op's start_us/end_us are the transfer's. ``comm_wait``
-# stalls the compute stream until the transfer is done: start_us = arrival, end_us = resume, and
-# the stall is the rank's exposed communication. Every layer repeats the same ops; one layer is
-# simulated with all ranks starting at 0 (the collectives synchronise them every layer anyway).
+# The model is spava_plan.critical_path (the one the emulated run is timed with too): compute ops
+# run back to back on the compute stream; ``comm_start`` issues a collective, whose transfer runs
+# on the rank's comm stream once every participant has issued it and finished its earlier
+# transfers, so the op's start_us/end_us are the transfer's; ``comm_wait`` stalls the compute
+# stream until the transfer is done: start_us = arrival, end_us = resume, and the stall is the
+# rank's exposed communication. Every layer repeats the same ops; one layer is simulated with all
+# ranks starting at 0 (the collectives synchronise them every layer anyway). This module turns
+# the Steps and their cost-model durations into critical_path events and maps the times back.
 
 class Durations(Protocol):
     """Work of the compute steps of a rank (the cost model behind the timeline)."""
@@ -154,13 +157,6 @@ class Durations(Protocol):
 Timing = tuple  # (start_us, end_us, flops, bytes) of one op
 
 
-def _participants(kind: str, rank: int, world: int) -> tuple[int, ...]:
-    """Ranks whose launch a rank's instance of a collective waits for."""
-    if kind == "ring":  # receive from rank - 1, send to rank + 1
-        return tuple(sorted({(rank - 1) % world, rank, (rank + 1) % world}))
-    return tuple(range(world))
-
-
 class Timeline:
     """The simulated layer: per rank, the timing of every step, layer_us and exposed comm."""
 
@@ -170,138 +166,103 @@ class Timeline:
 
 def simulate(ranks: tuple[RankPlan, ...], steps: list[list[Step]], collectives: tuple[Collective, ...],
              durations: Durations, world: int, record: bool = True) -> Timeline:
-    """Time one layer of every rank (see the comment above for the model). Ring schedules take
-    an equivalent step-synchronous path (same model, O(W^2) float updates instead of O(W^2)
-    event-loop iterations); tests check it against the general engine."""
+    """Time one layer of every rank; ``record=False`` keeps only the per-rank totals. A ring
+    schedule takes the model's closed-form ring path (critical_path.simulate_ring: O(W^2) float
+    updates instead of W^2 event objects)."""
     ring = [c for c in collectives if c.kind == "ring"]
     if ring and len(collectives) == 1:
         return simulate_ring(ranks, steps, ring[0], durations, world, record)
-    return simulate_events(ranks, steps, collectives, durations, world)
+    return simulate_events(ranks, steps, collectives, durations, world, record)
+
+
+def layer_events(ranks: tuple[RankPlan, ...], steps: list[list[Step]], collectives: tuple[Collective, ...],
+                 durations: Durations, world: int) -> tuple[list[list[Event]], list[list[Work | None]]]:
+    """The critical_path events of one layer of every rank, and each compute step's Work (None
+    for comm steps). Keys are (collective, ring step); a collective waits for every rank, a ring
+    step for the neighbours it exchanges with."""
+    coll = {c.name: c for c in collectives}
+    everyone = tuple(range(world))  # one tuple shared by every rank's collectives
+    traces: list[list[Event]] = []
+    works: list[list[Work | None]] = []
+    for r, rank in enumerate(ranks):
+        events: list[Event] = []
+        work: list[Work | None] = []
+        for s in steps[r]:
+            if s.kind == "compute":
+                w = durations(rank, s)
+                events.append(Compute(w.us))
+                work.append(w)
+                continue
+            key = (s.collective, s.step)
+            if s.kind == "comm_start":
+                c = coll[s.collective]
+                peers = ring_peers(r, world) if c.kind == "ring" else everyone
+                events.append(Start(key, peers, c.time_us))
+            else:
+                events.append(Wait(key))
+            work.append(None)
+        traces.append(events)
+        works.append(work)
+    return traces, works
 
 
 def simulate_events(ranks: tuple[RankPlan, ...], steps: list[list[Step]], collectives: tuple[Collective, ...],
-                    durations: Durations, world: int) -> Timeline:
-    """The general engine: every rank advances until it waits on a collective that some
-    participant has not launched yet; launches that complete a group time its transfer."""
-    coll = {c.name: c for c in collectives}
-    n = len(ranks)
-    idx = [0] * n
-    now = [0.0] * n  # compute stream time of each rank
-    comm_free = [0.0] * n  # when each rank's comm stream is next idle
-    stalled = [0.0] * n
-    timed: list[list[Timing | None]] = [[None] * len(s) for s in steps]
-    launches: dict[tuple[str, int], dict[int, tuple[float, int]]] = {}  # key -> rank -> (time, step index)
-    done: dict[tuple[str, int], dict[int, float]] = {}  # key -> rank -> completion
-
-    def resolve(key: tuple[str, int], rank: int) -> None:
-        """Time the transfers of ``key`` that ``rank``'s launch may have unblocked."""
-        c = coll[key[0]]
-        seen = launches[key]
-        finished = done.setdefault(key, {})
-        ring = c.kind == "ring"
-        moved = float(c.bytes_per_rank * (1 if ring else world))
-        for r in (_participants("ring", rank, world) if ring else (rank,)):
-            if r not in seen or r in finished:
-                continue
-            group = _participants(c.kind, r, world)
-            if (any(p not in seen for p in group) if ring else len(seen) < world):
-                continue
-            launched = max(seen[p][0] for p in group)
-            members = (r,) if ring else group
-            begin = max(launched, max(comm_free[m] for m in members))
-            end = begin + c.time_us
-            for m in members:
-                finished[m] = end
-                comm_free[m] = end
-                timed[m][seen[m][1]] = (begin, end, 0.0, moved)
-
-    remaining = sum(len(s) for s in steps)
-    while remaining:
-        progressed = remaining
-        for r in range(n):
-            rank_steps_ = steps[r]
-            rank = ranks[r]
-            i = idx[r]
-            t = now[r]
-            while i < len(rank_steps_):
-                s = rank_steps_[i]
-                kind = s.kind
-                if kind == "compute":
-                    w = durations(rank, s)
-                    timed[r][i] = (t, t + w.us, w.flops, w.bytes)
-                    t += w.us
-                elif kind == "comm_start":
-                    key = (s.collective, s.step)
-                    launches.setdefault(key, {})[r] = (t, i)
-                    resolve(key, r)
-                else:
-                    end = done.get((s.collective, s.step), {}).get(r)
-                    if end is None:
-                        break  # blocked until the other participants launch it
-                    resume = max(t, end)
-                    stalled[r] += resume - t
-                    timed[r][i] = (t, resume, 0.0, 0.0)
-                    t = resume
-                i += 1
-                remaining -= 1
-            idx[r] = i
-            now[r] = t
-        assert remaining < progressed, "schedule deadlock: a collective is waited on but never launched by all"
-    for r in range(n):
-        assert all(x is not None for x in timed[r]), f"rank {r}: a started collective never ran"
-    return Timeline(timed, now, stalled)  # type: ignore[arg-type]
+                    durations: Durations, world: int, record: bool = True) -> Timeline:
+    """The general path: every step through critical_path.simulate (``record=False``: totals only)."""
+    traces, works = layer_events(ranks, steps, collectives, durations, world)
+    line = critical_path.simulate(traces, record=record)
+    if not record:
+        return Timeline([], list(line.finish_us), list(line.exposed_comm_us))
+    moved = {c.name: float(c.bytes_per_rank * (1 if c.kind == "ring" else world)) for c in collectives}
+    timings: list[list[Timing]] = []
+    for r in range(len(ranks)):
+        out: list[Timing] = []
+        for s, w, (a, b) in zip(steps[r], works[r], line.timings[r]):
+            if w is not None:
+                out.append((a, b, w.flops, w.bytes))
+            elif s.kind == "comm_start":
+                out.append((a, b, 0.0, moved[s.collective]))
+            else:
+                out.append((a, b, 0.0, 0.0))
+        timings.append(out)
+    return Timeline(timings, list(line.finish_us), list(line.exposed_comm_us))
 
 
 def simulate_ring(ranks: tuple[RankPlan, ...], steps: list[list[Step]], ring: Collective,
                   durations: Durations, world: int, record: bool = True) -> Timeline:
-    """The ring pattern of ``_ring_ops``: [qkv] (start s+1, attend s, wait s+1) x W [out_mlp].
-
-    Step s+1's transfer on rank r begins once ranks r-1, r, r+1 have launched it and r's comm
-    stream is free; every rank launches step s+1 right after finishing its wait for step s, so the
-    whole ring advances one step at a time. ``record=False`` keeps only the per-rank totals."""
+    """The ring pattern of ``_ring_ops`` ([qkv] (start s+1, attend s, wait s+1) x W [out_mlp],
+    critical_path.ring_events) through the model's closed form. ``record=False`` keeps only the
+    per-rank totals."""
     n = len(ranks)
     assert n == world
     for r in range(n):  # the pattern this path assumes
         assert len(steps[r]) == 3 * world and steps[r][0].name == "qkv" and steps[r][-1].name == "out_mlp", r
-    # Work values are read by index: the attend tables hold plain (us, flops, bytes) tuples.
     first = [durations(ranks[r], steps[r][0]) for r in range(n)]
     last = [durations(ranks[r], steps[r][-1]) for r in range(n)]
-    # attend step s of rank r reads the keys owned by rank (r - s) mod W
+    # attend step s of rank r reads the keys owned by rank (r - s) mod W: (us, flops, bytes) by owner
     tables = [durations.attend_by_owner(ranks[r], steps[r][2].tasks) for r in range(n)]
-    now = [w[0] for w in first]
-    comm_free = [0.0] * n
-    stalled = [0.0] * n
-    timings: list[list[Timing]] = [[(0.0, w[0], w[1], w[2])] for w in first] if record else []
-    dur = ring.time_us
-    moved = float(ring.bytes_per_rank)
-    for s in range(world):
-        more = s + 1 < world
-        launch = now[:]
+    line = critical_path.simulate_ring([w.us for w in first], [[w[0] for w in t] for t in tables],
+                                       [w.us for w in last], ring.time_us, record)
+    timings: list[list[Timing]] = []
+    if record:
+        moved = float(ring.bytes_per_rank)
         for r in range(n):
-            w = tables[r][(r - s) % world]
-            if record:
-                if more:
-                    timings[r].append(())  # the transfer's timing, filled below
-                timings[r].append((now[r], now[r] + w[0], w[1], w[2]))
-            now[r] += w[0]
-        if not more:
-            break
-        for r in range(n):
-            begin = max(launch[r - 1], launch[r], launch[(r + 1) % n], comm_free[r])
-            end = begin + dur
-            comm_free[r] = end
-            t = now[r]
-            if end > t:
-                stalled[r] += end - t
-                now[r] = end
-            if record:
-                timings[r][-2] = (begin, end, 0.0, moved)
-                timings[r].append((t, now[r], 0.0, 0.0))
-    for r in range(n):
-        if record:
-            timings[r].append((now[r], now[r] + last[r][0], last[r][1], last[r][2]))
-        now[r] += last[r][0]
-    return Timeline(timings, now, stalled)
+            t = line.timings[r]
+            out: list[Timing] = [(*t[0], first[r].flops, first[r].bytes)]
+            i = 1
+            for s in range(world):
+                if s + 1 < world:
+                    out.append((*t[i], 0.0, moved))
+                    i += 1
+                w = tables[r][(r - s) % world]
+                out.append((*t[i], w[1], w[2]))
+                i += 1
+                if s + 1 < world:
+                    out.append((*t[i], 0.0, 0.0))
+                    i += 1
+            out.append((*t[i], last[r].flops, last[r].bytes))
+            timings.append(out)
+    return Timeline(timings, list(line.finish_us), list(line.exposed_comm_us))
 
 
 def rank_schedules(ranks: tuple[RankPlan, ...], steps: list[list[Step]], timeline: Timeline,
