@@ -462,7 +462,7 @@ class Runner:
         from spava_plan.plan import load_plan
         from spava_plan.runtime import hf_inputs
         from spava_plan.runtime.comm_emulated import EmulatedWorld
-        from spava_plan.runtime.emulated_timeline import Compute, simulate
+        from spava_plan.critical_path import Compute, simulate
 
         path = self.root / cell["plans"][method]
         plan = load_plan(path)

@@ -28,13 +28,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from spava_plan import critical_path
+from spava_plan.critical_path import Event
 from spava_plan.errors import DistributedError, SpavaError
 from spava_plan.links import Links
 
 from .comm import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle, tensor_bytes
 from .comm_hub import _Hub, _sig
 from .comm_record import Clock, _Entry, _median_trace, _Pending, _Trace
-from .emulated_timeline import Event, Timeline, simulate
 
 __all__ = ["Clock", "EmulatedComm", "EmulatedTiming", "EmulatedWorld", "Outcome"]
 
@@ -265,7 +266,7 @@ class EmulatedTiming:
     makespan_us: float  # slowest rank: the critical path
     repeats: int
     results: list = field(default_factory=list, compare=False)  # the functional pass's return values
-    spans: tuple = field(default=(), compare=False)  # the critical-path model's timeline (emulated_timeline.Timeline.spans)
+    spans: tuple = field(default=(), compare=False)  # the timeline model's spans (critical_path.spans)
 
 
 class EmulatedWorld:
@@ -384,12 +385,13 @@ class EmulatedWorld:
             traces.append(_median_trace(runs))
         for c in self.comms:
             c._trace = None
-        line: Timeline = simulate(traces)
+        line = critical_path.simulate(traces, record=True)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         return EmulatedTiming(label=f"emulated {self.world_size}-rank on {name}", device=name,
                               rank_compute_us=line.compute_us,
                               rank_finish_us=line.finish_us, exposed_comm_us=line.exposed_comm_us,
-                              makespan_us=line.makespan_us, repeats=repeats, results=results, spans=line.spans)
+                              makespan_us=line.makespan_us, repeats=repeats, results=results,
+                              spans=tuple(critical_path.spans(traces, line)))
 
 
 def _result_device(results: Sequence[Any]) -> torch.device:

@@ -1,6 +1,6 @@
 """Record and replay of one rank's communication: the functional pass logs what each call received
 (``_Entry``); the timing replay hands it back and marks every call on the device clock (``_Trace``),
-giving the events runtime/emulated_timeline.py times."""
+giving the events the one timeline model (spava_plan/critical_path.py) times."""
 from __future__ import annotations
 
 import statistics
@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .emulated_timeline import Compute, Event, Start, Sync, Wait
+from spava_plan.critical_path import Compute, Event, Start, Sync, Wait
 
 class Clock:
     """Marks on the device timeline: CUDA events on GPU, perf_counter on CPU."""

@@ -1,7 +1,7 @@
 """Chrome / Perfetto trace files (trace.json) of a per-rank timeline, predicted or measured.
 
 One writer for both: the planner's predicted schedule (planner/timeline.py) and an emulated
-run's measured timeline (runtime/emulated_timeline.py via spava_plan.run) become the same kind
+run's measured timeline (spava_plan/critical_path.py via spava_plan.run) become the same kind
 of file, so both open side by side in https://ui.perfetto.dev or chrome://tracing. Pure Python,
 no torch: it lives in the core, which planner and runtime may both import.
 
@@ -87,7 +87,7 @@ def group_label(start: int, stop: int, shown: int | None = None) -> str:
 
 
 def emulated_spans(spans: Iterable[tuple[int, str, str, float, float]], world: int, most: int = 64) -> list[Span]:
-    """Spans of an emulated run's measured timeline (runtime/emulated_timeline.Timeline.spans:
+    """Spans of an emulated run's measured timeline (spava_plan.critical_path.spans:
     (rank, lane, name, start_us, end_us)); with more than ``most`` ranks, each group of ranks
     is shown by its slowest rank."""
     by_rank: dict[int, list[tuple[int, str, str, float, float]]] = {}

@@ -19,7 +19,7 @@ from spava_plan.planner.build import assemble, derive
 from spava_plan.planner.cost import CostModel
 from spava_plan.runtime import hf_model
 from spava_plan.runtime.comm_emulated import EmulatedWorld
-from spava_plan.runtime.emulated_timeline import Sync
+from spava_plan.critical_path import Sync
 from spava_plan.runtime.hf_inputs import local_indices
 from spava_plan.runtime.vision_parallel import check_grids, encode_video, encode_video_parallel, vision_module
 from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision_exchange

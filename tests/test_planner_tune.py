@@ -211,13 +211,13 @@ def test_rank_groups_cover_every_rank_once():
 
 
 def test_emulated_timeline_becomes_a_trace():
-    from spava_plan.runtime.emulated_timeline import Compute, Start, Wait, simulate
+    from spava_plan.critical_path import Compute, Start, Wait, simulate, spans
     from spava_plan.trace import chrome_trace, emulated_spans
 
     traces = [[Compute(10.0), Start("c", (0, 1), 5.0), Compute(1.0), Wait("c"), Compute(2.0)],
               [Compute(20.0), Start("c", (0, 1), 5.0), Wait("c"), Compute(2.0)]]
-    line = simulate(traces)
-    doc = chrome_trace(emulated_spans(line.spans, 2))
+    line = simulate(traces, record=True)
+    doc = chrome_trace(emulated_spans(spans(traces, line), 2))
     events, names = _check_trace(doc)
     assert names == {"rank 0", "rank 1"}
     comm = [e for e in events if e["cat"] == "comm"]

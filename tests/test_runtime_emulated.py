@@ -11,7 +11,7 @@ from spava_plan.errors import DistributedError, InputError, PlanMismatchError
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.links import ALL_TO_ALL, Links
 from spava_plan.runtime.comm_emulated import EmulatedWorld
-from spava_plan.runtime.emulated_timeline import Sync
+from spava_plan.critical_path import Sync
 from spava_plan.runtime.reference import assemble, dense_attention, local_rows
 
 TOL = 1e-10  # fp64 end to end: segment softmaxes, LSE merges and all-gathers only add rounding

@@ -2,7 +2,7 @@
 import pytest
 
 from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, plan_links
-from spava_plan.runtime.emulated_timeline import Compute, Start, Sync, Wait, simulate
+from spava_plan.critical_path import Compute, Start, Sync, Wait, simulate
 
 ALL = (0, 1)
 
