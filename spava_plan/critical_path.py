@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Sequence, Union
+from typing import Hashable, Sequence, Union
 
 
 @dataclass(frozen=True, slots=True)
