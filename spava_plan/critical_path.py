@@ -81,10 +81,9 @@ class _Transfer:
     """One communication as resolved for the ranks that share its peer group: a collective's
     one instance for every rank, or one rank's instance of a point-to-point step."""
 
-    __slots__ = ("members", "owners", "missing", "begin", "cost")
+    __slots__ = ("owners", "missing", "begin", "cost")
 
-    def __init__(self, members: frozenset[int] | None, cost: float, missing: int):
-        self.members = members  # None: every rank
+    def __init__(self, cost: float, missing: int):
         self.owners: list[int] = []  # the ranks whose instance this is
         self.missing = missing  # members not yet ready
         self.begin = 0.0  # the latest ready time seen so far
@@ -157,9 +156,9 @@ def simulate(traces: Sequence[Sequence[Event]], record: bool = False) -> Timelin
         u = by_group.get(group)
         if u is None:
             if group is None:
-                u = _Transfer(None, cost, W)
+                u = _Transfer(cost, W)
             else:  # count the members that are already ready for this key
-                u = _Transfer(group, cost, len(group))
+                u = _Transfer(cost, len(group))
                 for m in group:
                     if m != rank:
                         member_of.setdefault((key, m), []).append(u)
