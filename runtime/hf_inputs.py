@@ -183,10 +183,11 @@ def prompt_text(processing: Processing, question: str) -> str:
     return text
 
 
-def check_question(question: str) -> None:
+def check_question(question: str, markers: Sequence[str] = SPECIAL_MARKERS) -> None:
+    """A non-empty question holding none of the family's special tokens (``markers``)."""
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty; pass question=\"...\"", setting="question")
-    for marker in SPECIAL_MARKERS:
+    for marker in markers:
         if marker in question:
             raise InputError(f"the question contains the special token {marker}, which would break the prompt "
                              f"layout", setting="question")
