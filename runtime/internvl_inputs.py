@@ -24,7 +24,7 @@ import torch
 from spava_plan.errors import InputError
 from spava_plan.vision_exchange import frame_tile_spans, frame_video_tokens
 
-from .hf_inputs import ModelInputs, Processing, chat_prompt, check_question
+from .model_inputs import ModelInputs, Processing, chat_prompt, check_question
 
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_MARKERS = (IMG_START, IMG_END, IMG_CONTEXT, VIDEO, "<|im_start|>", "<|im_end|>", "<|endoftext|>")

@@ -123,8 +123,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
 
     import torch
 
-    from .plan import load_plan
-    from .runtime import hf_inputs, hf_model, llm_fused, vision_attention, vision_fused
+    from .runtime import hf_inputs, hf_model
     from .runtime.video_io import probe, read_frames
     from .runtime.vision_parallel import check_grids
 
