@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Iterable
+from typing import Iterable, get_args
 
 from spava_plan.errors import PlanFormatError
-from spava_plan.plan import MASKS, Plan
+from spava_plan.plan import MASKS, DType, Plan, Selection
 
 RENDER_VERSION = 2  # bump when the rendering logic (not the templates) changes its output
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
@@ -32,8 +32,9 @@ _HEX = re.compile(r"[0-9a-f]{64}\Z")
 # Fixed tables from validated enum values to the identifiers the templates see.
 _MASK_IDENT = {"full": "MASK_FULL", "causal": "MASK_CAUSAL"}
 _CAUSAL_FLAG = {"full": "False", "causal": "True"}
-_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-_SCORES = {"query_aware": "query_aware", "key_norm": "key_norm"}
+# the plan's own vocabularies (spava_plan/plan.py), each name standing for itself in the template
+_DTYPES = {d: d for d in get_args(DType)}
+_SCORES = {s: s for s in get_args(Selection)}
 _TEMPLATES = ("module.py.tmpl", "task.py.tmpl", "task_segment.py.tmpl", "launch.py.tmpl", "launch_task.py.tmpl")
 # Every plan's module also has the one-segment launches: the backend's fallback for a task
 # structure the plan never produced (e.g. one ring step) runs segment by segment and merges.

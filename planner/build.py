@@ -285,7 +285,10 @@ def assemble(d: Derived) -> Plan:
                 selection=SelectionSpec(score=d.cfg.method.selection, pool_window=d.cfg.method.pool_window),
                 video=VideoSpec(frames=video.frames, source_size=video.size, fps=float(video.fps),
                                 system_tokens=video.system_tokens, max_question_tokens=video.max_question_tokens,
-                                spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch),
+                                spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch,
+                                min_pixels=vision.min_pixels, max_pixels=vision.max_pixels,
+                                tile_size=vision.tile_size, tile_tokens=vision.tile_tokens,
+                                frame_text_tokens=vision.frame_text_tokens),
                 links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
                 chunking=d.chunking)
 

@@ -21,7 +21,6 @@ lookup and the single-token LM head (negligible next to a prefill of many thousa
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import NamedTuple
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +30,9 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.plan import Plan, RankPlan
 
+# The family-neutral parts (InternVL3's builder uses them too); callers reach them as hf_inputs.*.
+from .model_inputs import ModelInputs, Processing, chat_prompt, check_question  # noqa: F401
+
 VIDEO_PAD = "<|video_pad|>"
 SPECIAL_MARKERS = ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
                    "<|im_end|>", "<|endoftext|>")
@@ -38,67 +40,6 @@ SPECIAL_MARKERS = ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 FALLBACK_TEMPLATE_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                           "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
                           "<|im_start|>assistant\n")
-
-
-@dataclass
-class Processing:
-    """The checkpoint's processing parts."""
-
-    tokenizer: Any
-    image_processor: Any  # used for frames when no video processor can be built
-    video_processor: Any | None
-    chat_template: str | None
-    source: str  # "processor" (AutoProcessor) or "parts" (tokenizer + image processor)
-
-
-@dataclass
-class ModelInputs:
-    input_ids: torch.Tensor  # (1, N) long
-    mm_token_type_ids: torch.Tensor  # (1, N) int: 0 text, 2 video
-    pixel_values_videos: torch.Tensor  # (T*h*w patches, C*tp*ps*ps) float32
-    video_grid_thw: torch.Tensor  # (1, 3) long, in patches (merged tokens = t*h*w / merge^2)
-    second_per_grid_ts: torch.Tensor | None  # (1,) Qwen2.5-VL: seconds per temporal grid
-    video_token_id: int
-    frame_size: tuple[int, int]  # (height, width) after the processor's resize
-    # Query padding appended by ``pad_query`` (the last ``pad_tokens`` rows are not part of the
-    # prompt): a question shorter than the plan's capacity runs on the plan's full layout.
-    pad_tokens: int = 0
-    # InternVL3: the video is frame text and tiles ("Frame{i}: <img>...</img>\n"): its global span
-    # [start, stop) including the text, and no <|vision_end|> after it. None: the video is the run
-    # of video tokens (Qwen), closed by one <|vision_end|>.
-    video_span: tuple[int, int] | None = None
-    end_tokens: int = 1  # tokens after the video that still belong to the context
-
-    @property
-    def total_tokens(self) -> int:
-        """Rows of the (padded) sequence the ranks run."""
-        return int(self.input_ids.shape[1])
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Real prompt tokens (without the query padding)."""
-        return self.total_tokens - self.pad_tokens
-
-    @property
-    def video_mask(self) -> torch.Tensor:
-        return self.input_ids[0] == self.video_token_id
-
-    @property
-    def video_start(self) -> int:
-        if self.video_span is not None:
-            return self.video_span[0]
-        return int(torch.nonzero(self.video_mask)[0, 0])
-
-    @property
-    def video_tokens(self) -> int:
-        """Tokens of the video in the prompt (InternVL3: with the frames' text)."""
-        if self.video_span is not None:
-            return self.video_span[1] - self.video_span[0]
-        return int(self.video_mask.sum())
-
-    @property
-    def context_tokens(self) -> int:
-        return self.video_start + self.video_tokens + self.end_tokens
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -162,34 +103,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- prompt and pixels --------------------------------------------------------------------------
-def chat_prompt(processing: Processing, question: str, fallback: str) -> str:
-    """One user turn [video, question] through the checkpoint's chat template, with the generation
-    prompt; ``fallback`` (a ``{question}`` format string) when the checkpoint has no template. Each
-    family checks where the template put its video placeholder."""
-    if processing.chat_template is None:
-        return fallback.format(question=question)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    return processing.tokenizer.apply_chat_template(messages, chat_template=processing.chat_template,
-                                                    tokenize=False, add_generation_prompt=True)
-
-
 def prompt_text(processing: Processing, question: str) -> str:
     """The chat prompt with one video placeholder and the generation prompt."""
-    check_question(question)
+    check_question(question, SPECIAL_MARKERS)
     text = chat_prompt(processing, question, FALLBACK_TEMPLATE_TEXT)
     if processing.chat_template is not None and text.count(VIDEO_PAD) != 1:
         raise InputError(f"the checkpoint's chat template does not place exactly one {VIDEO_PAD} for a video",
                          setting="model.checkpoint")
     return text
-
-
-def check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
-        raise InputError("the question is empty; pass question=\"...\"", setting="question")
-    for marker in SPECIAL_MARKERS:
-        if marker in question:
-            raise InputError(f"the question contains the special token {marker}, which would break the prompt "
-                             f"layout", setting="question")
 
 
 def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int, max_pixels: int,

@@ -24,7 +24,7 @@ import torch
 from spava_plan.errors import InputError
 from spava_plan.vision_exchange import frame_tile_spans, frame_video_tokens
 
-from .hf_inputs import ModelInputs, Processing, chat_prompt
+from .model_inputs import ModelInputs, Processing, chat_prompt, check_question
 
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_MARKERS = (IMG_START, IMG_END, IMG_CONTEXT, VIDEO, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -49,18 +49,9 @@ def video_text(frames: int, tile_tokens: int) -> str:
     return "\n".join(f"Frame{i + 1}: {IMG_START}{tile}{IMG_END}" for i in range(frames))
 
 
-def check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
-        raise InputError("the question is empty; pass question=\"...\"", setting="question")
-    for marker in SPECIAL_MARKERS:
-        if marker in question:
-            raise InputError(f"the question contains the special token {marker}, which would break the prompt "
-                             f"layout", setting="question")
-
-
 def prompt_text(processing: Processing, question: str) -> str:
     """The chat prompt with one ``<video>`` placeholder and the generation prompt."""
-    check_question(question)
+    check_question(question, SPECIAL_MARKERS)
     text = chat_prompt(processing, question, FALLBACK_TEMPLATE_TEXT)
     if processing.chat_template is not None and (text.count(VIDEO) != 1 or VIDEO + "\n" not in text):
         raise InputError(f"the checkpoint's chat template does not place exactly one {VIDEO} followed by a newline "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from . import progress
@@ -97,7 +96,8 @@ class Engine:
         self.max_question = int(cfg.video.max_question_tokens if self.fixed is None
                                 else self.fixed.video.max_question_tokens)
         ckpt = self.args.checkpoint
-        self.processing = hf_inputs.load_processing(ckpt) if ckpt else hf_inputs.default_processing()
+        self.processing = (hf_inputs.load_processing(ckpt) if ckpt else
+                           hf_inputs.default_processing(family=base.model.family, tile_size=base.video.tile_size))
         tok = self.processing.tokenizer
         self.eos = [] if tok is None else [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                                                       tok.convert_tokens_to_ids("<|endoftext|>")}
@@ -137,7 +137,7 @@ class Engine:
         if len(frames) != frames_n:
             raise InputError(f"{video!r} decodes to fewer frames than its header says", setting="video")
         # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as run.prepare does).
-        fps = frames_n / info.total_frames * info.fps if info.fps > 0 else float(plan.config["video"]["fps"])
+        fps = frames_n / info.total_frames * info.fps if info.fps > 0 else plan.video.fps
         args = Args(**{**self.args.__dict__, "question": question})
         return _build_inputs(args, plan, self.processing, self.model, np.stack(frames), fps)
 
@@ -171,8 +171,7 @@ class Engine:
             positions = hf_inputs.global_position_ids(self.model, inputs)
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
-        tp = int(plan.config["model"]["vision"]["temporal_patch"])
-        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, tp)
+        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed)
 

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Literal, Mapping, NamedTuple, get_args
 from .errors import PlanMismatchError
 from .links import Links
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The closed vocabularies of the contract (plan_load checks every value against them).
 SegmentKind = Literal["anchor", "block", "chunk", "query"]
@@ -283,6 +283,13 @@ class VideoSpec:
     max_question_tokens: int
     spatial_merge: int  # vision patches merged per side into one LLM token
     temporal_patch: int  # frames per temporal grid
+    # the processor settings the input is built with (model.vision.*): Qwen's pixel bounds per
+    # frame; InternVL3's square tile per frame, its LLM tokens and the frame text around it
+    min_pixels: int
+    max_pixels: int
+    tile_size: int
+    tile_tokens: int
+    frame_text_tokens: int
 
 
 @dataclass(frozen=True)

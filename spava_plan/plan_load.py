@@ -469,6 +469,9 @@ def check_plan(plan: Plan) -> None:
           "the video after the system tokens must lie inside the context")
     _need(1 <= vid.max_question_tokens < lay.query_tokens, "video.max_question_tokens",
           "the question must fit inside the query block")
+    _need(1 <= vid.min_pixels <= vid.max_pixels and min(vid.tile_size, vid.tile_tokens) >= 1
+          and vid.frame_text_tokens >= 0, "video",
+          "needs 1 <= min_pixels <= max_pixels, tile_size and tile_tokens >= 1, frame_text_tokens >= 0")
 
     pred = plan.prediction
     _need(len(pred.rank_us) == W and len(pred.peak_memory_bytes) == W, "prediction",
@@ -504,12 +507,12 @@ def _check_config(plan: Plan) -> None:
                                    link_latency_us=t.link_latency_us), "links", "must match the config's topology")
     _need((cfg.method.selection, cfg.method.pool_window) == (plan.selection.score, plan.selection.pool_window),
           "selection", "must match config.method.selection and pool_window")
-    v = cfg.video
-    _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, cfg.model.vision.spatial_merge,
-           cfg.model.vision.temporal_patch) == (plan.video.frames, plan.video.source_size, plan.video.system_tokens,
-                                                plan.video.max_question_tokens, plan.video.spatial_merge,
-                                                plan.video.temporal_patch) and v.fps == plan.video.fps,
-          "video", "must match the config's video and model.vision settings")
+    v, vis, pv = cfg.video, cfg.model.vision, plan.video
+    _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, vis.spatial_merge, vis.temporal_patch,
+           vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens)
+          == (pv.frames, pv.source_size, pv.system_tokens, pv.max_question_tokens, pv.spatial_merge, pv.temporal_patch,
+              pv.min_pixels, pv.max_pixels, pv.tile_size, pv.tile_tokens, pv.frame_text_tokens)
+          and v.fps == pv.fps, "video", "must match the config's video and model.vision settings")
 
 
 # -- entry points -------------------------------------------------------------------------------------

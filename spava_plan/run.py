@@ -112,11 +112,9 @@ def _random_frames(plan: Any, seed: int) -> Any:
     """Random-pixel frames at the plan's source resolution (the paper's benchmark input)."""
     import numpy as np
 
-    from .config import parse_resolution
-
-    h, w = parse_resolution(plan.config["video"]["resolution"])
+    h, w = plan.video.source_size
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(int(plan.config["video"]["frames"]), h, w, 3), dtype=np.uint8)
+    return rng.integers(0, 256, size=(plan.video.frames, h, w, 3), dtype=np.uint8)
 
 
 def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_rank: int | None = None) -> Prepared:
@@ -125,8 +123,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
 
     import torch
 
-    from .plan import load_plan
-    from .runtime import hf_inputs, hf_model, llm_fused, vision_attention, vision_fused
+    from .runtime import hf_inputs, hf_model
     from .runtime.video_io import probe, read_frames
     from .runtime.vision_parallel import check_grids
 
@@ -148,11 +145,10 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
         replanned.append(f"model dims of the checkpoint ({settings['model.family']})")
     # Processing + input.
     t0 = time.perf_counter()
-    m = plan.config["model"]
     processing = (hf_inputs.load_processing(args.checkpoint) if args.checkpoint else
-                  hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"]))
-    frames_n = int(plan.config["video"]["frames"])
-    clip_fps = float(plan.config["video"]["fps"])  # random frames: the plan's rate
+                  hf_inputs.default_processing(family=plan.model.family, tile_size=plan.video.tile_size))
+    frames_n = plan.video.frames
+    clip_fps = plan.video.fps  # random frames: the plan's rate
     if args.video:
         info = probe(args.video)
         if info.total_frames < frames_n and args.replan:
@@ -202,8 +198,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
                      f"{plan.video.max_question_tokens} (video.max_question_tokens)")
     if replanned:
         notes.append("re-planned for this input: " + " ".join(replanned))
-    vis = plan.config["model"]["vision"]
-    check_grids(int(inputs.video_grid_thw[0, 0]), world_size, int(vis["temporal_patch"]))
+    check_grids(int(inputs.video_grid_thw[0, 0]), world_size, plan.video.temporal_patch)
     tok = processing.tokenizer
     eos = [] if tok is None else [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                                              tok.convert_tokens_to_ids("<|endoftext|>")}
@@ -291,15 +286,14 @@ def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: An
     the plan's video.fps (random frames)."""
     from .runtime import hf_inputs
 
-    m, v = plan.config["model"], plan.config["video"]
-    fps = float(v["fps"]) if fps is None else fps
-    common = dict(family=m["family"], min_pixels=m["vision"]["min_pixels"], max_pixels=m["vision"]["max_pixels"],
-                  temporal_patch=m["vision"]["temporal_patch"], merge=m["vision"]["spatial_merge"], fps=fps,
-                  tile_size=m["vision"]["tile_size"], tile_tokens=m["vision"]["tile_tokens"])  # InternVL3
+    v = plan.video
+    common = dict(family=plan.model.family, min_pixels=v.min_pixels, max_pixels=v.max_pixels,
+                  temporal_patch=v.temporal_patch, merge=v.spatial_merge, fps=v.fps if fps is None else fps,
+                  tile_size=v.tile_size, tile_tokens=v.tile_tokens)  # InternVL3
     if processing.tokenizer is None:
-        return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v["system_tokens"],
-                                          question_tokens=plan.video.max_question_tokens, seed=args.seed,
-                                          frame_text_tokens=m["vision"]["frame_text_tokens"], **common)
+        return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v.system_tokens,
+                                          question_tokens=v.max_question_tokens, seed=args.seed,
+                                          frame_text_tokens=v.frame_text_tokens, **common)
     if args.question is None:
         raise InputError("is required: question=\"...\"", setting="question")
     return hf_inputs.build_inputs(processing, frames, args.question, video_token_id=int(model.config.video_token_id),

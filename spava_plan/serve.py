@@ -532,7 +532,7 @@ def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
 
     metrics = Metrics()
     worker = Worker(engine, cfg, comm, metrics)
-    name = cfg.served_model_name or engine.base.config["model"]["name"]
+    name = cfg.served_model_name or engine.base.model.name
     app = build_app(worker, name)
     worker.thread.start()
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,

@@ -258,5 +258,5 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     tpg = lay.grid_thw[1] * lay.grid_thw[2]
     tiles = None
     if plan.model.family == "internvl3":
-        tiles = frame_tile_spans(start, grids, tpg, int(plan.config["model"]["vision"]["frame_text_tokens"]))
+        tiles = frame_tile_spans(start, grids, tpg, plan.video.frame_text_tokens)
     return vision_exchange(plan.world_size, grids, tpg, start, [r.local for r in plan.ranks], tiles)

@@ -9,6 +9,7 @@ match conf/model/tiny.yaml (Qwen2-VL) and TINY_25_OVERRIDES (Qwen2.5-VL) so plan
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from the tests
@@ -224,7 +225,10 @@ def launch(argv_for_rank, world: int, cwd: str | Path, timeout: float = 180.0) -
     from spava_plan.runtime.comm_dist import free_port
 
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, *argv_for_rank(r)], cwd=str(cwd), env=dist_env(r, world, port),
+    # -X faulthandler: a worker killed by a signal (an abort in native code) prints every thread's
+    # Python stack to its stderr, which the caller's assertion message shows.
+    procs = [subprocess.Popen([sys.executable, "-X", "faulthandler", *argv_for_rank(r)], cwd=str(cwd),
+                              env=dist_env(r, world, port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     out = []
     for p in procs:
@@ -276,8 +280,19 @@ def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str
                 result = runner.generate(inputs, positions, max_new_tokens)
             torch.save({"video": video, "index": pre.index, "logits": logits, "tokens": result.tokens},
                        root / f"out_{backend}_W{W}_rank{rank}.pt")
-    finally:
+            print(f"rank {rank}: {family} saved", file=sys.stderr, flush=True)
+    except BaseException:
         comm.close()
+        raise
+    # As spava-run's ranks do: agree that every rank is done before tearing the group down (rank 0
+    # hosts the store), then leave without interpreter teardown, as runtime/launch.py's workers do
+    # (a teardown abort in gloo's threads once turned a finished run into exit code -6). A crash
+    # before this point prints every thread's stack (launch() runs workers with -X faulthandler).
+    comm.barrier()
+    comm.close()
+    print(f"rank {rank}: closed", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # -- tiny InternVL3 ---------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_unknown_schema_version_is_refused(tmp_path):
     data = _saved(tmp_path)
     data["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / "plan.json").write_text(json.dumps(data))
-    with pytest.raises(PlanFormatError, match=r"schema version 2 .*re-plan") as info:
+    with pytest.raises(PlanFormatError, match=rf"schema version {SCHEMA_VERSION + 1} .*re-plan") as info:
         load_plan(tmp_path / "plan.json")
     assert info.value.setting == "plan" and "\n" not in str(info.value)
 
