@@ -93,14 +93,14 @@ def test_relabelling_ranks_relabels_the_result():
 
 def test_a_collective_is_resolved_once_not_once_per_rank():
     # 4096 ranks x 4 collectives: O(W) per collective is ~10^5 steps (well under a second even on a
-    # loaded 2-core CI machine); once per rank, O(W^2), would be ~7 x 10^7 and take many seconds.
+    # loaded 2-core CI machine); once per rank, O(W^2), would be ~7 x 10^7 and take tens of seconds.
     W = 4096
     everyone = tuple(range(W))
     traces = [[Compute(1.0 + r % 7)] + [e for k in range(4) for e in (Start(k, everyone, 5.0), Compute(2.0), Wait(k))]
               for r in range(W)]
     t0 = time.perf_counter()
     line = simulate(traces)
-    assert time.perf_counter() - t0 < 3.0
+    assert time.perf_counter() - t0 < 10.0  # generous: the O(W^2) engine takes ~30 s or more
     # the slowest rank issues the first at 7 us; each next one at the previous one's end (its
     # 2 us of compute hide under the 5 us transfer)
     assert line.finish_us == (7.0 + 4 * 5.0,) * W and line.exposed_comm_us[0] == (12.0 - 3.0) + 3 * (5.0 - 2.0)
