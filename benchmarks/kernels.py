@@ -216,7 +216,7 @@ def _compile_one(item) -> str:
     case, rank, names, cfg, device = item
     import torch
 
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.runtime.backends.triton_gen import TritonBackend
 
     plan = load_plan(Path(case) / "plan.json")
@@ -250,7 +250,7 @@ def precompile(case: Path, rank: int, groups: list[tuple[str, ...]], configs, wo
 def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
     import torch
 
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.runtime.backends.triton_gen import TritonBackend
 
     plan = load_plan(case / "plan.json")

@@ -51,10 +51,9 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/ is on sys.path)
+
 W_DEFAULT = 8
-EMULATED = ("spava", "zigzag_ring", "apb", "star")
-DENSE = ("dense_flash", "dense_cudnn")
-METHODS = DENSE + EMULATED
 MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b", "ivl2b": "internvl3_2b"}
 # The tiny Qwen2.5-VL of the tests (model_fixtures.TINY_25_OVERRIDES): window attention included.
 TINY_25 = ("model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
@@ -459,7 +458,7 @@ class Runner:
         import torch
 
         from spava_plan import run
-        from spava_plan.plan import load_plan
+        from spava_plan.plan_load import load_plan
         from spava_plan.runtime import hf_inputs
         from spava_plan.runtime.comm_emulated import EmulatedWorld
         from spava_plan.critical_path import Compute, simulate
@@ -559,7 +558,7 @@ class Runner:
     # -- one cell ----------------------------------------------------------------------------------
     def cell(self, cell: dict, methods: tuple[str, ...], repeats: int | None = None) -> None:
         repeats = repeats or self.repeats
-        from spava_plan.plan import load_plan
+        from spava_plan.plan_load import load_plan
 
         plan0 = load_plan(self.root / cell["plans"][EMULATED[0]])
         model = self.get_model(cell["model"], plan0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate import PARAMS, PHASES, ceilings, fit, predicted_phases, rates_of, relative_error, with_rates
-from prefill import DENSE, EMULATED, METHODS
+from prefill_methods import DENSE, EMULATED, METHODS
 
 TARGETS = {"dense_flash": 12.72, "zigzag_ring": 1.70, "apb": 1.18}  # SPAVA_SPEC.md section 9 (W=8, 64f 1440p)
 HEADLINE = ("qwen2_5vl_3b", 64, "1440p")
@@ -177,7 +177,7 @@ def attention_tflops(entry: dict, method: str, summary: dict, plans: Path) -> fl
     """Useful attention FLOPs of the slowest rank over its measured attention time (FLOP formula:
     4 * D * Hq * layers * visible (row, key) pairs; dense: the full causal triangle)."""
     from kernels import rank_pairs
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
 
     t = summary["profile"]["attention"]
     if t <= 0:

@@ -36,7 +36,7 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     import torch
 
     from spava_plan import run as runmod
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.generate import RankRunner
     from spava_plan.runtime.solo import SoloComm
@@ -217,7 +217,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
     the cells not held out, written as <preset_dir>/h100_calibrated.yaml."""
     from calibrate import PHASES, ceilings, fit, rates_of
     from spava_plan.hydra_conf import compose_config
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
 
     rows = [json.loads(ln) for ln in Path(runs_path).read_text().splitlines() if ln.strip()]
     ok = [r for r in rows if "error" not in r]

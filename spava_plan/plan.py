@@ -457,20 +457,6 @@ def merge_config(computation: Mapping[str, Any], deployment: Mapping[str, Any]) 
     return out
 
 
-# -- loading: spava_plan/plan_load.py (trusts nothing in the file) ------------------------------
-def load_plan(path: str | Path) -> Plan:
-    """Read plan.json back into a Plan equal to the one that was saved (PlanFormatError otherwise)."""
-    from .plan_load import load_plan as load
-
-    return load(path)
-
-
-def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
-    from .plan_load import plan_from_dict as build
-
-    return build(data, source=source)
-
-
 def rank_tasks(plan: Plan, rank: int, names: Iterable[str]) -> tuple[AttnTask, ...]:
     """The named attention tasks of one rank, in the given order."""
     by_name = {t.name: t for t in plan.ranks[rank].tasks}

@@ -53,7 +53,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .config import SpavaConfig, config_to_dict
 from .errors import InputError, PlanFormatError, SpavaError
-from .plan import Plan, load_plan, split_config
+from .plan import Plan, split_config
+from .plan_load import load_plan
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1

@@ -211,7 +211,7 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
 
 def initial_plan(args: Args) -> Any:
     """plan= loaded, or (no plan=) planned from the run's config; re-planned for the input later."""
-    from .plan import load_plan
+    from .plan_load import load_plan
 
     if args.plan:
         return load_plan(args.plan)
@@ -554,7 +554,7 @@ def run_emulated(args: Args) -> int:
 def _world_size(args: Args) -> int:
     """The emulated world: the plan's ranks (or gpus= when planning from the config)."""
     if args.plan:
-        from .plan import load_plan
+        from .plan_load import load_plan
 
         return load_plan(args.plan).world_size
     return int(args.plan_config.topology.gpus)
@@ -664,7 +664,7 @@ def hydra_main(config_name: str, task: Any, prog: str, argv: Sequence[str] | Non
 
 def run_single_rank(args: Args) -> int:
     """``rank=R``: rank R of the plan alone on this device (runtime/solo.py), labelled single-rank."""
-    from .plan import load_plan
+    from .plan_load import load_plan
     from .runtime.solo import SoloComm
 
     try:

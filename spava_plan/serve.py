@@ -516,7 +516,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _plan_world(path: str) -> int:
-    from .plan import load_plan
+    from .plan_load import load_plan
 
     return load_plan(path).world_size
 

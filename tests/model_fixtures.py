@@ -249,7 +249,7 @@ def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str
     backend="triton" loads the kernels the parent rendered into <family>/kernels_W<W>."""
     import torch
 
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.runtime import hf_attention, hf_inputs, hf_model
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.backends.torch_ref import TorchBackend

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spava_plan.plan import load_plan
+from spava_plan.plan_load import load_plan
 
 SMALL = ["model=qwen2vl_2b", "frames=64", "video.resolution=360p"]
 

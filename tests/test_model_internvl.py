@@ -125,7 +125,7 @@ def work(tmp_path_factory):
 
 def test_layout_and_positions_match_the_plan(work):
     root, inputs, _ = work
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
 
     plan = load_plan(root / "internvl3" / "plan_W2.json")
     model = hf_model.load_checkpoint(str(root / "internvl3" / "ckpt"), dtype=torch.float32, device="cpu")
@@ -140,7 +140,7 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
     """Every token passed: each rank's prefill logits of every local row equal the stock model's at
     that token, the greedy tokens (prefill + distributed decode) equal stock ``generate``, and each
     rank's tile rows (frame-parallel InternViT + targeted exchange) equal the stock encoder's."""
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.vision_exchange import plan_vision_exchange
 
     root, inputs, ref = work

@@ -173,7 +173,7 @@ def test_random_init_builds_the_real_size_model(name, billions):
 
 
 def test_model_mismatch_is_reported_and_replan_fixes_it(setup, tmp_path):
-    from spava_plan.plan import load_plan
+    from spava_plan.plan_load import load_plan
     from spava_plan.run import replan
 
     other = replan(load_plan(setup / "plan.json"), {"model.num_layers": 3, "model.name": "tiny3"})

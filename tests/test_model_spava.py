@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
-from spava_plan.plan import load_plan
+from spava_plan.plan_load import load_plan
 from spava_plan.runtime import hf_model
 from spava_plan.runtime.comm_emulated import EmulatedWorld
 from spava_plan.runtime.vision_parallel import encode_video_parallel, vision_module

@@ -5,7 +5,8 @@ import pytest
 
 from spava_plan.errors import PlanFormatError
 from spava_plan.hydra_conf import compose_config
-from spava_plan.plan import SCHEMA_VERSION, load_plan
+from spava_plan.plan import SCHEMA_VERSION
+from spava_plan.plan_load import load_plan
 from spava_plan.planner.build import build_plan
 
 SMALL = ["model=qwen2vl_2b", "gpus=3", "frames=32", "video.resolution=360p"]

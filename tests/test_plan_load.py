@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from spava_plan.codegen.render import render_source
 from spava_plan.errors import PlanFormatError
 from spava_plan.hydra_conf import compose_config
-from spava_plan.plan import content_hash, load_plan, plan_from_dict
-from spava_plan.plan_load import MAX_PLAN_BYTES
+from spava_plan.plan import content_hash
+from spava_plan.plan_load import MAX_PLAN_BYTES, load_plan, plan_from_dict
 from spava_plan.planner.build import build_plan
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.comm_emulated import EmulatedWorld

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spava_plan.errors import InputError
-from spava_plan.plan import load_plan
+from spava_plan.plan_load import load_plan
 from spava_plan.plan_store import NoPlanFitsError, PlanStore, compat_key, read_index
 
 BASE = ["model=tiny", "gpus=2", "kernels=false", "method.pass_all=true", "method.anchor_tokens=8"]

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("transformers")
 
 from spava_plan.hydra_conf import compose_config  # noqa: E402
-from spava_plan.plan import Chunking, load_plan  # noqa: E402
+from spava_plan.plan import Chunking  # noqa: E402
+from spava_plan.plan_load import load_plan  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
 from spava_plan.runtime import chunking, hf_model  # noqa: E402
 from spava_plan.runtime.hf_attention import language_model  # noqa: E402

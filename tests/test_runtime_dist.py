@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spava_plan.errors import DistributedError, SpavaError
-from spava_plan.plan import plan_from_dict
+from spava_plan.plan_load import plan_from_dict
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.comm_emulated import EmulatedWorld
 from spava_plan.runtime.launch import results_or_raise, run_local_world
