@@ -582,6 +582,15 @@ def prepare_process(comm_option: str) -> None:
     # Expandable segments keep the caching allocator within ~5% of what it hands out (12-18% more
     # with the default at a 170K-token rank): planner/memory.py's ALLOCATOR_SLACK assumes it.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # A rank killed by a signal from native code (NCCL/gloo abort, segfault) prints every thread's
+    # Python stack to stderr: under torchrun that is often the only clue which call it was in.
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor: no stacks
+            pass
     try:
         mode = launch_mode(comm_option)
     except SpavaError:
