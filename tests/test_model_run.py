@@ -262,3 +262,20 @@ def test_error_after_the_model_loads_is_a_line_of_its_own(setup):
     line = _one_error_line(err)
     assert line.startswith("spava-run: error: ") and "video.max_question_tokens" in line, err
     assert err.splitlines()[0] == line  # the first line of stderr: no progress bar or log line before it
+
+
+def test_a_rank_aborted_from_native_code_prints_its_python_stack():
+    """spava-run / spava-serve turn faulthandler on: a rank killed by SIGABRT (as a gloo or NCCL
+    abort kills it) prints where in Python it was, not just the C++ runtime's one line."""
+    import os
+    import subprocess
+
+    code = ("from spava_plan.run import prepare_process\n"
+            "def inside_a_collective():\n"
+            "    import os, signal; os.kill(os.getpid(), signal.SIGABRT)\n"
+            "prepare_process('auto')\n"
+            "inside_a_collective()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "Fatal Python error: Aborted" in p.stderr and "inside_a_collective" in p.stderr, p.stderr[-2000:]
