@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import progress
 from .errors import InfeasiblePlanError, InputError, SpavaError
@@ -608,47 +608,44 @@ def remove_if_empty(out_dir: str | None) -> None:
     remove_empty_dirs(out_dir)
 
 
-_EXIT = [0]
+def _run(cfg: Any, out_dir: str, rank: int | None) -> int:
+    """spava-run's task: validate the options, then run (torchrun: one rank; else W emulated ranks)."""
+    # Only rank 0 saves into the output directory (the other ranks' directories stay empty).
+    args = args_from_config(cfg, out_dir if not rank else None)
+    mode = launch_mode(args.comm)
+    if args.rank is not None:
+        return run_single_rank(args)
+    return run_distributed(args) if mode == "dist" else run_emulated(args)
 
 
-def _task(hydra_cfg: Any) -> None:
-    """The Hydra task: validate the options, then run (torchrun: one rank; else W emulated ranks)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from .run_config import to_entry_config
-
-    out_dir = str(HydraConfig.get().runtime.output_dir)
-    rank = torchrun_rank()
-    try:
-        progress.quiet_library_bars()
-        cfg = to_entry_config(hydra_cfg, "run")
-        # Only rank 0 saves into the output directory (the other ranks' directories stay empty).
-        args = args_from_config(cfg, out_dir if not rank else None)
-        mode = launch_mode(args.comm)
-    except SpavaError as exc:
-        remove_if_empty(out_dir)
-        _EXIT[0] = _fail(exc, rank)
-        return
-    try:
-        if args.rank is not None:
-            _EXIT[0] = run_single_rank(args)
-        else:
-            _EXIT[0] = run_distributed(args) if mode == "dist" else run_emulated(args)
-    finally:
-        remove_if_empty(out_dir)
-
-
-def hydra_main(config_name: str, task: Any, prog: str, argv: Sequence[str] | None = None) -> int:
-    """Run a Hydra task function over conf/<config_name>.yaml with this process's arguments;
-    Hydra / OmegaConf / SpavaError failures become one line and exit code 2 (on every rank)."""
+def hydra_main(config_name: str, body: Callable[[Any, str, "int | None"], int], prog: str,
+               argv: Sequence[str] | None = None) -> int:
+    """Run ``body(cfg, out_dir, rank)`` as the Hydra task over conf/<config_name>.yaml with this
+    process's arguments (cfg: the typed entry config; out_dir: Hydra's job directory, removed again
+    when nothing was saved in it). Hydra / OmegaConf / SpavaError failures become one line and exit
+    code 2 (on every rank); otherwise the body's exit code."""
     import hydra
     from omegaconf.errors import OmegaConfBaseException
 
     from .hydra_conf import CONFIG_MODULE, hydra_error
-    from .run_config import argv_shorthands, register_schemas
+    from .run_config import argv_shorthands, register_schemas, to_entry_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     rank = torchrun_rank()
+    code = [0]  # Hydra's task returns nothing to its caller: the body's exit code comes back here
+
+    def task(hydra_cfg: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = str(HydraConfig.get().runtime.output_dir)
+        try:
+            progress.quiet_library_bars()
+            code[0] = body(to_entry_config(hydra_cfg, config_name), out_dir, rank)
+        except SpavaError as exc:
+            code[0] = _fail(exc, rank, prog)
+        finally:
+            remove_if_empty(out_dir)
+
     comm = next((a.split("=", 1)[1] for a in args if a.startswith("comm=")), "auto")
     prepare_process(comm)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's exceptions reach this function, not a stack trace
@@ -668,7 +665,7 @@ def hydra_main(config_name: str, task: Any, prog: str, argv: Sequence[str] | Non
         if not isinstance(exc, (HydraException, OmegaConfBaseException)):
             raise  # a bug, not a user error: keep the traceback
         return _fail(hydra_error(exc), rank, prog)
-    return 0
+    return code[0]
 
 
 def run_single_rank(args: Args) -> int:
@@ -706,9 +703,7 @@ def run_single_rank(args: Args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `spava-run`."""
-    _EXIT[0] = 0
-    code = hydra_main("run", _task, PROG, argv)
-    return code or _EXIT[0]
+    return hydra_main("run", _run, PROG, argv)
 
 
 def console_main() -> None:

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import unquote, urlparse
 
-from . import progress
 from .engine import Engine, Sampling
 from .errors import DistributedError, InputError, SpavaError
-from .run import _agree, _fail, hydra_main, launch_mode, remove_if_empty, torchrun_rank
+from .run import _agree, _fail, hydra_main, launch_mode
 
 try:  # FastAPI resolves the handler's annotations by name in this module's globals
     from fastapi import Request
@@ -558,30 +557,8 @@ def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
     return 0
 
 
-_EXIT = [0]
-
-
-def _task(hydra_cfg: Any) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from .run_config import to_entry_config
-
-    out_dir = str(HydraConfig.get().runtime.output_dir)
-    rank = torchrun_rank()
-    try:
-        progress.quiet_library_bars()
-        cfg = to_entry_config(hydra_cfg, "serve")
-        _EXIT[0] = serve(cfg)
-    except SpavaError as exc:
-        _EXIT[0] = _fail(exc, rank, PROG)
-    finally:
-        remove_if_empty(out_dir)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _EXIT[0] = 0
-    code = hydra_main("serve", _task, PROG, argv)
-    return code or _EXIT[0]
+    return hydra_main("serve", lambda cfg, out_dir, rank: serve(cfg), PROG, argv)
 
 
 def console_main() -> None:
