@@ -286,15 +286,20 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
         return best is None or (_score(target, c.ttft_us, c.peak_bytes, c.gpus), c.index) < \
             (_score(target, best.ttft_us, best.peak_bytes, best.gpus), best.index)
 
+    def consider(c: Candidate) -> None:
+        """Plan ``c`` and keep it if it fits and beats the best so far."""
+        nonlocal best
+        _plan(c, cache)
+        if c.fits and better(c):
+            best = c
+
     live.sort(key=lambda c: (_bound_score(target, c), c.index))
     for c in live:
         if best is not None and _bound_score(target, c) > _score(target, best.ttft_us, best.peak_bytes, best.gpus)[0]:
             c.status, c.reason = "pruned", (f"lower bound {_fmt_target(target, _bound_score(target, c))} is worse "
                                             f"than the best plan found ({_fmt_target(target, _score(target, best.ttft_us, best.peak_bytes, best.gpus)[0])})")
             continue
-        _plan(c, cache)
-        if c.fits and better(c):
-            best = c
+        consider(c)
 
     # The Pareto front (TTFT against GPUs used): the fastest plan that fits at every GPU count, by
     # the same branch and bound within each count (smaller counts plan faster, so this costs at
@@ -307,11 +312,9 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
                 continue
             if fastest is not None and c.bound_us > fastest.ttft_us:
                 continue  # stays pruned: no faster plan at this GPU count either
-            _plan(c, cache)
+            consider(c)
             if c.fits and (fastest is None or c.ttft_us < fastest.ttft_us):
                 fastest = c
-            if c.fits and better(c):
-                best = c
 
     # Solver refinement on the best Spava candidate: the solver only moves hosts between ranks.
     spava = [c for c in cands if c.method == "spava" and c.fits]
@@ -333,9 +336,7 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
                 c.status, c.reason = "pruned", (f"the {top.solver} placement of this candidate is within {gap:.3%} "
                                                 f"of the placement lower bound: no solver can gain more")
                 continue
-            _plan(c, cache)
-            if c.fits and better(c):
-                best = c
+            consider(c)
     for c in cands:
         if c.status == "feasible" and c is not best:
             c.reason = _why_not(target, c, best)
