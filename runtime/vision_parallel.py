@@ -34,11 +34,24 @@ def check_grids(grids: int, world: int, temporal_patch: int) -> None:
                          f"or fewer ranks", setting="frames")
 
 
+def to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host pixels on the encoder's device in its dtype: copied as they are, then cast there.
+
+    ``pixels.to(device=cuda, dtype=bf16)`` in one call casts on the HOST first (torch converts on
+    the source side of a blocking host-to-device copy), into a new pageable buffer that the copy
+    then stages: at 64 frames 1440p that is a single-threaded pass over 349 MB plus a pageable
+    transfer per rank, and it throws away the page-locking of pinned pixels. Copied first (an
+    asynchronous DMA when the pixels are pinned), the cast is one pass on the GPU."""
+    if pixels.device == device:
+        return pixels.to(dtype)
+    return pixels.to(device, non_blocking=pixels.is_pinned()).to(dtype)
+
+
 def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """The model's ViT + merger on one video: (t*h*w/merge^2, hidden). Works whether ``visual``
     returns a tensor (older transformers) or an output with ``pooler_output`` (5.x)."""
     param = next(visual.parameters())
-    out = visual(pixels.to(device=param.device, dtype=param.dtype), grid_thw=grid_thw.to(param.device))
+    out = visual(to_device(pixels, param.device, param.dtype), grid_thw=grid_thw.to(param.device))
     if isinstance(out, torch.Tensor):
         return out
     pooled = getattr(out, "pooler_output", None)
