@@ -46,8 +46,21 @@ class _Groups:
 _groups: "OrderedDict[tuple, _Groups]" = OrderedDict()
 
 
+def _host_list(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, read once per tensor object. The tower computes its two
+    cu_seqlens once per forward and hands the same tensors to all 32 blocks; a ``.tolist()`` in
+    every block would wait for the GPU to drain 32 times per call (about 20 ms of an idle GPU per
+    rank at 64 frames 1440p, measured on an H200). The list rides on the tensor itself, so it
+    lives exactly as long as the tensor (nobody writes cu_seqlens in place)."""
+    cu = getattr(cu_seqlens, "_spava_host_list", None)
+    if cu is None:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        cu_seqlens._spava_host_list = cu
+    return cu
+
+
 def _grouping(cu_seqlens: torch.Tensor, device: torch.device) -> _Groups:
-    cu = [int(x) for x in cu_seqlens.tolist()]  # one small device->host copy per layer (the stock path makes it too)
+    cu = _host_list(cu_seqlens)
     key = (tuple(cu), str(device))
     hit = _groups.get(key)
     if hit is None:
