@@ -10,7 +10,12 @@ tokens (its rows plus the anchor): two norms per layer x 36 layers of (21K x 204
     Triton kernel (the same Qwen RMSNorm math and rounding),
   * the SiLU-gated MLP by one GEMM over the concatenated gate|up weights (views, no second copy;
     zero-padded to a multiple of 64 where the intermediate size is not) and one ``silu(gate) * up``
-    kernel with the stock rounding.
+    kernel with the stock rounding,
+  * the rotary embedding of q and k (``apply_rotary_pos_emb`` of the attention's modeling module:
+    M-RoPE for Qwen2-VL / Qwen2.5-VL, 1-D for InternVL3's Qwen2) by one kernel: the stock code runs
+    q * cos, a cat for rotate_half, a negation, a second product and a sum over (heads x tokens x
+    128) tensors per layer (about 25 ms of a 21K-token rank's prefill on an H200); the kernel
+    computes in fp32 and rounds once (the stock bf16 code rounds three times: within one bf16 ulp).
 
 Same math in the same precision, so outputs match the stock model to rounding
 (tests/test_llm_fused.py on CPU under TRITON_INTERPRET=1; the GPU check in benchmarks/llm_speed.py).
@@ -18,12 +23,52 @@ The vision tower is left alone; ``uninstall`` restores transformers' forward fun
 """
 from __future__ import annotations
 
+import inspect
+import sys
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from . import vision_fused as vf
+
+# The names the stock attention forwards call their rotary function by (transformers 5.x): the
+# decoder attention looks it up in its modeling module's globals at every call, so replacing the
+# module attribute reroutes it. Older releases passed M-RoPE sections per call
+# (apply_multimodal_rotary_pos_emb); their attention keeps the stock function.
+_ROTARY_NAME = "apply_rotary_pos_emb"
+_STOCK_ROTARY: dict[str, Callable[..., Any]] = {}  # modeling module name -> its own function
+_ROTARY_USERS: dict[str, int] = {}  # modeling module name -> language models installed over it
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 (CPU references) keeps the stock code
+
+
+def _fused_rotary(stock: Callable[..., Any]) -> Callable[..., Any]:
+    def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (1, Hq, S, D), k (1, Hk, S, D), cos / sin (1, S, D) -> contiguous (1, H, S, D) like the
+        stock function's; fp32 inside and rounded once, so within one bf16 ulp of the stock code,
+        which rounds q * cos, rotate_half(q) * sin and their sum separately."""
+        n, d = q.shape[-2:] if q.dim() == 4 else (-1, -1)
+        if (unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1
+                or k.shape[2:] != q.shape[2:] or tuple(cos.shape) != (1, n, d) or sin.shape != cos.shape
+                or d % 2 or q.stride(-1) != 1 or k.stride(-1) != 1 or q.dtype not in _KERNEL_DTYPES
+                or not (q.dtype == k.dtype == cos.dtype == sin.dtype)):
+            return stock(q, k, cos, sin, unsqueeze_dim)  # a layout the kernel was not written for
+        qo, ko = vf.rotary(q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0], head_major=True)
+        return qo.transpose(0, 1).unsqueeze(0), ko.transpose(0, 1).unsqueeze(0)  # contiguous (1, H, S, D)
+
+    apply_rotary_pos_emb._spava_fused = True  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+def _rotary_module(lm: torch.nn.Module) -> Any:
+    """The modeling module whose ``apply_rotary_pos_emb`` the decoder attention calls, or None."""
+    attn = next((m for m in lm.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")), None)
+    if attn is None:
+        return None
+    mod = sys.modules[type(attn).__module__]
+    uses = _ROTARY_NAME in inspect.unwrap(type(attn).forward).__code__.co_names
+    return mod if uses and callable(getattr(mod, _ROTARY_NAME, None)) else None
 
 
 def _decoder(model: Any) -> torch.nn.Module:
@@ -33,7 +78,8 @@ def _decoder(model: Any) -> torch.nn.Module:
 
 
 def install(model: Any) -> Any:
-    """Fuse the language model's RMSNorms and SiLU-gated MLPs (idempotent); returns the model."""
+    """Fuse the language model's RMSNorms, SiLU-gated MLPs and rotary embedding (idempotent);
+    returns the model."""
     lm = _decoder(model)
     if getattr(lm, "_spava_fused", False):
         return model
@@ -43,6 +89,14 @@ def install(model: Any) -> Any:
         elif vf._is_silu_mlp(m):
             vf._pad_mlp(m)
             m.forward = types.MethodType(vf._mlp_forward, m)
+    mod = _rotary_module(lm)
+    if mod is not None:
+        stock = getattr(mod, _ROTARY_NAME)
+        if not getattr(stock, "_spava_fused", False):
+            _STOCK_ROTARY[mod.__name__] = stock
+            setattr(mod, _ROTARY_NAME, _fused_rotary(stock))
+        _ROTARY_USERS[mod.__name__] = _ROTARY_USERS.get(mod.__name__, 0) + 1
+        lm._spava_rotary_module = mod.__name__
     lm._spava_fused = True
     return model
 
@@ -57,5 +111,11 @@ def uninstall(model: Any) -> Any:
         if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) in (
                 vf._norm_forward, vf._mlp_forward):
             del m.forward
+    name = lm.__dict__.pop("_spava_rotary_module", None)
+    if name is not None:
+        _ROTARY_USERS[name] -= 1
+        if not _ROTARY_USERS[name]:  # no other fused language model uses this modeling module
+            del _ROTARY_USERS[name]
+            setattr(sys.modules[name], _ROTARY_NAME, _STOCK_ROTARY.pop(name))
     lm._spava_fused = False
     return model

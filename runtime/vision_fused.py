@@ -51,28 +51,34 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, ep
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n_rows, n_heads,
-                 stride_qs, stride_qh, stride_ks, stride_kh, stride_cs,
+def _rotate_half_store(x_ptr, o_ptr, s, h, d, c1, c2, s1, s2, n_heads, stride_xs, stride_xh, stride_os, stride_oh,
+                       HALF: tl.constexpr):
+    """Row s of one (S, H, D) tensor: out = x * cos + rotate_half(x) * sin with rotate_half(x) =
+    cat(-x2, x1), in fp32, rounded once to the output dtype."""
+    m = (h < n_heads) & (d < HALF)
+    x1 = tl.load(x_ptr + s * stride_xs + h * stride_xh + d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + s * stride_xs + h * stride_xh + HALF + d, mask=m, other=0.0).to(tl.float32)
+    out = o_ptr + s * stride_os + h * stride_oh + d
+    tl.store(out, (x1 * c1 + (-x2) * s1).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(out + HALF, (x2 * c2 + x1 * s2).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n_rows, q_heads, k_heads,
+                 stride_qs, stride_qh, stride_ks, stride_kh, stride_cs, stride_qos, stride_qoh, stride_kos, stride_koh,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)  # s x stride passes 2**31 at full-video sizes
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     dm = d < HALF
-    m = (h < n_heads) & dm
     c1 = tl.load(cos_ptr + s * stride_cs + d, mask=dm, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + s * stride_cs + HALF + d, mask=dm, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + s * stride_cs + d, mask=dm, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + s * stride_cs + HALF + d, mask=dm, other=0.0).to(tl.float32)
-    out = s * n_heads * 2 * HALF + h * 2 * HALF + d  # outputs are contiguous (S, H, D)
-    q1 = tl.load(q_ptr + s * stride_qs + h * stride_qh + d, mask=m, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + s * stride_qs + h * stride_qh + HALF + d, mask=m, other=0.0).to(tl.float32)
-    # stock: q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q2, q1)
-    tl.store(qo_ptr + out, (q1 * c1 + (-q2) * s1).to(qo_ptr.dtype.element_ty), mask=m)
-    tl.store(qo_ptr + out + HALF, (q2 * c2 + q1 * s2).to(qo_ptr.dtype.element_ty), mask=m)
-    k1 = tl.load(k_ptr + s * stride_ks + h * stride_kh + d, mask=m, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + s * stride_ks + h * stride_kh + HALF + d, mask=m, other=0.0).to(tl.float32)
-    tl.store(ko_ptr + out, (k1 * c1 + (-k2) * s1).to(ko_ptr.dtype.element_ty), mask=m)
-    tl.store(ko_ptr + out + HALF, (k2 * c2 + k1 * s2).to(ko_ptr.dtype.element_ty), mask=m)
+    _rotate_half_store(q_ptr, qo_ptr, s, h, d, c1, c2, s1, s2, q_heads, stride_qs, stride_qh, stride_qos, stride_qoh,
+                       HALF=HALF)
+    _rotate_half_store(k_ptr, ko_ptr, s, h, d, c1, c2, s1, s2, k_heads, stride_ks, stride_kh, stride_kos, stride_koh,
+                       HALF=HALF)
 
 
 @triton.jit
@@ -103,22 +109,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.reshape(shape)
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, head_major: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q * cos + rotate_half(q) * sin (and the same for k) in one launch, fp32 inside, rounded once:
+    q (S, Hq, D), k (S, Hk, D) with any row / head strides (last dim contiguous), cos / sin (S, D).
+    Returns (S, Hq, D) and (S, Hk, D) views in q's dtype, stored token-major (contiguous) or, with
+    ``head_major``, as contiguous (H, S, D) (the language model's own q / k layout)."""
+    cos, sin = cos.contiguous(), sin.contiguous()
+    S, Hq, D = q.shape
+    Hk = k.shape[1]
+    if head_major:
+        qo = torch.empty((Hq, S, D), dtype=q.dtype, device=q.device).transpose(0, 1)
+        ko = torch.empty((Hk, S, D), dtype=k.dtype, device=k.device).transpose(0, 1)
+    else:
+        qo = torch.empty((S, Hq, D), dtype=q.dtype, device=q.device)
+        ko = torch.empty((S, Hk, D), dtype=k.dtype, device=k.device)
+    if S:
+        _rope_kernel[(S,)](q, k, cos, sin, qo, ko, S, Hq, Hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           cos.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), HALF=D // 2,
+                           BLOCK_H=triton.next_power_of_2(max(Hq, Hk)), BLOCK_D=triton.next_power_of_2(D // 2),
+                           num_warps=4)
+    return qo, ko
+
+
 def rotary_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb_vision`` for (S, H, D) q and k (any row/head strides) and (S, D) cos/sin."""
     if q.dim() != 3 or k.shape != q.shape or cos.shape != (q.shape[0], q.shape[2]) or sin.shape != cos.shape \
             or q.stride(-1) != 1 or k.stride(-1) != 1 or q.shape[-1] % 2:
         return _rotary_torch(q, k, cos, sin)  # a layout this kernel was not written for
-    cos, sin = cos.contiguous(), sin.contiguous()
-    S, H, D = q.shape
-    qo = torch.empty((S, H, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((S, H, D), dtype=k.dtype, device=k.device)
-    if S:
-        half = D // 2
-        _rope_kernel[(S,)](q, k, cos, sin, qo, ko, S, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           cos.stride(0), HALF=half, BLOCK_H=triton.next_power_of_2(H),
-                           BLOCK_D=triton.next_power_of_2(half), num_warps=4)
-    return qo, ko
+    return rotary(q, k, cos, sin)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
