@@ -50,3 +50,38 @@ def test_fused_language_model_matches_stock_and_uninstalls():
     assert "forward" not in mlp.__dict__
     back = run()
     assert float((back.double() - stock.double()).norm() / stock.double().norm()) <= FP32_ROUNDING
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fused_rotary_matches_the_stock_function_with_gqa_and_keeps_its_layout():
+    """The language model's q / k rotary (M-RoPE sections already merged into cos / sin, as the
+    attention receives them): fp32 kernel vs the stock function, Hq != Hk, a cos / sin whose two
+    halves differ (a kernel that mixes the halves up fails), outputs contiguous (1, H, S, D) like
+    the stock ones."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
+
+    model = _tiny_model()
+    stock = q25.apply_rotary_pos_emb
+    llm_fused.install(model)
+    try:
+        fused = q25.apply_rotary_pos_emb
+        assert fused is not stock
+        g = torch.Generator().manual_seed(11)
+        S, D = 29, 16
+        q = torch.randn(1, S, 4, D, generator=g).transpose(1, 2).to(DEV)  # (1, Hq, S, D) views, as the attention makes them
+        k = torch.randn(1, S, 2, D, generator=g).transpose(1, 2).to(DEV)
+        cos, sin = torch.randn(1, S, D, generator=g).to(DEV), torch.randn(1, S, D, generator=g).to(DEV)
+        wq, wk = stock(q, k, cos, sin)
+        gq, gk = fused(q, k, cos, sin)
+        assert gq.shape == wq.shape and gk.shape == wk.shape and gq.is_contiguous() and gk.is_contiguous()
+        assert _rel(gq, wq) <= FP32_ROUNDING and _rel(gk, wk) <= FP32_ROUNDING
+        # fp64 (the CPU references) is not a kernel dtype: the stock function runs, bit for bit
+        q64, k64, c64, s64 = (t.double() for t in (q, k, cos, sin))
+        for got, want in zip(fused(q64, k64, c64, s64), stock(q64, k64, c64, s64)):
+            assert torch.equal(got, want)  # the same function on the same inputs (a pure fallback)
+    finally:
+        llm_fused.uninstall(model)
+    assert q25.apply_rotary_pos_emb is stock

@@ -145,3 +145,25 @@ def test_kernels_address_rows_past_two_to_the_31_elements():
     t = slice(S - 16, S)
     wq, wk = q25.apply_rotary_pos_emb_vision(q[t], k[t], cos[t], sin[t])
     assert _rel(gq[t], wq) <= 1e-2 and _rel(gk[t], wk) <= 1e-2
+
+
+def test_vision_pixels_reach_the_device_in_the_model_dtype():
+    """to_device copies host pixels as they are and casts on the device (one call would cast on
+    the host into a pageable buffer): the values are the one-call conversion's."""
+    from spava_plan.runtime.vision_parallel import to_device
+
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(40, 1176, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = to_device(pixels, torch.device(DEV), dtype)
+        assert got.dtype == dtype and got.device.type == DEV
+        assert torch.equal(got.cpu(), pixels.to(dtype))  # a rounding of the same values: identical anywhere
+
+
+def test_cu_seqlens_are_read_once_per_tensor():
+    """The batched vision attention reads a cu_seqlens tensor's host copy once (a .tolist() per
+    block would drain the GPU 32 times per tower call); another tensor gets its own list."""
+    a, b = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    assert vision_attention._host_list(a) == [0, 3, 7] and vision_attention._host_list(b) == [0, 5]
+    first = vision_attention._host_list(a)
+    assert vision_attention._host_list(a) is first  # the cached list, no second device read
