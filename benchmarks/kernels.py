@@ -16,6 +16,8 @@ triton.testing.do_bench (median; it flushes L2 before every repeat) on two alter
   sdpa_flash/segments  dense equivalents: one SDPA call per (task, segment), FLASH_ATTENTION,
                        segment K/V pre-made contiguous (full -> no mask, causal -> is_causal)
   sdpa_cudnn/segments  the same with CUDNN_ATTENTION
+  cudnn_lse            cuDNN per (task, segment) WITH the log-sum-exp (aten's private op), K/V in place,
+                       GQA, then the LSE merge of each task's partials: what a cuDNN backend would run
   select               the rank's selections (every block it passes on) + packed gather
 
 Usage:
@@ -195,6 +197,32 @@ def run_segments(calls, scale, backend, gqa):
                 F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=gqa)
 
 
+def cudnn_lse_path(tasks, scale, merge):
+    """What a cuDNN backend of the runtime would run: per (task, KV segment) one cuDNN attention
+    call that also returns the log-sum-exp (aten's private _scaled_dot_product_cudnn_attention;
+    the public SDPA returns no LSE), K/V read in place with GQA, then the partials of each task
+    LSE-merged. Spava's causal segments are square (a block against its own keys), where top-left
+    and bottom-right alignment agree; a non-square causal segment is refused."""
+    import torch
+
+    outs = []
+    for t in tasks:
+        q4 = t.q.transpose(0, 1).unsqueeze(0)
+        parts, lses = [], []
+        for s in t.segments:
+            k4, v4 = s.k.transpose(0, 1).unsqueeze(0), s.v.transpose(0, 1).unsqueeze(0)
+            M, n = q4.shape[2], k4.shape[2]
+            if s.mask == "causal" and M != n:
+                raise NotImplementedError(f"bottom-right causal segment {M}x{n}")
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, s.mask == "causal",
+                                                                     False, scale=scale)
+            parts.append(res[0][0].transpose(0, 1))
+            lses.append(res[1].reshape(q4.shape[1], M).transpose(0, 1))
+        out, _ = merge(torch.stack(parts), torch.stack(lses).float()) if len(parts) > 1 else (parts[0], None)
+        outs.append(out)
+    return outs
+
+
 def _try(fn):
     try:
         return fn(), None
@@ -316,6 +344,16 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         calls = [segment_calls(ts, expand=not ok_gqa) for ts in tasks_of]
         record(f"sdpa_{bk}/segments", lambda i: run_segments(calls[i], scale, bk, ok_gqa))
         del calls
+    if "cudnn_lse" in variants:  # a cuDNN path with LSE + merge, checked against the reference first
+        mod = backend.mod
+        got_c, err = _try(lambda: cudnn_lse_path(tasks_of[0], scale, mod.merge))
+        if err:
+            res["errors"]["cudnn_lse/segments+merge"] = err
+            print(f"  cudnn_lse/segments+merge refused: {err}", flush=True)
+        else:
+            res["rel_err_cudnn_lse_vs_reference"] = {n: ((o.float() - r.float()).norm() / r.float().norm()).item()
+                                                     for n, o, r in zip(names, got_c, ref)}
+            record("cudnn_lse/segments+merge", lambda i: cudnn_lse_path(tasks_of[i], scale, mod.merge))
     if "select" in variants and sets[0][2]:
         pool, score = plan.selection.pool_window, plan.selection.score
         record("select", lambda i: [backend.select(sets[i][1], kb, vb, kp, pool, score) for kb, vb, kp in sets[i][2]])
