@@ -202,3 +202,45 @@ def test_report_writes_a_preset_only_when_asked_and_prints_the_floors(smoke):
             fl = r["floor_ms"]
             assert fl["vision"] > 0 and fl["llm_rest"] > 0 and fl["attention"] > 0, (c["id"], m)
             assert fl["total"] == pytest.approx(fl["vision"] + fl["attention"] + fl["llm_rest"] + fl["exposed_comm"])
+
+
+def test_profile_rank_dry_run_reports_every_section(tmp_path):
+    """benchmarks/profile_rank.py on a CPU (its --device cpu plumbing check, labelled as no
+    measurement): the tiny Qwen2.5-VL plan's rank 1 runs whole, its pixels go through both transfer
+    paths, the tower runs at the plan's vision_units and at one call, and both stages are profiled."""
+    import profile_rank
+
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    plan = build_plan(compose_config(["model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25",
+                                      "model.tokens_per_second=2", "gpus=2", "frames=16",
+                                      "video.resolution=336x504", "dtype=fp32", "kernels=false"]))
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    assert profile_rank.main([str(tmp_path / "plan.json"), "--rank", "1", "--device", "cpu", "--repeats", "1",
+                              "--top", "3", "--out", str(out)]) == 0
+    rep = json.loads((out / "profile_rank.json").read_text())
+    assert rep["device"].startswith("CPU dry run") and rep["rank"] == 1 and rep["world"] == 2
+    assert all(v > 0 for v in rep["phases"].values()) and len(rep["transfer_ms"]) == 3
+    units = {f"vision_units={u}" for u in (plan.chunking.vision_units, 4)}  # the rank's 4 grids in one call
+    assert set(rep["tower_ms"]) == units and all(v > 0 for v in rep["tower_ms"].values())
+    assert set(rep["profile"]) == {"vision", "prefill"} and all(s["wall_ms"] > 0 for s in rep["profile"].values())
+
+
+def test_idle_gaps_name_the_host_code_behind_each_gap():
+    """The gap finder on hand-made events: the longest hole between kernels first, with the CPU ops
+    overlapping it (innermost first) and the deepest transformers / project frame."""
+    from types import SimpleNamespace as Ev
+
+    import profile_rank
+
+    def ev(a, b, name, stack=()):
+        return Ev(time_range=Ev(start=a, end=b), name=name, stack=list(stack))
+
+    kernels = [ev(0, 10, "k1"), ev(5, 12, "k2"), ev(30, 40, "k3"), ev(41, 50, "k4")]
+    cpu = [ev(0, 100, "forward"), ev(14, 28, "aten::cat", ["/x/transformers/models/q.py(10): f"])]
+    gaps = profile_rank.idle_gaps(kernels, cpu)
+    assert [round(g["ms"] * 1e3) for g in gaps] == [18, 1]  # 12..30 (k2 ends after k1), then 40..41
+    assert gaps[0]["host_ops"] == ["aten::cat", "forward"] and gaps[0]["frame"].endswith("q.py(10): f")
+    assert profile_rank.busy_ms([(0, 10), (5, 12), (30, 40)]) == pytest.approx(0.022)
