@@ -39,7 +39,7 @@ def to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
 
     ``pixels.to(device=cuda, dtype=bf16)`` in one call casts on the HOST first (torch converts on
     the source side of a blocking host-to-device copy), into a new pageable buffer that the copy
-    then stages, throwing away the page-locking of pinned pixels: 34-44 ms for one rank's 349 MB
+    then stages, throwing away the page-locking of pinned pixels: 34-48 ms for one rank's 349 MB
     at 64 frames 1440p on an H200. Copied first (an asynchronous DMA when the pixels are pinned)
     and cast on the GPU: 6.5 ms (benchmarks/profile_rank.py)."""
     if pixels.device == device:
