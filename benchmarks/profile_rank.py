@@ -131,8 +131,6 @@ def rotary_check(model: Any, plan: Any, dev: Any) -> dict | None:
     this plan's sizes: relative L2 error and the share of elements that differ (the fused kernel
     rounds once where the stock code rounds three times, so a few elements differ by one ulp);
     None when the model has no fused rotary."""
-    import sys as _sys
-
     import torch
 
     from spava_plan.runtime import llm_fused
@@ -141,7 +139,7 @@ def rotary_check(model: Any, plan: Any, dev: Any) -> dict | None:
     name = getattr(language_model(model), "_spava_rotary_module", None)
     if name is None:
         return None
-    fused, stock = getattr(_sys.modules[name], "apply_rotary_pos_emb"), llm_fused._STOCK_ROTARY[name]
+    fused, stock = getattr(sys.modules[name], "apply_rotary_pos_emb"), llm_fused._STOCK_ROTARY[name]
     m, n = plan.model, plan.ranks[0].local_tokens
     g = torch.Generator(device=dev).manual_seed(1)
     q, k = (torch.randn((1, h, n, m.head_dim), generator=g, device=dev).to(torch.bfloat16)
@@ -244,25 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     # -- profile: one vision stage and one prefill -------------------------------------------
     runner = run._runner(args, prepared, comm, backend)
     inputs = prepared.inputs
+    acts = [ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])
+
+    def profiled(fn: Callable[[], Any]) -> tuple[Any, dict]:
+        """fn() under the profiler (the rank is warm: whole runs above), with its summary."""
+        sync()
+        with profile(activities=acts, with_stack=True) as prof:
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            wall = (time.perf_counter() - t0) * 1e3
+        return out, summarize(prof, wall, a.top)
+
     profiles = {}
     with torch.inference_mode():
-        emb = runner.embed(inputs, runner.vision(inputs))  # warm
+        emb, profiles["vision"] = profiled(lambda: runner.embed(inputs, runner.vision(inputs)))
+        _, profiles["prefill"] = profiled(lambda: runner.prefill_embedded(emb, prepared.positions,
+                                                                          inputs.prompt_tokens))
         del emb
-        for stage in ("vision", "prefill"):
-            sync()
-            with profile(activities=[ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA]),
-                         with_stack=True) as prof:
-                t0 = time.perf_counter()
-                if stage == "vision":
-                    out = runner.embed(inputs, runner.vision(inputs))
-                else:
-                    out = runner.prefill_embedded(emb_keep, prepared.positions, inputs.prompt_tokens)
-                sync()
-                wall = (time.perf_counter() - t0) * 1e3
-            if stage == "vision":
-                emb_keep = out
-            del out
-            profiles[stage] = summarize(prof, wall, a.top)
     report["profile"] = profiles
 
     # -- the table ------------------------------------------------------------------------------
