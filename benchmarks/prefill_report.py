@@ -176,7 +176,7 @@ def write_preset(path: Path, topo: Any, rates: dict, device: str, how: str, rows
 def attention_tflops(entry: dict, method: str, summary: dict, plans: Path) -> float | None:
     """Useful attention FLOPs of the slowest rank over its measured attention time (FLOP formula:
     4 * D * Hq * layers * visible (row, key) pairs; dense: the full causal triangle)."""
-    from kernels import rank_pairs
+    from kernel_speed import rank_pairs
     from spava_plan.plan_load import load_plan
 
     t = summary["profile"]["attention"]

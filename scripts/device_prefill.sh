@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The prefill + kernel benchmarks on the device machine (one H100), from a copy of this checkout.
-# Plans are made beforehand on a CPU machine with hydra (benchmarks/prefill.py plan, kernels.py
+# Plans are made beforehand on a CPU machine with hydra (benchmarks/prefill.py plan, kernel_speed.py
 # make-plans); the device needs only torch + triton + transformers. spava_plan's package layout
 # (spava_plan.runtime = runtime/, ...) is recreated under /tmp/spava_pp instead of pip-installing.
 #   usage: scripts/device_prefill.sh STAGE [ARGS...]; results under $OUT
 #   STAGE prefill PLANS [measure args...]   every method of the plans' manifest, each in its own process
-#   STAGE kernels KPLANS [kernels.py run args...]
+#   STAGE kernels KPLANS [kernel_speed.py run args...]
 #   STAGE vision [vision_speed.py args...]
 #   STAGE profile PLAN [profile_rank.py args...]   one rank alone, phase by phase, with a kernel profile
 set -euo pipefail
@@ -28,7 +28,7 @@ case $stage in
   prefill) plans=$1; shift
     python3 "$ROOT/benchmarks/prefill.py" measure --plans "$plans" --out "$OUT/${RUNS:-runs.jsonl}" "$@" ;;
   kernels) kplans=$1; shift
-    python3 "$ROOT/benchmarks/kernels.py" run "$kplans" --out "$OUT" "$@" ;;
+    python3 "$ROOT/benchmarks/kernel_speed.py" run "$kplans" --out "$OUT" "$@" ;;
   vision) python3 "$ROOT/benchmarks/vision_speed.py" "$@" ;;
   profile) python3 "$ROOT/benchmarks/profile_rank.py" "$@" --out "$OUT" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -21,8 +21,8 @@ triton.testing.do_bench (median; it flushes L2 before every repeat) on two alter
   select               the rank's selections (every block it passes on) + packed gather
 
 Usage:
-  python benchmarks/kernels.py make-plans DIR        # on a CPU machine with hydra: plan.json + kernels/
-  python benchmarks/kernels.py run DIR [--out OUT]   # on the GPU (needs torch + triton only)
+  python benchmarks/kernel_speed.py make-plans DIR        # on a CPU machine with hydra: plan.json + kernels/
+  python benchmarks/kernel_speed.py run DIR [--out OUT]   # on the GPU (needs torch + triton only)
 """
 from __future__ import annotations
 
