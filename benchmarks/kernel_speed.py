@@ -17,7 +17,10 @@ triton.testing.do_bench (median; it flushes L2 before every repeat) on two alter
                        segment K/V pre-made contiguous (full -> no mask, causal -> is_causal)
   sdpa_cudnn/segments  the same with CUDNN_ATTENTION
   cudnn_lse            cuDNN per (task, segment) WITH the log-sum-exp (aten's private op), K/V in place,
-                       GQA, then the LSE merge of each task's partials: what a cuDNN backend would run
+                       GQA, then the LSE merge of each task's partials (runtime/backends/cudnn_segments)
+  backend/schedule     the schedule's launches as the runtime's tuned backend runs them: per launch
+                       the generated kernel or cudnn_lse, whichever timed faster (--no-tune: the
+                       default tiles against cuDNN); the choices are in the result's autotune_backend
   select               the rank's selections (every block it passes on) + packed gather
 
 Usage:
@@ -198,29 +201,15 @@ def run_segments(calls, scale, backend, gqa):
 
 
 def cudnn_lse_path(tasks, scale, merge):
-    """What a cuDNN backend of the runtime would run: per (task, KV segment) one cuDNN attention
-    call that also returns the log-sum-exp (aten's private _scaled_dot_product_cudnn_attention;
-    the public SDPA returns no LSE), K/V read in place with GQA, then the partials of each task
-    LSE-merged. Spava's causal segments are square (a block against its own keys), where top-left
-    and bottom-right alignment agree; a non-square causal segment is refused."""
-    import torch
+    """The triton backend's cuDNN candidate (runtime/backends/cudnn_segments.py: per (task, KV
+    segment) aten's cuDNN op with the log-sum-exp, K/V in place with GQA, then the LSE merge) on
+    the tasks of one launch; refused where a causal segment is not square."""
+    from spava_plan.runtime.backends import cudnn_segments
 
-    outs = []
-    for t in tasks:
-        q4 = t.q.transpose(0, 1).unsqueeze(0)
-        parts, lses = [], []
-        for s in t.segments:
-            k4, v4 = s.k.transpose(0, 1).unsqueeze(0), s.v.transpose(0, 1).unsqueeze(0)
-            M, n = q4.shape[2], k4.shape[2]
-            if s.mask == "causal" and M != n:
-                raise NotImplementedError(f"bottom-right causal segment {M}x{n}")
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, s.mask == "causal",
-                                                                     False, scale=scale)
-            parts.append(res[0][0].transpose(0, 1))
-            lses.append(res[1].reshape(q4.shape[1], M).transpose(0, 1))
-        out, _ = merge(torch.stack(parts), torch.stack(lses).float()) if len(parts) > 1 else (parts[0], None)
-        outs.append(out)
-    return outs
+    checked = [(t.q, [(s.k, s.v, s.mask == "causal") for s in t.segments], None) for t in tasks]
+    if not cudnn_segments.eligible(checked):
+        raise NotImplementedError("not eligible for cuDNN (a non-square causal segment, or not CUDA/16-bit)")
+    return [out for out, _ in cudnn_segments.attend(checked, scale, merge)]
 
 
 def _try(fn):
@@ -282,7 +271,7 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
     from spava_plan.runtime.backends.triton_gen import TritonBackend
 
     plan = load_plan(case / "plan.json")
-    backend = TritonBackend(case / "kernels", plan_hash=plan.hash, tune=tune)
+    backend = TritonBackend(case / "kernels", plan_hash=plan.hash, tune=tune, cudnn=False)  # generated only
     rank = busiest_rank(plan)
     groups = launch_groups(plan, rank)
     if workers > 1:  # tuned launches: every candidate; per-task launches: the default config only
@@ -330,6 +319,12 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
     if "schedule" in variants:
         record("generated/schedule", lambda i: [backend.attention([sets[i][0][n] for n in op], scale)
                                                 for op in attend_ops])
+    if "backend" in variants:  # the runtime's choice per launch: generated tiles or cuDNN, own table
+        both = TritonBackend(case / "kernels", plan_hash=plan.hash, tune=True, cudnn=True,
+                             configs=None if tune else [backend.mod.DEFAULT_CONFIG],
+                             autotune=case / "kernels" / "autotune-backend.json")
+        record("backend/schedule", lambda i: [both.attention([sets[i][0][n] for n in op], scale) for op in attend_ops])
+        res["autotune_backend"] = both.tuner.table
     if "per_task" in variants:  # not tuned separately: the config the tuned launches chose
         backend.tuning = False
         record("generated/per_task", lambda i: [backend.attention([t], scale) for t in tasks_of[i]])

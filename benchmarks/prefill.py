@@ -54,6 +54,11 @@ sys.path.insert(0, str(HERE))
 from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/ is on sys.path)
 
 W_DEFAULT = 8
+ATTENTION_MODES = {  # --attention: what the emulated methods' triton backend may run, per launch
+    "default": "the generated kernel with its default tiles, nothing tuned (every result before 2026-12-03)",
+    "cudnn": "the default tiles or cuDNN per segment + LSE merge, whichever the untimed warm-up times faster",
+    "tuned": "every tile config and cuDNN, timed in the warm-up (compiles every candidate: a slow first pass)",
+}
 MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b", "ivl2b": "internvl3_2b"}
 # The tiny Qwen2.5-VL of the tests (model_fixtures.TINY_25_OVERRIDES): window attention included.
 TINY_25 = ("model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
@@ -264,7 +269,8 @@ class Runner:
 
     def __init__(self, root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
                  vision_attn: str, workers: int, write: Callable[[dict], None], vision_kernels: str = "fused",
-                 llm_kernels: str = "stock", rank_warmup: int = 1, logits_dir: Path | None = None):
+                 llm_kernels: str = "stock", rank_warmup: int = 1, logits_dir: Path | None = None,
+                 attention: str = "default"):
         import torch
 
         self.root, self.out, self.write = root, out, write
@@ -272,6 +278,7 @@ class Runner:
         self.deadline = time.monotonic() + budget_s
         self.vision_attn, self.vision_kernels, self.workers = vision_attn, vision_kernels, workers
         self.llm_kernels, self.rank_warmup, self.logits_dir = llm_kernels, rank_warmup, logits_dir
+        self.attention = attention
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.spans = Spans(self.cuda)
@@ -336,8 +343,8 @@ class Runner:
                     timeout=1200.0, seed=0, emulated_timing=True)
 
     def backend(self, plan: Any, plan_dir: Path) -> Any:
-        """triton (generated kernels, untuned default tiles: no autotuning inside the timed work)
-        on CUDA; the torch reference on CPU, as the runtime chooses."""
+        """triton on CUDA (the torch reference on CPU, as the runtime chooses), per ATTENTION_MODES:
+        whatever is tuned is tuned in the untimed rank warm-up, never inside the timed replays."""
         if not self.cuda:
             from spava_plan.runtime.backends.torch_ref import TorchBackend
 
@@ -345,8 +352,11 @@ class Runner:
         from spava_plan.codegen.render import render_kernels
         from spava_plan.runtime.backends.triton_gen import TritonBackend
 
-        return TritonBackend(plan_dir / "kernels", plan_hash=plan.hash, render=lambda d: render_kernels(plan, d),
-                             tune=False)
+        from spava_plan.runtime.backends.triton_kernels import DEFAULT_CONFIG
+
+        kw = {"default": dict(tune=False, cudnn=False), "cudnn": dict(configs=[DEFAULT_CONFIG]),
+              "tuned": {}}[self.attention]
+        return TritonBackend(plan_dir / "kernels", plan_hash=plan.hash, render=lambda d: render_kernels(plan, d), **kw)
 
     # -- budget --------------------------------------------------------------------------------
     def fits(self, cell: dict, method: str, passes: int) -> tuple[bool, float]:
@@ -630,7 +640,8 @@ def logits_check(logits: dict[str, Any], method: str) -> dict:
 def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
             vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True,
             vision_kernels: str = "fused", llm_kernels: str = "stock", rank_warmup: int = 1,
-            isolate: bool | None = None, child: bool = False, logits_dir: Path | None = None) -> int:
+            isolate: bool | None = None, child: bool = False, logits_dir: Path | None = None,
+            attention: str = "default") -> int:
     """Measure the manifest's cells (``cells``: ID[:M1+M2][@REPEATS],...). ``isolate`` (default: on
     a GPU) runs every (cell, method) in a fresh process of this script, so no method inherits the
     device memory (caching allocator, compiled kernels, fragmentation) of the ones before it: in
@@ -668,6 +679,7 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
                "rank_warmup": rank_warmup, "isolated": isolate,
                "vision_attention": vision_attn, "vision_kernels": vision_kernels if cuda else "stock",
                "llm_kernels": llm_kernels if cuda else "stock",
+               "attention": attention if cuda else "torch",
                "rates": device_rates() if cuda else {},
                "command": " ".join([Path(sys.executable).name] + sys.argv)})
     order = [(c, methods, None) for c in manifest["cells"] if check or not c["check"]]
@@ -685,7 +697,7 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
     runner = None if isolate else Runner(
         root, out, repeats=repeats, warmup=warmup, heavy_s=heavy_s, budget_s=budget_s, vision_attn=vision_attn,
         workers=workers, write=write, vision_kernels=vision_kernels, llm_kernels=llm_kernels,
-        rank_warmup=rank_warmup, logits_dir=logits_dir)
+        rank_warmup=rank_warmup, logits_dir=logits_dir, attention=attention)
     deadline = time.monotonic() + budget_s
     failed_check = False
     for cell, ms, reps in order:
@@ -700,7 +712,8 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
                        "--logits-dir", str(logits_dir), "--repeats", str(repeats), "--warmup", str(warmup),
                        "--rank-warmup", str(rank_warmup), "--heavy-s", str(heavy_s), "--budget-s", f"{left:.0f}",
                        "--vision-attn", vision_attn, "--vision-kernels", vision_kernels,
-                       "--llm-kernels", llm_kernels, "--workers", str(workers), "--methods", method]
+                       "--llm-kernels", llm_kernels, "--attention", attention, "--workers", str(workers),
+                       "--methods", method]
                 rc = __import__("subprocess").run(cmd).returncode
                 if rc != 0:
                     write({"kind": "error", "cell": cell["id"], "method": method,
@@ -792,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--llm-kernels", choices=("fused", "stock"), default="fused",
                        help="fused: runtime/llm_fused's RMSNorm and gate|up GEMM + SiLU-gate kernels in the LLM (GPU)")
         p.add_argument("--rank-warmup", type=int, default=1, help="untimed replays of every emulated rank first")
+        p.add_argument("--attention", choices=sorted(ATTENTION_MODES), default="default",
+                       help="the emulated methods' attention backend on a GPU: " +
+                            "; ".join(f"{k}: {v}" for k, v in ATTENTION_MODES.items()))
         p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                        help="every (cell, method) in a fresh process (default on a GPU)")
         p.add_argument("--same-process", dest="isolate", action="store_false",
@@ -840,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
                        budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
                        workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")),
                        check=not args.no_check, llm_kernels=args.llm_kernels, rank_warmup=args.rank_warmup,
-                       isolate=args.isolate, child=args.child, logits_dir=args.logits_dir)
+                       isolate=args.isolate, child=args.child, logits_dir=args.logits_dir, attention=args.attention)
     from prefill_report import report  # noqa: E402
 
     if args.cmd == "report":
@@ -852,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = measure(args.plans, runs, repeats=args.repeats, warmup=args.warmup, heavy_s=args.heavy_s,
                      budget_s=args.budget_s, vision_attn=args.vision_attn, vision_kernels=args.vision_kernels,
                      workers=args.workers, cells=args.cells, methods=tuple(args.methods.split(",")),
-                     llm_kernels=args.llm_kernels, rank_warmup=args.rank_warmup, isolate=args.isolate)
+                     llm_kernels=args.llm_kernels, rank_warmup=args.rank_warmup, isolate=args.isolate,
+                     attention=args.attention)
         out = args.out or default_prefix(runs)
         report([runs], args.plans, out, preset_dir=HERE.parent / "conf" / "topology" if args.write_preset else None)
         return rc

@@ -323,7 +323,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
              f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method); "
              f"vision kernels: {env.get('vision_kernels', 'stock')}, LLM kernels: {env.get('llm_kernels', 'stock')} "
-             f"(every method); each method in its own process: {env.get('isolated', False)}.",
+             f"(every method); emulated methods' attention backend: {env.get('attention', 'default')} "
+             f"(`--attention`); each method in its own process: {env.get('isolated', False)}.",
              "Dense: median / min-max of n timed calls after the row's warm-up calls (`--warmup`; cells estimated "
              "above `--heavy-s` s per call skip them). Emulated: every rank first replays its warm-up replays "
              "untimed (`--rank-warmup`), then: median = the runtime's emulated TTFT (each rank's compute stretches, "

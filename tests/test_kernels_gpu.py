@@ -79,6 +79,32 @@ def test_rank_attention_bf16(case, which, last):
                 assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)  # both from fp32 scores
 
 
+@pytest.mark.parametrize("last", [False, True])
+def test_cudnn_candidate_bf16(case, last):
+    """The tuner's cuDNN candidate (runtime/backends/cudnn_segments.py, aten's cuDNN op per segment,
+    then the merge into the task's out) on each schedule launch: eligible (Spava's causal segments
+    are square), and the same function as the fp32 oracle; the backend's agreement gate passes."""
+    from spava_plan.runtime.backends import cudnn_segments
+
+    plan, backend = case
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    oracle = TorchBackend()
+    rank = plan.world_size - 1 if last else 0
+    tasks = rank_inputs(plan, rank, torch.bfloat16, "cuda", torch.Generator().manual_seed(40 + rank))
+    for op in plan.schedule[rank].ops:
+        if op.name != "attend":
+            continue
+        inputs = _poisoned([tasks[n] for n in op.tasks])
+        checked = [backend._check(t) for t in inputs]
+        assert cudnn_segments.eligible(checked), op.tasks
+        assert backend._cudnn_agrees(backend.mod.LAUNCHES[backend._signature(checked)], checked, scale), op.tasks
+        for task, (out, lse) in zip(inputs, cudnn_segments.attend(checked, scale, backend.mod.merge)):
+            assert out.data_ptr() == task.out.data_ptr() and not torch.isnan(out).any(), task.name
+            ref_o, ref_l = oracle.attention([_fp32(task)], scale)[0]
+            assert rel(out, ref_o) <= BF16_TOL, (rank, task.name, rel(out, ref_o))
+            assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)
+
+
 @pytest.mark.parametrize("config", [(128, 64, 8, 3, 1, 0), (128, 128, 8, 3, 1, 1), (64, 64, 4, 3, 0, 1)])
 def test_whole_rank_each_config(case, config):
     """Every tile shape / load path the tuner may pick computes the same function (TMA=1: K/V tiles

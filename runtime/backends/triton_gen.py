@@ -9,7 +9,10 @@ attention(): the tasks' mask structure picks one fused launch kernel of the modu
 a grouping the plan never made runs task by task, and a task structure it never made runs
 segment by segment through the one-segment kernels plus the LSE merge (slower, still exact).
 Block sizes come from autotune.json for this device; a launch not tuned yet is tuned on first use
-on a GPU (each candidate timed with triton.testing.do_bench, median) and recorded there.
+on a GPU (each candidate timed with triton.testing.do_bench, median) and recorded there. Where a
+launch is eligible (cudnn_segments.eligible: CUDA, 16-bit, square causal segments) cuDNN per
+segment plus the LSE merge is one more candidate, taken only after its output agreed with the
+generated kernel's on that launch's own inputs.
 """
 from __future__ import annotations
 
@@ -26,9 +29,16 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 
 from ..dtypes import PLAN_TORCH_DTYPES
+from . import cudnn_segments
 from .base import TaskInput
+from .cudnn_segments import CUDNN
 
 _DTYPES = PLAN_TORCH_DTYPES  # the kernels serve every plan dtype
+AUTOTUNE_VERSION = 2  # 2: cuDNN is a candidate; a version-1 table (generated configs only) is retuned
+# cuDNN's output must agree with the generated kernel's before it may be chosen: both are bf16
+# attention from the same inputs in fp32 arithmetic (seen: 3.6e-3 vs 3.1e-3 relative to fp32 each)
+CUDNN_AGREE_REL = 2e-2
+CUDNN_AGREE_LSE = 2e-2
 
 
 def _interpreted() -> bool:
@@ -79,7 +89,9 @@ def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
 
 
 class Tuner:
-    """Block sizes per (device, launch, dtype): read from / recorded in autotune.json."""
+    """Configs per (device, launch, dtype): read from / recorded in autotune.json.
+
+    A config is a generated kernel's block sizes (an integer tuple, ``fields``) or CUDNN."""
 
     def __init__(self, path: Path, candidates: Sequence[tuple[int, ...]], default: tuple[int, ...],
                  timer: Callable[[Callable[[], object]], float] | None = None):
@@ -94,22 +106,33 @@ class Tuner:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return data.get("devices", {}) if isinstance(data, dict) else {}
+        if not isinstance(data, dict) or data.get("version") != AUTOTUNE_VERSION:
+            return {}  # another version's table: tune again (and overwrite it)
+        return data.get("devices", {})
 
     def get(self, device: str, key: str) -> tuple[int, ...] | None:
         entry = self.table.get(device, {}).get(key)
         return tuple(entry["config"]) if entry else None
 
     def nearest(self, device: str, key: str) -> tuple[int, ...]:
-        """For a launch not tuned here: the config most launches of this dtype chose on this device."""
+        """For a launch not tuned here: the generated config most launches of this dtype chose on
+        this device (never CUDNN: the launch may not be eligible, and nothing checked it)."""
         dtype = key.rsplit(":", 1)[-1]
         chosen = [tuple(e["config"]) for k, e in sorted(self.table.get(device, {}).items())
-                  if k.rsplit(":", 1)[-1] == dtype]
+                  if k.rsplit(":", 1)[-1] == dtype and tuple(e["config"]) != CUDNN]
         return max(chosen, key=chosen.count) if chosen else self.default
 
-    def tune(self, device: str, key: str, run: Callable[[tuple], object]) -> tuple[int, ...]:
+    def generated(self, device: str, key: str) -> tuple[int, ...]:
+        """The fastest generated config timed for this launch (where CUDNN won but a later call of
+        the launch is not eligible for it), else nearest()."""
+        timed = self.table.get(device, {}).get(key, {}).get("candidates", {})
+        ints = {tuple(int(x) for x in c.split(",")): t for c, t in timed.items() if c != ",".join(CUDNN)}
+        return min(ints, key=ints.get) if ints else self.nearest(device, key)
+
+    def tune(self, device: str, key: str, run: Callable[[tuple], object],
+             candidates: Sequence[tuple] | None = None) -> tuple[int, ...]:
         timings = {}
-        for cfg in self.candidates:
+        for cfg in (self.candidates if candidates is None else tuple(tuple(c) for c in candidates)):
             try:
                 run(cfg)  # compile + check it launches at all (too much shared memory fails here)
                 timings[cfg] = self.timer(lambda: run(cfg))
@@ -121,10 +144,10 @@ class Tuner:
         self.table = self._read()  # other ranks may have recorded launches meanwhile
         self.table.setdefault(device, {})[key] = {
             "config": list(best), "ms": round(timings[best], 4),
-            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "GROUPED"],
-            "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items())},
+            "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "GROUPED"],  # or ["cudnn"]
+            "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items(), key=lambda ct: tuple(map(str, ct[0])))},
         }
-        text = json.dumps({"version": 1, "devices": self.table}, indent=1, sort_keys=True) + "\n"
+        text = json.dumps({"version": AUTOTUNE_VERSION, "devices": self.table}, indent=1, sort_keys=True) + "\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text)
@@ -145,12 +168,22 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, kernel_dir: str | Path, *, plan_hash: str | None = None,
-                 render: Callable[[Path], object] | None = None, tune: bool = True):
+                 render: Callable[[Path], object] | None = None, tune: bool = True,
+                 configs: Sequence[tuple[int, ...]] | None = None, cudnn: bool = True,
+                 autotune: str | Path | None = None):
+        """tune: time the candidates of a launch not in autotune.json yet (else use nearest());
+        configs: the generated tile configs the tuner may try (default: all of the module's);
+        cudnn: whether cuDNN per segment is a candidate where a launch is eligible;
+        autotune: the table's path (default: autotune.json in the kernel dir)."""
         self.kernel_dir = Path(kernel_dir)
         self.mod = load_kernels(self.kernel_dir, plan_hash=plan_hash, render=render)
         self.tuning = tune
-        self.tuner = Tuner(self.kernel_dir / "autotune.json", self.mod.ATTENTION_CONFIGS, self.mod.DEFAULT_CONFIG)
-        self._configs: dict[tuple, tuple[int, ...]] = {}
+        self.cudnn = cudnn
+        self.tuner = Tuner(Path(autotune) if autotune else self.kernel_dir / "autotune.json",
+                           configs or self.mod.ATTENTION_CONFIGS,
+                           self.mod.DEFAULT_CONFIG)
+        self._configs: dict[tuple, tuple] = {}
+        self._fallbacks: dict[tuple, tuple[int, ...]] = {}  # a generated config where cfg is CUDNN
 
     # -- checks at the boundary --------------------------------------------------------------------
     def _check(self, task: TaskInput) -> tuple:
@@ -197,21 +230,60 @@ class TritonBackend:
             device = torch.cuda.get_device_name(q.device)
             key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
             cfg = self.tuner.get(device, key)
+            if cfg == CUDNN and not self.cudnn:
+                cfg = self.tuner.generated(device, key)
             if cfg is None and q.dtype == torch.float32:
                 cfg = tuple(self.mod.FP32_CONFIG)  # not tuned: fp32 is the exact-check path, not the fast one
+            if cfg is None and self.tuning:
+                cands = self.tuner.candidates
+                if self.cudnn and cudnn_segments.eligible(tasks) and self._cudnn_agrees(name, tasks, scale):
+                    cands += (CUDNN,)
+                cfg = self.tuner.tune(device, key, lambda c: self._run(name, tasks, scale, c), candidates=cands)
             if cfg is None:
-                cfg = (self.tuner.tune(device, key, lambda c: self.mod.attend(name, tasks, scale, c))
-                       if self.tuning else self.tuner.nearest(device, key))
+                cfg = self.tuner.nearest(device, key)
+            if cfg == CUDNN:  # for calls of this launch that cuDNN cannot take (a non-square causal segment)
+                self._fallbacks[fast] = self.tuner.generated(device, key)
         self._configs[fast] = cfg
         return cfg
+
+    def _run(self, name: str, tasks: list, scale: float, cfg: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if cfg == CUDNN:
+            return cudnn_segments.attend(tasks, scale, self.mod.merge)
+        return self.mod.attend(name, tasks, scale, cfg)
+
+    def _cudnn_agrees(self, name: str, tasks: list, scale: float) -> bool:
+        """cuDNN and the generated kernel on this launch's inputs: same outputs and LSEs within bf16
+        rounding? (Outputs written in place are saved and restored around the comparison.)"""
+        saved = [o.clone() if o is not None else None for _, _, o in tasks]
+        try:
+            cpu = _interpreted() or not tasks[0][0].is_cuda
+            gen_cfg = tuple(self.mod.INTERPRETER_CONFIG) if cpu else self.tuner.candidates[0]
+            ref = [(o.float().clone(), l.clone()) for o, l in self._run(name, tasks, scale, gen_cfg)]
+            got = [(o.float().clone(), l.clone()) for o, l in self._run(name, tasks, scale, CUDNN)]
+        except Exception:  # noqa: BLE001 - cuDNN refusing these shapes means: not a candidate
+            return False
+        finally:
+            for (_, _, o), s in zip(tasks, saved):
+                if o is not None:
+                    o.copy_(s)
+        for (ro, rl), (go, gl) in zip(ref, got):
+            finite = torch.isfinite(rl)
+            if not torch.equal(finite, torch.isfinite(gl)):
+                return False
+            if (go - ro).norm() > CUDNN_AGREE_REL * ro.norm() or \
+                    (finite.any() and (gl[finite] - rl[finite]).abs().max() > CUDNN_AGREE_LSE):
+                return False
+        return True
 
     def _launch(self, name: str, tasks: list, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
         q = tasks[0][0]
         cfg = self._config(name, tasks, scale)
+        if cfg == CUDNN and not cudnn_segments.eligible(tasks):
+            cfg = self._fallbacks[(name, q.dtype, q.device)]
         if q.is_cuda and q.device.index != torch.cuda.current_device():
             with torch.cuda.device(q.device):
-                return self.mod.attend(name, tasks, scale, cfg)
-        return self.mod.attend(name, tasks, scale, cfg)
+                return self._run(name, tasks, scale, cfg)
+        return self._run(name, tasks, scale, cfg)
 
     def _signature(self, tasks: list) -> tuple:
         return tuple(tuple("causal" if c else "full" for _, _, c in segs) for _, segs, _ in tasks)
@@ -268,14 +340,15 @@ class TritonBackend:
                 return self.mod.select(*args)
         return self.mod.select(*args)
 
-    def merge(self, outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(self, outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         if outs.dim() != 4 or lses.shape != outs.shape[:3]:
             raise InputError(f"merge takes outs (P, M, Hq, D) and lses (P, M, Hq), got {tuple(outs.shape)} and "
                              f"{tuple(lses.shape)}", setting="plan")
         if outs.is_cuda and outs.device.index != torch.cuda.current_device():
             with torch.cuda.device(outs.device):
-                return self.mod.merge(_dense_last(outs), lses)
-        return self.mod.merge(_dense_last(outs), lses)
+                return self.mod.merge(_dense_last(outs), lses, out=out)
+        return self.mod.merge(_dense_last(outs), lses, out=out)
 
 
 def _dense_last(t: torch.Tensor) -> torch.Tensor:

@@ -416,11 +416,14 @@ def _merge(o_ptr, so_p, so_m, so_h, l_ptr, sl_p, sl_m, sl_h, out_ptr, sout_m, so
     tl.store(lse_ptr + m * slse_m + h * slse_h, tl.where(empty, float("-inf"), m_use + tl.log(d_use)), mask=ok)
 
 
-def merge(outs, lses):
-    """outs (P, M, Hq, D), lses (P, M, Hq) -> (out (M, Hq, D) in outs' dtype, lse (M, Hq))."""
+def merge(outs, lses, out=None):
+    """outs (P, M, Hq, D), lses (P, M, Hq) -> (out (M, Hq, D) in outs' dtype, lse (M, Hq)).
+
+    ``out``: where to write the merged output (any (M, Hq, D) view with D contiguous; its dtype)."""
     P, M, H, d = outs.shape
     fp64 = outs.dtype == torch.float64 or lses.dtype == torch.float64
-    out = torch.empty((M, H, d), dtype=outs.dtype, device=outs.device)
+    if out is None:
+        out = torch.empty((M, H, d), dtype=outs.dtype, device=outs.device)
     lse = torch.empty((M, H), dtype=torch.float64 if fp64 else torch.float32, device=outs.device)
     rows = M * H
     if rows == 0:

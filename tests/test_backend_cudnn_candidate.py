@@ -1,0 +1,144 @@
+"""The cuDNN-per-segment candidate of the triton backend, on the CPU.
+
+aten's cuDNN op needs a GPU, so the plumbing around it (token-major views handed over as
+(1, H, S, D), the LSE layout it returns, the merge into the task's out, empty segments) runs here
+with a CPU op of the same contract: top-left causal, lse (1, H, M, 1) in natural log. Against it:
+dense fp64 attention, the generated kernel on a real plan's launches (the agreement check the tuner
+runs before cuDNN may be chosen), and the tuner's table (choice, fallback, version). The real op
+is checked on a GPU in tests/test_kernels_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from spava_plan.runtime.backends import cudnn_segments, triton_kernels
+from spava_plan.runtime.backends.base import KVSegment, TaskInput
+from spava_plan.runtime.backends.cudnn_segments import CUDNN
+from spava_plan.runtime.backends.triton_gen import AUTOTUNE_VERSION, Tuner
+
+from test_kernels_attention import FP32_TOL, lse_err, rank_inputs, reference, rel, spava_backend  # noqa: F401
+
+
+def cpu_op(q4, k4, v4, causal, scale, *, lse_base=math.e):
+    """aten's cuDNN op's contract on the CPU, in fp64: (1, Hq, M, D) out, (1, Hq, M, 1) lse;
+    GQA by head groups; causal aligned top-left (row i sees keys j <= i)."""
+    q, k, v = q4[0].double(), k4[0].double(), v4[0].double()
+    g = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+    s = torch.einsum("hmd,hnd->hmn", q, k) * scale
+    if causal:
+        M, n = s.shape[1:]
+        s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(M)[:, None], -math.inf)
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("hmn,hnd->hmd", torch.softmax(s, -1), v)
+    return out.to(q4.dtype).transpose(0, 1).contiguous().transpose(0, 1)[None], \
+        (lse / math.log(lse_base))[None, ..., None].float()
+
+
+def _rand(*shape, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+
+def _checked(task: TaskInput):
+    return (task.q, [(s.k, s.v, s.mask == "causal") for s in task.segments], task.out)
+
+
+def test_segments_then_merge_equal_one_softmax():
+    """Full + square-causal segments with GQA (G=3), an empty segment, a one-segment task, an out
+    that is a strided view of a bigger buffer: each equals dense attention over its segments."""
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d, M = 6, 2, 16, 37
+    kv = _rand(300, 2, hkv, d, gen=gen)  # one cache: segments are views into it
+    q = _rand(M, hq, d, gen=gen)
+    big = torch.full((M, hq + 2, d), float("nan"))
+    multi = TaskInput("host", q, (KVSegment(kv[:64, 0], kv[:64, 1], "full"),
+                                  KVSegment(kv[64:64, 0], kv[64:64, 1], "full"),  # empty
+                                  KVSegment(kv[100:137, 0], kv[100:137, 1], "causal")), out=big[:, 1:hq + 1])
+    single = TaskInput("anchor", q[:20], (KVSegment(kv[200:220, 0], kv[200:220, 1], "causal"),))
+    nothing = TaskInput("none", q[:5], ())
+    scale = 1 / math.sqrt(d)
+    res = cudnn_segments.attend([_checked(t) for t in (multi, single, nothing)], scale, triton_kernels.merge,
+                                op=cpu_op)
+    for task, (out, lse) in zip((multi, single, nothing), res):
+        ref_o, ref_l = reference(task, scale)
+        assert rel(out, ref_o) <= FP32_TOL if ref_o.norm() > 0 else out.abs().max() == 0, task.name
+        assert lse_err(lse, ref_l) <= 1e-4, task.name
+        assert out.dtype == task.q.dtype and lse.dtype == torch.float32 and lse.shape == task.q.shape[:2]
+    assert res[0][0].data_ptr() == big[:, 1].data_ptr(), "the merge writes into the task's out"
+    assert torch.isnan(big[:, 0]).all() and torch.isnan(big[:, -1]).all(), "nothing outside the out view"
+
+
+def test_eligibility_needs_cuda_16_bit_and_square_causal_segments():
+    gen = torch.Generator().manual_seed(1)
+    q, k = _rand(8, 4, 16, gen=gen), _rand(12, 2, 16, gen=gen)
+    assert not cudnn_segments.eligible([(q.bfloat16(), [(k[:8].bfloat16(), k[:8].bfloat16(), True)], None)]), \
+        "a CPU tensor is never eligible"
+    assert not cudnn_segments.eligible([])
+    if torch.cuda.is_available():
+        qc, kc = q.cuda().bfloat16(), k.cuda().bfloat16()
+        assert cudnn_segments.eligible([(qc, [(kc, kc, False), (kc[:8], kc[:8], True)], None)])
+        assert not cudnn_segments.eligible([(qc, [(kc, kc, True)], None)]), "12 keys for 8 rows, causal"
+        assert not cudnn_segments.eligible([(qc.float(), [(kc.float(), kc.float(), False)], None)])
+
+
+def test_agreement_check_against_the_generated_kernel(spava_backend, monkeypatch):
+    """The tuner's gate on a real plan's launches: a right op agrees with the generated kernel, one
+    whose lse is in base 2 does not; either way the task outs hold what they held before."""
+    plan, backend = spava_backend
+    gen = torch.Generator().manual_seed(3)
+    tasks = rank_inputs(plan, 1, torch.float32, "cpu", gen)
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    op = next(o for o in plan.schedule[1].ops if o.name == "attend" and len(o.tasks) > 1)
+    launch = [tasks[n] for n in op.tasks]
+    checked = [backend._check(TaskInput(t.name, t.q, t.segments, out=torch.full_like(t.q, 7.0))) for t in launch]
+    name = backend.mod.LAUNCHES[backend._signature(checked)]
+    assert all(not c or k.shape[0] == q.shape[0] for q, segs, _ in checked for k, _, c in segs), \
+        "Spava's causal segments are square (cuDNN's top-left mask fits)"
+
+    monkeypatch.setattr(cudnn_segments, "_aten_op", lambda: cpu_op)
+    assert backend._cudnn_agrees(name, checked, scale)
+    monkeypatch.setattr(cudnn_segments, "_aten_op", lambda: lambda *a: cpu_op(*a, lse_base=2.0))
+    assert not backend._cudnn_agrees(name, checked, scale)
+    assert all(bool((o == 7.0).all()) for _, _, o in checked), "outs restored after the comparison"
+
+
+def test_tuner_records_cudnn_and_falls_back_to_the_best_generated(tmp_path):
+    times = {(1, 2): 3.0, (3, 4): 2.0, CUDNN: 1.5}
+    current = {}
+
+    def timer(fn):
+        fn()
+        return times[current["cfg"]]
+
+    def run(cfg):
+        current["cfg"] = cfg
+        if cfg == (9, 9):
+            raise RuntimeError("too much shared memory")
+
+    path = tmp_path / "autotune.json"
+    tuner = Tuner(path, [(1, 2), (3, 4), (9, 9)], (1, 2), timer=timer)
+    assert tuner.tune("H200", "launch_a:bfloat16", run, candidates=[(1, 2), (3, 4), (9, 9), CUDNN]) == CUDNN
+    data = json.loads(path.read_text())
+    assert data["version"] == AUTOTUNE_VERSION
+    entry = data["devices"]["H200"]["launch_a:bfloat16"]
+    assert entry["config"] == ["cudnn"] and set(entry["candidates"]) == {"1,2", "3,4", "cudnn"}
+
+    again = Tuner(path, [(1, 2), (3, 4)], (1, 2), timer=timer)
+    assert again.get("H200", "launch_a:bfloat16") == CUDNN
+    assert again.generated("H200", "launch_a:bfloat16") == (3, 4), "the fastest generated config timed"
+    assert again.nearest("H200", "launch_b:bfloat16") == (1, 2), "an untuned launch never inherits cuDNN"
+
+    times[CUDNN] = 9.0
+    assert again.tune("H200", "launch_b:bfloat16", run, candidates=[(1, 2), (3, 4), CUDNN]) == (3, 4)
+    assert again.nearest("H200", "launch_c:bfloat16") == (3, 4)
+
+
+def test_a_table_of_another_version_is_tuned_again(tmp_path):
+    path = tmp_path / "autotune.json"
+    path.write_text(json.dumps({"version": 1, "devices": {"H200": {"k:bfloat16": {"config": [1, 2]}}}}))
+    tuner = Tuner(path, [(1, 2)], (1, 2), timer=lambda fn: 1.0)
+    assert tuner.get("H200", "k:bfloat16") is None
