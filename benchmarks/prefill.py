@@ -478,7 +478,18 @@ class Runner:
         hf_inputs.check_against_plan(plan, inputs, positions)
         prepared = run.Prepared(plan, path.parent, self.model, proc, inputs, positions, self.device, [], [], input_s)
         args = self.args(plan, str(path))
-        backend = TimedBackend(self.backend(plan, path.parent), self.spans)
+        inner = self.backend(plan, path.parent)
+        tuning = {}
+        if self.cuda and getattr(inner, "tuning", False):  # every launch tuned alone, before the rank threads
+            from spava_plan.runtime.tune_launches import tune_plan_launches
+
+            t0 = time.perf_counter()
+            launches = tune_plan_launches(plan, inner, self.device)
+            tuning = {"launches": launches, "s": round(time.perf_counter() - t0, 2),
+                      "chosen": {k: e["config"] for t in inner.tuner.table.values() for k, e in sorted(t.items())},
+                      "candidates_ms": {k: e["candidates"] for t in inner.tuner.table.values()
+                                        for k, e in sorted(t.items())}}
+        backend = TimedBackend(inner, self.spans)
         world = EmulatedWorld.for_plan(plan, timeout_s=args.timeout)
         weights = weights_bytes(self.model)
         replays: list[dict] = []
@@ -527,7 +538,8 @@ class Runner:
         first = next(r for r in timing.results if r.first_logits is not None)  # the rank with the last token
         tokens = [int(r.tokens[0]) for r in timing.results]
         rec = {"kind": "emulated", "cell": cell["id"], "method": method, "world": W,
-               "label": timing.label, "backend": backend.name, "warmup": warm,
+               "label": timing.label, "backend": backend.name, "attention": self.attention if self.cuda else "torch",
+               "attention_tuning": tuning, "warmup": warm,
                "functional_passes": 1, "repeats": repeats,
                # the runtime's emulated TTFT: per-rank medians of every compute stretch over the
                # repeats, then the critical path (one slow replay of one rank does not move it)

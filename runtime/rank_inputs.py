@@ -1,7 +1,7 @@
 """Random inputs of one rank, laid out as the runtime views them: for kernel tests and benchmarks.
 
 Local q/k/v are (N_local, H, D) buffers; each passing all-gather buffer is (W, keep, Hkv, 2D) with
-K = [..., :D] and V = [..., D:]. A task's segments are in-place views of these buffers (local
+K = [..., :D] and V = [..., D:], and so is each remote (ring) segment's (n, Hkv, 2D) buffer. A task's segments are in-place views of these buffers (local
 segments are row slices, passing segments rows of an all-gather buffer), as RankAttention builds
 them, so a kernel sees the strides it sees in a real run.
 """
@@ -43,6 +43,9 @@ def random_rank_inputs(plan: Plan, rank: int, dtype: torch.dtype, device: torch.
         if ref.kind == "local":
             a = rp.local_offset(ref.start)
             return KVSegment(k[a:a + ref.length], v[a:a + ref.length], ref.mask)
+        if ref.kind == "remote":  # a ring step's K/V from rank ref.owner: packed K|V rows, as received
+            rows = rand(ref.length, hkv, 2 * D)
+            return KVSegment(rows[..., :D], rows[..., D:], ref.mask)
         if ref.kind != "passing":
             raise ValueError(f"unknown segment kind {ref.kind!r}")
         rows = passing[ref.slot][ref.rank_start:ref.rank_stop].reshape(-1, hkv, 2 * D)

@@ -526,6 +526,12 @@ def run_emulated(args: Args) -> int:
         backend = make_backend(args, prepared)
         if backend.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             backend = _OneAtATime(backend)
+        elif backend.name == "triton" and prepared.device.type == "cuda" and backend.tuning:
+            # the ranks below are threads sharing this GPU: tune each launch alone first
+            from .runtime.tune_launches import tune_plan_launches
+
+            with progress.step("tuning the plan's attention launches (recorded in the kernel dir's autotune.json)"):
+                tune_plan_launches(prepared.plan, backend, prepared.device)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
         save_plan(prepared, args)
         with progress.step(f"vision, prefill and {args.max_new_tokens} new tokens on {world_size} emulated ranks"):

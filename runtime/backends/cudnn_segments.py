@@ -17,6 +17,7 @@ segment is not eligible and stays on the generated kernel.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -29,6 +30,7 @@ _HALF = (torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 128  # what the backend is checked at; cuDNN's Hopper limit is higher
 
 
+@lru_cache(maxsize=None)
 def _aten_op() -> SegmentOp | None:
     op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
     if op is None:

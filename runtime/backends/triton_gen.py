@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -145,7 +146,8 @@ class Tuner:
         self.table.setdefault(device, {})[key] = {
             "config": list(best), "ms": round(timings[best], 4),
             "fields": ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "GROUPED"],  # or ["cudnn"]
-            "candidates": {",".join(map(str, c)): round(t, 4) for c, t in sorted(timings.items(), key=lambda ct: tuple(map(str, ct[0])))},
+            "candidates": {",".join(map(str, c)): round(t, 4)
+                           for c, t in sorted(timings.items(), key=lambda ct: tuple(map(str, ct[0])))},
         }
         text = json.dumps({"version": AUTOTUNE_VERSION, "devices": self.table}, indent=1, sort_keys=True) + "\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -184,6 +186,7 @@ class TritonBackend:
                            self.mod.DEFAULT_CONFIG)
         self._configs: dict[tuple, tuple] = {}
         self._fallbacks: dict[tuple, tuple[int, ...]] = {}  # a generated config where cfg is CUDNN
+        self._choosing = threading.Lock()  # emulated ranks are threads: one launch tuned once, by one
 
     # -- checks at the boundary --------------------------------------------------------------------
     def _check(self, task: TaskInput) -> tuple:
@@ -224,6 +227,15 @@ class TritonBackend:
         cfg = self._configs.get(fast)
         if cfg is not None:
             return cfg
+        with self._choosing:
+            cfg = self._configs.get(fast)
+            if cfg is None:
+                cfg = self._choose(name, tasks, scale, fast)
+                self._configs[fast] = cfg
+        return cfg
+
+    def _choose(self, name: str, tasks: list, scale: float, fast: tuple) -> tuple:
+        q = tasks[0][0]
         if _interpreted() or not q.is_cuda:
             cfg = tuple(self.mod.INTERPRETER_CONFIG)
         else:
@@ -243,7 +255,6 @@ class TritonBackend:
                 cfg = self.tuner.nearest(device, key)
             if cfg == CUDNN:  # for calls of this launch that cuDNN cannot take (a non-square causal segment)
                 self._fallbacks[fast] = self.tuner.generated(device, key)
-        self._configs[fast] = cfg
         return cfg
 
     def _run(self, name: str, tasks: list, scale: float, cfg: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
