@@ -330,8 +330,11 @@ def markdown(data: dict, runs: list[Path]) -> str:
              "untimed (`--rank-warmup`), then: median = the runtime's emulated TTFT (each rank's compute stretches, "
              "median over n replays of that rank, then the critical path with the plan's communication), so one "
              "slow replay of one rank does not move it; min-max = every repeat simulated on its own (can lie "
-             "slightly above the median). Triton kernels: untuned default tiles (the kernel benchmark found them "
-             "within ~1-3% of tuned).",
+             "slightly above the median). " + (
+                 "Triton kernels: untuned default tiles (the kernel benchmark found them within ~1-3% of tuned)."
+                 if env.get("attention", "default") == "default" else
+                 "Attention launches: tuned one by one before the run (runtime/tune_launches.py); the choices are "
+                 "in the measurement lines' attention_tuning."),
              f"Measurement lines: {', '.join(str(r) for r in runs)}; commands:",
              *[f"- `{c}`" for c in env.get("commands", [])], ""]
     for t in data["targets"]:
