@@ -55,9 +55,11 @@ from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/
 
 W_DEFAULT = 8
 ATTENTION_MODES = {  # --attention: what the emulated methods' triton backend may run, per launch
-    "default": "the generated kernel with its default tiles, nothing tuned (every result before 2026-12-03)",
-    "cudnn": "the default tiles or cuDNN per segment + LSE merge, whichever the untimed warm-up times faster",
-    "tuned": "every tile config and cuDNN, timed in the warm-up (compiles every candidate: a slow first pass)",
+    "generated": "the generated kernel with its default tiles, nothing tuned (every result before 2026-12-03; "
+                 "that day's runs recorded it as 'default')",
+    "cudnn": "the default tiles or cuDNN per segment + LSE merge, whichever times faster when every launch is "
+             "tuned alone before the run (runtime/tune_launches.py)",
+    "tuned": "every tile config and cuDNN, tuned the same way (compiles every candidate: a slow first pass)",
 }
 MODELS = {"3b": "qwen2_5vl_3b", "7b": "qwen2_5vl_7b", "ivl2b": "internvl3_2b"}
 # The tiny Qwen2.5-VL of the tests (model_fixtures.TINY_25_OVERRIDES): window attention included.
@@ -270,7 +272,7 @@ class Runner:
     def __init__(self, root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float, budget_s: float,
                  vision_attn: str, workers: int, write: Callable[[dict], None], vision_kernels: str = "fused",
                  llm_kernels: str = "stock", rank_warmup: int = 1, logits_dir: Path | None = None,
-                 attention: str = "default"):
+                 attention: str = "cudnn"):
         import torch
 
         self.root, self.out, self.write = root, out, write
@@ -344,7 +346,7 @@ class Runner:
 
     def backend(self, plan: Any, plan_dir: Path) -> Any:
         """triton on CUDA (the torch reference on CPU, as the runtime chooses), per ATTENTION_MODES:
-        whatever is tuned is tuned in the untimed rank warm-up, never inside the timed replays."""
+        whatever is tuned is tuned before the run, launch by launch (emulated()), never while timed."""
         if not self.cuda:
             from spava_plan.runtime.backends.torch_ref import TorchBackend
 
@@ -354,7 +356,7 @@ class Runner:
 
         from spava_plan.runtime.backends.triton_kernels import DEFAULT_CONFIG
 
-        kw = {"default": dict(tune=False, cudnn=False), "cudnn": dict(configs=[DEFAULT_CONFIG]),
+        kw = {"generated": dict(tune=False, cudnn=False), "cudnn": dict(configs=[DEFAULT_CONFIG]),
               "tuned": {}}[self.attention]
         return TritonBackend(plan_dir / "kernels", plan_hash=plan.hash, render=lambda d: render_kernels(plan, d), **kw)
 
@@ -653,7 +655,7 @@ def measure(root: Path, out: Path, *, repeats: int, warmup: int, heavy_s: float,
             vision_attn: str, workers: int, cells: str | None, methods: tuple[str, ...], check: bool = True,
             vision_kernels: str = "fused", llm_kernels: str = "stock", rank_warmup: int = 1,
             isolate: bool | None = None, child: bool = False, logits_dir: Path | None = None,
-            attention: str = "default") -> int:
+            attention: str = "cudnn") -> int:
     """Measure the manifest's cells (``cells``: ID[:M1+M2][@REPEATS],...). ``isolate`` (default: on
     a GPU) runs every (cell, method) in a fresh process of this script, so no method inherits the
     device memory (caching allocator, compiled kernels, fragmentation) of the ones before it: in
@@ -817,8 +819,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--llm-kernels", choices=("fused", "stock"), default="fused",
                        help="fused: runtime/llm_fused's RMSNorm and gate|up GEMM + SiLU-gate kernels in the LLM (GPU)")
         p.add_argument("--rank-warmup", type=int, default=1, help="untimed replays of every emulated rank first")
-        p.add_argument("--attention", choices=sorted(ATTENTION_MODES), default="default",
-                       help="the emulated methods' attention backend on a GPU: " +
+        p.add_argument("--attention", choices=sorted(ATTENTION_MODES), default="cudnn",
+                       help="the emulated methods' attention backend on a GPU (default cudnn: like the runtime, "
+                            "which tunes every launch, at the cost of two timings per launch): " +
                             "; ".join(f"{k}: {v}" for k, v in ATTENTION_MODES.items()))
         p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                        help="every (cell, method) in a fresh process (default on a GPU)")

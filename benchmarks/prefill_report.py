@@ -323,7 +323,7 @@ def markdown(data: dict, runs: list[Path]) -> str:
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
              f"vision attention: {env.get('vision_attention')} (one SDPA call per window size, every method); "
              f"vision kernels: {env.get('vision_kernels', 'stock')}, LLM kernels: {env.get('llm_kernels', 'stock')} "
-             f"(every method); emulated methods' attention backend: {env.get('attention', 'default')} "
+             f"(every method); emulated methods' attention backend: {env.get('attention', 'generated')} "
              f"(`--attention`); each method in its own process: {env.get('isolated', False)}.",
              "Dense: median / min-max of n timed calls after the row's warm-up calls (`--warmup`; cells estimated "
              "above `--heavy-s` s per call skip them). Emulated: every rank first replays its warm-up replays "
@@ -332,7 +332,7 @@ def markdown(data: dict, runs: list[Path]) -> str:
              "slow replay of one rank does not move it; min-max = every repeat simulated on its own (can lie "
              "slightly above the median). " + (
                  "Triton kernels: untuned default tiles (the kernel benchmark found them within ~1-3% of tuned)."
-                 if env.get("attention", "default") == "default" else
+                 if env.get("attention", "generated") in ("generated", "default") else
                  "Attention launches: tuned one by one before the run (runtime/tune_launches.py); the choices are "
                  "in the measurement lines' attention_tuning."),
              f"Measurement lines: {', '.join(str(r) for r in runs)}; commands:",

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from . import progress
 from .errors import InputError, SpavaError
-from .run import Args, Prepared, args_from_config, initial_plan, load_model, make_backend, replan
+from .run import (Args, Prepared, args_from_config, for_rank_threads, initial_plan, load_model, make_backend,
+                  replan)
 
 log = logging.getLogger("spava_plan.engine")
 
@@ -102,7 +103,7 @@ class Engine:
         self.eos = [] if tok is None else [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                                                       tok.convert_tokens_to_ids("<|endoftext|>")}
                                            if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
-        self.backends: dict[str, Any] = {}
+        self.backends: dict[tuple, Any] = {}
 
     def _plan_from_config(self) -> Any:
         from .planner.build import build_plan
@@ -175,11 +176,13 @@ class Engine:
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed)
 
-    def backend(self, prepared: Prepared) -> Any:
-        """The kernel backend of a plan (cached by plan hash: kernels are rendered once)."""
-        key = prepared.plan.hash
+    def backend(self, prepared: Prepared, *, rank_threads: bool = False) -> Any:
+        """The kernel backend of a plan (cached by plan hash: kernels are rendered and, for emulated
+        ranks sharing one GPU, tuned once: run.for_rank_threads)."""
+        key = (prepared.plan.hash, rank_threads)
         if key not in self.backends:
-            self.backends[key] = make_backend(self.args, prepared)
+            backend = make_backend(self.args, prepared)
+            self.backends[key] = for_rank_threads(backend, prepared) if rank_threads else backend
         return self.backends[key]
 
     def generate(self, prepared: Prepared, comm: Any, backend: Any, sampling: Sampling,

@@ -517,21 +517,29 @@ class _OneAtATime:
         return call
 
 
+def for_rank_threads(backend: Any, prepared: Prepared) -> Any:
+    """The backend as emulated ranks (threads on one device) share it: one rank at a time inside
+    Triton's CPU interpreter (global state); on a GPU, every attention launch of the plan tuned
+    first, alone (threads sharing the GPU would time each other's kernels)."""
+    if backend.name != "triton":
+        return backend
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _OneAtATime(backend)
+    if prepared.device.type == "cuda" and backend.tuning:
+        from .runtime.tune_launches import tune_plan_launches
+
+        with progress.step("tuning the plan's attention launches (recorded in the kernel dir's autotune.json)"):
+            tune_plan_launches(prepared.plan, backend, prepared.device)
+    return backend
+
+
 def run_emulated(args: Args) -> int:
     from .runtime.comm_emulated import EmulatedWorld
 
     try:
         world_size = _world_size(args)
         prepared = prepare(args, world_size)
-        backend = make_backend(args, prepared)
-        if backend.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-            backend = _OneAtATime(backend)
-        elif backend.name == "triton" and prepared.device.type == "cuda" and backend.tuning:
-            # the ranks below are threads sharing this GPU: tune each launch alone first
-            from .runtime.tune_launches import tune_plan_launches
-
-            with progress.step("tuning the plan's attention launches (recorded in the kernel dir's autotune.json)"):
-                tune_plan_launches(prepared.plan, backend, prepared.device)
+        backend = for_rank_threads(make_backend(args, prepared), prepared)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=args.timeout)
         save_plan(prepared, args)
         with progress.step(f"vision, prefill and {args.max_new_tokens} new tokens on {world_size} emulated ranks"):

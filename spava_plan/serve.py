@@ -240,7 +240,7 @@ class Worker:
         started = time.perf_counter()
         try:
             prepared = self.engine.prepare(req.video, req.question)
-            backend = self.engine.backend(prepared)
+            backend = self.engine.backend(prepared, rank_threads=self.comm is None)
         except DistributedError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad or failing request must not take the server down
