@@ -1,9 +1,10 @@
 """Random inputs of one rank, laid out as the runtime views them: for kernel tests and benchmarks.
 
 Local q/k/v are (N_local, H, D) buffers; each passing all-gather buffer is (W, keep, Hkv, 2D) with
-K = [..., :D] and V = [..., D:], and so is each remote (ring) segment's (n, Hkv, 2D) buffer. A task's segments are in-place views of these buffers (local
-segments are row slices, passing segments rows of an all-gather buffer), as RankAttention builds
-them, so a kernel sees the strides it sees in a real run.
+K = [..., :D] and V = [..., D:], and so is each remote (ring) segment's (n, Hkv, 2D) buffer. A
+task's segments are in-place views of these buffers (local segments are row slices, passing
+segments rows of an all-gather buffer), as RankAttention builds them, so a kernel sees the strides
+it sees in a real run.
 """
 from __future__ import annotations
 
