@@ -9,7 +9,10 @@ wraps, per instance,
   copies of the hidden states;
 - the vision tower's forward, so it encodes at most ``chunking.vision_units`` whole temporal
   grids per call and copies each chunk's merged embeddings into one preallocated output. The
-  tower never attends across grids, so this is the same computation, call by call.
+  tower never attends across grids, so this is the same computation, call by call. Each call
+  gets its grid's position ids, window order and ``cu_seqlens`` precomputed once per grid shape
+  (runtime/vision_static.py: no host round trip per call), so the wrapped tower takes
+  ``grid_thw`` on the host (``takes_host_grid``).
 Prefill logits are the last prompt row's only (runtime/generate.py), so the LM head never sees
 more than one row per call and needs no chunking.
 
@@ -27,6 +30,8 @@ import torch
 
 from spava_plan.plan import Chunking
 
+from . import vision_static
+
 _MARK = "_spava_chunk_forward"  # the stock forward, kept on a wrapped module
 
 
@@ -38,9 +43,13 @@ def _rows_chunked(stock: Callable[[torch.Tensor], torch.Tensor], rows: int) -> C
         n = x.shape[-2] if x.dim() >= 2 else 1
         if x.dim() < 2 or n <= rows:
             return stock(x, *args, **kwargs)
+        residual = kwargs.pop("residual", None)  # runtime/vision_fused's MLP adds it: x's rows, chunked alike
         out = None
         for start in range(0, n, rows):
-            part = stock(x.narrow(-2, start, min(rows, n - start)), *args, **kwargs)
+            m = min(rows, n - start)
+            if residual is not None:
+                kwargs["residual"] = residual.narrow(-2, start, m)
+            part = stock(x.narrow(-2, start, m), *args, **kwargs)
             if out is None:  # the output dtype / width come from the module (norms may cast)
                 out = part.new_empty(tuple(x.shape[:-2]) + (n, part.shape[-1]))
             out.narrow(-2, start, part.shape[-2]).copy_(part)
@@ -68,9 +77,10 @@ def _vision_chunked(stock: Callable[..., Any], units: int) -> Callable[..., Any]
     per-patch ``last_hidden_state`` of a chunk is not kept: nothing downstream reads it)."""
 
     def forward(self: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> Any:
-        grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]
+        call = vision_static.precomputed(self, stock)
+        grids = vision_static.grid_rows(grid_thw)
         if sum(t for t, _, _ in grids) <= units:
-            return stock(pixels, grid_thw=grid_thw, **kwargs)
+            return call(pixels, grid_thw=grid_thw, **kwargs)
         merge = int(self.spatial_merge_size) ** 2
         total = sum(t * h * w // merge for t, h, w in grids)
         out, first, row, at = None, None, 0, 0
@@ -78,8 +88,8 @@ def _vision_chunked(stock: Callable[..., Any], units: int) -> Callable[..., Any]
             for t0 in range(0, t, units):
                 tc = min(units, t - t0)
                 n = tc * h * w
-                chunk_grid = torch.tensor([[tc, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
-                res = stock(pixels.narrow(0, row, n), grid_thw=chunk_grid, **kwargs)
+                chunk_grid = torch.tensor([[tc, h, w]], dtype=grid_thw.dtype)  # host: see vision_static
+                res = call(pixels.narrow(0, row, n), grid_thw=chunk_grid, **kwargs)
                 emb = res if isinstance(res, torch.Tensor) else res.pooler_output
                 if out is None:
                     out, first = emb.new_empty((total, emb.shape[-1])), res
@@ -96,6 +106,11 @@ def _vision_chunked(stock: Callable[..., Any], units: int) -> Callable[..., Any]
 
 
 ROW_MODULES = ("mlp", "input_layernorm", "post_attention_layernorm")  # row-wise parts of a decoder layer
+
+
+def takes_host_grid(visual: Any) -> bool:
+    """Whether ``visual``'s forward is this module's wrapper (grid_thw best left on the host)."""
+    return _MARK in getattr(visual, "__dict__", {})
 
 
 def _qwen_vision(model: Any) -> torch.nn.Module | None:

@@ -50,8 +50,11 @@ def to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
 def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """The model's ViT + merger on one video: (t*h*w/merge^2, hidden). Works whether ``visual``
     returns a tensor (older transformers) or an output with ``pooler_output`` (5.x)."""
+    from .chunking import takes_host_grid
+
     param = next(visual.parameters())
-    out = visual(to_device(pixels, param.device, param.dtype), grid_thw=grid_thw.to(param.device))
+    grid = grid_thw.cpu() if takes_host_grid(visual) else grid_thw.to(param.device)  # see runtime/vision_static
+    out = visual(to_device(pixels, param.device, param.dtype), grid_thw=grid)
     if isinstance(out, torch.Tensor):
         return out
     pooled = getattr(out, "pooler_output", None)
