@@ -67,32 +67,74 @@ def test_rotary_matches_the_stock_function_on_strided_qkv_views():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("rows,cols,x_dtype", [(13, 40, torch.float32), (1, 1280, torch.float32),
+                                               (8, 7, torch.float32), (6, 24, torch.float16)])
+def test_add_rms_norm_matches_the_add_then_the_stock_norm(rows, cols, x_dtype):
+    """s = x + delta rounded as torch rounds it (one IEEE add of fp32 values, then one rounding to
+    x's dtype: the same bits anywhere), the norm of s at the stock norm's tolerance. x is a strided
+    view (row stride != cols). bf16 is not checked here: the interpreter truncates fp32 -> bf16
+    where the GPU (and torch) round to nearest even."""
+    g = torch.Generator().manual_seed(rows * cols + 1)
+    norm = q25.Qwen2_5_VLRMSNorm(cols, eps=1e-6)
+    norm.weight.data = torch.randn(cols, generator=g) + 1
+    x = (torch.randn(rows, cols + 5, generator=g) * 3).to(x_dtype)[:, :cols]
+    d = (torch.randn(rows, cols, generator=g) * 3).to(x_dtype)
+    norm, x, d = norm.to(DEV), x.to(DEV), d.to(DEV)
+    with torch.no_grad():
+        want_s = x + d
+        want_y = norm(want_s)
+    s, y = vision_fused.add_rms_norm(x, d, norm.weight, norm.variance_epsilon)
+    assert s.dtype == x.dtype and y.dtype == want_y.dtype and s.shape == y.shape == x.shape
+    assert torch.equal(s, want_s)
+    assert _rel(y, want_y) <= 1e-6
+    # a delta that broadcasts takes torch's add (the kernel adds rows of equal shape only)
+    s2, y2 = vision_fused.add_rms_norm(x, d[0], norm.weight, norm.variance_epsilon)
+    assert torch.equal(s2, x + d[0]) and _rel(y2, norm(x + d[0]).detach()) <= 1e-6
+
+
 @pytest.mark.parametrize("rows,cols", [(5, 24), (9, 1100)])
 def test_silu_mul_matches_silu_gate_times_up(rows, cols):
     g = torch.Generator().manual_seed(cols)
     gu = (torch.randn(rows, 2 * cols, generator=g) * 4).to(DEV)
     want = F.silu(gu[:, :cols]) * gu[:, cols:]
     assert _rel(vision_fused.silu_mul(gu), want) <= 1e-6
+    one = cols - 3  # the column that carries a down bias: exactly 1.0, the others as before
+    got = vision_fused.silu_mul(gu, one)
+    assert torch.equal(got[:, one], torch.ones(rows, device=DEV))
+    keep = [c for c in range(cols) if c != one]
+    assert _rel(got[:, keep], want[:, keep]) <= 1e-6
 
 
-def test_padded_mlp_matches_the_stock_mlp_and_keeps_its_weights_as_views():
+@pytest.mark.parametrize("inter,bias,padded", [(70, True, 128), (64, True, 128), (64, False, 64)])
+def test_padded_mlp_matches_the_stock_mlp_and_keeps_its_weights_as_views(inter, bias, padded):
+    """The padded MLP against the stock one, with and without the residual folded into the down
+    GEMM. With a down bias the first padded column carries it (64 has none spare: one more block);
+    down_proj.weight stays a view of the stock values without that column."""
     from types import SimpleNamespace
-    torch.manual_seed(0)
-    mlp = q25.Qwen2_5_VLMLP(SimpleNamespace(hidden_size=32, intermediate_size=70, hidden_act="silu"), bias=True)
+    torch.manual_seed(inter)
+    mlp = q25.Qwen2_5_VLMLP(SimpleNamespace(hidden_size=32, intermediate_size=inter, hidden_act="silu"), bias=bias)
     mlp = mlp.to(DEV)
-    x = torch.randn(9, 32, device=DEV)
+    stock_down = mlp.down_proj.weight.detach().clone()
+    x = torch.randn(2, 9, 32, device=DEV)
+    r = torch.randn(2, 9, 32, device=DEV)
     with torch.no_grad():
         want = mlp(x)
         vision_fused._pad_mlp(mlp)
-        assert mlp._spava_gate_up_w.shape == (256, 32) and mlp._spava_down_w.shape == (32, 128)  # 70 -> 128
-        assert mlp.up_proj.weight.data_ptr() == mlp._spava_gate_up_w[128:].data_ptr()
+        assert mlp._spava_gate_up_w.shape == (2 * padded, 32) and mlp._spava_down_w.shape == (32, padded)
+        assert mlp.up_proj.weight.data_ptr() == mlp._spava_gate_up_w[padded:].data_ptr()
         assert mlp.down_proj.weight.data_ptr() == mlp._spava_down_w.data_ptr()
+        assert torch.equal(mlp.down_proj.weight, stock_down)  # the bias column is not in the view
+        assert mlp._spava_one_col == (inter if bias else -1)
+        if bias:
+            assert torch.equal(mlp._spava_down_w[:, inter], mlp.down_proj.bias)
         assert _rel(vision_fused._mlp_forward(mlp, x), want) <= 1e-6
+        got = vision_fused._mlp_forward(mlp, x, residual=r.clone())  # the residual is overwritten
+        assert got.shape == r.shape and _rel(got, r + want) <= 1e-6
         assert _rel(mlp(x), want) <= 1e-6  # the stock forward on the views: same weights
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path, family):
+def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path, monkeypatch, family):
     """Qwen2.5-VL gets every replacement; Qwen2-VL (LayerNorm, GELU MLP) the rotary and patch ones."""
     pytest.importorskip("av")  # the tiny video file
     ckpt = mf.build_checkpoint(tmp_path / "ckpt", family)
@@ -114,13 +156,25 @@ def test_fused_tower_matches_the_stock_tower_and_uninstalls(tmp_path, family):
     modeling = sys.modules[type(visual.blocks[0].attn).__module__]
     assert modeling.apply_rotary_pos_emb_vision is vision_fused.rotary_vision
     assert "forward" in visual.patch_embed.__dict__
+    blocks = list(visual.blocks)
     if family == "qwen2_5_vl":
         mlp = visual.blocks[0].mlp
         assert mlp.gate_proj.weight.data_ptr() == mlp._spava_gate_up_w.data_ptr()  # views, no second copy
         assert "forward" in visual.blocks[0].norm1.__dict__
+        # every block runs the forward without the separate residual adds (the tiny ViT's
+        # intermediate size 64 has no spare padded column: the bias gets one more block)
+        assert all(b.forward.__func__ is vision_fused._vision_block_forward for b in blocks)
+        assert mlp._spava_one_col == 64 and mlp._spava_down_w.shape[1] == 128
+        calls = []
+        add_rms_norm = vision_fused.add_rms_norm
+        monkeypatch.setattr(vision_fused, "add_rms_norm", lambda *a: calls.append(1) or add_rms_norm(*a))
+        assert _rel(encode(), fused) <= 1e-6 and len(calls) == len(blocks)
+    else:  # LayerNorm, GELU MLP: the stock block
+        assert not any("forward" in b.__dict__ for b in blocks)
     assert _rel(fused, stock) <= 1e-5
     assert not torch.equal(fused, torch.zeros_like(fused))
     vision_fused.uninstall(model)
+    assert not any("forward" in b.__dict__ for b in blocks)
     assert modeling.apply_rotary_pos_emb_vision is stock_rope  # the module's own function is back
     assert torch.equal(encode(), stock)
 
