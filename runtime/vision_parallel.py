@@ -23,6 +23,7 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.vision_exchange import VisionExchange
 
+from .chunking import takes_host_grid
 from .comm import Communicator
 
 
@@ -50,8 +51,6 @@ def to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
 def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """The model's ViT + merger on one video: (t*h*w/merge^2, hidden). Works whether ``visual``
     returns a tensor (older transformers) or an output with ``pooler_output`` (5.x)."""
-    from .chunking import takes_host_grid
-
     param = next(visual.parameters())
     grid = grid_thw.cpu() if takes_host_grid(visual) else grid_thw.to(param.device)  # see runtime/vision_static
     out = visual(to_device(pixels, param.device, param.dtype), grid_thw=grid)

@@ -28,8 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+from .vision_attention import HOST_LIST
+
 _CACHE_SIZE = 8  # grid shapes kept per tower: a video's chunk of vision_units grids, and its remainder
-_HOST_LIST = "_spava_host_list"  # runtime/vision_attention._host_list reads this attribute
 _GRID_ROWS = "_spava_grid_rows"  # a device grid_thw's rows, kept on the host
 
 
@@ -58,7 +59,7 @@ def _reads(visual: torch.nn.Module) -> set[str]:
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = t.to(device)
     if t.dim() == 1 and t.dtype in (torch.int32, torch.int64):
-        setattr(out, _HOST_LIST, [int(x) for x in t.tolist()])  # host tensor: no device sync
+        setattr(out, HOST_LIST, [int(x) for x in t.tolist()])  # read by vision_attention; t is on the host: no sync
     return out
 
 
