@@ -17,9 +17,11 @@ triton.testing.do_bench (median; it flushes L2 before every repeat) on two alter
                        segment K/V pre-made contiguous (full -> no mask, causal -> is_causal)
   sdpa_cudnn/segments  the same with CUDNN_ATTENTION
   cudnn_lse            cuDNN per (task, segment) WITH the log-sum-exp (aten's private op), K/V in place,
-                       GQA, then the LSE merge of each task's partials (runtime/backends/cudnn_segments)
+                       GQA, then the LSE merge of each task's partials (the candidate's first form)
+  cudnn_join           the same with a task's full segments joined into one call (and its causal block
+                       too where the op aligns bottom-right): runtime/backends/cudnn_segments as it is
   backend/schedule     the schedule's launches as the runtime's tuned backend runs them: per launch
-                       the generated kernel or cudnn_lse, whichever timed faster (--no-tune: the
+                       the generated kernel or cudnn_join, whichever timed faster (--no-tune: the
                        default tiles against cuDNN); the choices are in the result's autotune_backend
   select               the rank's selections (every block it passes on) + packed gather
 
@@ -200,16 +202,17 @@ def run_segments(calls, scale, backend, gqa):
                 F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=gqa)
 
 
-def cudnn_lse_path(tasks, scale, merge):
-    """The triton backend's cuDNN candidate (runtime/backends/cudnn_segments.py: per (task, KV
-    segment) aten's cuDNN op with the log-sum-exp, K/V in place with GQA, then the LSE merge) on
-    the tasks of one launch; refused where a causal segment is not square."""
+def cudnn_lse_path(tasks, scale, join):
+    """The triton backend's cuDNN candidate (runtime/backends/cudnn_segments.py: aten's cuDNN op
+    with the log-sum-exp on each task's joined segments, or per (task, KV segment) with
+    join=False, K/V with GQA, then the LSE merge) on the tasks of one launch; refused where the
+    backend would refuse it."""
     from spava_plan.runtime.backends import cudnn_segments
 
     checked = [(t.q, [(s.k, s.v, s.mask == "causal") for s in t.segments], None) for t in tasks]
     if not cudnn_segments.eligible(checked):
-        raise NotImplementedError("not eligible for cuDNN (a non-square causal segment, or not CUDA/16-bit)")
-    return [out for out, _ in cudnn_segments.attend(checked, scale, merge)]
+        raise NotImplementedError("not eligible for cuDNN (a causal segment it cannot align, or not CUDA/16-bit)")
+    return [out for out, _ in cudnn_segments.attend(checked, scale, join=join)]
 
 
 def _try(fn):
@@ -339,16 +342,23 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         calls = [segment_calls(ts, expand=not ok_gqa) for ts in tasks_of]
         record(f"sdpa_{bk}/segments", lambda i: run_segments(calls[i], scale, bk, ok_gqa))
         del calls
-    if "cudnn_lse" in variants:  # a cuDNN path with LSE + merge, checked against the reference first
-        mod = backend.mod
-        got_c, err = _try(lambda: cudnn_lse_path(tasks_of[0], scale, mod.merge))
+    for variant, label, join in (("cudnn_lse", "cudnn_lse/segments+merge", False),
+                                 ("cudnn_join", "cudnn_join/joined+merge", True)):
+        if variant not in variants:  # cuDNN with LSE + merge, checked against the reference first
+            continue
+        if "cudnn_bottom_right" not in res and DEVICE == "cuda":
+            from spava_plan.runtime.backends import cudnn_segments
+            op = cudnn_segments._aten_op()
+            res["cudnn_bottom_right"] = op is not None and cudnn_segments.aligns_bottom_right(
+                op, torch.device(DEVICE), DTYPE)
+        got_c, err = _try(lambda: cudnn_lse_path(tasks_of[0], scale, join))
         if err:
-            res["errors"]["cudnn_lse/segments+merge"] = err
-            print(f"  cudnn_lse/segments+merge refused: {err}", flush=True)
+            res["errors"][label] = err
+            print(f"  {label} refused: {err}", flush=True)
         else:
-            res["rel_err_cudnn_lse_vs_reference"] = {n: ((o.float() - r.float()).norm() / r.float().norm()).item()
-                                                     for n, o, r in zip(names, got_c, ref)}
-            record("cudnn_lse/segments+merge", lambda i: cudnn_lse_path(tasks_of[i], scale, mod.merge))
+            res[f"rel_err_{variant}_vs_reference"] = {n: ((o.float() - r.float()).norm() / r.float().norm()).item()
+                                                      for n, o, r in zip(names, got_c, ref)}
+            record(label, lambda i, j=join: cudnn_lse_path(tasks_of[i], scale, j))
     if "select" in variants and sets[0][2]:
         pool, score = plan.selection.pool_window, plan.selection.score
         record("select", lambda i: [backend.select(sets[i][1], kb, vb, kp, pool, score) for kb, vb, kp in sets[i][2]])

@@ -23,16 +23,20 @@ from spava_plan.runtime.backends.triton_gen import AUTOTUNE_VERSION, Tuner
 from test_kernels_attention import FP32_TOL, lse_err, rank_inputs, reference, rel, spava_backend  # noqa: F401
 
 
-def cpu_op(q4, k4, v4, causal, scale, *, lse_base=math.e):
+def cpu_op(q4, k4, v4, causal, scale, *, lse_base=math.e, bottom_right=False, calls=None):
     """aten's cuDNN op's contract on the CPU, in fp64: (1, Hq, M, D) out, (1, Hq, M, 1) lse;
-    GQA by head groups; causal aligned top-left (row i sees keys j <= i)."""
+    GQA by head groups; causal aligned top-left (row i sees keys j <= i) or, with bottom_right,
+    j <= i + n - M. ``calls``: a list that records each call's (M, n, causal)."""
     q, k, v = q4[0].double(), k4[0].double(), v4[0].double()
     g = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
     s = torch.einsum("hmd,hnd->hmn", q, k) * scale
+    M, n = s.shape[1:]
+    if calls is not None:
+        calls.append((M, n, causal))
     if causal:
-        M, n = s.shape[1:]
-        s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(M)[:, None], -math.inf)
+        s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(M)[:, None] + (n - M if bottom_right else 0),
+                          -math.inf)
     lse = torch.logsumexp(s, -1)
     out = torch.einsum("hmn,hnd->hmd", torch.softmax(s, -1), v)
     return out.to(q4.dtype).transpose(0, 1).contiguous().transpose(0, 1)[None], \
@@ -47,9 +51,12 @@ def _checked(task: TaskInput):
     return (task.q, [(s.k, s.v, s.mask == "causal") for s in task.segments], task.out)
 
 
-def test_segments_then_merge_equal_one_softmax():
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("join", [True, False])
+def test_segments_then_merge_equal_one_softmax(join, bottom_right):
     """Full + square-causal segments with GQA (G=3), an empty segment, a one-segment task, an out
-    that is a strided view of a bigger buffer: each equals dense attention over its segments."""
+    that is a strided view of a bigger buffer: each equals dense attention over its segments, with
+    the segments joined or called one by one, under an op of either causal alignment."""
     gen = torch.Generator().manual_seed(0)
     hq, hkv, d, M = 6, 2, 16, 37
     kv = _rand(300, 2, hkv, d, gen=gen)  # one cache: segments are views into it
@@ -57,12 +64,22 @@ def test_segments_then_merge_equal_one_softmax():
     big = torch.full((M, hq + 2, d), float("nan"))
     multi = TaskInput("host", q, (KVSegment(kv[:64, 0], kv[:64, 1], "full"),
                                   KVSegment(kv[64:64, 0], kv[64:64, 1], "full"),  # empty
+                                  KVSegment(kv[250:290, 0], kv[250:290, 1], "full"),
                                   KVSegment(kv[100:137, 0], kv[100:137, 1], "causal")), out=big[:, 1:hq + 1])
     single = TaskInput("anchor", q[:20], (KVSegment(kv[200:220, 0], kv[200:220, 1], "causal"),))
     nothing = TaskInput("none", q[:5], ())
     scale = 1 / math.sqrt(d)
-    res = cudnn_segments.attend([_checked(t) for t in (multi, single, nothing)], scale, triton_kernels.merge,
-                                op=cpu_op)
+    calls = []
+    res = cudnn_segments.attend([_checked(t) for t in (multi, single, nothing)], scale, join=join,
+                                op=lambda *a: cpu_op(*a, bottom_right=bottom_right, calls=calls))
+    # the alignment probe's own calls have 16 rows; the tasks' have 37 and 20
+    calls = [c for c in calls if c[0] != 16]
+    if not join:
+        assert calls == [(M, 64, False), (M, 40, False), (M, 37, True), (20, 20, True)]
+    elif bottom_right:
+        assert calls == [(M, 64 + 40 + 37, True), (20, 20, True)], "one call per task"
+    else:
+        assert calls == [(M, 64 + 40, False), (M, 37, True), (20, 20, True)], "the full segments joined"
     for task, (out, lse) in zip((multi, single, nothing), res):
         ref_o, ref_l = reference(task, scale)
         assert rel(out, ref_o) <= FP32_TOL if ref_o.norm() > 0 else out.abs().max() == 0, task.name
@@ -72,7 +89,42 @@ def test_segments_then_merge_equal_one_softmax():
     assert torch.isnan(big[:, 0]).all() and torch.isnan(big[:, -1]).all(), "nothing outside the out view"
 
 
-def test_eligibility_needs_cuda_16_bit_and_square_causal_segments():
+def test_the_alignment_probe_tells_the_two_masks_apart():
+    for bottom_right in (False, True):
+        op = lambda *a, br=bottom_right: cpu_op(*a, bottom_right=br)  # noqa: E731
+        assert cudnn_segments.aligns_bottom_right(op, torch.device("cpu"), torch.float32) is bottom_right
+
+    def refuses(*a):
+        raise RuntimeError("no causal with M < n")
+    assert cudnn_segments.aligns_bottom_right(refuses, torch.device("cpu"), torch.float32) is False
+
+
+def test_merge_parts_of_two_separate_partials_equals_the_stacked_merge():
+    """The pair kernel reads two partials where they lie (strided, one lse a transposed view, as
+    cuDNN returns it) and gives what merge() gives on the stacked copies; -inf rows stay empty."""
+    gen = torch.Generator().manual_seed(5)
+    M, H, d = 19, 4, 16
+    a = _rand(H, M, d, gen=gen).transpose(0, 1)  # (M, H, D) with (B, H, S, D) memory
+    b = _rand(M, H, d, gen=gen)
+    la = _rand(H, M, gen=gen).transpose(0, 1)
+    lb = _rand(M, H, gen=gen)
+    la[3] = float("-inf")
+    la[5], lb[5] = float("-inf"), float("-inf")
+    out = torch.full((M, H + 1, d), float("nan"))[:, :H]
+    got_o, got_l = triton_kernels.merge_parts([a, b], [la, lb], out=out)
+    ref_o, ref_l = triton_kernels.merge(torch.stack([a, b]), torch.stack([la, lb]))
+    assert got_o.data_ptr() == out.data_ptr()
+    assert rel(got_o, ref_o) <= 1e-6 and torch.equal(torch.isinf(got_l), torch.isinf(ref_l))
+    fin = torch.isfinite(ref_l)
+    assert (got_l[fin] - ref_l[fin]).abs().max() <= 1e-5
+    assert bool((got_o[5] == 0).all()) and bool(torch.isneginf(got_l[5]).all()), "no keys: zeros, -inf"
+    one_o, one_l = triton_kernels.merge_parts([a], [la])
+    assert torch.equal(one_o, a) and torch.equal(one_l, la)
+    with pytest.raises(ValueError):
+        triton_kernels.merge_parts([a, b], [la])
+
+
+def test_eligibility_needs_cuda_16_bit_and_an_alignable_causal_mask():
     gen = torch.Generator().manual_seed(1)
     q, k = _rand(8, 4, 16, gen=gen), _rand(12, 2, 16, gen=gen)
     assert not cudnn_segments.eligible([(q.bfloat16(), [(k[:8].bfloat16(), k[:8].bfloat16(), True)], None)]), \
@@ -81,7 +133,9 @@ def test_eligibility_needs_cuda_16_bit_and_square_causal_segments():
     if torch.cuda.is_available():
         qc, kc = q.cuda().bfloat16(), k.cuda().bfloat16()
         assert cudnn_segments.eligible([(qc, [(kc, kc, False), (kc[:8], kc[:8], True)], None)])
-        assert not cudnn_segments.eligible([(qc, [(kc, kc, True)], None)]), "12 keys for 8 rows, causal"
+        bottom_right = cudnn_segments.aligns_bottom_right(cudnn_segments._aten_op(), qc.device, qc.dtype)
+        assert cudnn_segments.eligible([(qc, [(kc, kc, True)], None)]) is bottom_right, \
+            "12 keys for 8 rows, causal: only where the op aligns bottom-right"
         assert not cudnn_segments.eligible([(qc.float(), [(kc.float(), kc.float(), False)], None)])
 
 

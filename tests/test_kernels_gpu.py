@@ -79,11 +79,13 @@ def test_rank_attention_bf16(case, which, last):
                 assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)  # both from fp32 scores
 
 
+@pytest.mark.parametrize("join", [True, False])
 @pytest.mark.parametrize("last", [False, True])
-def test_cudnn_candidate_bf16(case, last):
-    """The tuner's cuDNN candidate (runtime/backends/cudnn_segments.py, aten's cuDNN op per segment,
-    then the merge into the task's out) on each schedule launch: eligible (Spava's causal segments
-    are square), and the same function as the fp32 oracle; the backend's agreement gate passes."""
+def test_cudnn_candidate_bf16(case, last, join):
+    """The tuner's cuDNN candidate (runtime/backends/cudnn_segments.py, aten's cuDNN op on a task's
+    joined segments or segment by segment, then the merge into the task's out) on each schedule
+    launch: eligible (Spava's causal segments are square), and the same function as the fp32
+    oracle; the backend's agreement gate passes."""
     from spava_plan.runtime.backends import cudnn_segments
 
     plan, backend = case
@@ -98,11 +100,33 @@ def test_cudnn_candidate_bf16(case, last):
         checked = [backend._check(t) for t in inputs]
         assert cudnn_segments.eligible(checked), op.tasks
         assert backend._cudnn_agrees(backend.mod.LAUNCHES[backend._signature(checked)], checked, scale), op.tasks
-        for task, (out, lse) in zip(inputs, cudnn_segments.attend(checked, scale, backend.mod.merge)):
+        for task, (out, lse) in zip(inputs, cudnn_segments.attend(checked, scale, join=join)):
             assert out.data_ptr() == task.out.data_ptr() and not torch.isnan(out).any(), task.name
             ref_o, ref_l = oracle.attention([_fp32(task)], scale)[0]
             assert rel(out, ref_o) <= BF16_TOL, (rank, task.name, rel(out, ref_o))
             assert lse_err(lse, ref_l) <= 1e-3, (rank, task.name)
+
+
+def test_cudnn_alignment_probe_and_non_square_causal():
+    """Which alignment aten's cuDNN op gives a causal M < n call is probed, not assumed: where it
+    is bottom-right, a non-square causal segment (APB's, a ring's) is eligible and exact; where it
+    is top-left, such a launch is refused."""
+    from spava_plan.runtime.backends import cudnn_segments
+    from spava_plan.runtime.backends.base import KVSegment
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    M, n, hq, hkv, d = 300, 1000, 8, 2, 128
+    q = torch.randn(M, hq, d, device="cuda", generator=gen).bfloat16()
+    k, v = (torch.randn(n, hkv, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    task = TaskInput("apb", q, (KVSegment(k[:200], v[:200], "full"), KVSegment(k[200:], v[200:], "causal")))
+    checked = [(q, [(k[:200], v[:200], False), (k[200:], v[200:], True)], None)]
+    bottom_right = cudnn_segments.aligns_bottom_right(cudnn_segments._aten_op(), q.device, q.dtype)
+    print("cuDNN causal alignment for M < n:", "bottom-right" if bottom_right else "top-left")
+    assert cudnn_segments.eligible(checked) is bottom_right
+    if bottom_right:
+        (out, lse), = cudnn_segments.attend(checked, 1 / math.sqrt(d))
+        ref_o, ref_l = TorchBackend().attention([_fp32(task)], 1 / math.sqrt(d))[0]
+        assert rel(out, ref_o) <= BF16_TOL and lse_err(lse, ref_l) <= 1e-3
 
 
 @pytest.mark.parametrize("config", [(128, 64, 8, 3, 1, 0), (128, 128, 8, 3, 1, 1), (64, 64, 4, 3, 0, 1)])

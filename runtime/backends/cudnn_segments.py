@@ -1,5 +1,5 @@
-"""cuDNN attention per KV segment plus the LSE merge: a candidate the triton backend's tuner times
-against the generated launch kernel, launch by launch, and keeps where it is faster.
+"""cuDNN attention with the log-sum-exp, then the LSE merge: a candidate the triton backend's tuner
+times against the generated launch kernel, launch by launch, and keeps where it is faster.
 
 Why: on an H200 the generated fused kernel ran Spava's busiest rank at 495 TFLOP/s (3B) where
 cuDNN on the same segments ran at 556; one cuDNN call per (task, segment) with its log-sum-exp,
@@ -10,24 +10,34 @@ then our merge, was 6.5% (3B) to 8.4% (7B) faster than the fused launch
 The public SDPA returns no LSE, so this calls aten's cuDNN op directly, which does:
 ``_scaled_dot_product_cudnn_attention(q, k, v, bias, compute_log_sumexp, dropout_p, is_causal,
 return_debug_mask, scale=)`` on (B, H, S, D) views, K/V with fewer heads (GQA) read in place,
-returning out (B, Hq, M, D) and lse (B, Hq, M[, 1]) in natural log. Its causal mask is top-left
-aligned, ours bottom-right (runtime/backends/base.py): the two agree only on a square segment
-(n == M), which is what Spava's own-block segments are; a launch with a non-square causal
-segment is not eligible and stays on the generated kernel.
+returning out (B, Hq, M, D) and lse (B, Hq, M[, 1]) in natural log.
+
+Fewer, longer calls: a task's full-mask segments (the passing selections, the anchor, earlier
+blocks) are joined into one K/V buffer (a copy of K/V only: with GQA a few MB, against a query
+partial of tens of MB per extra call, written, stacked and merged), so a Spava host task is two
+calls, the joined keys and its own causal block, and two partials are merged where they lie.
+Where the op's causal mask is bottom-right aligned for n > M (probed once per device: which
+alignment it uses is cuDNN's and torch's choice, not a documented contract), the causal block is
+joined too and the task is one call with no merge. Where it is top-left aligned, ours
+(runtime/backends/base.py) agrees with it only on a square segment (n == M), which is what Spava's
+own-block segments are, and a launch with a non-square causal segment stays on the generated kernel.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 
+from .triton_kernels import merge_parts
+
 CUDNN = ("cudnn",)  # the tuner's config for this path (generated configs are integer tuples)
 
 SegmentOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple]
-Merge = Callable[..., tuple]
 _HALF = (torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 128  # what the backend is checked at; cuDNN's Hopper limit is higher
+_BOTTOM_RIGHT: dict[tuple[str, torch.dtype], bool] = {}  # aten's op, per (device, dtype): probed once
 
 
 @lru_cache(maxsize=None)
@@ -42,16 +52,46 @@ def _aten_op() -> SegmentOp | None:
     return run
 
 
+def aligns_bottom_right(op: SegmentOp, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``op``'s causal mask is bottom-right aligned when there are more keys than rows
+    (row i sees key j iff j <= i + n - M): one small call against both alignments in fp32."""
+    gen = torch.Generator().manual_seed(0)
+    M, n, d = 16, 48, 64
+    q, k, v = (torch.randn(1, 1, s, d, generator=gen) for s in (M, n, n))
+    try:
+        got = op(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), True, 1 / math.sqrt(d))[0]
+    except Exception:  # noqa: BLE001 - an op that refuses M < n causal has no alignment to use
+        return False
+    s = (q @ k.transpose(-1, -2))[0, 0] / math.sqrt(d)
+    right = torch.arange(n)[None, :] <= torch.arange(M)[:, None] + (n - M)
+    want = torch.softmax(s.masked_fill(~right, -math.inf), -1) @ v[0, 0]
+    return bool((got[0, 0].float().cpu() - want).norm() <= 2e-2 * want.norm())
+
+
+def _bottom_right(op: SegmentOp, device: torch.device, dtype: torch.dtype) -> bool:
+    if op is not _aten_op() or device.type != "cuda":
+        return aligns_bottom_right(op, device, dtype)  # a test's op: tiny, probed each time
+    key = (str(device), dtype)
+    if key not in _BOTTOM_RIGHT:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # no probing inside a CUDA graph capture; top-left is the safe assumption
+        _BOTTOM_RIGHT[key] = aligns_bottom_right(op, device, dtype)
+    return _BOTTOM_RIGHT[key]
+
+
 def eligible(tasks: Sequence[tuple]) -> bool:
     """tasks as the triton backend checks them: [(q (M,Hq,D), [(k, v, causal)], out)].
 
-    CUDA, 16-bit, head dim <= 128, every causal segment square, cuDNN usable in this torch."""
-    if not tasks or not torch.backends.cudnn.is_available() or _aten_op() is None:
+    CUDA, 16-bit, head dim <= 128, cuDNN usable in this torch, and every causal segment square
+    unless the op's causal mask is bottom-right aligned."""
+    op = _aten_op()
+    if not tasks or not torch.backends.cudnn.is_available() or op is None:
         return False
     for q, segs, _ in tasks:
         if not q.is_cuda or q.dtype not in _HALF or q.shape[-1] > _MAX_HEAD_DIM:
             return False
-        if any(causal and k.shape[0] != q.shape[0] for k, _, causal in segs):
+        if any(causal and k.shape[0] != q.shape[0] for k, _, causal in segs) and \
+                not _bottom_right(op, q.device, q.dtype):
             return False
     return True
 
@@ -61,9 +101,30 @@ def _bhsd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def attend(tasks: Sequence[tuple], scale: float, merge: Merge,
-           op: SegmentOp | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every (task, non-empty segment) through ``op``, the partials of a task LSE-merged into its out.
+def _joined(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(kvs) == 1:
+        return kvs[0]
+    return torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])
+
+
+def calls(segs: Sequence[tuple], bottom_right: bool, join: bool = True) -> list[tuple]:
+    """One task's non-empty segments [(k, v, causal)] as the op's calls [(k, v, causal)]: the full
+    ones joined, then the causal one joined to them too where the op aligns bottom-right (softmax
+    does not care about key order; a bottom-right mask sees every key before the last n_c).
+    join=False: one call per segment (the candidate's first form, kept to measure against)."""
+    live = [s for s in segs if s[0].shape[0] > 0]
+    if not join:
+        return live
+    full = [(k, v) for k, v, causal in live if not causal]
+    causal = [(k, v) for k, v, c in live if c]
+    if bottom_right and len(causal) == 1:
+        return [(*_joined(full + causal), True)]
+    return ([(*_joined(full), False)] if full else []) + [(k, v, True) for k, v in causal]
+
+
+def attend(tasks: Sequence[tuple], scale: float, op: SegmentOp | None = None, *,
+           join: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each task's calls (see calls()) through ``op``, the partials LSE-merged into the task's out.
 
     Returns [(out (M, Hq, D) in q's dtype, lse (M, Hq) fp32)] like the generated launch; an out given
     with the task is written in place. ``op`` defaults to aten's cuDNN op (tests pass a CPU one with
@@ -72,19 +133,15 @@ def attend(tasks: Sequence[tuple], scale: float, merge: Merge,
     results = []
     for q, segs, out in tasks:
         M, hq, d = q.shape
+        todo = calls(segs, join and _bottom_right(op, q.device, q.dtype), join) if M else []
         parts, lses = [], []
-        for k, v, causal in segs:
-            if k.shape[0] == 0 or M == 0:
-                continue
+        for k, v, causal in todo:
             o4, l4 = op(_bhsd(q), _bhsd(k), _bhsd(v), bool(causal), scale)
             parts.append(o4[0].transpose(0, 1))  # (M, Hq, D)
             lses.append(l4.reshape(hq, M).transpose(0, 1))  # (M, Hq)
         if not parts:
             out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
             results.append((out, torch.full((M, hq), float("-inf"), dtype=torch.float32, device=q.device)))
-        elif len(parts) == 1:
-            results.append((parts[0] if out is None else out.copy_(parts[0]), lses[0].float().contiguous()))
         else:
-            merged, lse = merge(torch.stack(parts), torch.stack(lses).float(), out=out)
-            results.append((merged, lse))
+            results.append(merge_parts(parts, lses, out=out))
     return results

@@ -10,9 +10,10 @@ a grouping the plan never made runs task by task, and a task structure it never 
 segment by segment through the one-segment kernels plus the LSE merge (slower, still exact).
 Block sizes come from autotune.json for this device; a launch not tuned yet is tuned on first use
 on a GPU (each candidate timed with triton.testing.do_bench, median) and recorded there. Where a
-launch is eligible (cudnn_segments.eligible: CUDA, 16-bit, square causal segments) cuDNN per
-segment plus the LSE merge is one more candidate, taken only after its output agreed with the
-generated kernel's on that launch's own inputs.
+launch is eligible (cudnn_segments.eligible: CUDA, 16-bit, causal segments square or the op
+bottom-right aligned) cuDNN (a task's segments joined into one or two calls) plus the LSE merge is
+one more candidate, taken only after its output agreed with the generated kernel's on that launch's
+own inputs.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 
 from ..dtypes import PLAN_TORCH_DTYPES
-from . import cudnn_segments
+from . import cudnn_segments, triton_kernels
 from .base import TaskInput
 from .cudnn_segments import CUDNN
 
 _DTYPES = PLAN_TORCH_DTYPES  # the kernels serve every plan dtype
-AUTOTUNE_VERSION = 2  # 2: cuDNN is a candidate; a version-1 table (generated configs only) is retuned
+AUTOTUNE_VERSION = 3  # 2: cuDNN is a candidate; 3: it joins a task's segments (fewer, faster calls):
+# a table of another version is tuned again
 # cuDNN's output must agree with the generated kernel's before it may be chosen: both are bf16
 # attention from the same inputs in fp32 arithmetic (seen: 3.6e-3 vs 3.1e-3 relative to fp32 each)
 CUDNN_AGREE_REL = 2e-2
@@ -259,7 +261,7 @@ class TritonBackend:
 
     def _run(self, name: str, tasks: list, scale: float, cfg: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if cfg == CUDNN:
-            return cudnn_segments.attend(tasks, scale, self.mod.merge)
+            return cudnn_segments.attend(tasks, scale)
         return self.mod.attend(name, tasks, scale, cfg)
 
     def _cudnn_agrees(self, name: str, tasks: list, scale: float) -> bool:

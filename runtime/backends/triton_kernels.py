@@ -416,6 +416,62 @@ def _merge(o_ptr, so_p, so_m, so_h, l_ptr, sl_p, sl_m, sl_h, out_ptr, sout_m, so
     tl.store(lse_ptr + m * slse_m + h * slse_h, tl.where(empty, float("-inf"), m_use + tl.log(d_use)), mask=ok)
 
 
+@triton.jit
+def _merge_pair(a_ptr, sa_m, sa_h, la_ptr, sla_m, sla_h, b_ptr, sb_m, sb_h, lb_ptr, slb_m, slb_h,
+                out_ptr, sout_m, sout_h, lse_ptr, slse_m, slse_h, rows, H, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_merge for two partials held in separate tensors (no stacking copy first), in fp32."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < rows
+    m = (r // H).to(tl.int64)
+    h = r % H
+    la = tl.load(la_ptr + m * sla_m + h * sla_h, mask=ok, other=float("-inf")).to(tl.float32)
+    lb = tl.load(lb_ptr + m * slb_m + h * slb_h, mask=ok, other=float("-inf")).to(tl.float32)
+    mx = tl.maximum(la, lb)
+    m_use = tl.where(mx == float("-inf"), 0.0, mx)
+    wa = tl.exp(la - m_use)
+    wb = tl.exp(lb - m_use)
+    den = wa + wb
+    offs_d = tl.arange(0, D)
+    oa = tl.load(a_ptr + m[:, None] * sa_m + h[:, None] * sa_h + offs_d[None, :], mask=ok[:, None], other=0.0)
+    ob = tl.load(b_ptr + m[:, None] * sb_m + h[:, None] * sb_h + offs_d[None, :], mask=ok[:, None], other=0.0)
+    acc = wa[:, None] * oa.to(tl.float32) + wb[:, None] * ob.to(tl.float32)
+    empty = den == 0.0
+    d_use = tl.where(empty, 1.0, den)
+    tl.store(out_ptr + m[:, None] * sout_m + h[:, None] * sout_h + offs_d[None, :],
+             (acc / d_use[:, None]).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(lse_ptr + m * slse_m + h * slse_h, tl.where(empty, float("-inf"), m_use + tl.log(d_use)), mask=ok)
+
+
+def merge_parts(outs, lses, out=None):
+    """merge() of partials given as lists (each out (M, Hq, D) with D contiguous, each lse (M, Hq),
+    any strides, dtypes may differ): two are merged where they lie, in fp32; more (or fp64 ones)
+    are stacked first, one is copied. The result is in outs[0]'s dtype (or out's)."""
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"merge_parts takes as many lses as outs (at least one), got {len(outs)} and {len(lses)}")
+    if len(outs) > 2 or any(t.dtype == torch.float64 for t in (*outs, *lses)):
+        lse_dtype = torch.float64 if any(lse.dtype == torch.float64 for lse in lses) else torch.float32
+        return merge(torch.stack([o.to(outs[0].dtype) for o in outs]), torch.stack([lse.to(lse_dtype) for lse in lses]),
+                     out=out)
+    if len(outs) == 1:
+        o = outs[0] if out is None else out.copy_(outs[0])
+        return o, lses[0].float().contiguous()
+    a, b = outs
+    la, lb = lses
+    M, H, d = a.shape
+    if out is None:
+        out = torch.empty((M, H, d), dtype=a.dtype, device=a.device)
+    lse = torch.empty((M, H), dtype=torch.float32, device=a.device)
+    rows = M * H
+    if rows == 0:
+        return out, lse
+    block_r = 32 if a.is_cuda else 16
+    _merge_pair[(triton.cdiv(rows, block_r),)](a, a.stride(0), a.stride(1), la, la.stride(0), la.stride(1),
+                                               b, b.stride(0), b.stride(1), lb, lb.stride(0), lb.stride(1),
+                                               out, out.stride(0), out.stride(1), lse, lse.stride(0), lse.stride(1),
+                                               rows, H, D=d, BLOCK_R=block_r, num_warps=4)
+    return out, lse
+
+
 def merge(outs, lses, out=None):
     """outs (P, M, Hq, D), lses (P, M, Hq) -> (out (M, Hq, D) in outs' dtype, lse (M, Hq)).
 
