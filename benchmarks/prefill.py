@@ -230,6 +230,9 @@ class TimedBackend:
     def merge(self, outs: Any, lses: Any) -> Any:
         return self.spans.call("merge", lambda: self.inner.merge(outs, lses))
 
+    def merge_parts(self, outs: Any, lses: Any) -> Any:
+        return self.spans.call("merge", lambda: self.inner.merge_parts(outs, lses))
+
 
 BENCH_SDPA = "spava_bench_sdpa"  # transformers' own sdpa attention + mask, with the attention call timed
 

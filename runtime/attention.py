@@ -356,10 +356,11 @@ class RankAttention:
             if t.merge == "query":
                 run.query_partial = (out, lse)
             elif op.step >= 0:
-                out = out.to(lse.dtype)  # ring partials stay in the accumulation dtype across steps
-                if t.name in run.ring_acc:
+                if t.name in run.ring_acc:  # merged into the accumulator as they lie (no stacked copy)
                     o0, l0 = run.ring_acc[t.name]
-                    out, lse = self.backend.merge(torch.stack([o0, out]), torch.stack([l0, lse]))
+                    out, lse = self.backend.merge_parts([o0, out], [l0, lse])
+                else:
+                    out = out.to(lse.dtype)  # ring partials stay in the accumulation dtype across steps
                 run.ring_acc[t.name] = (out, lse)
         if op.step == self.W - 1:  # last ring step: the chunks' rows are final
             for t in tasks:

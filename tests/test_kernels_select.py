@@ -119,6 +119,28 @@ def test_merge(backend, dtype, tol):
     assert torch.equal(out[0, 0], torch.zeros(16, dtype=dtype))
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_merge_parts_of_mixed_dtypes(backend, parts):
+    """A ring's fp32 accumulator merged with a step's 16-bit output, as lists (two: in place, no
+    stack; three: stacked): the result stays in the accumulator's dtype and equals the fp64 merge,
+    for the triton and the torch backend alike."""
+    from spava_plan.runtime.backends.torch_ref import TorchBackend
+
+    gen = torch.Generator().manual_seed(4)
+    outs = torch.randn(parts, 9, 4, 16, generator=gen, dtype=torch.float64)
+    lses = torch.randn(parts, 9, 4, generator=gen, dtype=torch.float64) * 4
+    lses[:, 0, 0] = -math.inf
+    outs[1:] = outs[1:].half().double()  # what the 16-bit partials hold
+    ref_o, ref_l = merge_ref(outs, lses)
+    fin = torch.isfinite(ref_l)
+    for be in (backend, TorchBackend()):
+        o, lse = be.merge_parts([outs[0].float()] + [x.half() for x in outs[1:]], [x.float() for x in lses])
+        assert o.dtype == torch.float32 and lse.dtype == torch.float32 and o.shape == outs.shape[1:]
+        assert ((o.double() - ref_o).norm() / ref_o.norm()) <= 1e-6, type(be).__name__
+        assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_l[fin]).abs().max() <= 1e-5
+        assert torch.equal(o[0, 0], torch.zeros(16))
+
+
 def test_all_equal_scores_take_the_earliest_tokens(backend):
     """Every pooled score equal (constant keys): the first keep tokens, per head."""
     q = torch.ones(2, 4, 16)

@@ -2,7 +2,7 @@
 
 Two backends: ``torch`` (runtime/backends/torch_ref.py, the oracle: runs anywhere, fp32/fp64) and
 ``triton`` (runtime/backends/triton_gen.py: loads the kernels codegen rendered for the plan).
-The runtime's attention layer calls only these three operations, so backends are swappable and
+The runtime's attention layer calls only these operations, so backends are swappable and
 every one is tested against the torch reference.
 
 Conventions (all backends):
@@ -65,4 +65,10 @@ class KernelBackend(Protocol):
     def merge(self, outs: "Tensor", lses: "Tensor") -> tuple["Tensor", "Tensor"]:
         """LSE-merge partials: outs (P, M, Hq, D), lses (P, M, Hq) -> (out (M, Hq, D), lse (M, Hq)),
         computed in fp32 (fp64 when given fp64); out is returned in outs' dtype."""
+        ...
+
+    def merge_parts(self, outs: Sequence["Tensor"], lses: Sequence["Tensor"]) -> tuple["Tensor", "Tensor"]:
+        """merge() of partials given as lists, which may differ in dtype (a ring's fp32 accumulator
+        and a step's bf16 output): no stacked copy is made where the backend can avoid it; out is
+        returned in outs[0]'s dtype."""
         ...

@@ -138,6 +138,10 @@ class TorchBackend:
         out, lse = self._merge(outs.to(acc), lses.to(acc))
         return out.to(outs.dtype), lse
 
+    def merge_parts(self, outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = outs[0].dtype
+        return self.merge(torch.stack([o.to(dtype) for o in outs]), torch.stack([lse.to(lses[0].dtype) for lse in lses]))
+
 
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

@@ -353,6 +353,15 @@ class TritonBackend:
                 return self.mod.select(*args)
         return self.mod.select(*args)
 
+    def merge_parts(self, outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two partials are merged where they lie (triton_kernels.merge_parts: no stacked copy)."""
+        outs = [_dense_last(o) for o in outs]
+        if outs[0].is_cuda and outs[0].device.index != torch.cuda.current_device():
+            with torch.cuda.device(outs[0].device):
+                return triton_kernels.merge_parts(outs, list(lses))
+        return triton_kernels.merge_parts(outs, list(lses))
+
     def merge(self, outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         if outs.dim() != 4 or lses.shape != outs.shape[:3]:
