@@ -73,7 +73,7 @@ def _bottom_right(op: SegmentOp, device: torch.device, dtype: torch.dtype) -> bo
         return aligns_bottom_right(op, device, dtype)  # a test's op: tiny, probed each time
     key = (str(device), dtype)
     if key not in _BOTTOM_RIGHT:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return False  # no probing inside a CUDA graph capture; top-left is the safe assumption
         _BOTTOM_RIGHT[key] = aligns_bottom_right(op, device, dtype)
     return _BOTTOM_RIGHT[key]

@@ -17,6 +17,7 @@ own inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -293,10 +294,8 @@ class TritonBackend:
         cfg = self._config(name, tasks, scale)
         if cfg == CUDNN and not cudnn_segments.eligible(tasks):
             cfg = self._fallbacks[(name, q.dtype, q.device)]
-        if q.is_cuda and q.device.index != torch.cuda.current_device():
-            with torch.cuda.device(q.device):
-                return self._run(name, tasks, scale, cfg)
-        return self._run(name, tasks, scale, cfg)
+        with _on_device(q):
+            return self._run(name, tasks, scale, cfg)
 
     def _signature(self, tasks: list) -> tuple:
         return tuple(tuple("causal" if c else "full" for _, _, c in segs) for _, segs, _ in tasks)
@@ -348,29 +347,31 @@ class TritonBackend:
         if pool_window < 1 or pool_window % 2 == 0:
             raise InputError(f"pool window must be odd and >= 1, got {pool_window}", setting="method.pool_window")
         args = (_dense_last(q_query), _dense_last(k_block), _dense_last(v_block), keep, pool_window, score)
-        if k_block.is_cuda and k_block.device.index != torch.cuda.current_device():
-            with torch.cuda.device(k_block.device):
-                return self.mod.select(*args)
-        return self.mod.select(*args)
+        with _on_device(k_block):
+            return self.mod.select(*args)
 
     def merge_parts(self, outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two partials are merged where they lie (triton_kernels.merge_parts: no stacked copy)."""
         outs = [_dense_last(o) for o in outs]
-        if outs[0].is_cuda and outs[0].device.index != torch.cuda.current_device():
-            with torch.cuda.device(outs[0].device):
-                return triton_kernels.merge_parts(outs, list(lses))
-        return triton_kernels.merge_parts(outs, list(lses))
+        with _on_device(outs[0]):
+            return triton_kernels.merge_parts(outs, list(lses))
 
     def merge(self, outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         if outs.dim() != 4 or lses.shape != outs.shape[:3]:
             raise InputError(f"merge takes outs (P, M, Hq, D) and lses (P, M, Hq), got {tuple(outs.shape)} and "
                              f"{tuple(lses.shape)}", setting="plan")
-        if outs.is_cuda and outs.device.index != torch.cuda.current_device():
-            with torch.cuda.device(outs.device):
-                return self.mod.merge(_dense_last(outs), lses, out=out)
-        return self.mod.merge(_dense_last(outs), lses, out=out)
+        with _on_device(outs):
+            return self.mod.merge(_dense_last(outs), lses, out=out)
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to ``t``'s for the call where it differs
+    (a tensor on another GPU than the calling thread's current one); a no-op otherwise."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _dense_last(t: torch.Tensor) -> torch.Tensor:
