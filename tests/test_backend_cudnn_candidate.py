@@ -196,3 +196,128 @@ def test_a_table_of_another_version_is_tuned_again(tmp_path):
     path.write_text(json.dumps({"version": 1, "devices": {"H200": {"k:bfloat16": {"config": [1, 2]}}}}))
     tuner = Tuner(path, [(1, 2)], (1, 2), timer=lambda fn: 1.0)
     assert tuner.get("H200", "k:bfloat16") is None
+
+
+def _pair_tasks(gen, *, hq=6, hkv=2, d=16, a=20, b=37, outs=True):
+    """A launch as rank 0 of a Spava plan makes it: a query task, the anchor (causal over its own
+    a keys) and host 0 right after it (the anchor's keys in full, its own b causally), all views of
+    one rank's q / k / v / out buffers, k and v packed in one cache as a runtime might hold them."""
+    n = a + b + 9
+    q = _rand(n, hq, d, gen=gen)
+    kv = _rand(n, 2, hkv, d, gen=gen)
+    k, v = kv[:, 0], kv[:, 1]
+    out = torch.full((n, hq, d), float("nan"))
+    seg = lambda lo, hi, mask: KVSegment(k[lo:hi], v[lo:hi], mask)  # noqa: E731
+    query = TaskInput("query", q[a + b:], (seg(0, a, "full"), seg(a, a + b, "full"), seg(a + b, n, "causal")))
+    anchor = TaskInput("anchor", q[:a], (seg(0, a, "causal"),), out=out[:a] if outs else None)
+    host0 = TaskInput("host0", q[a:a + b], (seg(0, a, "full"), seg(a, a + b, "causal")),
+                      out=out[a:a + b] if outs else None)
+    return [query, anchor, host0], out
+
+
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("outs", [True, False])
+def test_a_square_pair_of_tasks_is_one_call(bottom_right, outs):
+    """The anchor and the host block after it are one square causal call of a + b rows (under an op
+    of either alignment), each task's result its rows of it, equal to dense attention, written into
+    the task's out where one is given; nothing outside the outs is touched."""
+    gen = torch.Generator().manual_seed(7)
+    tasks, out = _pair_tasks(gen, outs=outs)
+    scale = 1 / math.sqrt(16)
+    checked = [_checked(t) for t in tasks]
+    assert cudnn_segments.square_pair(checked[1], checked[2]) and not cudnn_segments.square_pair(checked[2], checked[1])
+    calls = []
+    res = cudnn_segments.attend(checked, scale, op=lambda *a: cpu_op(*a, bottom_right=bottom_right, calls=calls))
+    calls = [c for c in calls if c[0] != 16]  # the alignment probe's
+    assert (57, 57, True) in calls and (20, 20, True) not in calls and not any(c[0] == 37 for c in calls), calls
+    for task, (o, lse) in zip(tasks, res):
+        ref_o, ref_l = reference(task, scale)
+        assert rel(o, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, task.name
+        assert o.shape == task.q.shape and lse.shape == task.q.shape[:2]
+        if task.out is not None:
+            assert o.data_ptr() == task.out.data_ptr()
+    assert torch.isnan(out[57:]).all() and (outs or torch.isnan(out).all())
+
+
+@pytest.mark.parametrize("change", ["keys_apart", "other_full_keys", "one_out", "rows_apart", "causal_not_square"])
+def test_near_pairs_stay_separate_calls(change):
+    """What only looks like a square pair is not joined, and every task is still right."""
+    gen = torch.Generator().manual_seed(8)
+    tasks, _ = _pair_tasks(gen)
+    query, anchor, host0 = tasks
+    (full, own) = host0.segments
+    k, v = own.k, own.v
+    if change == "keys_apart":  # host 0's own keys one row later than the anchor's end
+        base_k, base_v = full.k, full.v
+        kk = base_k.as_strided((k.shape[0],) + tuple(k.shape[1:]), k.stride(), k.storage_offset() + k.stride(0))
+        vv = base_v.as_strided((v.shape[0],) + tuple(v.shape[1:]), v.stride(), v.storage_offset() + v.stride(0))
+        host0 = TaskInput("host0", host0.q, (full, KVSegment(kk, vv, "causal")), out=host0.out)
+    elif change == "other_full_keys":  # sees a copy of the anchor's keys, not the anchor's own view
+        host0 = TaskInput("host0", host0.q, (KVSegment(full.k.clone(), full.v.clone(), "full"), own), out=host0.out)
+    elif change == "one_out":
+        anchor = TaskInput("anchor", anchor.q, anchor.segments)
+    elif change == "rows_apart":
+        host0 = TaskInput("host0", host0.q.clone(), host0.segments, out=host0.out)
+    else:  # host 0 sees a longer causal segment than its rows: not square
+        host0 = TaskInput("host0", host0.q[1:], host0.segments, out=host0.out[1:])
+    tasks = [query, anchor, host0]
+    checked = [_checked(t) for t in tasks]
+    assert not cudnn_segments.square_pair(checked[1], checked[2])
+    calls = []
+    res = cudnn_segments.attend(checked, 1 / math.sqrt(16), op=lambda *a: cpu_op(*a, bottom_right=True, calls=calls))
+    assert (20, 20, True) in calls, "the anchor alone"
+    for task, (o, lse) in zip(tasks, res):
+        ref_o, ref_l = reference(task, 1 / math.sqrt(16))
+        assert rel(o, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, (change, task.name)
+
+
+def test_rank_zero_of_a_real_plan_makes_one_square_call(spava_backend):
+    """With the runtime's views (rank_inputs, outs for the tasks that are final on this rank), rank
+    0's [query, anchor, host 0] launch of a real Spava plan holds a square pair, and the candidate's
+    results equal dense attention."""
+    plan, _ = spava_backend
+    gen = torch.Generator().manual_seed(4)
+    tasks = rank_inputs(plan, 0, torch.float32, "cpu", gen)
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    q_all = tasks["anchor"].q
+    q_all = q_all.as_strided((plan.ranks[0].local_tokens, *q_all.shape[1:]), q_all.stride())  # the rank's q
+    out = torch.full_like(q_all, float("nan"))
+    merges = {t.name: t.merge for t in plan.ranks[0].tasks}
+    op = next(o for o in plan.schedule[0].ops if o.name == "attend" and "anchor" in o.tasks)
+    launch = []
+    for name in op.tasks:
+        t = tasks[name]
+        lo = (t.q.data_ptr() - q_all.data_ptr()) // (q_all.stride(0) * q_all.element_size())
+        launch.append(TaskInput(name, t.q, t.segments, out=out[lo:lo + t.q.shape[0]] if merges[name] == "none" else None))
+    checked = [_checked(t) for t in launch]
+    pairs = cudnn_segments._pairs(checked)
+    assert [(launch[i].name, launch[j].name) for i, j in pairs.items()] == [("anchor", "host0")]
+    for task, (o, lse) in zip(launch, cudnn_segments.attend(checked, scale, op=cpu_op)):
+        ref_o, ref_l = reference(task, scale)
+        assert rel(o, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, task.name
+
+
+def test_a_ring_first_step_is_one_square_call():
+    """A ZigZagRing rank's first step (its own keys only: its first block causally, its second
+    block the first in full and itself causally) is one square pair too, and right."""
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=8", "video.resolution=360p",
+                                      "method=zigzag_ring", "kernels=false"]))
+    scale = 1 / math.sqrt(plan.model.head_dim)
+    for rank in range(plan.world_size):
+        tasks = rank_inputs(plan, rank, torch.float32, "cpu", torch.Generator().manual_seed(rank))
+        step0 = []
+        for t in plan.ranks[rank].tasks:  # step 0: the segments this rank holds itself
+            segs = tuple(s for s, ref in zip(tasks[t.name].segments, t.kv) if ref.kind == "local")
+            step0.append(TaskInput(t.name, tasks[t.name].q, segs))
+        checked = [_checked(t) for t in step0]
+        assert len(cudnn_segments._pairs(checked)) == 1, rank
+        calls = []
+        res = cudnn_segments.attend(checked, scale, op=lambda *a: cpu_op(*a, calls=calls))
+        rows = sum(t.q.shape[0] for t in step0)
+        assert [c for c in calls if c[0] != 16] == [(rows, rows, True)], rank
+        for task, (o, lse) in zip(step0, res):
+            ref_o, ref_l = reference(task, scale)
+            assert rel(o, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, (rank, task.name)

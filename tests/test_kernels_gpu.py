@@ -47,7 +47,13 @@ def case(request, tmp_path_factory):
 
 
 def _poisoned(tasks):
-    return [TaskInput(t.name, t.q, t.segments, out=torch.full_like(t.q, float("nan"))) for t in tasks]
+    """Outs as the runtime gives them: the task's own rows of one rank-wide buffer (tasks adjacent
+    in q have adjacent outs), NaN until written. The tasks' q are rows of one tensor (rank_inputs)."""
+    base = min(tasks, key=lambda t: t.q.data_ptr()).q
+    offsets = [(t.q.data_ptr() - base.data_ptr()) // (base.stride(0) * base.element_size()) for t in tasks]
+    rows = max(o + t.q.shape[0] for o, t in zip(offsets, tasks))
+    buf = torch.full((rows, *base.shape[1:]), float("nan"), dtype=base.dtype, device=base.device)
+    return [TaskInput(t.name, t.q, t.segments, out=buf[o:o + t.q.shape[0]]) for o, t in zip(offsets, tasks)]
 
 
 def _fp32(task):
@@ -83,7 +89,8 @@ def test_rank_attention_bf16(case, which, last):
 @pytest.mark.parametrize("last", [False, True])
 def test_cudnn_candidate_bf16(case, last, join):
     """The tuner's cuDNN candidate (runtime/backends/cudnn_segments.py, aten's cuDNN op on a task's
-    joined segments or segment by segment, then the merge into the task's out) on each schedule
+    joined segments or segment by segment, rank 0's anchor and host 0 as one square call where
+    joined, then the merge into the task's out) on each schedule
     launch: eligible (Spava's causal segments are square), and the same function as the fp32
     oracle; the backend's agreement gate passes."""
     from spava_plan.runtime.backends import cudnn_segments
@@ -99,6 +106,8 @@ def test_cudnn_candidate_bf16(case, last, join):
         inputs = _poisoned([tasks[n] for n in op.tasks])
         checked = [backend._check(t) for t in inputs]
         assert cudnn_segments.eligible(checked), op.tasks
+        if "anchor" in op.tasks and rank == 0:  # anchor + host 0: one square causal call
+            assert len(cudnn_segments._pairs(checked)) == 1, op.tasks
         assert backend._cudnn_agrees(backend.mod.LAUNCHES[backend._signature(checked)], checked, scale), op.tasks
         for task, (out, lse) in zip(inputs, cudnn_segments.attend(checked, scale, join=join)):
             assert out.data_ptr() == task.out.data_ptr() and not torch.isnan(out).any(), task.name

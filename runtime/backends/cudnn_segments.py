@@ -21,6 +21,13 @@ alignment it uses is cuDNN's and torch's choice, not a documented contract), the
 joined too and the task is one call with no merge. Where it is top-left aligned, ours
 (runtime/backends/base.py) agrees with it only on a square segment (n == M), which is what Spava's
 own-block segments are, and a launch with a non-square causal segment stays on the generated kernel.
+
+Fewer calls again where two tasks of a launch are one square causal block (square_pair): Spava's
+anchor (a causal block over its own keys) and rank 0's first host block right after it (the anchor's
+keys in full, its own causally) together are rows [0, a + B) against keys [0, a + B) under one
+causal mask, whichever way the op aligns it; with rows, keys and outs adjacent in memory (they are
+slices of one rank's buffers) that is one call with no merge instead of three calls and a merge.
+A ZigZagRing rank's first step (its two blocks over their own keys) has the same shape.
 """
 from __future__ import annotations
 
@@ -122,26 +129,99 @@ def calls(segs: Sequence[tuple], bottom_right: bool, join: bool = True) -> list[
     return ([(*_joined(full), False)] if full else []) + [(k, v, True) for k, v in causal]
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same view: same memory, shape and strides."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _after(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` starts where ``a`` ends in the same storage, rows of the same layout, so that the
+    two are one view (_span)."""
+    return (a.shape[0] > 0 and b.shape[0] > 0 and a.dtype == b.dtype and a.device == b.device
+            and a.shape[1:] == b.shape[1:] and a.stride() == b.stride()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.shape[0] * a.stride(0) * a.element_size())
+
+
+def _span(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` then ``b`` as one view (only where _after(a, b))."""
+    return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride())
+
+
+def square_pair(first: tuple, second: tuple) -> bool:
+    """Whether two tasks (q, [(k, v, causal)], out) are one square causal block: ``first`` has one
+    live segment, causal over as many keys as it has rows; ``second`` sees exactly those keys in
+    full and one square causal segment of its own; and rows, keys, values and outs of ``second``
+    follow ``first``'s in memory (outs: both given, or neither). Then row i of [q1; q2] against
+    keys [k1; k2] under one causal mask sees what each task sees, and the two are one call."""
+    (q1, segs1, o1), (q2, segs2, o2) = first, second
+    live1 = [s for s in segs1 if s[0].shape[0] > 0]
+    live2 = [s for s in segs2 if s[0].shape[0] > 0]
+    if len(live1) != 1 or not live1[0][2] or live1[0][0].shape[0] != q1.shape[0] or len(live2) != 2:
+        return False
+    k1, v1, _ = live1[0]
+    full = [s for s in live2 if not s[2]]
+    own = [s for s in live2 if s[2]]
+    if len(full) != 1 or len(own) != 1:
+        return False
+    (kf, vf, _), (k2, v2, _) = full[0], own[0]
+    if not (_same(kf, k1) and _same(vf, v1)) or k2.shape[0] != q2.shape[0]:
+        return False
+    if not (_after(q1, q2) and _after(k1, k2) and _after(v1, v2)):
+        return False
+    return (o1 is None and o2 is None) or (o1 is not None and o2 is not None and _after(o1, o2))
+
+
+def _pairs(tasks: Sequence[tuple]) -> dict[int, int]:
+    """{index of a pair's first task: index of its second} over the launch's tasks (square_pair)."""
+    pairs, used = {}, set()
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            if i != j and not {i, j} & used and square_pair(a, b):
+                pairs[i] = j
+                used |= {i, j}
+    return pairs
+
+
+def _one_call(op: SegmentOp, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One op call on token-major views: (out (M, Hq, D), lse (M, Hq)) as the op left them."""
+    M, hq, _ = q.shape
+    o4, l4 = op(_bhsd(q), _bhsd(k), _bhsd(v), bool(causal), scale)
+    return o4[0].transpose(0, 1), l4.reshape(hq, M).transpose(0, 1)
+
+
 def attend(tasks: Sequence[tuple], scale: float, op: SegmentOp | None = None, *,
            join: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each task's calls (see calls()) through ``op``, the partials LSE-merged into the task's out.
+    """Each task's calls (see calls()) through ``op``, the partials LSE-merged into the task's out;
+    with join, a square pair of tasks (square_pair) is one call.
 
     Returns [(out (M, Hq, D) in q's dtype, lse (M, Hq) fp32)] like the generated launch; an out given
     with the task is written in place. ``op`` defaults to aten's cuDNN op (tests pass a CPU one with
     the same layouts)."""
     op = op or _aten_op()
-    results = []
-    for q, segs, out in tasks:
+    results: list = [None] * len(tasks)
+    pairs = _pairs(tasks) if join else {}
+    for i, j in pairs.items():
+        (q1, segs1, o1), (q2, segs2, o2) = tasks[i], tasks[j]
+        k1, v1, _ = next(s for s in segs1 if s[0].shape[0] > 0)
+        k2, v2, _ = next(s for s in segs2 if s[0].shape[0] > 0 and s[2])
+        part, lse = _one_call(op, _span(q1, q2), _span(k1, k2), _span(v1, v2), True, scale)
+        out, lse = merge_parts([part], [lse], out=_span(o1, o2) if o1 is not None else None)
+        m = q1.shape[0]
+        results[i], results[j] = (out[:m], lse[:m]), (out[m:], lse[m:])
+    for n, (q, segs, out) in enumerate(tasks):
+        if results[n] is not None:
+            continue
         M, hq, d = q.shape
         todo = calls(segs, join and _bottom_right(op, q.device, q.dtype), join) if M else []
         parts, lses = [], []
         for k, v, causal in todo:
-            o4, l4 = op(_bhsd(q), _bhsd(k), _bhsd(v), bool(causal), scale)
-            parts.append(o4[0].transpose(0, 1))  # (M, Hq, D)
-            lses.append(l4.reshape(hq, M).transpose(0, 1))  # (M, Hq)
+            part, lse = _one_call(op, q, k, v, causal, scale)
+            parts.append(part)
+            lses.append(lse)
         if not parts:
             out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
-            results.append((out, torch.full((M, hq), float("-inf"), dtype=torch.float32, device=q.device)))
+            results[n] = (out, torch.full((M, hq), float("-inf"), dtype=torch.float32, device=q.device))
         else:
-            results.append(merge_parts(parts, lses, out=out))
+            results[n] = merge_parts(parts, lses, out=out)
     return results

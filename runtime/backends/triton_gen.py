@@ -11,9 +11,9 @@ segment by segment through the one-segment kernels plus the LSE merge (slower, s
 Block sizes come from autotune.json for this device; a launch not tuned yet is tuned on first use
 on a GPU (each candidate timed with triton.testing.do_bench, median) and recorded there. Where a
 launch is eligible (cudnn_segments.eligible: CUDA, 16-bit, causal segments square or the op
-bottom-right aligned) cuDNN (a task's segments joined into one or two calls) plus the LSE merge is
-one more candidate, taken only after its output agreed with the generated kernel's on that launch's
-own inputs.
+bottom-right aligned) cuDNN (a task's segments joined into one or two calls, a square pair of tasks
+into one) plus the LSE merge is one more candidate, taken only after its output agreed with the
+generated kernel's on that launch's own inputs.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from .base import TaskInput
 from .cudnn_segments import CUDNN
 
 _DTYPES = PLAN_TORCH_DTYPES  # the kernels serve every plan dtype
-AUTOTUNE_VERSION = 3  # 2: cuDNN is a candidate; 3: it joins a task's segments (fewer, faster calls):
-# a table of another version is tuned again
+AUTOTUNE_VERSION = 4  # 2: cuDNN is a candidate; 3: it joins a task's segments (fewer, faster calls);
+# 4: a square pair of tasks (anchor + first host) is one cuDNN call: a table of another version is tuned again
 # cuDNN's output must agree with the generated kernel's before it may be chosen: both are bf16
 # attention from the same inputs in fp32 arithmetic (seen: 3.6e-3 vs 3.1e-3 relative to fp32 each)
 CUDNN_AGREE_REL = 2e-2
