@@ -24,9 +24,9 @@ from string import Template
 from typing import Iterable, get_args
 
 from spava_plan.errors import PlanFormatError
-from spava_plan.plan import MASKS, DType, Plan, Selection
+from spava_plan.plan import MASKS, DType, Plan, Selection, attended_in_step
 
-RENDER_VERSION = 2  # bump when the rendering logic (not the templates) changes its output
+RENDER_VERSION = 3  # bump when the rendering logic (not the templates) changes its output
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _HEX = re.compile(r"[0-9a-f]{64}\Z")
 # Fixed tables from validated enum values to the identifiers the templates see.
@@ -104,10 +104,12 @@ class Launch:
     used_by: tuple[tuple[int, tuple[str, ...]], ...]  # (rank, task names) that run this launch
 
 
-def _task_masks(plan: Plan, rank: int, task_name: str) -> tuple[str, ...]:
+def _task_masks(plan: Plan, rank: int, task_name: str, step: int = -1) -> tuple[str, ...]:
+    """The masks of a task's KV sources: all of them, or (step >= 0) those it attends in that ring step."""
     for task in plan.ranks[rank].tasks:
         if task.name == task_name:
-            return tuple(_mask(ref.mask) for ref in task.kv)
+            return tuple(_mask(ref.mask) for ref in task.kv
+                         if step < 0 or attended_in_step(ref.kind, ref.owner, rank, plan.world_size, step))
     raise PlanFormatError(f"rank {rank}'s schedule names task {task_name!r}, which it does not have",
                           setting="plan")
 
@@ -121,8 +123,9 @@ def _mask(value: object) -> str:
 def launches(plan: Plan) -> tuple[Launch, ...]:
     """Every fused launch the plan's ranks make, deduplicated by structure, in first-use order.
 
-    Per rank: the whole rank in one launch (the fused forward), each schedule "attend" op, and
-    every task alone; plus the one-segment launches every module carries.
+    Per rank: the whole rank in one launch (the fused forward), each schedule "attend" op (a ring
+    step's op with the sources of that step only, as the runtime calls it, tasks with none left
+    out), and every task alone; plus the one-segment launches every module carries.
     """
     order: list[tuple[tuple[str, ...], ...]] = []
     users: dict[tuple[tuple[str, ...], ...], list[tuple[int, tuple[str, ...]]]] = {}
@@ -142,7 +145,16 @@ def launches(plan: Plan) -> tuple[Launch, ...]:
         if rank < len(plan.schedule):
             for op in plan.schedule[rank].ops:
                 if op.name == "attend" and op.kind == "compute":
-                    groups.append(tuple(_ident(n, "an attention task name") for n in op.tasks))
+                    group = tuple(_ident(n, "an attention task name") for n in op.tasks)
+                    step = _int(op.step, "a ring step", -1)
+                    if step < 0:
+                        groups.append(group)
+                        continue
+                    # a ring step: only that step's sources, tasks left with none dropped
+                    stepped = {n: _task_masks(plan, rank, n, step) for n in group}
+                    group = tuple(n for n in group if stepped[n])
+                    if group:
+                        add(tuple(stepped[n] for n in group), rank, group)
         groups += [(n,) for n in names]
         for group in groups:
             sig = tuple(masks[n] if n in masks else _task_masks(plan, rank, n) for n in group)

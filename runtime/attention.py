@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from spava_plan.errors import InputError, PlanMismatchError, SpavaError
-from spava_plan.plan import KVRef, Plan, RankPlan
+from spava_plan.plan import KVRef, Plan, RankPlan, attended_in_step
 
 from . import checks
 from .backends.base import KVSegment, TaskInput
@@ -325,17 +325,18 @@ class RankAttention:
             raise PlanMismatchError(f"unknown collective kind {coll.kind!r}", setting="plan")
 
     def _segments(self, task: _Task, run: _Run, bufs: dict[str, torch.Tensor], step: int) -> list[KVSegment]:
-        """The task's KV sources (of ring step ``step``; -1: all) as views."""
+        """The task's KV sources (those of ring step ``step``; -1: not a ring step) as views."""
         d = self.model.head_dim
-        owner = (self.rank - step) % self.W if step >= 0 else None
         segs = []
         for s in task.sources:
-            if s.kind == "local" and (owner is None or owner == self.rank):
+            if not attended_in_step(s.kind, s.owner, self.rank, self.W, step):
+                continue
+            if s.kind == "local":
                 segs.append(KVSegment(run.k[s.lo:s.hi], run.v[s.lo:s.hi], s.mask))
             elif s.kind == "passing":
                 buf = bufs[self.slot_collective[s.slot]][s.lo:s.hi]
                 segs.append(KVSegment(buf[..., :d], buf[..., d:], s.mask))
-            elif s.kind == "remote" and owner == s.owner:
+            elif s.kind == "remote":
                 assert run.ring_cur is not None
                 buf = run.ring_cur[s.lo:s.hi]
                 segs.append(KVSegment(buf[..., :d], buf[..., d:], s.mask))

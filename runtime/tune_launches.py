@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from spava_plan.plan import Plan
+from spava_plan.plan import Plan, attended_in_step
 
 from .backends.base import TaskInput
 from .dtypes import TORCH_DTYPES
@@ -22,14 +22,11 @@ from .rank_inputs import random_rank_inputs
 
 
 def _step_view(task: TaskInput, refs, rank: int, world: int, step: int) -> TaskInput | None:
-    """The part of a task one ring step attends (RankAttention._segments): passing segments always,
-    local ones at step 0's owner (this rank), remote ones of the step's owner (rank - step) mod W."""
+    """The part of a task one ring step attends, as RankAttention._segments picks it
+    (spava_plan.plan.attended_in_step); None where it attends nothing in that step."""
     if step < 0:
         return task
-    owner = (rank - step) % world
-    segs = tuple(s for s, r in zip(task.segments, refs)
-                 if r.kind == "passing" or (r.kind == "local" and owner == rank)
-                 or (r.kind == "remote" and r.owner == owner))
+    segs = tuple(s for s, r in zip(task.segments, refs) if attended_in_step(r.kind, r.owner, rank, world, step))
     return TaskInput(task.name, task.q, segs) if segs else None
 
 

@@ -114,6 +114,17 @@ class KVRef:
         return self.stop - self.start
 
 
+def attended_in_step(kind: str, owner: int, rank: int, world: int, step: int) -> bool:
+    """Whether ``rank`` attends a KV source of this kind (and owner, for a remote one) in ring step
+    ``step``. Step s holds the K/V of rank (rank - s) mod W: local sources belong to step 0, a remote
+    one to its owner's step, passing sources to every step. A launch that is not a ring step
+    (step < 0) attends every source but remote ones, which only ring steps bring."""
+    if step < 0:
+        return kind != "remote"
+    owner_now = (rank - step) % world
+    return kind == "passing" or (kind == "local" and owner_now == rank) or (kind == "remote" and owner == owner_now)
+
+
 @dataclass(frozen=True)
 class AttnTask:
     name: str  # "anchor", "host3", "query", "chunk5"

@@ -321,3 +321,42 @@ def test_a_ring_first_step_is_one_square_call():
         for task, (o, lse) in zip(step0, res):
             ref_o, ref_l = reference(task, scale)
             assert rel(o, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4, (rank, task.name)
+
+
+def test_a_table_tuned_for_another_module_is_tuned_again(tmp_path):
+    """Launch names are per module (a re-rendered kernel dir may call another launch attend_3), so
+    a table names the module it was tuned for and another module's is not read."""
+    path = tmp_path / "autotune.json"
+    first = Tuner(path, [(1, 2)], (1, 2), timer=lambda fn: 1.0, module="spava_kernels_aaaa")
+    first.tune("H200", "attend_3:bfloat16", lambda cfg: None)
+    assert json.loads(path.read_text())["module"] == "spava_kernels_aaaa"
+    assert Tuner(path, [(1, 2)], (1, 2), module="spava_kernels_aaaa").get("H200", "attend_3:bfloat16") == (1, 2)
+    assert Tuner(path, [(1, 2)], (1, 2), module="spava_kernels_bbbb").get("H200", "attend_3:bfloat16") is None
+
+
+def test_adjacent_full_segments_are_joined_without_a_copy():
+    """A ring step's two blocks of one owner lie one after another in the receive buffer (packed
+    K|V rows): joined, they are one view of it, not a copy; segments apart are copied."""
+    gen = torch.Generator().manual_seed(9)
+    hq, hkv, d, M = 4, 2, 16, 11
+    buf = _rand(50, hkv, 2 * d, gen=gen)  # received rows: K in [..., :d], V in [..., d:]
+    k, v = buf[..., :d], buf[..., d:]
+    q = _rand(M, hq, d, gen=gen)
+    seen = []
+
+    def op(q4, k4, v4, causal, scale):
+        if q4.shape[2] == M:  # not the alignment probe's call
+            seen.append((k4.data_ptr(), v4.data_ptr(), k4.shape[2]))
+        return cpu_op(q4, k4, v4, causal, scale)
+
+    scale = 1 / math.sqrt(d)
+    for segs, view in (((KVSegment(k[:20], v[:20], "full"), KVSegment(k[20:45], v[20:45], "full")), True),
+                       ((KVSegment(k[:20], v[:20], "full"), KVSegment(k[25:45], v[25:45], "full")), False)):
+        seen.clear()
+        task = TaskInput("chunk", q, segs)
+        (out, lse), = cudnn_segments.attend([_checked(task)], scale, op=op)
+        n = sum(s.k.shape[0] for s in segs)
+        assert [c[2] for c in seen] == [n], "one call over the joined keys"
+        assert (seen[0][:2] == (k.data_ptr(), v.data_ptr())) is view
+        ref_o, ref_l = reference(task, scale)
+        assert rel(out, ref_o) <= FP32_TOL and lse_err(lse, ref_l) <= 1e-4

@@ -55,3 +55,28 @@ def test_tuning_runs_the_launches_the_run_makes(method):
     count = tune_plan_launches(plan, tuned, "cpu")
     assert tuned.launches == made, method
     assert count == sum(made.values()) and count > 0
+
+
+@pytest.mark.parametrize("method", ["spava", "apb", "star", "zigzag_ring"])
+def test_every_launch_the_run_makes_has_its_own_kernel(method, tmp_path):
+    """The mask structure of every launch the runtime makes (a ring step: that step's segments only)
+    is in the rendered launch table, so no launch falls back to running segment by segment (the
+    slow path a ring step of ZigZagRing took while codegen rendered steps with all their segments)."""
+    import json
+
+    from spava_plan.codegen import render_kernels
+
+    plan = plan_for(*SHAPE, f"method={method}")
+    n = plan.layout.total_tokens
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    world = EmulatedWorld.for_plan(plan, timeout_s=30)
+    runs = [Recording() for _ in range(plan.world_size)]
+    attns = [RankAttention(plan, r, world.comm(r), runs[r]) for r in range(plan.world_size)]
+    world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)))
+    made = {tuple(tuple(mask for mask, _ in segs) for _, _, segs in launch)
+            for b in runs for launch in b.launches}
+    render_kernels(plan, tmp_path)
+    rendered = {tuple(tuple(m) for m in x["tasks"])
+                for x in json.loads((tmp_path / "manifest.json").read_text())["launches"]}
+    assert made and made <= rendered, sorted(made - rendered)

@@ -109,8 +109,13 @@ def _bhsd(t: torch.Tensor) -> torch.Tensor:
 
 
 def _joined(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments' K and V as one buffer each: a view where they already lie one after another (a
+    ring step's blocks of one owner), else a copy."""
     if len(kvs) == 1:
         return kvs[0]
+    if all(_after(a[0], b[0]) and _after(a[1], b[1]) for a, b in zip(kvs, kvs[1:])):
+        rows = sum(k.shape[0] for k, _ in kvs)
+        return _rows(kvs[0][0], rows), _rows(kvs[0][1], rows)
     return torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])
 
 
@@ -143,9 +148,15 @@ def _after(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.data_ptr() == a.data_ptr() + a.shape[0] * a.stride(0) * a.element_size())
 
 
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """The view of ``rows`` rows starting at ``t``'s first, in its layout (the rows past t's own
+    must be views that _after() found right behind it)."""
+    return t.as_strided((rows, *t.shape[1:]), t.stride())
+
+
 def _span(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` then ``b`` as one view (only where _after(a, b))."""
-    return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride())
+    return _rows(a, a.shape[0] + b.shape[0])
 
 
 def square_pair(first: tuple, second: tuple) -> bool:

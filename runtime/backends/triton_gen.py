@@ -38,7 +38,9 @@ from .cudnn_segments import CUDNN
 
 _DTYPES = PLAN_TORCH_DTYPES  # the kernels serve every plan dtype
 AUTOTUNE_VERSION = 4  # 2: cuDNN is a candidate; 3: it joins a task's segments (fewer, faster calls);
-# 4: a square pair of tasks (anchor + first host) is one cuDNN call: a table of another version is tuned again
+# 4: a square pair of tasks (anchor + first host) is one cuDNN call, and the table names the module it
+# was tuned for: a table of another version, or of another module (a re-rendered kernel dir, whose
+# launch names may stand for other launches), is tuned again
 # cuDNN's output must agree with the generated kernel's before it may be chosen: both are bf16
 # attention from the same inputs in fp32 arithmetic (seen: 3.6e-3 vs 3.1e-3 relative to fp32 each)
 CUDNN_AGREE_REL = 2e-2
@@ -95,11 +97,13 @@ def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
 class Tuner:
     """Configs per (device, launch, dtype): read from / recorded in autotune.json.
 
-    A config is a generated kernel's block sizes (an integer tuple, ``fields``) or CUDNN."""
+    A config is a generated kernel's block sizes (an integer tuple, ``fields``) or CUDNN. ``module``
+    names the kernel module the launches belong to (its import name carries its sha256)."""
 
     def __init__(self, path: Path, candidates: Sequence[tuple[int, ...]], default: tuple[int, ...],
-                 timer: Callable[[Callable[[], object]], float] | None = None):
+                 timer: Callable[[Callable[[], object]], float] | None = None, module: str = ""):
         self.path = Path(path)
+        self.module = module
         self.timer = timer or _do_bench
         self.candidates = tuple(tuple(c) for c in candidates)
         self.default = tuple(default)
@@ -110,8 +114,8 @@ class Tuner:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict) or data.get("version") != AUTOTUNE_VERSION:
-            return {}  # another version's table: tune again (and overwrite it)
+        if not isinstance(data, dict) or data.get("version") != AUTOTUNE_VERSION or data.get("module", "") != self.module:
+            return {}  # another version's or another module's table: tune again (and overwrite it)
         return data.get("devices", {})
 
     def get(self, device: str, key: str) -> tuple[int, ...] | None:
@@ -152,7 +156,8 @@ class Tuner:
             "candidates": {",".join(map(str, c)): round(t, 4)
                            for c, t in sorted(timings.items(), key=lambda ct: tuple(map(str, ct[0])))},
         }
-        text = json.dumps({"version": AUTOTUNE_VERSION, "devices": self.table}, indent=1, sort_keys=True) + "\n"
+        text = json.dumps({"version": AUTOTUNE_VERSION, "module": self.module, "devices": self.table},
+                          indent=1, sort_keys=True) + "\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text)
@@ -186,7 +191,7 @@ class TritonBackend:
         self.cudnn = cudnn
         self.tuner = Tuner(Path(autotune) if autotune else self.kernel_dir / "autotune.json",
                            configs or self.mod.ATTENTION_CONFIGS,
-                           self.mod.DEFAULT_CONFIG)
+                           self.mod.DEFAULT_CONFIG, module=self.mod.__name__)
         self._configs: dict[tuple, tuple] = {}
         self._fallbacks: dict[tuple, tuple[int, ...]] = {}  # a generated config where cfg is CUDNN
         self._choosing = threading.Lock()  # emulated ranks are threads: one launch tuned once, by one
