@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=18564, help="patches per grid")
     ap.add_argument("--heads", type=int, default=16)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("vision_head_dim.py times SDPA on the GPU: it needs a CUDA GPU")
     B, S, H = args.grids, args.patches, args.heads
 
     def views(d):
