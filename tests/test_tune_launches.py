@@ -39,17 +39,22 @@ class Recording(TorchBackend):
         return super().attention(tasks, scale)
 
 
-@pytest.mark.parametrize("method", ["spava", "apb", "star", "zigzag_ring"])
-def test_tuning_runs_the_launches_the_run_makes(method):
-    plan = plan_for(*SHAPE, f"method={method}")
+def launches_made(plan, seed: int) -> Counter:
+    """Every launch one emulated prefill layer of ``plan`` makes, over all ranks (Recording's keys)."""
     n = plan.layout.total_tokens
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(n, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     world = EmulatedWorld.for_plan(plan, timeout_s=30)
     runs = [Recording() for _ in range(plan.world_size)]
     attns = [RankAttention(plan, r, world.comm(r), runs[r]) for r in range(plan.world_size)]
     world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)))
-    made = sum((b.launches for b in runs), Counter())
+    return sum((b.launches for b in runs), Counter())
+
+
+@pytest.mark.parametrize("method", ["spava", "apb", "star", "zigzag_ring"])
+def test_tuning_runs_the_launches_the_run_makes(method):
+    plan = plan_for(*SHAPE, f"method={method}")
+    made = launches_made(plan, seed=0)
 
     tuned = Recording()
     count = tune_plan_launches(plan, tuned, "cpu")
@@ -67,15 +72,7 @@ def test_every_launch_the_run_makes_has_its_own_kernel(method, tmp_path):
     from spava_plan.codegen import render_kernels
 
     plan = plan_for(*SHAPE, f"method={method}")
-    n = plan.layout.total_tokens
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(n, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    world = EmulatedWorld.for_plan(plan, timeout_s=30)
-    runs = [Recording() for _ in range(plan.world_size)]
-    attns = [RankAttention(plan, r, world.comm(r), runs[r]) for r in range(plan.world_size)]
-    world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)))
-    made = {tuple(tuple(mask for mask, _ in segs) for _, _, segs in launch)
-            for b in runs for launch in b.launches}
+    made = {tuple(tuple(mask for mask, _ in segs) for _, _, segs in launch) for launch in launches_made(plan, seed=1)}
     render_kernels(plan, tmp_path)
     rendered = {tuple(tuple(m) for m in x["tasks"])
                 for x in json.loads((tmp_path / "manifest.json").read_text())["launches"]}
