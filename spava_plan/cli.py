@@ -129,6 +129,12 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
         from .video_meta import plan_for_clip
 
         cfg = plan_for_clip(cfg)
+        if cfg.tune.target is None:  # a clip too short for the method gets one that holds it (planner/fit.py)
+            from .planner.fit import fit_config
+
+            cfg, fit_notes = fit_config(cfg)
+            for note in fit_notes:
+                print(f"note: {note}")
     tuned, known = None, {}
     if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
         from .hydra_conf import method_preset

@@ -93,7 +93,10 @@ class Engine:
             self.fixed = None
         self.base = base
         base_config = config_from_dict(dict(base.config))
-        self.store = PlanStore(cfg.plan_dir, base_config, plan_on_the_fly=cfg.plan_on_the_fly)
+        # A torchrun world (local_rank given) runs a plan on all its ranks, so its store plans on
+        # them only; emulated ranks follow each plan's own rank count (a short clip: fewer ranks).
+        self.store = PlanStore(cfg.plan_dir, base_config, plan_on_the_fly=cfg.plan_on_the_fly,
+                               same_world=local_rank is not None)
         self.max_question = int(cfg.video.max_question_tokens if self.fixed is None
                                 else self.fixed.video.max_question_tokens)
         ckpt = self.args.checkpoint
@@ -172,7 +175,7 @@ class Engine:
             positions = hf_inputs.global_position_ids(self.model, inputs)
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
-        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch)
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed)
 

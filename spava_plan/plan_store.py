@@ -1,36 +1,53 @@
-"""Plan families for deployment: pick the smallest plan that holds a request, or plan one on the
-fly and cache it on disk by hash.
+"""Plan families for deployment: pick the cheapest plan that holds a request, or plan one on the
+fly (the fastest method that holds it, short clips included) and cache it on disk by hash.
 
     store = PlanStore("plans/", ["model=qwen2_5vl_3b", "gpus=8"])      # or a SpavaConfig
     plan = store.plan_for(frames=96, height=720, width=1280, question_tokens=20)
     entry = store.choose(frames=96, height=720, width=1280, question_tokens=20)
     entry = store.choose_for_clip("clip.mp4", question_tokens=20)   # frames at video.fps, like the processor
-    entry.plan, entry.directory                  # the Plan and its folder (plan.json, kernels/)
+    entry.plan, entry.directory, entry.method    # the Plan, its folder (plan.json, kernels/), its method
     entry.frames, entry.frame_size               # what the caller feeds it: see "Holding" below
     # e.g. runtime.video_io.read_frames(clip, entry.frames, size=entry.frame_size)
+    store.list_plans(); store.pin("3fa2"); store.evict("3fa2")      # the operator's view (hash prefixes)
+    # python -m spava_plan.plan_store list|pin|unpin|evict plan_dir=DIR [HASH]   (plan_store_cli.py)
 
-A family is a directory with an ``index.json`` at its root, one entry per plan; ``spava-plan -m
-frames=64,128,256,512 video.resolution=720p,1080p`` writes one at the sweep root (cli.py's
-SweepSummary calls ``write_index``). Plans planned on the fly go under ``<root>/cache/<hash16>/``
-(plan.json, and kernels/ when the base config has kernels=true) and are added to the same index,
-so the next request of that shape reuses them. The index is rewritten atomically under a lock
-file, so several server processes may share a root.
+A family is a directory with an ``index.json`` at its root (spava_plan/plan_index.py), one entry
+per plan; ``spava-plan -m frames=64,128,256,512 video.resolution=720p,1080p`` writes one at the
+sweep root (cli.py's SweepSummary calls ``write_index``). Plans planned on the fly go under
+``<root>/cache/<hash16>/`` (plan.json, and kernels/ when the base config has kernels=true) and are
+added to the same index, so the next request of that shape reuses them, also after a restart.
 
 Holding: a plan holds a request (``frames`` sampled frames of ``height`` x ``width`` source
 pixels, a question of ``question_tokens`` tokens) when
-  - it was planned for the same computation apart from the video's shape: the same model, method,
-    topology and world size, dtype, solver and system prompt length (``compat_key``);
-  - its padded frame count is at least the request's (the caller then samples ``entry.frames``
-    frames from the clip: denser sampling, nothing dropped);
-  - its resized frame is at least the request's resized frame on both sides (the caller scales
-    the sampled frames to ``entry.frame_size``, the size the processor gives the plan's frames:
-    an upscale, nothing dropped; a different aspect ratio is stretched);
-  - its ``video.max_question_tokens`` is at least ``question_tokens`` (shorter questions run on
-    the same plan, see runtime/attention.py).
-Among the plans that hold it, the one with the fewest tokens wins (then fewer frames, then hash).
-If none does and ``plan_on_the_fly`` is on, the base config is planned with the request's frame
-count, resolution and max(base, request) question capacity; if it is off, ``NoPlanFitsError``
-names the setting to change.
+  - it belongs to the family: planned for the base config's model, topology, dtype, solver and
+    system prompt length (``compat_key``; its method and rank count may be a short input's fit);
+  - it covers the request: at least the request's padded frame count (the caller then samples
+    ``entry.frames`` frames from the clip: denser sampling, nothing dropped), a resized frame at
+    least the request's on both sides (the caller scales the sampled frames to
+    ``entry.frame_size``: an upscale, a different aspect ratio stretched) and a
+    ``video.max_question_tokens`` of at least ``question_tokens``;
+  - it is within one **bucket step** of the request: its total tokens are at most BUCKET_STEP (2)
+    times the request's own (the tokens a plan of exactly the request's shape, with
+    max(base, request) question capacity, would have). A plan twice the size of a clip never runs
+    it, so one large request cannot slow every small one (plan-family poisoning).
+Among the plans that hold it, the one with the smallest predicted prefill wins (then fewer
+tokens, then hash): the cost model ranks them, not their size.
+
+Planning on the fly (no plan holds the request, ``plan_on_the_fly``): the request's bucket is
+planned: its frames rounded up to the next power of two of the temporal patch (2, 4, 8, ..., the
+steps of conf/deploy/family.yaml; fewer than 2x the frames, so within the step), its own
+resolution, max(base, request) question capacity. When that input is too short for the base
+method (blocks under the selection tile, fewer grids than ranks), planner/fit.py's ``fit_config``
+picks the fastest config that holds it (fewer virtual hosts, a smaller anchor, fewer ranks,
+zigzag_ring or dense on one rank), so no clip of at least one frame is refused for being short.
+Caps: a plan of more than ``max_plan_tokens`` tokens is not planned on the fly
+(NoPlanFitsError naming the setting); at most ``max_cached_plans`` plans live under cache/: adding
+one evicts the least recently used unpinned cached plan, and when every cached plan is pinned the
+request is refused naming the setting. Plans of a sweep (not under cache/) are the operator's and
+never evicted automatically. With ``plan_on_the_fly`` off, NoPlanFitsError names what to plan.
+
+``same_world=True``: only plans on the base config's rank count (a torchrun world whose runtime
+cannot run a smaller plan on a subset of its ranks).
 
 Dependency rule (tests/test_planner_deps.py): this module calls the planner and codegen, so it
 is an entry-point-level module like spava_plan.cli and spava_plan.run (it wires stages
@@ -40,65 +57,35 @@ request's plan runs on the light dependencies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import shutil
 import tempfile
 import threading
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Sequence
 
-from .config import SpavaConfig, config_to_dict
-from .errors import InputError, PlanFormatError, SpavaError
-from .plan import Plan, split_config
+from . import plan_index
+from .config import SpavaConfig
+from .errors import ConfigError, InputError, PlanFormatError, SpavaError
+from .plan import Plan
+from .plan_index import (CACHE_DIR, INDEX_NAME, INDEX_VERSION, PlanEntry, compat_key, entry_for, locked, read_index,
+                         write_index)
 from .plan_load import load_plan
+from .planner.build import build_plan
+from .planner.fit import fit_config
+from .planner.layout import smart_resize, token_layout
 
-INDEX_NAME = "index.json"
-INDEX_VERSION = 1
-CACHE_DIR = "cache"
-# Config keys that describe the video's shape (what a family varies), left out of compat_key.
-SHAPE_KEYS = (("video", "frames"), ("video", "resolution"), ("video", "max_question_tokens"), ("video", "fps"),
-              ("video", "path"), ("frames",), ("kernels",))
+__all__ = ["BUCKET_STEP", "CACHE_DIR", "INDEX_NAME", "INDEX_VERSION", "NoPlanFitsError", "PlanEntry", "PlanStore",
+           "StoredPlan", "bucket_frames", "compat_key", "entry_for", "read_index", "write_index"]
+
+BUCKET_STEP = 2.0  # a plan holds a request only up to this many times the request's own tokens
+MAX_CACHED_PLANS = 16
+MAX_PLAN_TOKENS = 1 << 20  # ~1M tokens: about 768 frames at 1080p on the Qwen2-VL family
 
 
 class NoPlanFitsError(SpavaError):
-    """No plan of the family holds the request and planning on the fly is off."""
-
-
-@dataclass(frozen=True)
-class PlanEntry:
-    """One plan of a family, as index.json lists it."""
-
-    hash: str
-    path: str  # folder holding plan.json, relative to the index's root (or absolute)
-    model: str
-    method: str
-    world_size: int
-    dtype: str
-    frames: int  # frames the plan samples (after padding to the temporal patch)
-    resolution: str  # the plan's video.resolution (source size the frames are resized from)
-    source_size: tuple[int, int]  # (height, width) of that resolution
-    frame_size: tuple[int, int]  # (height, width) after the processor's resize
-    total_tokens: int
-    max_question_tokens: int
-    system_tokens: int
-    compat: str  # compat_key of the plan's config
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["source_size"], data["frame_size"] = list(self.source_size), list(self.frame_size)
-        return data
-
-    @staticmethod
-    def from_dict(data: Mapping[str, Any]) -> "PlanEntry":
-        names = {f.name for f in dataclasses.fields(PlanEntry)}
-        values = {k: data[k] for k in names}
-        values["source_size"] = tuple(int(x) for x in values["source_size"])
-        values["frame_size"] = tuple(int(x) for x in values["frame_size"])
-        return PlanEntry(**values)
+    """No plan of the family holds the request and none may be planned for it."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +96,7 @@ class StoredPlan:
     directory: Path  # holds plan.json (and kernels/ when rendered)
     entry: PlanEntry
     planned_now: bool  # planned on the fly by this call
+    notes: tuple[str, ...] = ()  # what planning on the fly chose and why (a short input's fit)
 
     @property
     def frames(self) -> int:
@@ -120,80 +108,16 @@ class StoredPlan:
         """(height, width) to scale the sampled frames to (the processor then keeps that size)."""
         return self.entry.frame_size
 
-
-def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
-    """Hash of a config's computation (deployment settings and the video's shape left out): plans
-    with equal keys form one family. ``plan.config`` is already the computation part."""
-    if isinstance(config, SpavaConfig):
-        config = split_config(config_to_dict(config))[0]
-    data = json.loads(json.dumps(dict(config)))
-    for path in SHAPE_KEYS:
-        node = data
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    @property
+    def method(self) -> str:
+        """The attention method that serves the request (what the response reports)."""
+        return self.plan.method
 
 
-def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None) -> PlanEntry:
-    """The index entry of ``plan`` stored in ``directory`` (made relative to ``root`` when inside it)."""
-    directory = Path(directory).resolve()
-    path = str(directory)
-    if root is not None:
-        try:
-            path = str(directory.relative_to(Path(root).resolve()))
-        except ValueError:
-            pass
-    lay, video = plan.layout, plan.video
-    return PlanEntry(hash=plan.hash, path=path, model=plan.model.name, method=plan.method,
-                     world_size=plan.world_size, dtype=plan.dtype, frames=lay.frames,
-                     resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
-                     frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
-                     max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
-                     compat=compat_key(plan.config))
-
-
-def read_index(root: str | Path) -> list[PlanEntry]:
-    """The entries of ``<root>/index.json`` ([] when there is none)."""
-    path = Path(root) / INDEX_NAME
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") != INDEX_VERSION:
-            raise ValueError(f"index version {data.get('version')!r}, expected {INDEX_VERSION}")
-        return [PlanEntry.from_dict(e) for e in data["plans"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PlanFormatError(f"cannot read the plan index {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
-                              f"remove it or re-plan the family", setting="plan_store") from None
-
-
-def write_index(root: str | Path, entries: Sequence[PlanEntry]) -> Path:
-    """Write ``<root>/index.json`` atomically (entries sorted by hash, duplicates dropped)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    unique = {(e.hash, e.path): e for e in entries}
-    data = {"version": INDEX_VERSION, "plans": [e.to_dict() for _, e in sorted(unique.items())]}
-    path = root / INDEX_NAME
-    tmp = path.with_name(f".{INDEX_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """An exclusive lock on the index across processes (fcntl where available)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".index.lock", "a") as handle:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: the in-process lock still serialises this process
-            pass
-        yield
+def bucket_frames(frames: int, temporal_patch: int) -> int:
+    """The next power of two of the temporal patch at or above ``frames`` (2, 4, 8, 16, ...)."""
+    units = -(-frames // temporal_patch)
+    return temporal_patch * (1 << (units - 1).bit_length())
 
 
 class PlanStore:
@@ -206,14 +130,23 @@ class PlanStore:
     """
 
     def __init__(self, root: str | Path, base_config: SpavaConfig | Sequence[str] = (), *,
-                 plan_on_the_fly: bool = True):
+                 plan_on_the_fly: bool = True, max_cached_plans: int = MAX_CACHED_PLANS,
+                 max_plan_tokens: int = MAX_PLAN_TOKENS, same_world: bool = False):
         if not isinstance(base_config, SpavaConfig):
             from .hydra_conf import compose_config
 
             base_config = compose_config(list(base_config))
+        for name, value, low in (("max_cached_plans", max_cached_plans, 0), ("max_plan_tokens", max_plan_tokens, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"must be an integer >= {low}, got {value!r}", setting=name)
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{str(root)!r} is not a directory", setting="plan_dir")
         self.base = base_config
         self.plan_on_the_fly = plan_on_the_fly
+        self.max_cached_plans = max_cached_plans
+        self.max_plan_tokens = max_plan_tokens
+        self.same_world = same_world
         self.compat = compat_key(base_config)
         self._lock = threading.Lock()
         self._plans: dict[str, Plan] = {}
@@ -224,8 +157,7 @@ class PlanStore:
         return [e for e in read_index(self.root) if e.compat == self.compat]
 
     def directory(self, entry: PlanEntry) -> Path:
-        path = Path(entry.path)
-        return path if path.is_absolute() else self.root / path
+        return plan_index.directory(self.root, entry)
 
     def _load(self, entry: PlanEntry) -> Plan:
         plan = self._plans.get(entry.hash)
@@ -240,41 +172,52 @@ class PlanStore:
     # -- choosing ---------------------------------------------------------------------------------
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) the processor resizes a ``height`` x ``width`` frame to for this model."""
-        from .planner.layout import smart_resize
-
         vis = self.base.model.vision
         if self.base.model.family == "internvl3":
             return (vis.tile_size, vis.tile_size)
         return smart_resize(height, width, vis.factor, vis.min_pixels, vis.max_pixels)
 
+    @property
+    def temporal_patch(self) -> int:
+        return 1 if self.base.model.family == "internvl3" else self.base.model.vision.temporal_patch
+
     def padded_frames(self, frames: int) -> int:
-        if self.base.model.family == "internvl3":
-            return frames
-        tp = self.base.model.vision.temporal_patch
+        tp = self.temporal_patch
         return -(-frames // tp) * tp
 
+    def own_tokens(self, frames: int, height: int, width: int, question_tokens: int) -> int:
+        """Total tokens of a plan of exactly this request's shape (the bucket step's reference)."""
+        cfg = self.config_for(frames, height, width, question_tokens)
+        return token_layout(cfg.model, cfg.video).total_tokens
+
     def fitting(self, frames: int, height: int, width: int, question_tokens: int) -> list[PlanEntry]:
-        """The family's plans that hold the request, smallest first."""
+        """The family's plans that hold the request, cheapest (predicted prefill) first."""
         _check_request(frames, height, width, question_tokens)
         want_frames = self.padded_frames(frames)
         want_h, want_w = self.resized(height, width)
+        most = BUCKET_STEP * self.own_tokens(frames, height, width, question_tokens)
         fits = [e for e in self.entries()
                 if e.frames >= want_frames and e.frame_size[0] >= want_h and e.frame_size[1] >= want_w
-                and e.max_question_tokens >= question_tokens]
-        return sorted(fits, key=lambda e: (e.total_tokens, e.frames, e.hash))
+                and e.max_question_tokens >= question_tokens and e.total_tokens <= most
+                and (not self.same_world or e.world_size == self.base.topology.gpus)]
+        return sorted(fits, key=lambda e: (e.predicted_us, e.total_tokens, e.frames, e.hash))
 
     def choose(self, frames: int, height: int, width: int, question_tokens: int) -> StoredPlan:
-        """The smallest plan that holds the request (planned on the fly and cached if none does)."""
+        """The cheapest plan that holds the request (planned on the fly and cached if none does)."""
         with self._lock:
             fits = self.fitting(frames, height, width, question_tokens)
             if fits:
-                return StoredPlan(self._load(fits[0]), self.directory(fits[0]), fits[0], False)
+                best = fits[0]
+                plan = self._load(best)
+                self._touch(best)
+                return StoredPlan(plan, self.directory(best), best, False)
             if not self.plan_on_the_fly:
                 have = ", ".join(sorted({f"{e.frames}f {e.resolution} q<={e.max_question_tokens}"
                                          for e in self.entries()})) or "none"
                 raise NoPlanFitsError(
                     f"no plan in {str(self.root)!r} holds {frames} frames of {height}x{width} with a {question_tokens}-"
-                    f"token question (family plans: {have}); plan one with spava-plan frames={frames} "
+                    f"token question within one bucket step (at most {BUCKET_STEP:g}x its own tokens; family plans: "
+                    f"{have}); plan one with spava-plan frames={bucket_frames(frames, self.temporal_patch)} "
                     f"video.resolution={height}x{width} video.max_question_tokens={question_tokens} into the family, "
                     f"or turn on planning on the fly", setting="plan_on_the_fly")
             return self._plan_now(frames, height, width, question_tokens)
@@ -282,18 +225,16 @@ class PlanStore:
     def choose_for_clip(self, path: str | Path, question_tokens: int) -> StoredPlan:
         """``choose`` for a video file: its size from the metadata and the frame count the model's
         processor samples at the base config's video.fps (spava_plan.video_meta; PyAV, no decode).
-        A missing or unreadable file is an InputError naming ``video``."""
+        A clip shorter than one temporal patch (a single frame) is one frame, padded to the patch
+        by repeating it as the processor pads. A missing or unreadable file is an InputError
+        naming ``video``."""
         from .video_meta import frames_for_rate, probe_clip
 
         info = probe_clip(path, setting="video")
         video = self.base.video
-        tp = 1 if self.base.model.family == "internvl3" else self.base.model.vision.temporal_patch
         frames = frames_for_rate(info.total_frames, info.fps, video.fps, min_frames=video.min_frames,
-                                 max_frames=video.max_frames, temporal_patch=tp)
-        if frames < 1:
-            raise InputError(f"{str(path)!r} has {info.total_frames} frames, fewer than one temporal patch ({tp})",
-                             setting="video")
-        return self.choose(frames, info.height, info.width, question_tokens)
+                                 max_frames=video.max_frames, temporal_patch=self.temporal_patch)
+        return self.choose(max(frames, 1), info.height, info.width, question_tokens)
 
     def plan_for(self, frames: int, height: int, width: int, question_tokens: int) -> Plan:
         """The Plan of ``choose``."""
@@ -301,25 +242,61 @@ class PlanStore:
 
     # -- planning on the fly ------------------------------------------------------------------------
     def config_for(self, frames: int, height: int, width: int, question_tokens: int) -> SpavaConfig:
-        """The base config planned for this request's shape."""
+        """The base config planned for exactly this request's shape (before fitting)."""
         video = dataclasses.replace(self.base.video, frames=int(frames), resolution=f"{int(height)}x{int(width)}",
                                     max_question_tokens=max(self.base.video.max_question_tokens,
                                                             int(question_tokens)), path=None)
         return dataclasses.replace(self.base, video=video)  # the frames= shorthand follows video.frames
 
-    def _plan_now(self, frames: int, height: int, width: int, question_tokens: int) -> StoredPlan:
-        from .planner.build import build_plan
+    def bucket_config(self, frames: int, height: int, width: int, question_tokens: int) -> SpavaConfig:
+        """The config planned on the fly for this request: its frames rounded up to the bucket
+        (kept as they are where the bucket would pass video.max_frames), its own resolution."""
+        bucket = bucket_frames(frames, self.temporal_patch)
+        if bucket > max(frames, self.base.video.max_frames):
+            bucket = frames
+        return self.config_for(bucket, height, width, question_tokens)
 
-        cfg = self.config_for(frames, height, width, question_tokens)
-        plan = build_plan(cfg)  # a SpavaError (does not fit, too few grids...) reaches the caller as is
+    def _plan_now(self, frames: int, height: int, width: int, question_tokens: int) -> StoredPlan:
+        cfg = self.bucket_config(frames, height, width, question_tokens)
+        tokens = token_layout(cfg.model, cfg.video).total_tokens
+        if tokens > self.max_plan_tokens:
+            raise NoPlanFitsError(f"a plan for {frames} frames of {height}x{width} would have {tokens:,} tokens, more than "
+                                  f"max_plan_tokens={self.max_plan_tokens:,} allows planning on the fly; send a shorter or "
+                                  f"smaller clip, or plan it into the family with spava-plan", setting="max_plan_tokens")
+        self._check_room()
+        cfg, notes = fit_config(cfg, same_world=self.same_world)  # a short input gets a method that holds it
+        plan = build_plan(cfg)  # a SpavaError (does not fit the device...) reaches the caller as is
         target = self.root / CACHE_DIR / plan.hash[:16]
-        with _locked(self.root):
+        with locked(self.root):
             if not (target / "plan.json").is_file():
                 self._write(plan, cfg, target)
-            entry = entry_for(plan, target, self.root)
-            write_index(self.root, [e for e in read_index(self.root) if e.hash != plan.hash] + [entry])
+            entry = dataclasses.replace(entry_for(plan, target, self.root, family=self.compat, cached=True),
+                                        last_used=time.time())
+            entries = [e for e in read_index(self.root) if e.key() != entry.key()] + [entry]
+            entries, evicted = plan_index.evict_lru(entries, self.max_cached_plans, keep=entry.key())
+            write_index(self.root, entries)
+            plan_index.remove_folders(self.root, evicted, entries)
+        for e in evicted:
+            self._plans.pop(e.hash, None)
         self._plans[plan.hash] = plan
-        return StoredPlan(plan, target, entry, True)
+        return StoredPlan(plan, target, entry, True, tuple(notes))
+
+    def _check_room(self) -> None:
+        """Refuse before planning when the cache is full of pinned plans (nothing may be evicted)."""
+        cached = [e for e in read_index(self.root) if e.cached]
+        if len(cached) >= self.max_cached_plans and all(e.pinned for e in cached):
+            raise NoPlanFitsError(f"the plan cache of {str(self.root)!r} holds max_cached_plans={self.max_cached_plans} "
+                                  f"plans{' (all pinned)' if cached else ''}; unpin or evict one (python -m "
+                                  f"spava_plan.plan_store list plan_dir=...), or raise max_cached_plans",
+                                  setting="max_cached_plans")
+
+    def _touch(self, entry: PlanEntry) -> None:
+        """Record that ``entry`` served a request now (least-recently-used eviction reads it)."""
+        with locked(self.root):
+            entries = read_index(self.root)
+            now = time.time()
+            write_index(self.root, [dataclasses.replace(e, last_used=now) if e.key() == entry.key() else e
+                                    for e in entries])
 
     @staticmethod
     def _write(plan: Plan, cfg: SpavaConfig, target: Path) -> None:
@@ -334,9 +311,27 @@ class PlanStore:
                 render_kernels(plan, tmp / "kernels")
             if target.exists():
                 shutil.rmtree(target)  # an incomplete folder without plan.json
-            os.replace(tmp, target)
+            tmp.replace(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- the operator's view ------------------------------------------------------------------------
+    def list_plans(self) -> list[PlanEntry]:
+        """Every plan of the index (all families), most recently used first."""
+        return sorted(read_index(self.root), key=lambda e: (-e.last_used, e.hash))
+
+    def pin(self, hash_prefix: str, pinned: bool = True) -> list[PlanEntry]:
+        """Pin (or unpin) a plan by hash prefix: a pinned plan is never evicted to make room."""
+        with self._lock:
+            return plan_index.set_pinned(self.root, hash_prefix, pinned)
+
+    def evict(self, hash_prefix: str) -> list[PlanEntry]:
+        """Remove a plan by hash prefix (pinned or not; its cache/ folder too)."""
+        with self._lock:
+            gone = plan_index.evict(self.root, hash_prefix)
+            for e in gone:
+                self._plans.pop(e.hash, None)
+            return gone
 
 
 def _check_request(frames: int, height: int, width: int, question_tokens: int) -> None:
@@ -344,3 +339,11 @@ def _check_request(frames: int, height: int, width: int, question_tokens: int) -
                         ("question_tokens", question_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"the request's {name} must be a positive integer, got {value!r}", setting="video")
+
+
+if __name__ == "__main__":  # python -m spava_plan.plan_store list|pin|unpin|evict plan_dir=DIR [HASH]
+    import sys
+
+    from .plan_store_cli import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
-"""Plan families: `spava-plan -m` writes index.json at the sweep root; PlanStore picks the smallest
-plan that holds a request, plans one on the fly and caches it by hash (reused next time), or, with
-planning on the fly off, refuses naming the setting."""
+"""Plan families: `spava-plan -m` writes index.json at the sweep root; PlanStore picks the cheapest
+plan (by predicted prefill) that holds a request within one bucket step, plans one on the fly and
+caches it by hash (reused next time), or, with planning on the fly off, refuses naming the setting.
+Short clips, the bucket step and the cache caps: tests/test_plan_store_fit.py."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def family(tmp_path_factory) -> Path:
 def test_the_sweep_writes_an_index_of_its_plans(family):
     data = json.loads((family / "index.json").read_text())
     entries = read_index(family)
-    assert data["version"] == 1 and len(entries) == 4
+    assert data["version"] == 2 and len(entries) == 4
     assert {(e.frames, e.resolution) for e in entries} == {(16, "56x84"), (32, "56x84"), (16, "112x168"),
                                                            (32, "112x168")}
     for e in entries:
@@ -39,18 +40,23 @@ def test_the_sweep_writes_an_index_of_its_plans(family):
         assert plan.hash == e.hash and plan.layout.total_tokens == e.total_tokens
         assert e.world_size == 2 and e.model == "tiny" and e.max_question_tokens == 32
         assert e.compat == compat_key(plan.config)
+        assert e.predicted_us == pytest.approx(plan.prediction.makespan_us, rel=1e-12)
+        assert e.method == plan.method == "spava" and not e.cached and not e.pinned
     assert len({e.compat for e in entries}) == 1  # one family: only the video's shape differs
 
 
-def test_the_smallest_plan_that_holds_the_request_wins(family):
+def test_the_cheapest_plan_that_holds_the_request_wins(family):
     store = PlanStore(family, BASE, plan_on_the_fly=False)
     got = store.choose(frames=20, height=56, width=84, question_tokens=10)
-    assert (got.frames, got.entry.resolution, got.planned_now) == (32, "56x84", False)
+    assert (got.frames, got.entry.resolution, got.planned_now, got.method) == (32, "56x84", False, "spava")
     assert got.plan.hash == got.entry.hash and (got.directory / "plan.json").is_file()
-    # a smaller source frame is held by the smallest plan whose resized frame covers it
-    assert store.plan_for(frames=16, height=40, width=60, question_tokens=32).layout.frames == 16
-    # a larger frame needs the 112x168 plans
+    # a source frame the processor resizes to the same grid is held by that plan
+    assert store.plan_for(frames=16, height=50, width=80, question_tokens=32).layout.frames == 16
+    # a larger frame needs the 112x168 plans (within the step: 4x5 merged patches in a 4x6 plan)
     assert store.choose(frames=10, height=100, width=150, question_tokens=1).entry.resolution == "112x168"
+    # every holder is ranked by its predicted prefill: the first is the cheapest
+    fits = store.fitting(frames=10, height=56, width=84, question_tokens=1)
+    assert [e.predicted_us for e in fits] == sorted(e.predicted_us for e in fits) and len(fits) >= 1
 
 
 def test_no_fitting_plan_with_planning_off_names_the_setting(family):
@@ -74,7 +80,8 @@ def test_planning_on_the_fly_caches_by_hash_and_reuses(tmp_path, family):
     store = PlanStore(root, BASE)
     first = store.choose(frames=48, height=56, width=84, question_tokens=40)
     assert first.planned_now and first.directory == root / "cache" / first.plan.hash[:16]
-    assert first.plan.video.max_question_tokens == 40 and first.frames == 48
+    # its bucket: frames rounded up to the next power of two of the temporal patch
+    assert first.plan.video.max_question_tokens == 40 and first.frames == 64
     assert load_plan(first.directory / "plan.json") == first.plan
     assert len(read_index(root)) == 5
     # a new store (a restarted server) finds it in the index: no planning, the same plan
