@@ -96,6 +96,7 @@ class Engine:
         # A torchrun world (local_rank given) runs a plan on all its ranks, so its store plans on
         # them only; emulated ranks follow each plan's own rank count (a short clip: fewer ranks).
         self.store = PlanStore(cfg.plan_dir, base_config, plan_on_the_fly=cfg.plan_on_the_fly,
+                               max_cached_plans=cfg.max_cached_plans, max_plan_tokens=cfg.max_plan_tokens,
                                same_world=local_rank is not None)
         self.max_question = int(cfg.video.max_question_tokens if self.fixed is None
                                 else self.fixed.video.max_question_tokens)

@@ -123,6 +123,8 @@ class ServeConfig(RunConfig):
     # plan from; plans made on the fly are added to it under cache/ (relative: to the working directory).
     plan_dir: str = "plans"
     plan_on_the_fly: bool = True  # false: a video that no plan of plan_dir holds is refused (HTTP 400)
+    max_cached_plans: int = 16  # plans planned on the fly kept in plan_dir/cache (least recently used evicted)
+    max_plan_tokens: int = 1048576  # a larger plan is never planned on the fly (HTTP 400; plan it with spava-plan)
     request_timeout: float = 600.0  # seconds one request may take before it is cancelled
     heartbeat: float = 10.0  # seconds between idle checks of the peer ranks (torchrun)
 
