@@ -14,7 +14,6 @@ them. Core-level (no planner import).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -24,17 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .config import SpavaConfig, config_to_dict
 from .errors import ConfigError, PlanFormatError
-from .plan import Plan, split_config
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CACHE_DIR = "cache"
-# Config keys that describe the video's shape (what a family varies), left out of compat_key.
-SHAPE_KEYS = (("video", "frames"), ("video", "resolution"), ("video", "max_question_tokens"), ("video", "fps"),
-              ("video", "path"), ("frames",), ("kernels",))
 
 
 @dataclass(frozen=True)
@@ -83,42 +77,6 @@ class PlanEntry:
     def key(self) -> tuple[str, str, str]:
         """Index identity: one plan folder may belong to several families."""
         return (self.hash, self.path, self.compat)
-
-
-def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
-    """Hash of a config's computation (deployment settings and the video's shape left out): plans
-    with equal keys form one family. ``plan.config`` is already the computation part."""
-    if isinstance(config, SpavaConfig):
-        config = split_config(config_to_dict(config))[0]
-    data = json.loads(json.dumps(dict(config)))
-    for path in SHAPE_KEYS:
-        node = data
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None, *, family: str | None = None,
-              cached: bool = False) -> PlanEntry:
-    """The index entry of ``plan`` stored in ``directory`` (made relative to ``root`` when inside
-    it). ``family``: the family's compat_key when the plan was fitted for it (another method or
-    rank count than the family's config); default: the plan's own."""
-    directory = Path(directory).resolve()
-    path = str(directory)
-    if root is not None:
-        try:
-            path = str(directory.relative_to(Path(root).resolve()))
-        except ValueError:
-            pass
-    lay, video = plan.layout, plan.video
-    return PlanEntry(hash=plan.hash, path=path, model=plan.model.name, method=plan.method,
-                     world_size=plan.world_size, dtype=plan.dtype, frames=lay.frames,
-                     resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
-                     frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
-                     max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
-                     compat=family or compat_key(plan.config), predicted_us=float(plan.prediction.makespan_us), cached=cached)
 
 
 def read_index(root: str | Path) -> list[PlanEntry]:

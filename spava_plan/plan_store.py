@@ -57,20 +57,21 @@ request's plan runs on the light dependencies.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from . import plan_index
-from .config import SpavaConfig
+from .config import SpavaConfig, config_to_dict
 from .errors import ConfigError, InputError, PlanFormatError, SpavaError
-from .plan import Plan
-from .plan_index import (CACHE_DIR, INDEX_NAME, INDEX_VERSION, PlanEntry, compat_key, entry_for, locked, read_index,
-                         write_index)
+from .plan import Plan, split_config
+from .plan_index import CACHE_DIR, INDEX_NAME, INDEX_VERSION, PlanEntry, locked, read_index, write_index
 from .plan_load import load_plan
 from .planner.build import build_plan
 from .planner.fit import fit_config
@@ -82,6 +83,9 @@ __all__ = ["BUCKET_STEP", "CACHE_DIR", "INDEX_NAME", "INDEX_VERSION", "NoPlanFit
 BUCKET_STEP = 2.0  # a plan holds a request only up to this many times the request's own tokens
 MAX_CACHED_PLANS = 16
 MAX_PLAN_TOKENS = 1 << 20  # ~1M tokens: about 768 frames at 1080p on the Qwen2-VL family
+# Config keys that describe the video's shape (what a family varies), left out of compat_key.
+SHAPE_KEYS = (("video", "frames"), ("video", "resolution"), ("video", "max_question_tokens"), ("video", "fps"),
+              ("video", "path"), ("frames",), ("kernels",))
 
 
 class NoPlanFitsError(SpavaError):
@@ -112,6 +116,42 @@ class StoredPlan:
     def method(self) -> str:
         """The attention method that serves the request (what the response reports)."""
         return self.plan.method
+
+
+def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
+    """Hash of a config's computation (deployment settings and the video's shape left out): plans
+    with equal keys form one family. ``plan.config`` is already the computation part."""
+    if isinstance(config, SpavaConfig):
+        config = split_config(config_to_dict(config))[0]
+    data = json.loads(json.dumps(dict(config)))
+    for path in SHAPE_KEYS:
+        node = data
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None, *, family: str | None = None,
+              cached: bool = False) -> PlanEntry:
+    """The index entry of ``plan`` stored in ``directory`` (made relative to ``root`` when inside
+    it). ``family``: the family's compat_key when the plan was fitted for it (another method or
+    rank count than the family's config); default: the plan's own."""
+    directory = Path(directory).resolve()
+    path = str(directory)
+    if root is not None:
+        try:
+            path = str(directory.relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    lay, video = plan.layout, plan.video
+    return PlanEntry(hash=plan.hash, path=path, model=plan.model.name, method=plan.method,
+                     world_size=plan.world_size, dtype=plan.dtype, frames=lay.frames,
+                     resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
+                     frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
+                     max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
+                     compat=family or compat_key(plan.config), predicted_us=float(plan.prediction.makespan_us), cached=cached)
 
 
 def bucket_frames(frames: int, temporal_patch: int) -> int:
