@@ -10,8 +10,10 @@ the planner may choose another method; a request is never refused for being shor
 is too *long*, not short: it is returned as it is, and planning it reports that as before.
 
 Candidates, each planned with the same cost model as every plan (planner/build.py):
-  - the configured method with fewer virtual hosts per GPU, a smaller anchor (halved, never dropped:
-    the anchor is what keeps Spava's quality, SPAVA_SPEC.md section 9's ablation) and fewer ranks;
+  - the configured method with fewer virtual hosts per GPU and fewer ranks, each with the largest
+    anchor that holds the input (halved until it does, never dropped: the anchor is what keeps
+    Spava's quality, SPAVA_SPEC.md section 9's ablation; a smaller anchor is always faster, so
+    speed alone would shrink it to nothing);
   - exact methods, which are never less accurate than the one asked for: zigzag_ring on the
     configured or fewer ranks, dense attention on one rank.
 The one with the smallest predicted prefill (makespan, vision encoder included) that fits the
@@ -47,22 +49,31 @@ def fit_config(cfg: SpavaConfig, *, same_world: bool = False) -> tuple[SpavaConf
     except InfeasiblePlanError as exc:
         why = exc
     best: tuple[float, SpavaConfig, Derived] | None = None
-    for cand in candidates(cfg, same_world=same_world):
-        if cand is None:
-            continue
-        try:
-            d = derive(cand, require_fit=True, detail=False)
-            check_plan_size(d.part.method, d.world)
-        except SpavaError:
-            continue
-        if best is None or d.prediction.makespan_us < best[0]:
-            best = (d.prediction.makespan_us, cand, d)
+    for group in candidates(cfg, same_world=same_world):
+        for cand in group:  # the first that plans: the largest anchor that holds the input
+            d = _planned(cand)
+            if d is not None:
+                if best is None or d.prediction.makespan_us < best[0]:
+                    best = (d.prediction.makespan_us, cand, d)
+                break
     if best is None:
         raise why
     us, chosen, d = best
     return chosen, [f"the input is too short for {describe(cfg)} ({why}); planned {describe(chosen)} instead, "
                     f"the fastest method that holds it ({d.layout.total_tokens:,} tokens, {us / 1e3:,.2f} ms "
                     f"predicted prefill)"]
+
+
+def _planned(cand: SpavaConfig | None) -> Derived | None:
+    """The derivation of a candidate that plans and fits the device, else None."""
+    if cand is None:
+        return None
+    try:
+        d = derive(cand, require_fit=True, detail=False)
+        check_plan_size(d.part.method, d.world)
+    except SpavaError:
+        return None
+    return d
 
 
 def describe(cfg: SpavaConfig) -> str:
@@ -85,28 +96,29 @@ def worlds(gpus: int) -> list[int]:
     return out + [1]
 
 
-def candidates(cfg: SpavaConfig, *, same_world: bool = False) -> Iterator[SpavaConfig | None]:
-    """Every config fit_config compares, in preference order (None: a rank count the topology
-    cannot lay out; some others may not plan: the caller skips those)."""
+def candidates(cfg: SpavaConfig, *, same_world: bool = False) -> Iterator[list[SpavaConfig | None]]:
+    """The configs fit_config compares, in groups in preference order: of each group only the first
+    that plans counts (a group is one rank count and host count of the configured method, its
+    anchor halved until the input fits: as much anchor as the input allows, never less). None: a
+    rank count the topology cannot lay out."""
     gpus = cfg.topology.gpus
     sizes = [gpus] if same_world else worlds(gpus)
     m = cfg.method
     for w in sizes:
         if m.name in ("spava", "apb"):
-            anchors = _anchors(cfg, w)
+            anchors = _anchors(cfg)
             hosts = range(m.hosts_per_gpu, 0, -1) if m.name == "spava" else (m.hosts_per_gpu,)
             for h in hosts:
-                for a in anchors:
-                    yield _with(cfg, w, dataclasses.replace(m, hosts_per_gpu=h, anchor_tokens=a))
+                yield [_with(cfg, w, dataclasses.replace(m, hosts_per_gpu=h, anchor_tokens=a)) for a in anchors]
         elif m.name != "dense":
-            yield _with(cfg, w, m)  # star / zigzag_ring on fewer ranks
+            yield [_with(cfg, w, m)]  # star / zigzag_ring on fewer ranks
         if m.name != "zigzag_ring":
-            yield _with(cfg, w, MethodConfig(name="zigzag_ring", hosts_per_gpu=2, overlap=True))
+            yield [_with(cfg, w, MethodConfig(name="zigzag_ring", hosts_per_gpu=2, overlap=True))]
     if not same_world or gpus == 1:
-        yield _with(cfg, 1, MethodConfig(name="dense", hosts_per_gpu=1, overlap=False))
+        yield [_with(cfg, 1, MethodConfig(name="dense", hosts_per_gpu=1, overlap=False))]
 
 
-def _anchors(cfg: SpavaConfig, world: int) -> list[int | None]:
+def _anchors(cfg: SpavaConfig) -> list[int | None]:
     """The configured anchor (None: the paper rule), then halvings of it down to MIN_ANCHOR."""
     m = cfg.method
     a = m.anchor_tokens

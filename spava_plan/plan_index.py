@@ -102,8 +102,12 @@ def _upgraded(root: Path, entry: Mapping[str, Any]) -> dict:
     """A version-1 entry with the version-2 fields read from its plan.json (the same numbers
     entry_for takes from the Plan; the plan itself is validated when it is loaded to serve)."""
     folder = Path(entry["path"])
-    plan = json.loads(((folder if folder.is_absolute() else root / folder) / "plan.json").read_text())
-    return {**entry, "predicted_us": float(plan["prediction"]["makespan_us"]),
+    try:
+        plan = json.loads(((folder if folder.is_absolute() else root / folder) / "plan.json").read_text())
+        predicted = float(plan["prediction"]["makespan_us"])
+    except (OSError, ValueError, KeyError, TypeError):  # ranked last; loading it to serve reports why
+        predicted = float("inf")
+    return {**entry, "predicted_us": predicted,
             "cached": Path(entry["path"]).parts[:1] == (CACHE_DIR,)}
 
 

@@ -331,12 +331,16 @@ class PlanStore:
                                   setting="max_cached_plans")
 
     def _touch(self, entry: PlanEntry) -> None:
-        """Record that ``entry`` served a request now (least-recently-used eviction reads it)."""
-        with locked(self.root):
-            entries = read_index(self.root)
-            now = time.time()
-            write_index(self.root, [dataclasses.replace(e, last_used=now) if e.key() == entry.key() else e
-                                    for e in entries])
+        """Record that ``entry`` served a request now (least-recently-used eviction reads it). Best
+        effort: a family deployed read-only (planning on the fly off) still serves, unrecorded."""
+        try:
+            with locked(self.root):
+                entries = read_index(self.root)
+                now = time.time()
+                write_index(self.root, [dataclasses.replace(e, last_used=now) if e.key() == entry.key() else e
+                                        for e in entries])
+        except OSError:
+            pass
 
     @staticmethod
     def _write(plan: Plan, cfg: SpavaConfig, target: Path) -> None:

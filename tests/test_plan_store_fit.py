@@ -189,3 +189,18 @@ def test_spava_plan_plans_a_short_clip_with_a_note(clips, tmp_path):
     plan = load_plan(tmp_path / "out" / "plan.json")
     assert len(notes) == 1 and "too short" in notes[0] and f"method={plan.method} gpus={plan.world_size}" in notes[0]
     assert plan.layout.frames == 8 and tuple(plan.layout.frame_size) == (H, W)
+
+
+def test_bad_store_settings_name_the_setting(tmp_path):
+    from spava_plan.errors import ConfigError
+
+    not_a_dir = tmp_path / "hostname"
+    not_a_dir.write_text("x\n")
+    with pytest.raises(ConfigError, match="plan_dir"):  # refused at start, not a 500 on every request
+        PlanStore(not_a_dir, BASE)
+    for kwargs, setting in ((dict(max_cached_plans=-1), "max_cached_plans"), (dict(max_plan_tokens=0), "max_plan_tokens"),
+                            (dict(max_cached_plans=True), "max_cached_plans")):
+        with pytest.raises(ConfigError, match=setting):
+            PlanStore(tmp_path / "plans", BASE, **kwargs)
+    with pytest.raises(NoPlanFitsError, match="max_cached_plans=0"):  # nothing may be cached: nothing planned
+        PlanStore(tmp_path / "plans", BASE, max_cached_plans=0).choose(frames=8, height=H, width=W, question_tokens=8)
