@@ -2,9 +2,10 @@
 atomically under a lock file so several server processes may share a root.
 
 Version 2 (this one) adds to each entry what choosing and the operator need without loading the
-plan: ``predicted_us`` (the plan's predicted prefill, the cost the store ranks holders by), ``cached`` (planned on the fly into
-``<root>/cache/``: counted against ``max_cached_plans`` and evictable), ``pinned`` (never evicted
-automatically) and ``last_used`` (seconds since the epoch, for least-recently-used eviction).
+plan: ``predicted_us`` (the plan's predicted prefill, the cost the store ranks holders by),
+``cached`` (planned on the fly into ``<root>/cache/``: counted against ``max_cached_plans`` and
+evictable), ``pinned`` (never evicted automatically) and ``last_used`` (seconds since the epoch,
+for least-recently-used eviction).
 A version-1 index (written before those fields) is read by taking them from each plan.json.
 
 The operator's operations live here too (find, pin, evict, least-recently-used eviction), on the
@@ -94,8 +95,9 @@ def read_index(root: str | Path) -> list[PlanEntry]:
             plans = [_upgraded(Path(root), e) for e in plans]
         return [PlanEntry.from_dict(e) for e in plans]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PlanFormatError(f"cannot read the plan index {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
-                              f"remove it or re-plan the family", setting="plan_store") from None
+        why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise PlanFormatError(f"cannot read the plan index {str(path)!r}: {why}; remove it or re-plan the family",
+                              setting="plan_store") from None
 
 
 def _upgraded(root: Path, entry: Mapping[str, Any]) -> dict:

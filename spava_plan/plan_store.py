@@ -151,7 +151,8 @@ def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None,
                      resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
                      frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
                      max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
-                     compat=family or compat_key(plan.config), predicted_us=float(plan.prediction.makespan_us), cached=cached)
+                     compat=family or compat_key(plan.config), predicted_us=float(plan.prediction.makespan_us),
+                     cached=cached)
 
 
 def bucket_frames(frames: int, temporal_patch: int) -> int:
@@ -300,9 +301,10 @@ class PlanStore:
         cfg = self.bucket_config(frames, height, width, question_tokens)
         tokens = token_layout(cfg.model, cfg.video).total_tokens
         if tokens > self.max_plan_tokens:
-            raise NoPlanFitsError(f"a plan for {frames} frames of {height}x{width} would have {tokens:,} tokens, more than "
-                                  f"max_plan_tokens={self.max_plan_tokens:,} allows planning on the fly; send a shorter or "
-                                  f"smaller clip, or plan it into the family with spava-plan", setting="max_plan_tokens")
+            raise NoPlanFitsError(
+                f"a plan for {frames} frames of {height}x{width} would have {tokens:,} tokens, more than "
+                f"max_plan_tokens={self.max_plan_tokens:,} allows planning on the fly; send a shorter or smaller "
+                f"clip, or plan it into the family with spava-plan", setting="max_plan_tokens")
         self._check_room()
         cfg, notes = fit_config(cfg, same_world=self.same_world)  # a short input gets a method that holds it
         plan = build_plan(cfg)  # a SpavaError (does not fit the device...) reaches the caller as is
@@ -325,10 +327,10 @@ class PlanStore:
         """Refuse before planning when the cache is full of pinned plans (nothing may be evicted)."""
         cached = [e for e in read_index(self.root) if e.cached]
         if len(cached) >= self.max_cached_plans and all(e.pinned for e in cached):
-            raise NoPlanFitsError(f"the plan cache of {str(self.root)!r} holds max_cached_plans={self.max_cached_plans} "
-                                  f"plans{' (all pinned)' if cached else ''}; unpin or evict one (python -m "
-                                  f"spava_plan.plan_store list plan_dir=...), or raise max_cached_plans",
-                                  setting="max_cached_plans")
+            raise NoPlanFitsError(
+                f"the plan cache of {str(self.root)!r} holds max_cached_plans={self.max_cached_plans} plans"
+                f"{' (all pinned)' if cached else ''}; unpin or evict one (python -m spava_plan.plan_store list "
+                f"plan_dir=...), or raise max_cached_plans", setting="max_cached_plans")
 
     def _touch(self, entry: PlanEntry) -> None:
         """Record that ``entry`` served a request now (least-recently-used eviction reads it). Best

@@ -75,6 +75,7 @@ def table(entries: Sequence[PlanEntry]) -> str:
     for e in sorted(entries, key=lambda e: (-e.last_used, e.hash)):
         used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used)) if e.last_used else "never"
         lines.append(f"{e.hash[:16]:<16}  {e.method:<11} {e.world_size:>5} {e.frames:>6} "
-                     f"{e.frame_size[0]:>4}x{e.frame_size[1]:<4} {e.total_tokens:>9,} {e.predicted_us / 1e3:>8,.2f} ms  "
+                     f"{e.frame_size[0]:>4}x{e.frame_size[1]:<4} {e.total_tokens:>9,} "
+                     f"{e.predicted_us / 1e3:>8,.2f} ms  "
                      f"{'yes' if e.pinned else '-':<3} {'cache' if e.cached else 'sweep':<5} {used}")
     return "\n".join(lines) + f"\n{len(entries)} plans"

@@ -198,8 +198,8 @@ def test_bad_store_settings_name_the_setting(tmp_path):
     not_a_dir.write_text("x\n")
     with pytest.raises(ConfigError, match="plan_dir"):  # refused at start, not a 500 on every request
         PlanStore(not_a_dir, BASE)
-    for kwargs, setting in ((dict(max_cached_plans=-1), "max_cached_plans"), (dict(max_plan_tokens=0), "max_plan_tokens"),
-                            (dict(max_cached_plans=True), "max_cached_plans")):
+    for kwargs, setting in ((dict(max_cached_plans=-1), "max_cached_plans"),
+                            (dict(max_plan_tokens=0), "max_plan_tokens"), (dict(max_cached_plans=True), "max_cached_plans")):
         with pytest.raises(ConfigError, match=setting):
             PlanStore(tmp_path / "plans", BASE, **kwargs)
     with pytest.raises(NoPlanFitsError, match="max_cached_plans=0"):  # nothing may be cached: nothing planned
