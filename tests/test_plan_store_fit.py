@@ -204,3 +204,31 @@ def test_bad_store_settings_name_the_setting(tmp_path):
             PlanStore(tmp_path / "plans", BASE, **kwargs)
     with pytest.raises(NoPlanFitsError, match="max_cached_plans=0"):  # nothing may be cached: nothing planned
         PlanStore(tmp_path / "plans", BASE, max_cached_plans=0).choose(frames=8, height=H, width=W, question_tokens=8)
+
+
+WORKER = """
+import sys
+from spava_plan.plan_store import PlanStore
+store = PlanStore(sys.argv[1], {base!r})
+for frames in [int(f) for f in sys.argv[2].split(",")]:
+    for _ in range(3):  # planned once, then held (each use rewrites the index under the lock)
+        store.choose(frames=frames, height={h}, width={w}, question_tokens=8)
+"""
+
+
+def test_processes_sharing_a_family_keep_the_index_whole(tmp_path):
+    """Two server processes planning and using plans on one root at once: every plan either made is
+    in the index (no lost update), loads, and no temporary file or folder is left behind."""
+    root = tmp_path / "plans"
+    code = WORKER.format(base=BASE, h=H, w=W)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root), frames], stderr=subprocess.PIPE, text=True)
+             for frames in ("8,128", "32,512")]  # 4x apart: none holds another
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    entries = read_index(root)
+    want = {8, 32, 128, 512}
+    assert sorted(e.frames for e in entries) == sorted(want) and len({e.hash for e in entries}) == len(want)
+    for e in entries:
+        assert load_plan(root / e.path / "plan.json").hash == e.hash and e.last_used > 0
+    assert not [p.name for p in root.rglob("*") if p.name.startswith(".") and p.name != ".index.lock"]
