@@ -123,8 +123,6 @@ def plan_for_clip(cfg):
     tp = 1 if cfg.model.family == "internvl3" else cfg.model.vision.temporal_patch
     frames = frames_for_rate(info.total_frames, info.fps, video.fps, min_frames=video.min_frames,
                              max_frames=video.max_frames, temporal_patch=tp)
-    if frames < 1:
-        raise InputError(f"{video.path!r} has {info.total_frames} frames, fewer than one temporal patch ({tp})",
-                         setting="video.path")
+    frames = max(frames, 1)  # a clip shorter than one temporal patch: its frame, padded by repeating it
     resolved = dataclasses.replace(video, frames=frames, resolution=f"{info.height}x{info.width}")
     return dataclasses.replace(cfg, video=resolved)  # the frames= shorthand follows video.frames

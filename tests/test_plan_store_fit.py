@@ -181,14 +181,15 @@ def test_an_index_of_version_1_is_still_read(tmp_path):
                                                                question_tokens=8).plan.hash == got.plan.hash
 
 
-def test_spava_plan_plans_a_short_clip_with_a_note(clips, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "spava_plan.cli", *BASE, f"video.path={clips['4 s']}",
+@pytest.mark.parametrize("clip", ["4 s", "1 frame"])
+def test_spava_plan_plans_a_short_clip_with_a_note(clips, clip, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "spava_plan.cli", *BASE, f"video.path={clips[clip]}",
                           "hydra.run.dir=out"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     notes = [line for line in res.stdout.splitlines() if line.startswith("note: ")]
     plan = load_plan(tmp_path / "out" / "plan.json")
     assert len(notes) == 1 and "too short" in notes[0] and f"method={plan.method} gpus={plan.world_size}" in notes[0]
-    assert plan.layout.frames == 8 and tuple(plan.layout.frame_size) == (H, W)
+    assert plan.layout.frames == {"4 s": 8, "1 frame": 2}[clip] and tuple(plan.layout.frame_size) == (H, W)
 
 
 def test_bad_store_settings_name_the_setting(tmp_path):
