@@ -238,7 +238,7 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
     table = _Code("\n".join(f'    {_signature(launch.tasks)}: "{_ident(launch.name, "a launch name")}",'
                             for launch in lst))
     source = _fill(
-        "module.py.tmpl", PLAN_HASH=_Code(plan_hash), TEMPLATE_DIGEST=_Code(template_digest()[:16]),
+        "module.py.tmpl", PLAN_HASH=_Code(plan_hash),
         Q_HEADS=hq, KV_HEADS=hkv, **shapes, WORLD=_int(plan.world_size, "world_size", 1),
         DTYPE=_choice(_DTYPES, plan.dtype, "dtype"),
         POOL_WINDOW=_int(plan.selection.pool_window, "selection.pool_window", 1),
