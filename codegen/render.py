@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import re
+import stat
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +47,8 @@ TEMPLATES = ("module.py.jinja", "attend_task.py.jinja", "attend_launch.py.jinja"
 # Files outside codegen that every generated module imports, by (package, file): a change to one
 # must re-render (and re-tune) a kernel dir, so each is part of the cache key.
 DEPENDENCIES = (("spava_plan.runtime.backends", "triton_kernels.py"),)
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 # Every plan's module also has the one-segment launches: the backend's fallback for a task
 # structure the plan never produced (e.g. one ring step) runs segment by segment and merges.
 _BASE_TASKS = (("full",), ("causal",))
@@ -81,13 +85,17 @@ def _dependency(package: str, name: str) -> bytes:
     return resources.files(package).joinpath(name).read_bytes()
 
 
+def _renderer_source() -> bytes:
+    return Path(__file__).read_bytes()
+
+
 def cache_key(plan: Plan) -> str:
     """What a kernel dir's module is a function of: the plan's computation hash, the render
     version, this renderer's source, Jinja2's version, every template and every file the module
     imports from the package. A kernel dir whose manifest holds another key is rendered again."""
     h = hashlib.sha256(f"spava-kernels render{RENDER_VERSION} jinja2 {jinja2.__version__}\0".encode())
     h.update(plan.hash.encode() + b"\0")
-    h.update(Path(__file__).read_bytes() + b"\0")
+    h.update(_renderer_source() + b"\0")
     for name in TEMPLATES:
         h.update(name.encode() + b"\0" + _template(name).encode() + b"\0")
     for package, name in DEPENDENCIES:
@@ -254,14 +262,25 @@ def render_kernels(plan: Plan, out_dir: Path) -> Path:
 
 
 def _holds(path: Path, text: str) -> bool:
+    """Whether path is a regular file with exactly these bytes (anything else, a FIFO included,
+    is not read but replaced)."""
+    data = text.encode()
     try:
-        return path.read_bytes() == text.encode()
+        info = os.stat(path)
+        return stat.S_ISREG(info.st_mode) and info.st_size == len(data) and path.read_bytes() == data
     except OSError:
         return False
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomic: a reader (another rank) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Atomic: a reader (another rank) never sees a half-written file. The temporary file is
+    created exclusively (mkstemp), so a planted link at a predictable name cannot redirect it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as a plain open() would (mkstemp's 0600 hides a shared plan dir's kernels)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
