@@ -23,8 +23,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,8 +47,6 @@ TEMPLATES = ("module.py.jinja", "attend_task.py.jinja", "attend_launch.py.jinja"
 # Files outside codegen that every generated module imports, by (package, file): a change to one
 # must re-render (and re-tune) a kernel dir, so each is part of the cache key.
 DEPENDENCIES = (("spava_plan.runtime.backends", "triton_kernels.py"),)
-_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
 # Every plan's module also has the one-segment launches: the backend's fallback for a task
 # structure the plan never produced (e.g. one ring step) runs segment by segment and merges.
 _BASE_TASKS = (("full",), ("causal",))
@@ -273,14 +271,15 @@ def _holds(path: Path, text: str) -> bool:
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomic: a reader (another rank) never sees a half-written file. The temporary file is
-    created exclusively (mkstemp), so a planted link at a predictable name cannot redirect it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Atomic: a reader (another rank) never sees a half-written file. The temporary file has a
+    random name and is created exclusively (O_EXCL: a planted link there is not followed), with
+    the permissions a plain open() gives (the umask applies)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as a plain open() would (mkstemp's 0600 hides a shared plan dir's kernels)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import stat
 import sys
 import tempfile
@@ -228,14 +229,14 @@ class Tuner:
         }
         text = json.dumps({"version": AUTOTUNE_VERSION, "module": self.module, "devices": self.table},
                           indent=1, sort_keys=True) + "\n"
-        try:  # atomic, through an exclusively created temporary file (no planted link is followed)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
+        try:  # atomic, through an exclusively created temporary file (a planted link is not followed)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-            os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
         except OSError:
-            pass  # a read-only kernel dir: keep the choice in memory for this process
+            tmp.unlink(missing_ok=True)  # a read-only kernel dir: keep the choice in memory for this process
         return best
 
 
