@@ -21,7 +21,7 @@ from spava_plan.errors import InputError
 from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import build_plan
 from spava_plan.runtime.backends.base import KVSegment, TaskInput
-from spava_plan.runtime.backends.triton_gen import AUTOTUNE_VERSION, TritonBackend, load_kernels
+from spava_plan.runtime.backends.triton_gen import AUTOTUNE_VERSION, TritonBackend, load_kernels, user_kernel_dir
 
 SMALL = ["model=tiny", "gpus=2", "frames=8", "video.resolution=360p"]
 
@@ -197,6 +197,23 @@ def test_a_kernel_dir_tuned_once_is_not_tuned_again(plan, tmp_path, monkeypatch)
 
     _changed(monkeypatch, "helper")  # other kernels now: their table is not reused
     assert _tune_once(run(), calls) == chosen and len(calls) == 2 * len(CONFIGS)
+
+
+def test_a_read_only_plan_folder_tunes_into_the_same_user_dir_every_run(plan, tmp_path, monkeypatch):
+    """spava-run's kernel dir where the plan's folder cannot be written: one per user and plan, so
+    the next run finds its autotune.json (a fresh temporary dir per run tuned every launch again)."""
+    monkeypatch.setenv("SPAVA_CACHE_DIR", str(tmp_path / "cache"))
+    first, again = user_kernel_dir(plan.hash), user_kernel_dir(plan.hash)
+    assert first == again == tmp_path / "cache" / "kernels" / plan.hash[:16]
+    assert first.is_dir() and first.stat().st_mode & 0o777 == 0o700
+    assert user_kernel_dir("f" * 64) != first
+    calls: list = []
+    timer = lambda fn: (fn(), calls.append(1), 1.0)[-1]  # noqa: E731
+    for _ in range(2):  # two runs
+        backend = TritonBackend(user_kernel_dir(plan.hash), plan_hash=plan.hash, render=partial(render_kernels, plan),
+                                configs=CONFIGS, timer=timer, cudnn=False)
+        _tune_once(backend, calls)
+    assert len(calls) == len(CONFIGS)
 
 
 def test_a_malformed_autotune_entry_is_tuned_again_not_used(plan, tmp_path):

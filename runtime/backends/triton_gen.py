@@ -70,6 +70,25 @@ def _trusted_dir() -> Path:
         return Path(tempfile.mkdtemp(dir=_TRUSTED[0].name))
 
 
+def user_kernel_dir(plan_hash: str) -> Path:
+    """The kernel dir for a plan whose own folder is not to be written (read-only, or a run that
+    re-planned): this user's, one per plan, the same on every run, so the launches tuned on the
+    first run are found in its autotune.json on the next (a fresh temporary dir per run tuned them
+    all again). Under $SPAVA_CACHE_DIR, else $XDG_CACHE_HOME/spava_plan, else ~/.cache/spava_plan;
+    created private (0700). What it holds is checked like any kernel dir (load_kernels)."""
+    if not isinstance(plan_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", plan_hash):
+        raise AssertionError(f"not a plan hash: {plan_hash!r}")
+    root = os.environ.get("SPAVA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "spava_plan")
+    path = Path(root) / "kernels" / plan_hash[:16]
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the kernel cache dir {str(path)!r} ({exc.strerror}); set SPAVA_CACHE_DIR "
+                         f"to a writable directory", setting="kernels") from None
+    return path
+
+
 def load_kernels(kernel_dir: Path, *, render: Callable[[Path], object], plan_hash: str | None = None):
     """Import the plan's generated module, as this installation renders it (a plan folder is data).
 
