@@ -36,6 +36,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 CASES = {
@@ -236,11 +237,12 @@ def _compile_one(item) -> str:
     case, rank, names, cfg, device = item
     import torch
 
+    from spava_plan.codegen import render_kernels
     from spava_plan.plan_load import load_plan
     from spava_plan.runtime.backends.triton_gen import TritonBackend
 
     plan = load_plan(Path(case) / "plan.json")
-    backend = TritonBackend(Path(case) / "kernels", plan_hash=plan.hash, tune=False)
+    backend = TritonBackend(Path(case) / "kernels", plan_hash=plan.hash, render=partial(render_kernels, plan), tune=False)
     tasks = rank_inputs(plan, rank, torch.bfloat16 if device == "cuda" else torch.float32, device, 0)[0]
     checked = [backend._check(tasks[n]) for n in names]
     name = backend.mod.LAUNCHES[backend._signature(checked)]
@@ -270,11 +272,12 @@ def precompile(case: Path, rank: int, groups: list[tuple[str, ...]], configs, wo
 def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
     import torch
 
+    from spava_plan.codegen import render_kernels
     from spava_plan.plan_load import load_plan
     from spava_plan.runtime.backends.triton_gen import TritonBackend
 
     plan = load_plan(case / "plan.json")
-    backend = TritonBackend(case / "kernels", plan_hash=plan.hash, tune=tune, cudnn=False)  # generated only
+    backend = TritonBackend(case / "kernels", plan_hash=plan.hash, render=partial(render_kernels, plan), tune=tune, cudnn=False)  # generated only
     rank = busiest_rank(plan)
     groups = launch_groups(plan, rank)
     if workers > 1:  # tuned launches: every candidate; per-task launches: the default config only
@@ -323,7 +326,7 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
         record("generated/schedule", lambda i: [backend.attention([sets[i][0][n] for n in op], scale)
                                                 for op in attend_ops])
     if "backend" in variants:  # the runtime's choice per launch: generated tiles or cuDNN, own table
-        both = TritonBackend(case / "kernels", plan_hash=plan.hash, tune=True, cudnn=True,
+        both = TritonBackend(case / "kernels", plan_hash=plan.hash, render=partial(render_kernels, plan), tune=True, cudnn=True,
                              configs=None if tune else [backend.mod.DEFAULT_CONFIG],
                              autotune=case / "kernels" / "autotune-backend.json")
         record("backend/schedule", lambda i: [both.attention([sets[i][0][n] for n in op], scale) for op in attend_ops])

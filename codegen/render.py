@@ -3,46 +3,53 @@
 ``render_kernels(plan, out_dir)`` writes into ``out_dir`` (``kernels/`` beside plan.json):
   spava_<plan hash[:16]>.py  the generated module: imports triton and the plan-independent
                              kernels (spava_plan.runtime.backends.triton_kernels), holds the rest
-  manifest.json              plan hash, template digest, module sha256 and the launch table
-The bytes depend only on the plan and the template files, so rendering twice gives identical
-files; a kernel dir whose manifest already names this plan and these templates is left as is.
+  manifest.json              plan hash, cache key, module sha256 and the launch table
+Each kernel is whole in one Jinja2 template (templates/attend_task.py.jinja, attend_launch.py.jinja,
+and module.py.jinja around them), as FlexAttention keeps its kernels in torch/_inductor/kernel/flex/:
+Jinja only for code that differs structurally between plans (how many tasks and segments), tl.constexpr
+for the rest. The bytes depend only on the plan and ``cache_key``'s inputs, so rendering twice gives
+identical files, and a kernel dir that already holds them is left untouched.
 
 Safety: the templates receive only numbers and identifiers that this module derives from the
 plan and checks here (``int`` values, names matching ``_NAME``, masks and dtypes through fixed
-tables). No string from the config (model name, paths, device names...) is ever substituted.
+tables); the environment's finalize hook refuses anything else at every ``{{ }}``, and
+StrictUndefined makes a missing name an error instead of empty text. No string from the config
+(model name, paths, device names...) is ever substituted.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import secrets
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from string import Template
-from typing import Iterable, get_args
+from typing import get_args
+
+import jinja2
 
 from spava_plan.errors import PlanFormatError
 from spava_plan.plan import MASKS, DType, Plan, Selection, attended_in_step
 
-RENDER_VERSION = 3  # bump when the rendering logic (not the templates) changes its output
+RENDER_VERSION = 4  # bump when the rendering logic changes its output (4: Jinja2 templates)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _HEX = re.compile(r"[0-9a-f]{64}\Z")
 # Fixed tables from validated enum values to the identifiers the templates see.
 _MASK_IDENT = {"full": "MASK_FULL", "causal": "MASK_CAUSAL"}
-_CAUSAL_FLAG = {"full": "False", "causal": "True"}
 # the plan's own vocabularies (spava_plan/plan.py), each name standing for itself in the template
 _DTYPES = {d: d for d in get_args(DType)}
 _SCORES = {s: s for s in get_args(Selection)}
-_TEMPLATES = ("module.py.tmpl", "task.py.tmpl", "task_segment.py.tmpl", "launch.py.tmpl", "launch_task.py.tmpl")
+TEMPLATES = ("module.py.jinja", "attend_task.py.jinja", "attend_launch.py.jinja")
+# Files outside codegen that every generated module imports, by (package, file): a change to one
+# must re-render (and re-tune) a kernel dir, so each is part of the cache key.
+DEPENDENCIES = (("spava_plan.runtime.backends", "triton_kernels.py"),)
 # Every plan's module also has the one-segment launches: the backend's fallback for a task
 # structure the plan never produced (e.g. one ring step) runs segment by segment and merges.
 _BASE_TASKS = (("full",), ("causal",))
-
-
-class _Code(str):
-    """Text produced by ``_fill`` (so it may be nested into another template)."""
 
 
 def _bad(what: str, value: object) -> PlanFormatError:
@@ -72,28 +79,42 @@ def _template(name: str) -> str:
     return resources.files("spava_plan.codegen.templates").joinpath(name).read_text(encoding="utf-8")
 
 
-def template_digest() -> str:
-    h = hashlib.sha256(f"render{RENDER_VERSION}".encode())
-    for name in _TEMPLATES:
+def _dependency(package: str, name: str) -> bytes:
+    return resources.files(package).joinpath(name).read_bytes()
+
+
+def _renderer_source() -> bytes:
+    return Path(__file__).read_bytes()
+
+
+def cache_key(plan: Plan) -> str:
+    """What a kernel dir's module is a function of: the plan's computation hash, the render
+    version, this renderer's source, Jinja2's version, every template and every file the module
+    imports from the package. A kernel dir whose manifest holds another key is rendered again."""
+    h = hashlib.sha256(f"spava-kernels render{RENDER_VERSION} jinja2 {jinja2.__version__}\0".encode())
+    h.update(plan.hash.encode() + b"\0")
+    h.update(_renderer_source() + b"\0")
+    for name in TEMPLATES:
         h.update(name.encode() + b"\0" + _template(name).encode() + b"\0")
+    for package, name in DEPENDENCIES:
+        h.update(f"{package}/{name}".encode() + b"\0" + _dependency(package, name) + b"\0")
     return h.hexdigest()
 
 
-def _fill(name: str, **values: object) -> _Code:
-    """Substitute only ints, checked identifiers, tuples of identifiers and nested _Code."""
-    text = {}
-    for key, value in values.items():
-        if isinstance(value, _Code):
-            text[key] = value
-        elif type(value) is int:
-            text[key] = str(value)
-        elif type(value) is str and _NAME.match(value):
-            text[key] = value
-        elif type(value) is tuple and all(type(v) is str and _NAME.match(v) for v in value):
-            text[key] = " ".join(value)
-        else:  # internal invariant: callers validate plan values before they get here
-            raise AssertionError(f"template value {key}={value!r} is not a number or identifier")
-    return _Code(Template(_template(name)).substitute(text))
+def _finalize(value: object) -> object:
+    """Every ``{{ }}`` of a template passes here: only ints, bools, identifiers and the plan hash."""
+    if isinstance(value, jinja2.Undefined):
+        return str(value)  # StrictUndefined: raises UndefinedError naming the missing variable
+    if type(value) in (int, bool) or (type(value) is str and (_NAME.match(value) or _HEX.match(value))):
+        return value
+    raise AssertionError(f"template value {value!r} is not a number or identifier")  # render.py validates first
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(texts: tuple[tuple[str, str], ...]) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.DictLoader(dict(texts)), undefined=jinja2.StrictUndefined,
+                              finalize=_finalize, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
 
 
 # ---- what the plan asks for -----------------------------------------------------------------
@@ -166,55 +187,8 @@ def launches(plan: Plan) -> tuple[Launch, ...]:
 
 
 # ---- rendering --------------------------------------------------------------------------------
-def _arg_line(indent: int, names: Iterable[str]) -> str:
-    """One line of a parameter/argument list: names built here from ints, so identifiers only."""
-    names = tuple(names)
-    assert all(_NAME.match(n) for n in names), names
-    return " " * indent + ", ".join(names) + ",\n"
-
-
-def _segment_names(prefix: str, s: int) -> tuple[str, ...]:
-    """K/V pointers, length and strides of segment s, as named in task.py.tmpl's legend."""
-    return tuple(f"{prefix}{x}" for x in (f"k{s}_ptr", f"v{s}_ptr", f"n{s}", f"sk{s}_t", f"sk{s}_h",
-                                          f"sv{s}_t", f"sv{s}_h"))
-
-
-def _launch_segment_names(t: int, s: int) -> tuple[str, ...]:
-    return tuple(f"t{t}_{x}" for x in (f"k{s}", f"v{s}", f"n{s}", f"sk{s}_t", f"sk{s}_h", f"sv{s}_t", f"sv{s}_h"))
-
-
-def _task_function(name: str, masks: tuple[str, ...]) -> _Code:
-    params = _Code("".join(_arg_line(8, _segment_names("", s)) for s in range(len(masks))).rstrip("\n"))
-    segments = _Code("".join(_fill("task_segment.py.tmpl", S=s, MASK=m, CAUSAL=_CAUSAL_FLAG[m])
-                             for s, m in enumerate(masks)).rstrip("\n"))
-    return _fill("task.py.tmpl", NAME=name, SEGMENTS=len(masks), MASKS=masks, SEGMENT_PARAMS=params,
-                 SEGMENTS_CODE=segments)
-
-
-def _launch_kernel(launch: Launch, task_fns: dict[tuple[str, ...], str], shapes: dict[str, int]) -> _Code:
-    params, bodies = [], []
-    for t, masks in enumerate(launch.tasks):
-        params.append(_arg_line(8, (f"t{t}_{x}" for x in ("q", "sq_t", "sq_h", "o", "so_t", "so_h", "lse", "sl_t",
-                                                           "sl_h", "M"))))
-        params += [_arg_line(8, _launch_segment_names(t, s)) for s in range(len(masks))]
-        args = [_arg_line(12, (f"t{t}_{x}" for x in ("lse", "sl_t", "sl_h", "M")))]
-        args += [_arg_line(12, _launch_segment_names(t, s)) for s in range(len(masks))]
-        bodies.append(_fill("launch_task.py.tmpl", T=t, TASK_FN=task_fns[masks], ARGS=_Code("".join(args).rstrip("\n"))))
-    comment = tuple(task_fns[m] for m in launch.tasks)
-    return _fill("launch.py.tmpl", NAME=launch.name, TASKS=len(launch.tasks), COMMENT=comment,
-                 TASK_PARAMS=_Code("".join(params).rstrip("\n")), TASKS_CODE=_Code("".join(bodies).rstrip("\n")),
-                 **shapes)
-
-
-def _signature(tasks: Iterable[tuple[str, ...]]) -> _Code:
-    def tup(items: list[str]) -> str:
-        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-
-    return _Code(tup([tup([_MASK_IDENT[m] for m in masks]) for masks in tasks]))
-
-
-def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
-    """The generated module's text and the launches it holds."""
+def _context(plan: Plan, lst: tuple[Launch, ...]) -> dict:
+    """The templates' whole input: ints, bools and identifiers, all validated above or here."""
     model = plan.model
     d = _int(model.head_dim, "model.head_dim", 16)
     hq = _int(model.num_heads, "model.num_heads", 1)
@@ -222,74 +196,90 @@ def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
     if hq % hkv or d & (d - 1):
         raise PlanFormatError(f"cannot render kernels for Hq={hq}, Hkv={hkv}, D={d}: the kernels need Hkv to "
                               f"divide Hq and a power-of-two head dim", setting="model")
-    plan_hash = plan.hash
-    if not _HEX.match(plan_hash):
-        raise _bad("the plan hash", plan_hash)
-    lst = launches(plan)
-    task_sigs: list[tuple[str, ...]] = []
+    if type(plan.hash) is not str or not _HEX.match(plan.hash):
+        raise _bad("the plan hash", plan.hash)
+    structures: dict[tuple[str, ...], dict] = {}  # task structure -> its function, in first-use order
     for launch in lst:
         for masks in launch.tasks:
-            if masks not in task_sigs:
-                task_sigs.append(masks)
-    task_fns = {masks: f"_task_{i}" for i, masks in enumerate(task_sigs)}
-    shapes = {"HEAD_DIM": d, "GQA_GROUP": hq // hkv}
-    task_code = _Code("\n\n".join(_task_function(task_fns[m], m) for m in task_sigs).rstrip("\n"))
-    launch_code = _Code("\n\n".join(_launch_kernel(launch, task_fns, shapes) for launch in lst).rstrip("\n"))
-    table = _Code("\n".join(f'    {_signature(launch.tasks)}: "{_ident(launch.name, "a launch name")}",'
-                            for launch in lst))
-    source = _fill(
-        "module.py.tmpl", PLAN_HASH=_Code(plan_hash), TEMPLATE_DIGEST=_Code(template_digest()[:16]),
-        Q_HEADS=hq, KV_HEADS=hkv, **shapes, WORLD=_int(plan.world_size, "world_size", 1),
-        DTYPE=_choice(_DTYPES, plan.dtype, "dtype"),
-        POOL_WINDOW=_int(plan.selection.pool_window, "selection.pool_window", 1),
-        SELECT_SCORE=_choice(_SCORES, plan.selection.score, "selection.score"),
-        TASK_FUNCTIONS=task_code, LAUNCH_KERNELS=launch_code, LAUNCH_TABLE=table)
-    return source, lst
+            if masks not in structures:
+                structures[masks] = {"name": f"_task_{len(structures)}",
+                                     "segments": tuple({"mask": m, "causal": m == "causal"} for m in masks)}
+    return {
+        "plan_hash": plan.hash, "head_dim": d, "gqa_group": hq // hkv, "q_heads": hq, "kv_heads": hkv,
+        "world": _int(plan.world_size, "world_size", 1), "dtype": _choice(_DTYPES, plan.dtype, "dtype"),
+        "pool_window": _int(plan.selection.pool_window, "selection.pool_window", 1),
+        "select_score": _choice(_SCORES, plan.selection.score, "selection.score"),
+        "tasks": tuple(structures.values()),
+        "launches": tuple({"name": _ident(x.name, "a launch name"), "tasks": tuple(structures[m] for m in x.tasks),
+                           "signature": tuple(tuple(_MASK_IDENT[m] for m in masks) for masks in x.tasks)}
+                          for x in lst),
+    }
+
+
+def render_source(plan: Plan) -> tuple[str, tuple[Launch, ...]]:
+    """The generated module's text and the launches it holds."""
+    lst = launches(plan)
+    context = _context(plan, lst)
+    env = _environment(tuple((name, _template(name)) for name in TEMPLATES))
+    return env.get_template("module.py.jinja").render(context), lst
+
+
+def module_file(plan: Plan) -> str:
+    return f"spava_{plan.hash[:16]}.py"
 
 
 def render_kernels(plan: Plan, out_dir: Path) -> Path:
     """Write the plan's kernel module and manifest into out_dir; returns the module's path.
 
-    Cached by plan hash: when out_dir already holds this plan's module rendered from the same
-    templates (checked through the manifest and the module's sha256), nothing is rewritten.
+    The module is rendered in memory every time (a few ms) and compared with what out_dir holds:
+    identical files are left as they are (one rendering per plan and installation in effect),
+    anything else (another plan, another installation's templates or helpers, an edit) is rewritten.
     """
     out_dir = Path(out_dir)
-    digest = template_digest()
-    module_path = out_dir / f"spava_{plan.hash[:16]}.py"
+    source, lst = render_source(plan)  # validates the plan before anything is written
+    module_path = out_dir / module_file(plan)
     manifest_path = out_dir / "manifest.json"
-    if _cached(manifest_path, module_path, plan.hash, digest):
-        return module_path
-    source, lst = render_source(plan)
     manifest = {
         "plan_hash": plan.hash,
-        "template_digest": digest,
+        "cache_key": cache_key(plan),
         "module": module_path.name,
         "module_sha256": hashlib.sha256(source.encode()).hexdigest(),
         "launches": [{"name": x.name, "tasks": [list(m) for m in x.tasks],
                       "used_by": [{"rank": r, "tasks": list(names)} for r, names in x.used_by]} for x in lst],
     }
+    manifest_text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    if _holds(module_path, source) and _holds(manifest_path, manifest_text):
+        return module_path
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(module_path, source)
-    _write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _write(manifest_path, manifest_text)
     for stale in out_dir.glob("spava_*.py"):  # an earlier plan's module (the dir is re-planned in place)
         if stale != module_path:
             stale.unlink(missing_ok=True)
     return module_path
 
 
-def _cached(manifest_path: Path, module_path: Path, plan_hash: str, digest: str) -> bool:
+def _holds(path: Path, text: str) -> bool:
+    """Whether path is a regular file with exactly these bytes (anything else, a FIFO included,
+    is not read but replaced)."""
+    data = text.encode()
     try:
-        manifest = json.loads(manifest_path.read_text())
-        body = module_path.read_bytes()
-    except (OSError, ValueError):
+        info = os.stat(path)
+        return stat.S_ISREG(info.st_mode) and info.st_size == len(data) and path.read_bytes() == data
+    except OSError:
         return False
-    return (isinstance(manifest, dict) and manifest.get("plan_hash") == plan_hash
-            and manifest.get("template_digest") == digest and manifest.get("module") == module_path.name
-            and manifest.get("module_sha256") == hashlib.sha256(body).hexdigest())
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomic: a reader (another rank) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Atomic: a reader (another rank) never sees a half-written file. The temporary file has a
+    random name and is created exclusively (O_EXCL: a planted link there is not followed), with
+    the permissions a plain open() gives (the umask applies)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -362,14 +362,12 @@ def _torch() -> Any:
 
 def _triton_backend(prepared: Prepared) -> Any:
     from .codegen.render import render_kernels
-    from .runtime.backends.triton_gen import TritonBackend
+    from .runtime.backends.triton_gen import TritonBackend, user_kernel_dir
 
     plan = prepared.plan
     kernel_dir = prepared.plan_dir / "kernels"
     if prepared.replanned or not os.access(prepared.plan_dir, os.W_OK):  # never overwrite the plan's own kernels
-        import tempfile
-
-        kernel_dir = Path(tempfile.mkdtemp(prefix="spava-kernels-"))
+        kernel_dir = user_kernel_dir(plan.hash)  # this user's, per plan: tuned once, reused on the next run
     return TritonBackend(kernel_dir, plan_hash=plan.hash, render=lambda d: render_kernels(plan, d))
 
 

@@ -8,6 +8,7 @@ match conf/model/tiny.yaml (Qwen2-VL) and TINY_25_OVERRIDES (Qwen2.5-VL) so plan
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -267,9 +268,11 @@ def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str
                                                                   device="cpu"))
             positions = hf_inputs.global_position_ids(model, inputs)
             if backend == "triton":
+                from spava_plan.codegen import render_kernels
                 from spava_plan.runtime.backends.triton_gen import TritonBackend
 
-                kernels = TritonBackend(root / f"kernels_W{W}", plan_hash=plan.hash)
+                kernels = TritonBackend(root / f"kernels_W{W}", plan_hash=plan.hash,
+                                        render=functools.partial(render_kernels, plan))
             else:
                 kernels = TorchBackend()
             runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, rank, comm, kernels), "cpu")

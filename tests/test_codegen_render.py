@@ -1,4 +1,4 @@
-"""codegen.render: deterministic, cached rendering from template files; generated modules import
+"""codegen.render: deterministic, cached rendering from Jinja2 template files (one per kernel); generated modules import
 only triton and spava_plan.runtime.backends.triton_kernels; codegen itself imports neither; no config string reaches generated code."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_same_plan_same_bytes_and_cached(plan, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     stamp = a.stat().st_mtime_ns
     assert render_kernels(plan, tmp_path / "a") == a and a.stat().st_mtime_ns == stamp  # cache hit: untouched
-    a.write_text(a.read_text() + "# edited\n")  # an edited module fails the manifest's sha256: re-rendered
+    a.write_text(a.read_text() + "# edited\n")  # an edited module is not what this plan renders to: rewritten
     render_kernels(plan, tmp_path / "a")
     assert a.read_bytes() == b.read_bytes()
 
@@ -154,13 +154,36 @@ def test_malformed_plan_values_are_refused(plan, tmp_path):
         assert not (tmp_path / str(i)).exists()
 
 
-def test_templates_are_package_files_with_a_legend():
+def test_templates_are_package_files_one_per_kernel_with_a_legend():
+    """Each kernel whole in one Jinja2 template (FlexAttention's layout), a notation legend on top."""
+    from spava_plan.codegen.render import TEMPLATES
+
     root = resources.files("spava_plan.codegen.templates")
-    names = [p.name for p in root.iterdir() if p.name.endswith(".tmpl")]
-    assert "module.py.tmpl" in names and len(names) >= 5
-    assert root.joinpath("module.py.tmpl").read_text().startswith("# ---- notation")
+    names = sorted(p.name for p in root.iterdir() if p.name.endswith(".jinja"))
+    assert names == sorted(TEMPLATES) == ["attend_launch.py.jinja", "attend_task.py.jinja", "module.py.jinja"]
+    assert not [p.name for p in root.iterdir() if p.name.endswith(".tmpl")]  # no fragments left
     for name in names:
-        assert "notation" in root.joinpath(name).read_text().splitlines()[0] or name.startswith(("task_", "launch_"))
+        assert root.joinpath(name).read_text().startswith("{#- ---- notation"), name
+    # the kernel code is the templates' text: render.py builds no code lines of its own
+    source = resources.files("spava_plan.codegen").joinpath("render.py").read_text()
+    assert not [w for w in ("@triton.jit", "tl.load", "tl.static_assert", "attend_segment(") if w in source]
+
+
+def test_only_numbers_and_identifiers_reach_a_template():
+    """The environment's finalize hook refuses any other value at every {{ }}, and StrictUndefined
+    refuses a name the context lacks (instead of rendering it as empty text)."""
+    import jinja2
+
+    from spava_plan.codegen.render import _environment
+
+    env = _environment((("t", "x = {{ v }}\n"), ("u", "y = {{ missing }}\n")))
+    assert env.get_template("t").render(v=3) == "x = 3\n"
+    assert env.get_template("t").render(v="MASK_FULL") == "x = MASK_FULL\n"
+    for bad in ("1; import os", "a b", "'q'", "", 1.5, None, ("a",)):
+        with pytest.raises(AssertionError, match="not a number or identifier"):
+            env.get_template("t").render(v=bad)
+    with pytest.raises(jinja2.UndefinedError):
+        env.get_template("u").render()
 
 
 def test_launch_names_are_stable_identifiers(plan):

@@ -8,6 +8,7 @@ the margin covers exp2/log2 rounding).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def spava_backend(tmp_path_factory):
     plan = build_plan(compose_config(SPAVA))
     kdir = tmp_path_factory.mktemp("kernels")
     render_kernels(plan, kdir)
-    return plan, TritonBackend(kdir, plan_hash=plan.hash)
+    return plan, TritonBackend(kdir, plan_hash=plan.hash, render=partial(render_kernels, plan))
 
 
 def _check_tasks(backend, tasks, scale, tol=FP32_TOL):
@@ -159,7 +160,7 @@ def test_odd_group_and_head_dim(tmp_path):
     """G = 3 (packed rows straddle tiles unevenly) and D = 32."""
     plan = build_plan(compose_config(ODD_GROUP))
     render_kernels(plan, tmp_path)
-    backend = TritonBackend(tmp_path, plan_hash=plan.hash)
+    backend = TritonBackend(tmp_path, plan_hash=plan.hash, render=partial(render_kernels, plan))
     tasks = list(rank_inputs(plan, 1, torch.float32, "cpu", torch.Generator().manual_seed(8)).values())
     _check_tasks(backend, tasks, 1 / math.sqrt(32))
 

@@ -7,6 +7,7 @@ max-pooling then produces many exact ties, which must go to the earlier token.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def backend(tmp_path_factory):
     plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=8", "video.resolution=360p"]))
     kdir = tmp_path_factory.mktemp("kernels")
     render_kernels(plan, kdir)
-    return TritonBackend(kdir, plan_hash=plan.hash)
+    return TritonBackend(kdir, plan_hash=plan.hash, render=partial(render_kernels, plan))
 
 
 def ref_indices(q, k, keep, pool, score):

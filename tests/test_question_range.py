@@ -126,7 +126,7 @@ def test_the_generated_kernels_run_shorter_questions_unchanged(tmp_path, variant
     exact = plan_for(*base, "gpus=2", *variant, "video.max_question_tokens=5")
     n = exact.layout.total_tokens
     render_kernels(big, tmp_path)
-    backend = _Locked(TritonBackend(tmp_path, plan_hash=big.hash, tune=False))
+    backend = _Locked(TritonBackend(tmp_path, plan_hash=big.hash, render=functools.partial(render_kernels, big), tune=False))
     q, k, v = _inputs(big, n)
     world = EmulatedWorld.for_plan(big, timeout_s=300)
     attns = [RankAttention(big, r, world.comm(r), backend) for r in range(2)]

@@ -79,7 +79,7 @@ def test_zigzag_ring_on_the_generated_kernels_equals_dense(tmp_path):
 
     plan = plan_for(*SMALL, "gpus=3", "method=zigzag_ring")
     render_kernels(plan, tmp_path)
-    backend = _Locked(TritonBackend(tmp_path, plan_hash=plan.hash, tune=False))
+    backend = _Locked(TritonBackend(tmp_path, plan_hash=plan.hash, render=functools.partial(render_kernels, plan), tune=False))
     q, k, v = inputs(plan.layout.total_tokens)
     world = EmulatedWorld.for_plan(plan, timeout_s=300)
     attns = [RankAttention(plan, r, world.comm(r), backend) for r in range(plan.world_size)]

@@ -1,9 +1,10 @@
 """The ``triton`` kernel backend: runs the kernels codegen rendered for the plan.
 
 The kernel dir (``kernels/`` beside plan.json) holds the generated module, its manifest and
-``autotune.json``. The runtime never imports codegen: an entry point that wants the module
-rendered on demand passes ``render`` (a callable that writes the kernel dir), e.g.
-``TritonBackend(dir, plan_hash=plan.hash, render=lambda d: render_kernels(plan, d))``.
+``autotune.json``. A plan folder is data, never code: the module imported is the one this
+installation renders from the plan (load_kernels), so every caller passes ``render`` (a callable
+that writes a plan's kernels into a dir; the runtime never imports codegen), e.g.
+``TritonBackend(dir, plan_hash=plan.hash, render=functools.partial(render_kernels, plan))``.
 
 attention(): the tasks' mask structure picks one fused launch kernel of the module (LAUNCHES);
 a grouping the plan never made runs task by task, and a task structure it never made runs
@@ -18,11 +19,14 @@ generated kernel's on that launch's own inputs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
+import re
+import secrets
+import stat
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -51,40 +55,63 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
-                 render: Callable[[Path], object] | None = None):
-    """Import the generated module of ``kernel_dir`` (rendering it first when allowed)."""
-    kernel_dir = Path(kernel_dir)
-    manifest_path = kernel_dir / "manifest.json"
+_MODULE_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}\.py\Z")  # a plain file name, no directory part
+_TRUSTED: list[tempfile.TemporaryDirectory] = []  # this process's own render dir (created on first load)
+_TRUSTED_LOCK = threading.Lock()
 
-    def read() -> dict | None:
-        try:
-            data = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
 
-    manifest = read()
-    if render is not None and (manifest is None or (plan_hash and manifest.get("plan_hash") != plan_hash)):
-        render(kernel_dir)
-        manifest = read()
-    if manifest is None:
-        raise InputError(f"no rendered kernels in {str(kernel_dir)!r}; run spava-plan with kernels=true "
-                         f"(or use the torch backend)", setting="kernels")
-    if plan_hash and manifest.get("plan_hash") != plan_hash:
-        raise PlanMismatchError(f"the kernels in {str(kernel_dir)!r} were rendered for plan "
-                                f"{str(manifest.get('plan_hash'))[:16]} but the run uses plan {plan_hash[:16]}; "
-                                f"re-plan to re-render them", setting="kernels")
-    path = kernel_dir / str(manifest.get("module"))
+def _trusted_dir() -> Path:
+    """A directory only this process writes (mkdtemp: mode 0700; removed at exit). The modules the
+    backend imports are rendered here, never taken from a kernel dir: that may have arrived with a
+    plan from another machine, or be shared with other users."""
+    with _TRUSTED_LOCK:
+        if not _TRUSTED:
+            _TRUSTED.append(tempfile.TemporaryDirectory(prefix="spava-kernels-"))
+        return Path(tempfile.mkdtemp(dir=_TRUSTED[0].name))
+
+
+def user_kernel_dir(plan_hash: str) -> Path:
+    """The kernel dir for a plan whose own folder is not to be written (read-only, or a run that
+    re-planned): this user's, one per plan, the same on every run, so the launches tuned on the
+    first run are found in its autotune.json on the next (a fresh temporary dir per run tuned them
+    all again). Under $SPAVA_CACHE_DIR, else $XDG_CACHE_HOME/spava_plan, else ~/.cache/spava_plan;
+    created private (0700). What it holds is checked like any kernel dir (load_kernels)."""
+    if not isinstance(plan_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", plan_hash):
+        raise AssertionError(f"not a plan hash: {plan_hash!r}")
+    root = os.environ.get("SPAVA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "spava_plan")
+    path = Path(root) / "kernels" / plan_hash[:16]
     try:
-        body = path.read_bytes()
-    except OSError:
-        raise InputError(f"the kernel module {str(path)!r} named by the manifest is missing; re-plan",
-                         setting="kernels") from None
-    if hashlib.sha256(body).hexdigest() != manifest.get("module_sha256"):
-        raise InputError(f"the kernel module {str(path)!r} does not match its manifest (edited?); re-plan",
-                         setting="kernels")
-    name = f"spava_kernels_{manifest['module_sha256'][:16]}"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the kernel cache dir {str(path)!r} ({exc.strerror}); set SPAVA_CACHE_DIR "
+                         f"to a writable directory", setting="kernels") from None
+    return path
+
+
+def load_kernels(kernel_dir: Path, *, render: Callable[[Path], object], plan_hash: str | None = None):
+    """Import the plan's generated module, as this installation renders it (a plan folder is data).
+
+    ``render(dir)`` writes the plan's kernels into ``dir`` (codegen's render_kernels: the runtime
+    never imports codegen). It renders into this process's private dir first; that rendering is
+    what gets imported. The kernel dir beside the plan is then checked against it: absent, or
+    rendered by another installation or for another plan (its manifest's cache key differs): it is
+    rendered again in place. Holding the same key but other bytes (an edited module), or naming a
+    module that is not a plain file name inside it: refused, in one line naming the kernel dir,
+    before anything is imported."""
+    kernel_dir = Path(kernel_dir)
+    fresh = _trusted_dir()
+    render(fresh)
+    manifest = _read_manifest(fresh)
+    if manifest is None or not _MODULE_FILE.match(str(manifest.get("module"))):
+        raise AssertionError(f"render() wrote no valid manifest into {fresh}")  # a programming error
+    if plan_hash and manifest.get("plan_hash") != plan_hash:
+        raise PlanMismatchError(f"the kernels rendered for {str(kernel_dir)!r} are for plan "
+                                f"{str(manifest.get('plan_hash'))[:16]} but the run uses plan {plan_hash[:16]}",
+                                setting="kernels")
+    key, path = str(manifest["cache_key"]), fresh / manifest["module"]
+    _check_kernel_dir(kernel_dir, key, path.name, path.read_bytes(), render)
+    name = f"spava_kernels_{key[:16]}"  # the key covers the plan and everything the module depends on
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -92,6 +119,54 @@ def load_kernels(kernel_dir: Path, *, plan_hash: str | None = None,
     spec.loader.exec_module(module)
     sys.modules[name] = module  # one import per process, shared by every backend instance
     return module
+
+
+_MAX_JSON = 16 << 20  # a manifest or autotune table is a few KB
+_MAX_MODULE = 16 << 20  # a generated module is tens of KB
+
+
+def _small_file(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refused (OSError) when it is anything else (a FIFO would block the
+    read forever) or over ``limit`` bytes."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        raise OSError(f"{path} is not a regular file of at most {limit} bytes")
+    return Path(path).read_bytes()
+
+
+def _read_manifest(kernel_dir: Path) -> dict | None:
+    try:
+        data = json.loads(_small_file(kernel_dir / "manifest.json", _MAX_JSON))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_kernel_dir(kernel_dir: Path, key: str, module: str, expected: bytes,
+                      render: Callable[[Path], object]) -> None:
+    """Refuse a tampered kernel dir; render a missing or stale one again (see load_kernels)."""
+    manifest = _read_manifest(kernel_dir)
+    if manifest is not None:
+        named = manifest.get("module")
+        if not isinstance(named, str) or not _MODULE_FILE.match(named):
+            raise InputError(f"the kernel dir {str(kernel_dir)!r} is refused: its manifest.json names the module "
+                             f"{str(named)[:200]!r}, not a file name inside it (nothing was imported); delete the "
+                             f"kernel dir to have it rendered again", setting="kernels")
+        if manifest.get("cache_key") == key:
+            try:
+                body = _small_file(kernel_dir / named, _MAX_MODULE)
+            except OSError:
+                body = None
+            if body is not None and (named != module or body != expected):
+                raise InputError(f"the kernel dir {str(kernel_dir)!r} is refused: its module {named!r} is not what "
+                                 f"this installation renders from the plan (edited?; nothing was imported); delete "
+                                 f"the kernel dir to have it rendered again", setting="kernels")
+            if body is not None:
+                return  # this installation's rendering of this plan: nothing to write
+    try:
+        render(kernel_dir)  # absent or stale (another installation, version or plan): rendered again in place
+    except OSError:
+        pass  # a read-only kernel dir: the module imported is the private rendering in any case
 
 
 class Tuner:
@@ -110,13 +185,28 @@ class Tuner:
         self.table: dict = self._read()
 
     def _read(self) -> dict:
+        """The table for this module, entries that are not well-formed configs left out (the file
+        may have come with a plan: it is data, read as such)."""
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(_small_file(self.path, _MAX_JSON))
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict) or data.get("version") != AUTOTUNE_VERSION or data.get("module", "") != self.module:
             return {}  # another version's or another module's table: tune again (and overwrite it)
-        return data.get("devices", {})
+        devices = data.get("devices")
+        if not isinstance(devices, dict):
+            return {}
+        return {dev: {key: e for key, e in launches.items() if self._valid(e)}
+                for dev, launches in devices.items() if isinstance(launches, dict)}
+
+    def _valid(self, entry: object) -> bool:
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), list):
+            return False
+        cfg, timed = tuple(entry["config"]), entry.get("candidates", {})
+        ints = len(cfg) == len(self.default) and all(type(x) is int and 0 <= x <= 1 << 16 for x in cfg)
+        return (ints or cfg == CUDNN) and isinstance(timed, dict) and all(
+            isinstance(c, str) and re.fullmatch(r"[0-9]{1,6}(,[0-9]{1,6})*|cudnn", c)
+            and type(t) in (int, float) for c, t in timed.items())
 
     def get(self, device: str, key: str) -> tuple[int, ...] | None:
         entry = self.table.get(device, {}).get(key)
@@ -158,12 +248,14 @@ class Tuner:
         }
         text = json.dumps({"version": AUTOTUNE_VERSION, "module": self.module, "devices": self.table},
                           indent=1, sort_keys=True) + "\n"
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text)
-            tmp.replace(self.path)
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
+        try:  # atomic, through an exclusively created temporary file (a planted link is not followed)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
         except OSError:
-            pass  # a read-only kernel dir: keep the choice in memory for this process
+            tmp.unlink(missing_ok=True)  # a read-only kernel dir: keep the choice in memory for this process
         return best
 
 
@@ -177,21 +269,22 @@ def _do_bench(fn: Callable[[], object]) -> float:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, kernel_dir: str | Path, *, plan_hash: str | None = None,
-                 render: Callable[[Path], object] | None = None, tune: bool = True,
-                 configs: Sequence[tuple[int, ...]] | None = None, cudnn: bool = True,
-                 autotune: str | Path | None = None):
-        """tune: time the candidates of a launch not in autotune.json yet (else use nearest());
-        configs: the generated tile configs the tuner may try (default: all of the module's);
-        cudnn: whether cuDNN per segment is a candidate where a launch is eligible;
-        autotune: the table's path (default: autotune.json in the kernel dir)."""
+    def __init__(self, kernel_dir: str | Path, *, render: Callable[[Path], object], plan_hash: str | None = None,
+                 tune: bool = True, configs: Sequence[tuple[int, ...]] | None = None, cudnn: bool = True,
+                 autotune: str | Path | None = None, timer: Callable[[Callable[[], object]], float] | None = None):
+        """render: writes the plan's kernels into a dir (load_kernels; required: nothing from the
+        kernel dir is imported unchecked); tune: time the candidates of a launch not in
+        autotune.json yet (else use nearest()); configs: the generated tile configs the tuner may
+        try (default: all of the module's); cudnn: whether cuDNN per segment is a candidate where a
+        launch is eligible; autotune: the table's path (default: autotune.json in the kernel dir);
+        timer: how a candidate is timed (default: triton.testing.do_bench, median)."""
         self.kernel_dir = Path(kernel_dir)
         self.mod = load_kernels(self.kernel_dir, plan_hash=plan_hash, render=render)
         self.tuning = tune
         self.cudnn = cudnn
         self.tuner = Tuner(Path(autotune) if autotune else self.kernel_dir / "autotune.json",
                            configs or self.mod.ATTENTION_CONFIGS,
-                           self.mod.DEFAULT_CONFIG, module=self.mod.__name__)
+                           self.mod.DEFAULT_CONFIG, timer=timer, module=self.mod.__name__)
         self._configs: dict[tuple, tuple] = {}
         self._fallbacks: dict[tuple, tuple[int, ...]] = {}  # a generated config where cfg is CUDNN
         self._choosing = threading.Lock()  # emulated ranks are threads: one launch tuned once, by one
@@ -245,24 +338,28 @@ class TritonBackend:
     def _choose(self, name: str, tasks: list, scale: float, fast: tuple) -> tuple:
         q = tasks[0][0]
         if _interpreted() or not q.is_cuda:
-            cfg = tuple(self.mod.INTERPRETER_CONFIG)
-        else:
-            device = torch.cuda.get_device_name(q.device)
-            key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
-            cfg = self.tuner.get(device, key)
-            if cfg == CUDNN and not self.cudnn:
-                cfg = self.tuner.generated(device, key)
-            if cfg is None and q.dtype == torch.float32:
-                cfg = tuple(self.mod.FP32_CONFIG)  # not tuned: fp32 is the exact-check path, not the fast one
-            if cfg is None and self.tuning:
-                cands = self.tuner.candidates
-                if self.cudnn and cudnn_segments.eligible(tasks) and self._cudnn_agrees(name, tasks, scale):
-                    cands += (CUDNN,)
-                cfg = self.tuner.tune(device, key, lambda c: self._run(name, tasks, scale, c), candidates=cands)
-            if cfg is None:
-                cfg = self.tuner.nearest(device, key)
-            if cfg == CUDNN:  # for calls of this launch that cuDNN cannot take (a non-square causal segment)
-                self._fallbacks[fast] = self.tuner.generated(device, key)
+            return tuple(self.mod.INTERPRETER_CONFIG)
+        return self._tuned(torch.cuda.get_device_name(q.device), name, tasks, scale, fast)
+
+    def _tuned(self, device: str, name: str, tasks: list, scale: float, fast: tuple) -> tuple:
+        """A launch's config on ``device``: from autotune.json when this module's table has it
+        (a kernel dir tuned once is not tuned again), else timed now and recorded there."""
+        q = tasks[0][0]
+        key = f"{name}:{str(q.dtype).removeprefix('torch.')}"
+        cfg = self.tuner.get(device, key)
+        if cfg == CUDNN and not self.cudnn:
+            cfg = self.tuner.generated(device, key)
+        if cfg is None and q.dtype == torch.float32:
+            cfg = tuple(self.mod.FP32_CONFIG)  # not tuned: fp32 is the exact-check path, not the fast one
+        if cfg is None and self.tuning:
+            cands = self.tuner.candidates
+            if self.cudnn and cudnn_segments.eligible(tasks) and self._cudnn_agrees(name, tasks, scale):
+                cands += (CUDNN,)
+            cfg = self.tuner.tune(device, key, lambda c: self._run(name, tasks, scale, c), candidates=cands)
+        if cfg is None:
+            cfg = self.tuner.nearest(device, key)
+        if cfg == CUDNN:  # for calls of this launch that cuDNN cannot take (a non-square causal segment)
+            self._fallbacks[fast] = self.tuner.generated(device, key)
         return cfg
 
     def _run(self, name: str, tasks: list, scale: float, cfg: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
