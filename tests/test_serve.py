@@ -36,12 +36,13 @@ def _env() -> dict:
 class Server:
     """spava-serve in its own process(es); ``stop()`` always ends them."""
 
-    def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0):
+    def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0, api_key: str = "none"):
         from spava_plan.runtime.comm_dist import free_port
 
         self.port = free_port()
         args = ["-m", "spava_plan.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
-                f"plan_dir={root / 'plans'}", *extra]
+                f"plan_dir={root / 'plans'}", f"allowed_local_media_path={root / 'media'}", *extra]
+        self.health: list = []  # what /health answered while the server started
         self.procs = []
         self.logs = []
         if ranks:  # gloo world launched the way torchrun launches its workers
@@ -64,7 +65,9 @@ class Server:
                 self.stop()
                 raise AssertionError(f"the server exited at start:\n{self.stderr()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                self.health.append((r.status_code, r.json().get("status")))
+                if r.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -72,7 +75,7 @@ class Server:
         else:
             self.stop()
             raise AssertionError(f"the server did not come up in {start_timeout} s:\n{self.stderr()[-3000:]}")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120, max_retries=0)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, timeout=120, max_retries=0)
 
     def stderr(self, rank: int = 0) -> str:
         log = self.logs[rank]
@@ -101,7 +104,8 @@ def _messages(video, question=mf.QUESTION):
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     mf.build_checkpoint(root / "ckpt", "qwen2_vl")
-    mf.write_video(root / "clip.mp4", frames=2 * FRAMES, height=56, width=84)  # 4 s at 4 fps: 8 frames at video.fps=2
+    (root / "media").mkdir()  # the server's allowed_local_media_path
+    mf.write_video(root / "media" / "clip.mp4", frames=2 * FRAMES, height=56, width=84)  # 4 s at 4 fps: 8 frames at video.fps=2
     # The checkpoint as a model id in a local Hugging Face cache (the layout huggingface_hub writes).
     snap = root / "hub" / "models--spava--tiny" / "snapshots" / "0123abcd"
     snap.parent.mkdir(parents=True)
@@ -124,14 +128,14 @@ def _ask(server, video, question=mf.QUESTION, **kw):
 
 
 def test_greedy_answer_equals_spava_run_and_streaming_matches(server, root):
-    out = _ask(server, root / "clip.mp4")
+    out = _ask(server, root / "media" / "clip.mp4")
     text, usage = out.choices[0].message.content, out.usage
     assert usage.completion_tokens >= 1 and usage.prompt_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     # spava-run on the same inputs (it plans for the clip from the same config) answers the same;
     # its checkpoint given as a model id found in the local Hugging Face cache.
     p = subprocess.run([sys.executable, "-m", "spava_plan.run", *COMMON, "model.checkpoint=spava/tiny",
-                        f"video={root / 'clip.mp4'}", f"question={mf.QUESTION}", "max_new_tokens=6"],
+                        f"video={root / 'media' / 'clip.mp4'}", f"question={mf.QUESTION}", "max_new_tokens=6"],
                        cwd=str(root), env={**_env(), "HF_HUB_CACHE": str(root / "hub")}, capture_output=True,
                        text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -141,21 +145,21 @@ def test_greedy_answer_equals_spava_run_and_streaming_matches(server, root):
     saved = re.search(r"the plan made for this input is saved at (\S+)", p.stdout)
     assert saved and os.path.isfile(saved.group(1))
     # Streaming (server-sent events) delivers the same text in pieces, then usage.
-    chunks = list(_ask(server, root / "clip.mp4", stream=True, stream_options={"include_usage": True}))
+    chunks = list(_ask(server, root / "media" / "clip.mp4", stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_seeded_sampling_is_reproducible(server, root):
-    a = _ask(server, root / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
-    b = _ask(server, root / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
+    a = _ask(server, root / "media" / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
+    b = _ask(server, root / "media" / "clip.mp4", temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.completion_tokens == b.usage.completion_tokens
 
 
 def test_questions_of_different_lengths(server, root):
-    short = _ask(server, root / "clip.mp4", "What happens?")
-    long = _ask(server, root / "clip.mp4", mf.QUESTION + " Describe the colours.")
+    short = _ask(server, root / "media" / "clip.mp4", "What happens?")
+    long = _ask(server, root / "media" / "clip.mp4", mf.QUESTION + " Describe the colours.")
     assert short.usage.prompt_tokens < long.usage.prompt_tokens
     assert short.usage.completion_tokens >= 1 and long.usage.completion_tokens >= 1
     # One plan (its hash is the response's system_fingerprint) holds both: video.max_question_tokens.
@@ -164,30 +168,31 @@ def test_questions_of_different_lengths(server, root):
     assert [p["hash"][:16] for p in index["plans"]] == [short.system_fingerprint]
 
 
-def test_bad_requests_get_400_and_the_server_goes_on(server, root, tmp_path):
-    junk = tmp_path / "junk.mp4"
+def test_bad_requests_get_400_and_the_server_goes_on(server, root):
+    junk = root / "media" / "junk.mp4"
     junk.write_bytes(b"not a video at all" * 64)
-    with pytest.raises(openai.BadRequestError, match="cannot open .*junk.mp4"):
+    with pytest.raises(openai.BadRequestError, match="cannot open the file as a video"):
         _ask(server, junk)
-    with pytest.raises(openai.BadRequestError, match="no video file"):
-        _ask(server, tmp_path / "missing.mp4")
+    with pytest.raises(openai.BadRequestError, match="no video file"):  # inside the allowed root: said plainly
+        _ask(server, root / "media" / "missing.mp4")
     with pytest.raises(openai.BadRequestError, match="video.max_question_tokens"):
-        _ask(server, root / "clip.mp4", "why " * 200)
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30)
+        _ask(server, root / "media" / "clip.mp4", "why " * 200)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
                    timeout=30)
     assert r.status_code == 400 and "video_url" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": _messages(root / "clip.mp4"),
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": _messages(root / "media" / "clip.mp4"),
                                                               "max_tokens": 10 ** 9}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
-    assert _ask(server, root / "clip.mp4").usage.completion_tokens >= 1
+    assert _ask(server, root / "media" / "clip.mp4").usage.completion_tokens >= 1
 
 
 def test_full_queue_gives_429_and_a_disconnect_cancels(server, root):
     """queue_size=0: while one request runs, the next is refused; closing the stream cancels the
     running request, and the server answers the next one."""
-    body = {"model": "tiny", "messages": _messages(root / "clip.mp4"), "max_tokens": 4000, "stream": True,
+    body = {"model": "tiny", "messages": _messages(root / "media" / "clip.mp4"), "max_tokens": 4000, "stream": True,
             "temperature": 1.0, "seed": 1}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", server.url + "/v1/chat/completions", json=body) as stream:
@@ -202,7 +207,7 @@ def test_full_queue_gives_429_and_a_disconnect_cancels(server, root):
     deadline = time.monotonic() + 15
     while True:
         try:
-            assert _ask(server, root / "clip.mp4", max_tokens=2).usage.completion_tokens >= 1
+            assert _ask(server, root / "media" / "clip.mp4", max_tokens=2).usage.completion_tokens >= 1
             break
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the cancelled request kept running"
@@ -219,10 +224,10 @@ def test_models_and_health(server):
 
 
 def test_gloo_server_answers_like_the_emulated_one_and_a_dead_rank_stops_it(server, root):
-    expected = _ask(server, root / "clip.mp4").choices[0].message.content
+    expected = _ask(server, root / "media" / "clip.mp4").choices[0].message.content
     srv = Server(root, "timeout=20", "heartbeat=1", ranks=2)
     try:
-        assert _ask(srv, root / "clip.mp4").choices[0].message.content == expected
+        assert _ask(srv, root / "media" / "clip.mp4").choices[0].message.content == expected
         srv.procs[1].kill()  # rank 1 dies while the server idles
         try:
             srv.procs[0].wait(timeout=90)
@@ -243,17 +248,34 @@ def test_serve_config_errors_are_one_line(root):
     assert "Traceback" not in p.stderr
 
 
-def test_parse_chat_refuses_what_it_cannot_serve():
-    from spava_plan.errors import InputError
-    from spava_plan.serve import parse_chat
+def test_parse_body_refuses_what_it_cannot_serve():
+    from spava_plan.serve_api import RequestError, parse_body
 
-    ok = {"messages": _messages("/tmp/a.mp4"), "stop": "x", "seed": 3, "temperature": 0.5}
-    req = parse_chat(ok, 100)
-    assert req.video == "/tmp/a.mp4" and req.stop == ["x"] and req.sampling.seed == 3
-    for bad in ({**ok, "temperature": float("nan")}, {**ok, "top_p": 0}, {**ok, "seed": -1}, {**ok, "max_tokens": 0},
-                {**ok, "messages": [{"role": "user", "content": [{"type": "video_url",
-                                                                   "video_url": {"url": "http://x/a.mp4"}}]}]},
-                {**ok, "messages": []}, [1, 2], {**ok, "stop": [""]}):
-        with pytest.raises(InputError):
-            parse_chat(bad, 100)
+    ok = {"messages": _messages("/tmp/a.mp4"), "stop": "x", "seed": 3, "temperature": 0.5, "unknown_field": 1}
+    req = parse_body(json.dumps(ok).encode(), 100)
+    assert req.video_url == "file:///tmp/a.mp4" and req.stop == ["x"] and req.sampling.seed == 3
+    for bad, field in (({**ok, "temperature": 5}, "temperature"), ({**ok, "top_p": 0}, "top_p"),
+                       ({**ok, "seed": -1}, "seed"), ({**ok, "max_tokens": 0}, "max_tokens"),
+                       ({**ok, "stream": "false"}, "stream"), ({**ok, "max_tokens": True}, "max_tokens"),
+                       ({**ok, "n": 2}, "n"), ({**ok, "tools": [{"type": "function"}]}, "tools"),
+                       ({**ok, "logprobs": True}, "logprobs"), ({**ok, "response_format": {"type": "json_object"}},
+                                                                "response_format"),
+                       ({**ok, "messages": [{"role": "system", "content": "be brief"}, *ok["messages"]]}, "messages"),
+                       ({**ok, "messages": [*ok["messages"], {"role": "assistant", "content": "a"},
+                                            *ok["messages"]]}, "messages"),
+                       ({**ok, "messages": []}, "messages"), ([1, 2], "body"), ({**ok, "stop": [""]}, "stop"),
+                       ({**ok, "messages": [{"role": "user", "content": [{"type": "video_url",
+                                                                          "video_url": {"url": 7}}]}]},
+                        "messages[0].content[0].video_url.url")):
+        with pytest.raises(RequestError) as info:
+            parse_body(json.dumps(bad).encode(), 100)
+        assert info.value.field == field and info.value.status == 400, (bad, str(info.value))
+    with pytest.raises(RequestError) as info:
+        parse_body(json.dumps({**ok, "model": "other"}).encode(), 100, "tiny")
+    assert info.value.status == 404
+    for raw in (b"[" * 100_000, json.dumps({**ok, "messages": _messages("/a.mp4", "why\ud800")}).encode(),
+                "\ud800".encode("utf-8", "surrogatepass"),
+                b"\xff\xfe", b""):
+        with pytest.raises(RequestError):
+            parse_body(raw, 100)
     json.dumps(req.sampling.__dict__)  # travels to the other ranks as plain data
