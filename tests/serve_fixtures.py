@@ -26,12 +26,15 @@ def env() -> dict:
 class Server:
     """spava-serve in its own process(es); ``stop()`` always ends them."""
 
-    def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0, api_key: str = "none"):
+    def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0, api_key: str = "none",
+                 local: bool = True):
         from spava_plan.runtime.comm_dist import free_port
 
         self.port = free_port()
         args = ["-m", "spava_plan.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
-                f"plan_dir={root / 'plans'}", f"allowed_local_media_path={root / 'media'}", *extra]
+                f"plan_dir={root / 'plans'}", *extra]
+        if local:  # file:// under root/media (off otherwise, as by default)
+            args.append(f"allowed_local_media_path={root / 'media'}")
         self.health: list = []  # what /health answered while the server started
         self.procs = []
         self.logs = []
