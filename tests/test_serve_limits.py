@@ -139,27 +139,28 @@ def test_request_timeout_answers_or_504s_in_time(server, root):
 
 
 def test_half_sent_requests_are_dropped_after_the_read_timeouts(server):
-    """300 connections whose headers never end (slowloris) are closed after header_timeout (2 s);
-    one whose body never ends gets 408 after read_timeout (2 s); then the server answers."""
+    """300 connections whose headers never end (slowloris; beyond max_connections too) are closed
+    after header_timeout (2 s), without a response; then one whose body never ends gets 408 after
+    read_timeout (2 s); then the server answers as before."""
     port = int(server.url.rsplit(":", 1)[1])
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     socks = []
     try:
         for _ in range(300):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            s.sendall(head)
             socks.append(s)
-        body = socket.create_connection(("127.0.0.1", port), timeout=10)
-        socks.append(body)
-        body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"mess")
         started = time.monotonic()
-        for s in socks[:-1]:
+        for s in socks:
             s.settimeout(max(0.1, started + 8 - time.monotonic()))
             try:
                 assert s.recv(1024) == b""  # closed by the server, no response
             except ConnectionResetError:
                 pass
         assert time.monotonic() - started < 8
+        body = socket.create_connection(("127.0.0.1", port), timeout=10)
+        socks.append(body)
+        body.sendall(head + b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"mess")
         body.settimeout(8)
         assert body.recv(4096).startswith(b"HTTP/1.1 408")
     finally:
