@@ -169,6 +169,24 @@ def test_half_sent_requests_are_dropped_after_the_read_timeouts(server):
     assert httpx.get(server.url + "/v1/models", timeout=30, headers=auth()).status_code == 200
 
 
+def test_the_next_request_is_prepared_while_one_runs(server, root):
+    """prefetch=1 (the default): request B is fetched, decoded and planned while A generates. B's
+    response headers name its plan, so they come only after its preparation: when they arrive, A
+    (300 greedy tokens, several seconds) still holds its place in the queue."""
+    clip = data_url(root / "media" / "clip.mp4")
+    first = {"model": "tiny", "messages": messages(clip), "max_tokens": 300, "stream": True}
+    second = {"model": "tiny", "messages": messages(clip, "What happens?"), "max_tokens": 2, "stream": True}
+    with httpx.Client(timeout=60, headers=auth()) as client:
+        with client.stream("POST", server.url + "/v1/chat/completions", json=first) as a:
+            lines = a.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"content": ""' not in line)  # A generates
+            with client.stream("POST", server.url + "/v1/chat/completions", json=second) as b:
+                assert b.status_code == 200 and b.headers["x-spava-plan"]
+                depth = httpx.get(server.url + "/metrics", timeout=30, headers=auth()).text
+                assert "spava_queue_depth 2.0" in depth, [x for x in depth.splitlines() if "queue" in x]
+                assert any(line.startswith("data: [DONE]") for line in b.iter_lines())
+
+
 def _stream_through_sigterm(srv: Server, video: str) -> tuple[int, str | None]:
     """A long streaming request; SIGTERM to every process of ``srv`` after its first chunks.
     Returns (chunks, finish_reason)."""
