@@ -5,7 +5,11 @@ groups and the gpus/nodes/frames shorthands) plus their own options, typed and v
 
     RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
                  comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
-    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly...  (conf/serve.yaml)
+    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly, and the request path's
+                 policy and bounds: api_key, allowed_origins, allowed_media_domains, allow_private_media,
+                 allowed_local_media_path, max_video_bytes, media_timeout, max_frames, max_pixels,
+                 max_body_bytes, max_connections, header/read/keep_alive timeouts, request_timeout,
+                 warmup_plans, prefetch                                          (conf/serve.yaml)
 
 ``video=PATH`` keeps its old meaning on these commands: when the value is not an option of the video
 config group it is rewritten to ``video.path=PATH`` (``argv_shorthands``).
