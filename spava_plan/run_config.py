@@ -5,7 +5,11 @@ groups and the gpus/nodes/frames shorthands) plus their own options, typed and v
 
     RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
                  comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
-    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly...  (conf/serve.yaml)
+    ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly, and the request path's
+                 policy and bounds: api_key, allowed_origins, allowed_media_domains, allow_private_media,
+                 allowed_local_media_path, max_video_bytes, media_timeout, max_frames, max_pixels,
+                 max_body_bytes, max_connections, header/read/keep_alive timeouts, request_timeout,
+                 warmup_plans, prefetch                                          (conf/serve.yaml)
 
 ``video=PATH`` keeps its old meaning on these commands: when the value is not an option of the video
 config group it is rewritten to ``video.path=PATH`` (``argv_shorthands``).
@@ -18,7 +22,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from .config import (DTYPES, MethodConfig, ModelConfig, SolverConfig, SpavaConfig, TopologyConfig, VideoConfig,
                      _check_fields, to_config)
@@ -111,13 +115,29 @@ class RunConfig:
         return to_config(data)
 
 
+# Request-path ceilings of spava-serve (serve_media / serve_http): beyond them a value is a typo.
+MAX_VIDEO_BYTES = 64 * 2 ** 30
+MAX_CONNECTIONS = 100_000
+DEFAULT_VIDEO_BYTES = 256 * 2 ** 20
+
+
+def data_url_bytes(video_bytes: int) -> int:
+    """Body bytes a data: URL of ``video_bytes`` needs: base64 (4 per 3) plus 1 MiB for the rest."""
+    return -(-video_bytes // 3) * 4 + 2 ** 20
+
+
 @dataclass
 class ServeConfig(RunConfig):
-    """`spava-serve`: a run config whose requests come over HTTP (OpenAI-compatible API)."""
+    """`spava-serve`: a run config whose requests come over HTTP (OpenAI-compatible API).
+
+    Secure by default: no file:// (allowed_local_media_path unset), no http(s) media
+    (allowed_media_domains empty), no private/loopback addresses, no CORS; every request bounded in
+    bytes (max_body_bytes, max_video_bytes), frames and pixels (from the clip's metadata, before
+    decoding) and time (header_timeout, read_timeout, media_timeout, request_timeout)."""
 
     host: str = "127.0.0.1"  # address rank 0 listens on (0.0.0.0: every interface)
     port: int = 8000
-    served_model_name: Optional[str] = None  # the "model" of /v1/models (default: model.name)
+    served_model_name: Optional[str] = None  # the "model" of /v1/models (default: model.name); others get 404
     queue_size: int = 8  # requests waiting behind the running one; more get HTTP 429
     # A plan family (index.json, e.g. a `spava-plan -m ...` sweep root) to pick the smallest fitting
     # plan from; plans made on the fly are added to it under cache/ (relative: to the working directory).
@@ -125,8 +145,28 @@ class ServeConfig(RunConfig):
     plan_on_the_fly: bool = True  # false: a video that no plan of plan_dir holds is refused (HTTP 400)
     max_cached_plans: int = 16  # plans planned on the fly kept in plan_dir/cache (least recently used evicted)
     max_plan_tokens: int = 1048576  # a larger plan is never planned on the fly (HTTP 400; plan it with spava-plan)
-    request_timeout: float = 600.0  # seconds one request may take before it is cancelled
+    request_timeout: float = 600.0  # seconds one request may take in all (fetch..decode); then HTTP 504
     heartbeat: float = 10.0  # seconds between idle checks of the peer ranks (torchrun)
+    # -- who may call, and from where ---------------------------------------------------------
+    api_key: Optional[str] = None  # null: $SPAVA_API_KEY when set; then every endpoint but /health needs it
+    allowed_origins: List[str] = field(default_factory=list)  # CORS origins (none: no CORS headers)
+    # -- media a request may name (video_url) -------------------------------------------------
+    allowed_media_domains: List[str] = field(default_factory=list)  # http(s) hosts (none: http(s) off)
+    allow_private_media: bool = False  # let http(s) media resolve to loopback/private/link-local addresses
+    allowed_local_media_path: Optional[str] = None  # file:// only under this folder (null: file:// off)
+    max_video_bytes: int = DEFAULT_VIDEO_BYTES  # one video, however it arrives
+    media_timeout: float = 30.0  # seconds to connect to and to fetch an http(s) video
+    max_frames: int = 108_000  # frames in the clip's container (1 h at 30 fps); more: 400 before decoding
+    max_pixels: int = 3840 * 2160  # pixels of one frame (4K); more: 400 before decoding
+    # -- the connection -----------------------------------------------------------------------
+    max_body_bytes: Optional[int] = None  # null: enough for a max_video_bytes data: URL; more: 413
+    max_connections: int = 64  # open connections and requests (uvicorn limit_concurrency); more: 503
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive; then the connection is closed
+    read_timeout: float = 60.0  # seconds for a request's body to arrive; then 408
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open (uvicorn timeout_keep_alive)
+    # -- start and overlap --------------------------------------------------------------------
+    warmup_plans: int = 4  # family plans (beside plan=) loaded and run once before /health says ready
+    prefetch: int = 1  # requests fetched, decoded and preprocessed while another runs (0: one at a time)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,13 +174,48 @@ class ServeConfig(RunConfig):
         _require(1 <= self.port <= 65535, "port", f"must be within 1..65535, got {self.port}")
         _require(bool(self.host.strip()), "host", "must not be empty")
         _require(0 <= self.queue_size <= MAX_QUEUE, "queue_size", f"must be within 0..{MAX_QUEUE}, got {self.queue_size}")
-        for key in ("request_timeout", "heartbeat"):
+        for key in ("request_timeout", "heartbeat", "media_timeout", "header_timeout", "read_timeout"):
             value = getattr(self, key)
             _require(math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S, key,
                      f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, got {value!r}")
         _require(self.heartbeat < self.timeout, "heartbeat",
                  f"must be below timeout ({self.heartbeat:g} >= {self.timeout:g}): idle ranks check on each other "
                  f"more often than the process group gives up on them")
+        _require(1 <= self.keep_alive_timeout <= 3600, "keep_alive_timeout",
+                 f"must be within 1..3600 seconds, got {self.keep_alive_timeout}")
+        if self.api_key is None:
+            self.api_key = os.environ.get("SPAVA_API_KEY") or None
+        if self.api_key is not None:
+            _require(len(self.api_key) >= 8 and self.api_key.isprintable() and " " not in self.api_key, "api_key",
+                     "must be at least 8 printable characters without spaces (or null for no authentication)")
+        for origin in self.allowed_origins:
+            _require(origin == "*" or origin.startswith(("http://", "https://")), "allowed_origins",
+                     f"lists origins like https://app.example.com (or '*'), got {origin!r}")
+        domains = []
+        for host in self.allowed_media_domains:
+            h = host.strip().lower().rstrip(".")
+            _require(bool(h) and not any(c in h for c in "/:@ ?#"), "allowed_media_domains",
+                     f"lists host names (no scheme, path or port), got {host!r}")
+            domains.append(h)
+        self.allowed_media_domains = domains
+        if self.allowed_local_media_path is not None:
+            root = os.path.realpath(os.path.expanduser(self.allowed_local_media_path))
+            _require(os.path.isdir(root), "allowed_local_media_path",
+                     f"must be an existing folder, got {self.allowed_local_media_path!r}")
+            _require(root != "/", "allowed_local_media_path", "must not be the root of the file system")
+            self.allowed_local_media_path = root
+        _require(1 <= self.max_video_bytes <= MAX_VIDEO_BYTES, "max_video_bytes",
+                 f"must be within 1..{MAX_VIDEO_BYTES}, got {self.max_video_bytes}")
+        if self.max_body_bytes is None:
+            self.max_body_bytes = data_url_bytes(self.max_video_bytes)
+        _require(2 ** 10 <= self.max_body_bytes <= 2 * MAX_VIDEO_BYTES, "max_body_bytes",
+                 f"must be within 1024..{2 * MAX_VIDEO_BYTES}, got {self.max_body_bytes}")
+        _require(1 <= self.max_frames <= 10 ** 8, "max_frames", f"must be within 1..10^8, got {self.max_frames}")
+        _require(1 <= self.max_pixels <= 2 ** 31, "max_pixels", f"must be within 1..2^31, got {self.max_pixels}")
+        _require(2 <= self.max_connections <= MAX_CONNECTIONS, "max_connections",
+                 f"must be within 2..{MAX_CONNECTIONS}, got {self.max_connections}")
+        _require(0 <= self.warmup_plans <= 1024, "warmup_plans", f"must be within 0..1024, got {self.warmup_plans}")
+        _require(0 <= self.prefetch <= 16, "prefetch", f"must be within 0..16, got {self.prefetch}")
 
 
 # -- composition ---------------------------------------------------------------------------------

@@ -3,172 +3,121 @@
     torchrun --nproc-per-node W -m spava_plan.serve model.checkpoint=PATH gpus=W port=8000   # NCCL / gloo
     spava-serve model=tiny model.init=random gpus=2 port=8123      # W ranks emulated in one process
 
-The model is loaded once per rank. Rank 0 serves (FastAPI + uvicorn, like vLLM and SGLang):
+The model is loaded once per rank. Rank 0 serves (FastAPI + uvicorn, like vLLM and SGLang; the
+HTTP side, its guards and limits are serve_http.py, the typed request serve_api.py, the media
+policy media.py; docs/serving.md is the operator's page):
 
-    POST /v1/chat/completions  messages with {"type": "video_url", "video_url": {"url": "file:///clip.mp4"}}
-                               and text parts; max_tokens, temperature, top_p, seed, stop, stream (SSE)
-    GET  /v1/models, /health, /metrics (Prometheus: requests, TTFT, decode tokens/s, queue depth)
+    POST /v1/chat/completions  one user message with a {"type": "video_url", "video_url": {"url": ...}} part
+                               (data:video/...;base64, http(s) of allowed_media_domains, file:// under
+                               allowed_local_media_path) and text; max_tokens, temperature, top_p, seed,
+                               stop, stream (SSE)
+    GET  /v1/models, /health, /metrics (Prometheus: requests, refusals by reason, TTFT, decode tokens/s,
+                               queue depth)
 
-Requests run one at a time across the ranks (a worker thread on rank 0 takes them from a bounded
-queue: HTTP 429 when full). Rank 0 prepares a request first (decode, tokenize, plan), so a bad
-request (unreadable video, too long a question, no plan and planning on the fly off) is a 400 that
-never reaches the other ranks; then it sends the request (paths and numbers only) to the other
-ranks, which prepare it the same way, and all run it. Between requests rank 0 pings the others every
-``heartbeat`` seconds, so a rank that dies or hangs makes every rank exit with one line naming it
-within the process-group ``timeout`` (restart with torchrun's ``--max-restarts``). A client that
-disconnects mid-stream cancels its request: rank 0 tells the ranks to stop after the current token.
+Two worker threads on rank 0 (torch stays off the event loop), so the GPUs do not wait for the next
+request's CPU work: the prefetch thread takes admitted requests in order and fetches the video (a
+private temp file), checks its container metadata against max_frames / max_pixels (before any
+decoding), decodes, tokenizes and picks the plan (Engine.prepare); up to ``prefetch`` prepared
+requests wait for the GPU thread, which runs them one at a time across the ranks. Every admitted
+request counts in the queue bound (queue_size + 1: HTTP 429 beyond), prepared ones included, so
+their memory is bounded too. A bad request (refused URL, unreadable video, too long a question, no
+plan) is a 400 from rank 0 that never reaches the other ranks.
+
+Under torchrun, rank 0 sends each request's video bytes to the other ranks with the request
+(all_gather_object), and each writes them to its own private temp file and prepares the same way:
+one fetch, so every rank sees identical bytes (a URL fetched W times may answer differently, and
+ranks that prepared different inputs would hang in their collectives), the media policy runs in
+one place, and ranks on other nodes need neither network access to the media host nor the
+allowed folder. The cost is the clip's bytes over the process group once per request (padded to
+the largest object by all_gather_object), small next to the frames' activations.
+
+Between requests rank 0 pings the others every ``heartbeat`` seconds, so a rank that dies or hangs
+makes every rank exit with one line naming it within the process-group ``timeout``. A client that
+disconnects (streaming or not) or a request past ``request_timeout`` (HTTP 504) is cancelled at
+the worker's next stage boundary (fetch chunk, prepare, each token).
+
+Start: /health answers 503 {"status": "warming up"} until the plans it serves are loaded, their
+backends built and run once (serve_warmup.py). Shutdown: SIGTERM or SIGINT makes rank 0 stop
+accepting (the listening socket closes; /health and new requests on open connections get 503),
+finish the requests it admitted (a stream completes), send stop to the other ranks, and every rank
+exits 0 within ``timeout`` (the other ranks ignore the signals torchrun forwards and leave on stop).
 
 The HTTP side is the optional extra ``pip install .[serve]``.
 """
 from __future__ import annotations
 
-import asyncio
-import json
+import gc
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any, Sequence
-from urllib.parse import unquote, urlparse
 
 from .engine import Engine, Sampling
 from .errors import DistributedError, InputError, SpavaError
+from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
 from .run import _agree, _fail, hydra_main, launch_mode
-
-try:  # FastAPI resolves the handler's annotations by name in this module's globals
-    from fastapi import Request
-except ImportError:  # the serve extra is missing: _serve_http says so in one line
-    Request = Any  # type: ignore[misc,assignment]
+from .serve_jobs import Job, Metrics
+from .serve_warmup import plan_of, synthetic_request, warm_keys
+from .video_meta import probe_clip
 
 log = logging.getLogger("spava_plan.serve")
 PROG = "spava-serve"
 _PING, _STOP = "ping", "stop"
 
 
-# -- the request body --------------------------------------------------------------------------------
-@dataclass
-class ChatRequest:
-    video: str
-    question: str
-    sampling: Sampling
-    stop: list[str]
-    stream: bool
-    model: str
+def method_name(plan: Any) -> str:
+    method = plan.method
+    kind = getattr(method, "kind", None) or getattr(method, "name", None) or method
+    return str(getattr(kind, "value", kind))
 
 
-def _bad(message: str) -> InputError:
-    return InputError(message, setting="request")
-
-
-def parse_chat(body: Any, max_tokens_cap: int) -> ChatRequest:
-    """An OpenAI chat-completions body -> ChatRequest (InputError: HTTP 400)."""
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list")
-    videos: list[str] = []
-    texts: list[str] = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise _bad("each message needs a role of system, user or assistant")
-        if m["role"] != "user":
-            continue  # the plan's prompt layout has the model's own system prompt
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-            continue
-        if not isinstance(content, list):
-            raise _bad("a message's content must be a string or a list of parts")
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "video_url" and isinstance(part.get("video_url"), dict) and isinstance(
-                    part["video_url"].get("url"), str):
-                videos.append(part["video_url"]["url"])
-            else:
-                raise _bad(f"unsupported content part {str(kind)!r}; use 'text' and 'video_url' parts")
-    if len(videos) != 1:
-        raise _bad(f"a request needs exactly one video_url part, got {len(videos)}")
-    url = urlparse(videos[0])
-    if url.scheme != "file" or url.netloc not in ("", "localhost"):
-        raise _bad("video_url must be a file:// URL of a video on the server (file:///path/clip.mp4)")
-    question = "\n".join(t for t in texts if t.strip()).strip()
-    if not question:
-        raise _bad("the request has no question text")
-
-    def number(key: str, default: float, lo: float, hi: float) -> float:
-        value = body.get(key, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
-            raise _bad(f"'{key}' must be a number within {lo:g}..{hi:g}, got {value!r}")
-        return float(value)
-
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_cap:
-        raise _bad(f"'max_tokens' must be an integer within 1..{max_tokens_cap}, got {max_tokens!r}")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-        raise _bad(f"'seed' must be a non-negative integer, got {seed!r}")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise _bad("'stop' must be a string or a list of up to 4 non-empty strings")
-    sampling = Sampling(max_tokens=max_tokens, temperature=number("temperature", 0.0, 0.0, 2.0),
-                        top_p=number("top_p", 1.0, 1e-6, 1.0), seed=seed)
-    return ChatRequest(unquote(url.path), question, sampling, stop, bool(body.get("stream", False)),
-                       str(body.get("model") or ""))
-
-
-# -- jobs between the HTTP side and the worker ------------------------------------------------------
-@dataclass
-class Job:
-    request: ChatRequest
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
-    created: float = field(default_factory=time.time)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    released: bool = False  # its place in the queue is free again
-
-    def emit(self, kind: str, data: Any = None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
-
-
-class Metrics:
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("spava_requests", "Chat completion requests by outcome", ["status"],
-                                registry=self.registry)
-        self.ttft = Histogram("spava_time_to_first_token_seconds", "From admission to the first token",
-                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
-        self.decode = Histogram("spava_decode_tokens_per_second", "Decode speed of a request",
-                                buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=self.registry)
-        self.queue = Gauge("spava_queue_depth", "Requests admitted and not finished", registry=self.registry)
-        self.tokens = Counter("spava_generated_tokens", "Completion tokens", registry=self.registry)
+def check_clip(path: str, cfg: Any) -> None:
+    """The clip's container metadata against max_pixels / max_frames, before anything is decoded."""
+    try:
+        info = probe_clip(path, setting="video_url")
+    except InputError as exc:
+        text = str(exc).replace(repr(path), "the file").replace(path, "the file")  # our temp file: not the client's
+        raise MediaError(text, "video_url.url", "unreadable_video") from None
+    if info.height * info.width > cfg.max_pixels:
+        raise MediaError(f"the video's frames are {info.width}x{info.height} ({info.height * info.width} pixels), "
+                         f"more than max_pixels ({cfg.max_pixels})", "max_pixels", "too_many_pixels")
+    if info.total_frames > cfg.max_frames:
+        raise MediaError(f"the video has {info.total_frames} frames, more than max_frames ({cfg.max_frames})",
+                         "max_frames", "too_many_frames")
 
 
 class Worker:
-    """Rank 0's request loop: one request at a time over all ranks (a thread; torch stays off the
-    event loop)."""
+    """Rank 0's request loop: a prefetch thread prepares, a GPU thread runs one request at a time
+    over all ranks."""
 
     def __init__(self, engine: Engine, cfg: Any, comm: Any, metrics: Metrics):
         self.engine, self.cfg, self.comm, self.metrics = engine, cfg, comm, metrics
-        self.jobs: queue.Queue = queue.Queue()
+        self.policy = MediaPolicy.from_config(cfg)
+        self.jobs: queue.Queue = queue.Queue()  # admitted, not prepared (bounded by admit())
+        self.prepared: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self.admitted = 0
         self.lock = threading.Lock()
         self.fatal: str | None = None
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="spava-worker", daemon=True)
+        self.draining = False  # a signal arrived: no new requests
+        self.ready = threading.Event()  # the plans are warm
+        self.warm = 0
+        self.thread = threading.Thread(target=self._loop, name="spava-gpu", daemon=True)
+        self.prefetcher = (threading.Thread(target=self._prefetch_loop, name="spava-prefetch", daemon=True)
+                           if cfg.prefetch > 0 else None)
+
+    def start(self) -> None:
+        self.thread.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+
+    def stop(self) -> None:
+        """Finish what was admitted, then stop the other ranks (called once the HTTP side is done)."""
+        self.jobs.put(None)
+        self.thread.join(timeout=self.cfg.timeout)
 
     def admit(self, job: Job) -> bool:
         with self.lock:
@@ -197,27 +146,87 @@ class Worker:
         """A request's own failure: 400 for a SpavaError (bad input), 500 for a bug; the server goes on."""
         if isinstance(exc, SpavaError):
             self.metrics.requests.labels("400").inc()
+            self.metrics.refused(getattr(exc, "reason", "bad_input"))
             self._finish(job, "error", (400, str(exc)))
             return
         log.exception("request %s failed %s", job.id, stage)
         self.metrics.requests.labels("500").inc()
         self._finish(job, "error", (500, f"{type(exc).__name__}: {exc}"))
 
+    def _abandon(self, job: Job) -> None:
+        """A job cancelled before or between stages (its client left, or it timed out: the HTTP
+        side answered 504 already)."""
+        status = "504" if job.cancel_reason == "timeout" else "cancelled"
+        self.metrics.requests.labels(status).inc()
+        self._finish(job, "error", (504, "the request took longer than request_timeout; it was cancelled"))
+
+    # -- the prefetch thread ------------------------------------------------------------------
+    def _prefetch_loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            item = None if job is None else self._prepare(job)
+            if job is None or item is not None:
+                self.prepared.put(item)  # blocks while `prefetch` prepared requests wait
+            if job is None:
+                return
+
+    def _prepare(self, job: Job) -> tuple | None:
+        """Fetch, check, decode and preprocess one request; None when it was answered already."""
+        req = job.request
+        if job.stopped():
+            self._abandon(job)
+            return None
+        started = time.perf_counter()
+        media = None
+        try:
+            media = fetch_media(req.video_url, self.policy, job.stopped)
+            check_clip(media.path, self.cfg)
+            if job.stopped():
+                raise _Stopped
+            prepared = self.engine.prepare(media.path, req.question)
+        except _Stopped:
+            media.close()
+            self._abandon(job)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a bad or failing request must not take the server down
+            if media is not None:
+                media.close()
+            if job.stopped():
+                self._abandon(job)
+            else:
+                self._reject(job, exc, "while preparing")
+            return None
+        self.metrics.prepare.observe(time.perf_counter() - started)
+        job.emit("plan", {"plan": prepared.plan.hash[:16], "method": method_name(prepared.plan)})
+        return job, prepared, media, started
+
+    # -- the GPU thread -----------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            while not self.stopping.is_set():
+            self._warmup()
+            self.ready.set()
+            source = self.prepared if self.prefetcher is not None else self.jobs
+            while True:
                 try:
-                    job = self.jobs.get(timeout=self.cfg.heartbeat)
+                    item = source.get(timeout=self.cfg.heartbeat)
                 except queue.Empty:
                     if self.comm is not None:  # idle: check that every rank is still there
                         self.comm.all_gather_object(_PING)
                     continue
-                if job is None:
+                if item is None:
                     break
+                if self.prefetcher is None:
+                    item = self._prepare(item)
+                    if item is None:
+                        continue
+                job, prepared, media, started = item
                 try:
-                    self._run(job)
+                    self._run(job, prepared, media, started)
                 finally:
+                    media.close()
                     self._done(job)
+                    del prepared, item
+                    self._free()
             if self.comm is not None:
                 self.comm.all_gather_object(_STOP)
         except DistributedError as exc:  # a rank died or hung: the whole server goes, naming it
@@ -232,22 +241,41 @@ class Worker:
                 self.comm.report_failure(exc)
             os._exit(1)
 
-    def _run(self, job: Job) -> None:
+    def _free(self) -> None:
+        """Give a finished request's memory back (its activations, KV cache and frames)."""
+        gc.collect()
+        if getattr(self.engine.device, "type", "cpu") == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _warmup(self) -> None:
+        keys = warm_keys(self.engine, self.cfg.warmup_plans)
+        if self.comm is not None:
+            self.comm.all_gather_object({"warmup": keys})
+        for key in keys:
+            started = time.perf_counter()
+            try:
+                warm_one(self.engine, plan_of(self.engine, key), self.comm)
+            except DistributedError:
+                raise
+            except SpavaError as exc:  # a family plan this world cannot run: requests will not get it either
+                log.warning("not warmed: %s (%s)", key, exc)
+                continue
+            self.warm += 1
+            log.info("warm: %s in %.1f s", key, time.perf_counter() - started)
+
+    def _run(self, job: Job, prepared: Any, media: Any, started: float) -> None:
         req = job.request
-        if job.cancelled.is_set():
-            self.metrics.requests.labels("cancelled").inc()
+        if job.stopped():
+            self._abandon(job)
             return
-        started = time.perf_counter()
         try:
-            prepared = self.engine.prepare(req.video, req.question)
             backend = self.engine.backend(prepared, rank_threads=self.comm is None)
-        except DistributedError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a bad or failing request must not take the server down
-            self._reject(job, exc, "while preparing")
+            self._reject(job, exc, "while building its backend")
             return
         state = {"text": "", "sent": 0, "finish": None, "first": None}
-        deadline = time.monotonic() + self.cfg.request_timeout
 
         def on_token(tokens: list[int]) -> bool:
             if state["first"] is None:
@@ -269,15 +297,15 @@ class Worker:
                 job.emit("delta", text[state["sent"]:safe])
                 state["sent"] = safe
             state["text"] = text
-            if job.cancelled.is_set() or time.monotonic() > deadline:
+            if job.stopped():
                 state["finish"] = state["finish"] or "cancelled"
             return state["finish"] is None
 
-        request = {"video": req.video, "question": req.question, "sampling": req.sampling.__dict__}
         try:
             if self.comm is None:
                 result = self._run_emulated(prepared, backend, req.sampling, on_token)
             else:
+                request = {"video": media.read_bytes(), "question": req.question, "sampling": req.sampling.__dict__}
                 result = self._run_dist(prepared, backend, req.sampling, on_token, request)
         except DistributedError:
             raise
@@ -293,19 +321,17 @@ class Worker:
         if t.decode_tokens_per_s > 0:
             self.metrics.decode.observe(t.decode_tokens_per_s)
         self.metrics.tokens.inc(len(tokens))
-        self.metrics.requests.labels("cancelled" if finish == "cancelled" else "200").inc()
+        if finish == "cancelled":
+            self._abandon(job) if job.cancel_reason == "timeout" else self.metrics.requests.labels("cancelled").inc()
+        else:
+            self.metrics.requests.labels("200").inc()
         self._finish(job, "done", {"finish_reason": "stop" if finish == "cancelled" else finish, "tokens": tokens,
-                          "plan": prepared.plan.hash[:16],
-                          "prompt_tokens": self.engine.prompt_tokens(prepared), "completion_tokens": len(tokens),
-                          "text": text})
+                                   "plan": prepared.plan.hash[:16], "method": method_name(prepared.plan),
+                                   "prompt_tokens": self.engine.prompt_tokens(prepared),
+                                   "completion_tokens": len(tokens), "text": text})
 
     def _run_emulated(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any) -> Any:
-        from .runtime.comm_emulated import EmulatedWorld
-
-        world = EmulatedWorld.for_plan(prepared.plan, timeout_s=self.cfg.timeout)
-        results = world.run(lambda rank: self.engine.generate(prepared, world.comm(rank), backend, sampling,
-                                                              on_token if rank == 0 else _always))
-        return results[0]
+        return run_emulated(self.engine, prepared, backend, sampling, on_token, self.cfg.timeout)
 
     def _run_dist(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any, request: dict) -> Any:
         self.comm.all_gather_object(request)
@@ -313,18 +339,51 @@ class Worker:
         return self.engine.generate(prepared, self.comm, backend, sampling, on_token)
 
 
+class _Stopped(Exception):
+    """The job was cancelled between two stages of its preparation."""
+
+
+def run_emulated(engine: Engine, prepared: Any, backend: Any, sampling: Sampling, on_token: Any,
+                 timeout: float) -> Any:
+    from .runtime.comm_emulated import EmulatedWorld
+
+    world = EmulatedWorld.for_plan(prepared.plan, timeout_s=timeout)
+    results = world.run(lambda rank: engine.generate(prepared, world.comm(rank), backend, sampling,
+                                                     on_token if rank == 0 else _always))
+    return results[0]
+
+
+def warm_one(engine: Engine, plan: Any, comm: Any) -> None:
+    """One plan's backend built and run once for one token on every rank (serve_warmup)."""
+    error: SpavaError | None = None
+    prepared = backend = None
+    try:
+        prepared = synthetic_request(engine, plan)
+        backend = engine.backend(prepared, rank_threads=comm is None)
+    except DistributedError:
+        raise
+    except SpavaError as exc:
+        error = exc
+    if comm is None:
+        if error is not None:
+            raise error
+        run_emulated(engine, prepared, backend, Sampling(max_tokens=1), _always, engine.cfg.timeout)
+        return
+    _agree(comm, error)
+    engine.generate(prepared, comm, backend, Sampling(max_tokens=1), _always)
+
+
 def _always(tokens: list[int]) -> bool:
     return True
 
 
 def follower_loop(engine: Engine, comm: Any) -> None:
-    """Ranks other than 0: wait for rank 0's next request (or ping), run it, repeat until stop.
+    """Ranks other than 0: wait for rank 0's next message (warm-up, request, ping), run it, repeat
+    until stop.
 
-    Ctrl-C / SIGTERM (torchrun forwards them to every worker) are left to rank 0: its server shuts
-    down and sends stop, so the ranks leave together; if rank 0 is gone instead, the next
+    Ctrl-C / SIGTERM (torchrun forwards them to every worker) are left to rank 0: it finishes what
+    it admitted and sends stop, so the ranks leave together; if rank 0 is gone instead, the next
     collective fails and this rank exits naming it."""
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     while True:
@@ -333,129 +392,43 @@ def follower_loop(engine: Engine, comm: Any) -> None:
             return
         if msg == _PING:
             continue
+        if "warmup" in msg:
+            for key in msg["warmup"]:
+                try:
+                    warm_one(engine, plan_of(engine, key), comm)
+                except DistributedError:
+                    raise
+                except SpavaError:
+                    continue  # rank 0 logs it and goes on
+            continue
         error: SpavaError | None = None
         prepared = backend = None
+        media = media_from_bytes(msg["video"], "rank 0")
         try:
-            prepared = engine.prepare(msg["video"], msg["question"])
-            backend = engine.backend(prepared)
-        except DistributedError:
-            raise
-        except SpavaError as exc:
-            error = exc
-        try:
-            _agree(comm, error)
-        except DistributedError:
-            raise
-        except SpavaError:
-            continue  # rank 0 answers the client with the error; wait for the next request
-        try:
-            engine.generate(prepared, comm, backend, Sampling(**msg["sampling"]), _always)
-        except DistributedError:
-            raise
-        except SpavaError as exc:  # e.g. out of memory on this rank: the peers see the collective fail
-            comm.report_failure(exc)
-            raise DistributedError(f"rank {comm.rank}: {exc}", setting="runtime") from None
-
-
-# -- the HTTP app ---------------------------------------------------------------------------------------
-def build_app(worker: Worker, model_name: str) -> Any:
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from .run_config import MAX_NEW_TOKENS
-
-    app = FastAPI(title="spava-serve")
-    metrics = worker.metrics
-
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> Any:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-    @app.get("/health")
-    async def health() -> Any:
-        if worker.fatal is not None:
-            return error(503, worker.fatal, "server_error")
-        return {"status": "ok", "ranks": worker.engine.world_size, "queue": worker.admitted}
-
-    @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "spava-plan"}]}
-
-    @app.get("/metrics")
-    async def prometheus() -> Any:
-        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/v1/chat/completions")
-    async def chat(http: Request) -> Any:
-        try:
-            body = json.loads(await http.body())
-        except (ValueError, UnicodeDecodeError):
-            metrics.requests.labels("400").inc()
-            return error(400, "the body is not valid JSON")
-        try:
-            req = parse_chat(body, MAX_NEW_TOKENS)
-        except InputError as exc:
-            metrics.requests.labels("400").inc()
-            return error(400, str(exc))
-        job = Job(req, asyncio.get_running_loop(), asyncio.Queue())
-        if not worker.admit(job):
-            metrics.requests.labels("429").inc()
-            return error(429, f"the server is busy ({worker.cfg.queue_size} requests queued); retry later",
-                         "rate_limit_error")
-        if req.stream:
-            return StreamingResponse(_sse(job, model_name), media_type="text/event-stream")
-        try:
-            text_parts: list[str] = []
-            while True:
-                kind, data = await job.events.get()
-                if kind == "delta":
-                    text_parts.append(data)
-                elif kind == "error":
-                    return error(*data)
-                else:
-                    break
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
-        # system_fingerprint: the plan that answered (OpenAI's field for "the backend configuration").
-        return {"id": job.id, "object": "chat.completion", "created": int(job.created), "model": model_name,
-                "system_fingerprint": data["plan"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text_parts)},
-                             "finish_reason": data["finish_reason"]}],
-                "usage": {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
-                          "total_tokens": data["prompt_tokens"] + data["completion_tokens"]}}
-
-    return app
-
-
-async def _sse(job: Job, model_name: str) -> Any:
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, plan: str | None = None) -> str:
-        data: dict = {"id": job.id, "object": "chat.completion.chunk", "created": int(job.created),
-                      "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if plan is not None:
-            data["system_fingerprint"] = plan
-        if usage is not None:
-            data["usage"] = usage
-        return f"data: {json.dumps(data)}\n\n"
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, data = await job.events.get()
-            if kind == "delta":
-                yield chunk({"content": data})
-            elif kind == "error":
-                yield f"data: {json.dumps({'error': {'message': data[1], 'code': data[0]}})}\n\n"
-                break
-            else:
-                usage = {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
-                         "total_tokens": data["prompt_tokens"] + data["completion_tokens"]}
-                yield chunk({}, data["finish_reason"], usage, data["plan"])
-                break
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (or we are done): a running request stops after this token
-        job.cancelled.set()
+            try:
+                prepared = engine.prepare(media.path, msg["question"])
+                backend = engine.backend(prepared)
+            except DistributedError:
+                raise
+            except SpavaError as exc:
+                error = exc
+            try:
+                _agree(comm, error)
+            except DistributedError:
+                raise
+            except SpavaError:
+                continue  # rank 0 answers the client with the error; wait for the next request
+            try:
+                engine.generate(prepared, comm, backend, Sampling(**msg["sampling"]), _always)
+            except DistributedError:
+                raise
+            except SpavaError as exc:  # e.g. out of memory on this rank: the peers see the collective fail
+                comm.report_failure(exc)
+                raise DistributedError(f"rank {comm.rank}: {exc}", setting="runtime") from None
+        finally:
+            media.close()
+            del prepared
+            gc.collect()
 
 
 # -- process entry -------------------------------------------------------------------------------------
@@ -473,6 +446,9 @@ def serve(cfg: Any) -> int:
         local = int(os.environ.get("LOCAL_RANK", rank))
     else:
         world, local = int(cfg.gpus) if not cfg.plan else _plan_world(cfg.plan), None
+    if os.path.exists(cfg.plan_dir) and not os.path.isdir(cfg.plan_dir):
+        return _fail(InputError(f"must be a folder (a plan family), got the file {cfg.plan_dir!r}",
+                                setting="plan_dir"), rank if comm is not None else None, PROG)
     if rank == 0:
         _check_port(cfg.host, cfg.port)  # before minutes of model loading
     try:
@@ -528,30 +504,39 @@ def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
     except ImportError as exc:
         raise InputError(f"the HTTP side is not installed ({exc.name}); pip install 'spava-plan[serve]'",
                          setting="serve") from None
+    from .serve_http import build_app, uvicorn_config
 
     metrics = Metrics()
     worker = Worker(engine, cfg, comm, metrics)
     name = cfg.served_model_name or engine.base.model.name
-    app = build_app(worker, name)
-    worker.thread.start()
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    log.info("serving %s on http://%s:%d (%d ranks, %s)", name, cfg.host, cfg.port, engine.world_size,
-             comm.label if comm is not None else "emulated in one process")
+    app = build_app(worker, name, cfg)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not worker.draining:
+                log.info("signal %d: finishing the requests in flight, then stopping", sig)
+            worker.draining = True  # /health and requests on open connections: 503
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn_config(app, cfg))
+    # uvicorn re-raises the signal it stopped for once it is done; a handler of ours makes that a
+    # no-op, so the process ends with its own exit code (0) instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    worker.start()
+    log.info("serving %s on http://%s:%d (%d ranks, %s; auth %s)", name, cfg.host, cfg.port, engine.world_size,
+             comm.label if comm is not None else "emulated in one process", "on" if cfg.api_key else "off")
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for: a normal stop
-        log.info("stopped")
     except SystemExit:  # uvicorn exits when it cannot bind
         raise InputError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this host)",
                          setting="port") from None
     finally:
-        worker.stopping.set()
-        worker.jobs.put(None)
-        worker.thread.join(timeout=cfg.timeout)
+        worker.draining = True
+        worker.stop()
     if not server.started:
         raise InputError(f"could not listen on {cfg.host}:{cfg.port} (in use?)", setting="port")
+    log.info("stopped")
     if comm is not None:
         comm.close()
     return 0

@@ -1,0 +1,57 @@
+"""Warm start for spava-serve: run each plan it serves once before /health says ready.
+
+The plans: its ``plan=`` and up to ``warmup_plans`` plans of the family in plan_dir (or, when it has
+neither, the base plan from its config). Each is loaded, its backend built through the same path a
+request takes (Engine.backend: kernels rendered, and on a GPU every launch tuned and compiled the
+first time it runs, reusing kernels/autotune.json when present), and run once end to end on random
+frames at the plan's size for one token, on every rank, so the first user request pays none of it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .plan_load import load_plan
+
+log = logging.getLogger("spava_plan.serve")
+WARMUP_QUESTION = "Describe the video."
+
+
+def warm_keys(engine: Any, count: int) -> list[str]:
+    """Rank 0's list of plans to warm: 'fixed' (plan=), family plan.json paths, or 'base'."""
+    keys, hashes = [], set()
+    if engine.fixed is not None:
+        keys.append("fixed")
+        hashes.add(engine.fixed.hash)
+    for entry in engine.store.entries():
+        if len(keys) - (engine.fixed is not None) >= count:
+            break
+        if entry.hash not in hashes:
+            keys.append(str(engine.store.directory(entry) / "plan.json"))
+            hashes.add(entry.hash)
+    if not keys and count > 0:
+        keys.append("base")
+    return keys
+
+
+def plan_of(engine: Any, key: str) -> Any:
+    if key == "fixed":
+        return engine.fixed
+    if key == "base":
+        return engine.base
+    return load_plan(key)
+
+
+def synthetic_request(engine: Any, plan: Any) -> Any:
+    """A Prepared request for ``plan`` on random frames of its size (what spava-run model.init=random
+    runs), as Engine.prepare would hand it to the backend and generate."""
+    from .run import Args, Prepared, _build_inputs, _random_frames
+    from .runtime import hf_inputs
+
+    args = Args(**{**engine.args.__dict__, "question": WARMUP_QUESTION})
+    inputs = _build_inputs(args, plan, engine.processing, engine.model, _random_frames(plan, engine.args.seed))
+    positions = hf_inputs.global_position_ids(engine.model, inputs)
+    hf_inputs.check_against_plan(plan, inputs, positions)
+    inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
+    return Prepared(plan, engine.store.root, engine.model, engine.processing, inputs, positions, engine.device,
+                    engine.eos, [], 0.0, plan is not engine.fixed)
