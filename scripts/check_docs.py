@@ -11,6 +11,7 @@ Commands live in fenced blocks. The block's info string says what the check does
     ```bash gpu             not run in CI: needs CUDA GPUs (torchrun over NCCL, device benchmarks)
     ```bash checkpoint      not run in CI: needs real model weights
     ```bash pending         not run in CI: uses settings another branch is building; parsed only
+    ```bash long            not run in CI: a CPU benchmark of minutes (results in benchmarks/results/)
     ```bash setup           an install command: must be one that CI itself runs (SETUP below)
     ```python server        client code for a running server: compiled, not run
 
@@ -49,6 +50,7 @@ NOT_RUN = {  # tag -> why the block cannot run on a CI CPU
     "gpu": "needs CUDA GPUs",
     "checkpoint": "needs real model weights",
     "pending": "uses settings another branch is building",
+    "long": "a CPU benchmark of minutes, run by hand (its results are dated in benchmarks/results/)",
 }
 RUN_TAGS = {"", "server"}
 # Install commands are not re-run here (minutes each): each must be one CI runs itself, found in
@@ -130,21 +132,43 @@ def parse_blocks(page: Path, text: str) -> tuple[list[Block], list[str], list[tu
     return blocks, errors, prose
 
 
+HEREDOC_RE = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
+
+
 def commands(text: str) -> list[str]:
-    """Shell commands of a block: backslash continuations joined, comments and blank lines dropped."""
+    """Shell commands of a block: backslash continuations joined, a here-document kept with its
+    command, comments and blank lines dropped."""
     out, current = [], ""
-    for raw in text.splitlines():
-        line = raw.rstrip()
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        i += 1
         if not current and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.endswith("\\"):
             current += line[:-1].rstrip() + " "
             continue
-        out.append((current + line.lstrip() if current else line.strip()))
+        command = current + line.lstrip() if current else line.strip()
         current = ""
+        doc = HEREDOC_RE.search(command)
+        if doc:  # the body up to the terminator line belongs to this command
+            body = []
+            while i < len(lines) and lines[i].strip() != doc.group(2):
+                body.append(lines[i])
+                i += 1
+            i += 1
+            command = "\n".join([command, *body, doc.group(2)])
+        out.append(command)
     if current:
         out.append(current.strip())
     return out
+
+
+def short(command: str) -> str:
+    """A command as one line of a message."""
+    line = command.replace("\n", " | ")
+    return line if len(line) <= 90 else line[:87] + "..."
 
 
 def expected_exit(command: str) -> int:
@@ -176,7 +200,7 @@ def _entry_argv(command: str) -> tuple[str, list[str]] | None:
 def check_marked(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
     res = Result()
     for cmd in commands(block.text):
-        label = f"{block.where()}: {cmd[:90]}"
+        label = f"{block.where()}: {short(cmd)}"
         before = len(res.errors)
         syntax = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         if syntax.returncode:
@@ -188,7 +212,10 @@ def check_marked(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
         entry = _entry_argv(cmd)
         if entry and block.tag != "pending":
             module, args = entry
-            args = [a for a in args if not a.startswith("--") and "=" in a]  # overrides only
+            multirun = "-m" in args or "--multirun" in args
+            args = [a for a in args if not a.startswith("-") and "=" in a]  # overrides only
+            if multirun:  # --cfg cannot be combined with -m: compose the sweep's first job
+                args = [re.sub(r"^([^=]+=)([^,\[\]{}]*),.*$", r"\1\2", a) for a in args]
             probe = subprocess.run([sys.executable, "-m", module, *args, "--cfg", "job"], cwd=cwd, env=env,
                                    capture_output=True, text=True, timeout=timeout)
             if probe.returncode:
@@ -256,7 +283,7 @@ def run_server(cmd: str, label: str, env: dict, cwd: Path, timeout: float) -> st
 def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
     res = Result()
     for cmd in commands(block.text):
-        label = f"{block.where()}: {cmd[:90]}"
+        label = f"{block.where()}: {short(cmd)}"
         t0 = time.monotonic()
         if block.tag == "server":
             err = run_server(cmd, label, env, cwd, timeout)
@@ -307,11 +334,11 @@ def check_page(page: Path, timeout: float, list_only: bool) -> Result:
                 if block.tag == "setup":
                     res.add(check_setup(block))
                 elif block.tag in NOT_RUN:
-                    res.add(Result(marked=[f"{block.where()}: {c[:90]}  [not run: {NOT_RUN[block.tag]}]"
+                    res.add(Result(marked=[f"{block.where()}: {short(c)}  [not run: {NOT_RUN[block.tag]}]"
                                            for c in commands(block.text)]) if list_only
                             else check_marked(block, env, work, timeout))
                 elif block.tag in RUN_TAGS:
-                    res.add(Result(ran=[f"{block.where()}: {c[:90]}" for c in commands(block.text)]) if list_only
+                    res.add(Result(ran=[f"{block.where()}: {short(c)}" for c in commands(block.text)]) if list_only
                             else run_block(block, env, work, timeout))
                 else:
                     res.errors.append(f"{block.where()}: unknown tag {block.tag!r} (known: server, setup, "
