@@ -5,7 +5,8 @@ every link resolves.
 Commands live in fenced blocks. The block's info string says what the check does with them:
 
     ```bash                 run here (CPU, fresh temp dir per page, bounded time); exit 0 expected,
-                            or the code a trailing `# exits N` comment states
+                            or the code a trailing `# exits N` comment states (`# exits 2: names
+                            SETTING`: and the error names SETTING)
     ```bash server          a server command: started with its port= moved to a free port, passes
                             when GET /health answers 200, then stopped
     ```bash gpu             not run in CI: needs CUDA GPUs (torchrun over NCCL, device benchmarks)
@@ -65,7 +66,7 @@ PENDING_LINKS = {"docs/serving.md": "the server engineer's page (issue 24)"}
 # A line that looks like a command, for catching commands outside a tagged block.
 COMMAND_RE = re.compile(r"^\s*(\$ )?(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
                         r"python3? (benchmarks|scripts)/|bash scripts/|pip install|curl )")
-EXITS_RE = re.compile(r"#\s*exits\s+(\d+)\b")
+EXITS_RE = re.compile(r"#\s*exits\s+(\d+)\b(?::\s*names\s+([\w.]+))?")
 FENCE_RE = re.compile(r"^(\s*)(```+|~~~+)\s*([^`]*)$")
 LINK_RE = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 ENTRY_POINTS = {"spava-plan": "spava_plan.cli", "spava-run": "spava_plan.run", "spava-serve": "spava_plan.serve"}
@@ -171,9 +172,11 @@ def short(command: str) -> str:
     return line if len(line) <= 90 else line[:87] + "..."
 
 
-def expected_exit(command: str) -> int:
+def expected_exit(command: str) -> tuple[int, str | None]:
+    """The exit code a trailing `# exits N` states (0 without one), and the setting that a
+    `# exits N: names SETTING` comment says the error line names."""
     m = EXITS_RE.search(command)
-    return int(m.group(1)) if m else 0
+    return (int(m.group(1)), m.group(2)) if m else (0, None)
 
 
 def _entry_argv(command: str) -> tuple[str, list[str]] | None:
@@ -292,16 +295,18 @@ def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
             else:
                 res.ran.append(f"{label}  [served /health in {time.monotonic() - t0:.1f} s]")
             continue
-        want = expected_exit(cmd)
+        want, names = expected_exit(cmd)
         try:
             proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             res.errors.append(f"{label}: still running after {timeout:.0f} s")
             continue
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
         if proc.returncode != want:
-            tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
             res.errors.append(f"{label}: exit {proc.returncode}, expected {want}: {tail}")
+        elif names and names not in proc.stderr + proc.stdout:
+            res.errors.append(f"{label}: the error does not name {names}: {tail}")
         else:
             res.ran.append(f"{label}  [exit {want}, {time.monotonic() - t0:.1f} s]")
     return res
