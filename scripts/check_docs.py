@@ -6,7 +6,8 @@ Commands live in fenced blocks. The block's info string says what the check does
 
     ```bash                 run here (CPU, fresh temp dir per page, bounded time); exit 0 expected,
                             or the code a trailing `# exits N` comment states (`# exits 2: names
-                            SETTING`: and the error names SETTING)
+                            SETTING`: and the error names SETTING); a refused command must leave
+                            no files behind
     ```bash server          a server command: started with its port= moved to a free port, passes
                             when GET /health answers 200, then stopped
     ```bash gpu             not run in CI: needs CUDA GPUs (torchrun over NCCL, device benchmarks)
@@ -296,6 +297,7 @@ def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
                 res.ran.append(f"{label}  [served /health in {time.monotonic() - t0:.1f} s]")
             continue
         want, names = expected_exit(cmd)
+        before = set(cwd.rglob("*"))
         try:
             proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True,
                                   timeout=timeout)
@@ -307,6 +309,8 @@ def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
             res.errors.append(f"{label}: exit {proc.returncode}, expected {want}: {tail}")
         elif names and names not in proc.stderr + proc.stdout:
             res.errors.append(f"{label}: the error does not name {names}: {tail}")
+        elif want and (left := sorted(str(p.relative_to(cwd)) for p in set(cwd.rglob("*")) - before)):
+            res.errors.append(f"{label}: a refused command left files behind: {', '.join(left[:5])}")
         else:
             res.ran.append(f"{label}  [exit {want}, {time.monotonic() - t0:.1f} s]")
     return res

@@ -39,6 +39,11 @@ def test_a_failing_command_is_an_error_and_a_stated_exit_code_is_checked(tmp_pat
     assert "does not name video.fps" in res.errors[2]
 
 
+def test_a_refused_command_must_leave_no_files(tmp_path, monkeypatch):
+    res = _check(tmp_path, monkeypatch, f"{FENCE}bash\nbash -c 'mkdir -p outputs/x; exit 2'   # exits 2\n{FENCE}\n")
+    assert len(res.errors) == 1 and "left files behind: outputs" in res.errors[0], res
+
+
 def test_commands_run_in_order_in_one_scratch_dir_per_page(tmp_path, monkeypatch):
     res = _check(tmp_path, monkeypatch, f"{FENCE}bash\necho hi > made.txt\n{FENCE}\n\n"
                                         f"{FENCE}bash\ntest -f made.txt && \\\n  grep -q hi made.txt\n{FENCE}\n")
