@@ -15,7 +15,9 @@ Commands live in fenced blocks. The block's info string says what the check does
     ```bash pending         not run in CI: uses settings another branch is building; parsed only
     ```bash long            not run in CI: a CPU benchmark of minutes (results in benchmarks/results/)
     ```bash setup           an install command: must be one that CI itself runs (SETUP below)
-    ```python server        client code for a running server: compiled, not run
+    ```python server        client code: run against the page's server (the last ```bash server
+                            block, kept running until the page is done; its 127.0.0.1 port moved)
+    ```python pending       (or gpu, checkpoint, long): compiled, not run
 
 For blocks that are not run, every command is still parsed (`bash -n`), every `spava-*` command
 (and `torchrun ... -m spava_plan.X`) composes its config with Hydra's `--cfg job` (so a misspelt
@@ -251,48 +253,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_server(cmd: str, label: str, env: dict, cwd: Path, timeout: float) -> str | None:
-    """Start a server command on a free port; None once /health answers 200, else the error."""
-    port = _free_port()
-    moved = re.sub(r"\bport=\d+", f"port={port}", cmd)
-    if moved == cmd:
-        moved = f"{cmd} port={port}"
-    log = cwd / f"server-{port}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "-c", f"exec {moved}"], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+class Server:
+    """A server command of a page, on a free port, running until the page is done."""
+
+    def __init__(self, cmd: str, env: dict, cwd: Path):
+        self.port = _free_port()
+        moved = re.sub(r"\bport=\d+", f"port={self.port}", cmd)
+        if moved == cmd:
+            moved = f"{cmd} port={self.port}"
+        self.log = cwd / f"server-{self.port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(["bash", "-c", f"exec {moved}"], cwd=cwd, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> str | None:
+        """None once GET /health answers 200, else what went wrong."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return f"{label}: exited with {proc.returncode} before serving: {log.read_text()[-600:]}"
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode} before serving: {self.log.read_text()[-600:]}"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
                         return None
             except OSError:
                 pass
             time.sleep(0.5)
-        return f"{label}: no /health answer within {timeout:.0f} s: {log.read_text()[-600:]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the session this check started, nothing else
+        return f"no /health answer within {timeout:.0f} s: {self.log.read_text()[-600:]}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the session this check started, nothing else
             try:
-                proc.wait(timeout=30)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
-def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
+def run_block(block: Block, env: dict, cwd: Path, timeout: float, servers: list[Server]) -> Result:
     res = Result()
     for cmd in commands(block.text):
         label = f"{block.where()}: {short(cmd)}"
         t0 = time.monotonic()
         if block.tag == "server":
-            err = run_server(cmd, label, env, cwd, timeout)
+            server = Server(cmd, env, cwd)
+            servers.append(server)  # stopped when the page is done: later client blocks talk to it
+            err = server.wait_healthy(timeout)
             if err:
-                res.errors.append(err)
+                res.errors.append(f"{label}: {err}")
             else:
                 res.ran.append(f"{label}  [served /health in {time.monotonic() - t0:.1f} s]")
             continue
@@ -316,6 +325,25 @@ def run_block(block: Block, env: dict, cwd: Path, timeout: float) -> Result:
     return res
 
 
+def run_client(block: Block, env: dict, cwd: Path, timeout: float, servers: list[Server]) -> Result:
+    """A `python server` block: run against the page's live server (its documented 127.0.0.1 port
+    moved to the server's)."""
+    live = [s for s in servers if s.proc.poll() is None]
+    label = f"{block.where()}: python"
+    if not live:
+        return Result(errors=[f"{label}: needs a running server from an earlier ```bash server block of the page"])
+    code = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{live[-1].port}", block.text)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-"], input=code, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Result(errors=[f"{label}: still running after {timeout:.0f} s"])
+    if proc.returncode:
+        return Result(errors=[f"{label}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-800:]}"])
+    return Result(ran=[f"{label}  [against the server, {time.monotonic() - t0:.1f} s]"])
+
+
 def make_fixtures(cwd: Path) -> None:
     """clip.mp4, the clip the pages' commands name: a 12 s, 336x224 clip (PyAV)."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -335,8 +363,9 @@ def check_page(page: Path, timeout: float, list_only: bool) -> Result:
     work = Path(tempfile.mkdtemp(prefix="check_docs-"))
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     env.pop("HYDRA_FULL_ERROR", None)
+    servers: list[Server] = []
     try:
-        if any("clip.mp4" in b.text for b in blocks if b.lang in ("bash", "sh")) and not list_only:
+        if any("clip.mp4" in b.text for b in blocks if b.lang in ("bash", "sh", "python")) and not list_only:
             make_fixtures(work)
         for block in blocks:
             if block.lang in ("bash", "sh"):
@@ -348,25 +377,33 @@ def check_page(page: Path, timeout: float, list_only: bool) -> Result:
                             else check_marked(block, env, work, timeout))
                 elif block.tag in RUN_TAGS:
                     res.add(Result(ran=[f"{block.where()}: {short(c)}" for c in commands(block.text)]) if list_only
-                            else run_block(block, env, work, timeout))
+                            else run_block(block, env, work, timeout, servers))
                 else:
                     res.errors.append(f"{block.where()}: unknown tag {block.tag!r} (known: server, setup, "
                                       f"{', '.join(NOT_RUN)})")
             elif block.lang == "python":
-                if block.tag != "server":
-                    res.errors.append(f"{block.where()}: a python block must be tagged `python server` "
-                                      f"(client code, compiled only)")
                 try:
                     compile(block.text, block.where(), "exec")
-                    res.marked.append(f"{block.where()}: python  [compiled: needs a running server]")
                 except SyntaxError as e:
                     res.errors.append(f"{block.where()}: python does not compile: {e}")
+                    continue
+                if block.tag == "server":
+                    res.add(Result(ran=[f"{block.where()}: python"]) if list_only
+                            else run_client(block, env, work, timeout, servers))
+                elif block.tag in NOT_RUN:
+                    res.marked.append(f"{block.where()}: python  [compiled, not run: {NOT_RUN[block.tag]}]")
+                else:
+                    res.errors.append(f"{block.where()}: a python block must be tagged `python server` (run "
+                                      f"against the page's server) or with a reason it is not run "
+                                      f"({', '.join(NOT_RUN)})")
             elif block.lang in ("", "text", "console"):
                 for k, line in enumerate(block.text.splitlines()):
                     if line.startswith("$ ") or (block.lang == "" and COMMAND_RE.match(line)):
                         res.errors.append(f"{rel(block.page)}:{block.line + k + 1}: a command in "
                                           f"an untagged block; put it in a ```bash block")
     finally:
+        for server in servers:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return res
 

@@ -68,6 +68,32 @@ def test_an_unknown_tag_and_an_untagged_python_block_are_errors(tmp_path, monkey
     assert any("must be tagged `python server`" in e for e in res.errors), res
 
 
+SERVER = """import functools, http.server, sys
+port = int(next(a for a in sys.argv if a.startswith("port="))[5:])
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+"""
+
+
+def test_a_server_block_serves_and_client_blocks_talk_to_it(tmp_path, monkeypatch):
+    # A real HTTP server (the standard library's), whose folder holds a file named "health".
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok")
+    (site / "answer").write_text("42")
+    (tmp_path / "serve.py").write_text(SERVER)
+    client = "import urllib.request\nassert urllib.request.urlopen('http://127.0.0.1:8123/answer').read() == b'{}'\n"
+    text = (f"{FENCE}python server\n{client.format(42)}{FENCE}\n"  # no server yet
+            f"{FENCE}bash server\n{sys.executable} {tmp_path / 'serve.py'} {site} port=8123\n{FENCE}\n"
+            f"{FENCE}python server\n{client.format(42)}{FENCE}\n{FENCE}python server\n{client.format(7)}{FENCE}\n"
+            f"{FENCE}python pending\nprint(1\n{FENCE}\n")
+    res = _check(tmp_path, monkeypatch, text)
+    assert len(res.ran) == 2, res  # the server, the first client against it
+    assert len(res.errors) == 3, res
+    assert "needs a running server" in res.errors[0] and "AssertionError" in res.errors[1]
+    assert "does not compile" in res.errors[2]
+
+
 def test_a_marked_command_is_parsed_and_its_config_composed(tmp_path, monkeypatch):
     text = (f"{FENCE}bash gpu\ntorchrun --nproc-per-node 8 -m spava_plan.run plan=p.json gpus=8\n"
             f"torchrun --nproc-per-node 8 -m spava_plan.run plan=p.json gpuz=8\n"
