@@ -68,7 +68,7 @@ SETUP = {
 PENDING_LINKS = {"docs/serving.md": "the server engineer's page (issue 24)",
                  "spava_plan/session.py": "the session engineer's Session (issue 26)"}
 # A line that looks like a command, for catching commands outside a tagged block.
-COMMAND_RE = re.compile(r"^\s*(\$ )?(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
+COMMAND_RE = re.compile(r"^\s*(\$ )?([A-Z_][A-Z0-9_]*=(\$\([^)]*\)|\S+) )*(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
                         r"python3? (benchmarks|scripts)/|bash scripts/|pip install|curl )")
 EXITS_RE = re.compile(r"#\s*exits\s+(\d+)\b(?::\s*names\s+([\w.]+))?")
 FENCE_RE = re.compile(r"^(\s*)(```+|~~~+)\s*([^`]*)$")

@@ -57,9 +57,10 @@ def test_a_here_document_stays_with_its_command():
 
 
 def test_a_command_outside_a_tagged_block_is_an_error(tmp_path, monkeypatch):
-    res = _check(tmp_path, monkeypatch, f"Plan:\n\n    spava-plan gpus=8\n\n{FENCE}\nspava-plan gpus=4\n{FENCE}\n")
-    assert len(res.errors) == 2 and not res.ran, res
-    assert "indented block" in res.errors[0] and "untagged block" in res.errors[1]
+    res = _check(tmp_path, monkeypatch, f"Plan:\n\n    spava-plan gpus=8\n\nServe:\n\n    SPAVA_API_KEY=k spava-serve\n\n"
+                                        f"{FENCE}\nspava-plan gpus=4\n{FENCE}\n")
+    assert len(res.errors) == 3 and not res.ran, res
+    assert "indented block" in res.errors[0] and "indented block" in res.errors[1] and "untagged block" in res.errors[2]
 
 
 def test_an_unknown_tag_and_an_untagged_python_block_are_errors(tmp_path, monkeypatch):
