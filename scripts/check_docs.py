@@ -363,6 +363,8 @@ def check_page(page: Path, timeout: float, list_only: bool) -> Result:
         res.errors.append(f"README.md: {len(text.splitlines())} lines, more than the front page's {README_MAX_LINES}")
     work = Path(tempfile.mkdtemp(prefix="check_docs-"))
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    # The entry points of this interpreter's environment come first, activated or not.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("HYDRA_FULL_ERROR", None)
     servers: list[Server] = []
     try:

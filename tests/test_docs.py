@@ -107,6 +107,12 @@ def test_a_marked_command_is_parsed_and_its_config_composed(tmp_path, monkeypatc
     assert len(res.marked) == 2  # the good torchrun line and the pending one (parsed only)
 
 
+def test_a_marked_sweep_composes_its_first_job(tmp_path, monkeypatch):
+    res = _check(tmp_path, monkeypatch, f"{FENCE}bash gpu\nspava-plan -m gpus=4,8 frames=256,512 method=spava,star\n"
+                                        f"spava-plan -m gpus=4,8 framez=256,512\n{FENCE}\n")
+    assert len(res.marked) == 1 and len(res.errors) == 1 and "framez" in res.errors[0], res
+
+
 def test_a_setup_command_must_be_one_ci_runs(tmp_path, monkeypatch):
     res = _check(tmp_path, monkeypatch, f"{FENCE}bash setup\npip install spava-plan-extras\n{FENCE}\n")
     assert len(res.errors) == 1 and "CI does not run" in res.errors[0], res
