@@ -9,7 +9,7 @@ Commands live in fenced blocks. The block's info string says what the check does
                             SETTING`: and the error names SETTING); a refused command must leave
                             no files behind
     ```bash server          a server command: started with its port= moved to a free port, passes
-                            when GET /health answers 200, then stopped
+                            when GET /health answers 200, kept running until the page is done
     ```bash gpu             not run in CI: needs CUDA GPUs (torchrun over NCCL, device benchmarks)
     ```bash checkpoint      not run in CI: needs real model weights
     ```bash pending         not run in CI: uses settings another branch is building; parsed only
@@ -68,7 +68,8 @@ SETUP = {
 PENDING_LINKS = {"docs/serving.md": "the server engineer's page (issue 24)",
                  "spava_plan/session.py": "the session engineer's Session (issue 26)"}
 # A line that looks like a command, for catching commands outside a tagged block.
-COMMAND_RE = re.compile(r"^\s*(\$ )?([A-Z_][A-Z0-9_]*=(\$\([^)]*\)|\S+) )*(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
+COMMAND_RE = re.compile(r"^\s*(\$ )?([A-Z_][A-Z0-9_]*=(\$\([^)]*\)|\S+) )*"  # prompt, VAR=value prefixes
+                        r"(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
                         r"python3? (benchmarks|scripts)/|bash scripts/|pip install|curl )")
 EXITS_RE = re.compile(r"#\s*exits\s+(\d+)\b(?::\s*names\s+([\w.]+))?")
 FENCE_RE = re.compile(r"^(\s*)(```+|~~~+)\s*([^`]*)$")
