@@ -16,7 +16,9 @@ class SpavaError(ValueError):
     def __init__(self, message: str, setting: str | None = None):
         self.setting = setting
         text = " ".join(str(message).split())  # always one line
-        if setting and setting not in text:
+        # the prefix is what names the knob: keep it even when the name also occurs in the text
+        # ("question: is required: question=..."), and add it only once
+        if setting and not text.startswith(f"{setting}:"):
             text = f"{setting}: {text}"
         super().__init__(text)
 
