@@ -388,7 +388,10 @@ def main() -> None:
     import hydra
     from omegaconf.errors import OmegaConfBaseException
 
-    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, hydra_error, register_schema
+    from hydra.errors import MissingConfigException
+    from yaml import YAMLError
+
+    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, check_config_dirs, hydra_error, register_schema
 
     args = sys.argv[1:]
     # Let Hydra's exceptions reach this function instead of being printed with a stack trace.
@@ -401,11 +404,21 @@ def main() -> None:
                               "-sc") or a.startswith("--info") for a in args)
     _WORKER = TimelineWorker(enabled=not multirun and not informational)
     try:
+        check_config_dirs(args)  # before Hydra reads a user's YAML (alias bombs, FIFOs, bad syntax)
         if multirun:
             _prevalidate_sweep(args)
         app()
     except SpavaError as exc:
         print(f"spava-plan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except MissingConfigException as exc:  # an IOError: before OSError, or it reads as an output-dir error
+        print(f"spava-plan: error: {hydra_error(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except YAMLError as exc:  # a YAML file check_config_dirs did not see (e.g. hydra.searchpath)
+        from .errors import ConfigError
+
+        print(f"spava-plan: error: {ConfigError(f'malformed YAML: {str(exc).splitlines()[0]}', 'overrides')}",
+              file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
