@@ -450,7 +450,29 @@ def tuning_csv(result: TuneResult) -> str:
     return out.getvalue()
 
 
-def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
+def rerun_command(c: Candidate, base: SpavaConfig, given: Sequence[str] = ()) -> str:
+    """The `spava-plan` command that plans candidate ``c`` without tuning, ready to paste: the
+    original overrides (``given``) that still apply, then the candidate's knobs. Dropped: the
+    search's own settings (tune*), what the candidate sets (method*, gpus), nodes when the
+    candidate uses fewer GPUs (its topology is re-derived), solver settings when it changes the
+    solver, and hydra.* (the output folder)."""
+    import shlex
+
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~")
+
+    def dropped(k: str) -> bool:
+        if k.split(".")[0] in ("tune", "method", "hydra") or k.startswith("hydra/") or k in ("gpus", "topology.gpus"):
+            return True
+        if k in ("nodes", "topology.nodes") and c.gpus != base.topology.gpus:
+            return True
+        return k.split(".")[0] == "solver" and (c.method != "spava" or c.solver != base.solver.name)
+
+    kept = [g for g in given if not dropped(key(g))]
+    return "spava-plan " + " ".join(shlex.quote(x) for x in [*kept, *c.overrides().split()])
+
+
+def tuning_markdown(result: TuneResult, base: SpavaConfig, given: Sequence[str] = ()) -> str:
     c = result.chosen
     counts = {s: sum(1 for x in result.candidates if x.status == s)
               for s in ("chosen", "feasible", "rejected", "pruned", "unplanned")}
@@ -463,7 +485,7 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
     else:
         lines += [f"**Chosen:** `{c.knobs()}`: predicted time to first token {c.ttft_us / 1e3:,.1f} ms, "
                   f"{c.gpu_seconds:,.2f} GPU-seconds per video, peak {c.peak_bytes / GIB:.1f} GiB per GPU.",
-                  "", f"Plan it again without tuning: `spava-plan {c.overrides()}`", ""]
+                  "", f"Plan it again without tuning: `{rerun_command(c, base, given)}`", ""]
     lines += [f"Quality floor: anchor >= {result.floor_anchor:,} tokens, passing >= {result.floor_passing:,} tokens "
               f"per block (paper rules: anchor {result.paper_anchor:,}, passing {result.paper_passing:,}; lower them "
               f"with tune.min_anchor / tune.min_passing).", "",
@@ -487,21 +509,32 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What pareto.png plots on its y axis for each target: (label, value of a candidate).
+PARETO_Y = {
+    "latency": ("predicted time to first token (ms)", lambda c: c.ttft_us / 1e3),
+    "memory": ("predicted peak memory per GPU (GiB)", lambda c: c.peak_bytes / GIB),
+    "throughput": ("predicted GPU-seconds per video", lambda c: c.gpu_seconds),
+}
+
+
 def pareto_data(result: TuneResult) -> dict[str, Any]:
-    """Points of the Pareto plot: predicted TTFT against GPUs used, per method (fitting ones)."""
+    """Points of the Pareto plot: the search's target (TTFT, peak memory or GPU-seconds) against
+    GPUs used, per method (fitting candidates), and the front of the best target at each count."""
+    label, value = PARETO_Y[result.target]
     series: dict[str, list[tuple[int, float]]] = {}
     for c in result.candidates:
         if c.fits:
-            series.setdefault(c.method, []).append((c.gpus, c.ttft_us / 1e3))
-    pts = sorted((c.gpus, c.ttft_us / 1e3) for c in result.candidates if c.fits)
+            series.setdefault(c.method, []).append((c.gpus, value(c)))
+    pts = sorted((c.gpus, value(c)) for c in result.candidates if c.fits)
     front, best = [], float("inf")
     for g, t in pts:
         if t < best:
             front.append((g, t))
             best = t
-    chosen = None if result.chosen is None else (result.chosen.gpus, result.chosen.ttft_us / 1e3)
-    return {"title": f"tune={result.target}: predicted TTFT vs GPUs used (plans that fit)", "series": series,
-            "front": front, "chosen": chosen}
+    chosen = None if result.chosen is None else (result.chosen.gpus, value(result.chosen))
+    short = label.replace("predicted ", "").split(" (")[0]
+    return {"title": f"tune={result.target}: {short} vs GPUs used (plans that fit)", "series": series,
+            "front": front, "chosen": chosen, "ylabel": label}
 
 
 def render_pareto(data: dict[str, Any], path: Any) -> None:
@@ -522,7 +555,7 @@ def render_pareto(data: dict[str, Any], path: Any) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("GPUs used")
-    ax.set_ylabel("predicted time to first token (ms)")
+    ax.set_ylabel(data.get("ylabel", "predicted time to first token (ms)"))
     ax.set_title(data["title"], fontsize=9)
     ax.grid(linewidth=0.3)
     if data["series"]:
@@ -540,6 +573,26 @@ def describe(result: TuneResult) -> str:
         return f"tune={result.target}: no candidate fits ({len(result.candidates)} tried; see tuning.md){cut}"
     return (f"tune={result.target}: chose {c.knobs()} ({c.ttft_us / 1e3:,.1f} ms predicted, {c.peak_bytes / GIB:.1f} "
             f"GiB per GPU) out of {len(result.candidates)} candidates ({result.planned} planned){cut}")
+
+
+def advice(result: TuneResult, base: SpavaConfig) -> dict[str, str]:
+    """method -> what to change so that the search would take it: for the report's warning when a
+    compared method beats the chosen plan (advising `tune=latency` there names the command just run)."""
+    import re
+
+    out = {}
+    searched = list(dict.fromkeys(base.tune.methods))
+    for method in ("spava", "apb", "star", "zigzag_ring", "dense"):
+        mine = [c for c in result.candidates if c.method == method]
+        allow = next((m.group(1) for c in mine for m in [re.search(r"tune\.min_passing=(\d+)", c.reason)] if m), None)
+        if not mine:
+            out[method] = f"let the search consider it: `tune.methods=[{','.join(searched + [method])}]`"
+        elif allow is not None:
+            out[method] = (f"let the search take it: `tune={result.target}` rejected {method} as below its quality floor "
+                           f"of {result.floor_passing:,} passing tokens per block; allow it with `tune.min_passing={allow}`")
+        else:
+            out[method] = f"see tuning.md for why `tune={result.target}` did not choose it"
+    return out
 
 
 def chosen_config(result: TuneResult) -> SpavaConfig:

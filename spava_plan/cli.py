@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
 
@@ -34,6 +34,7 @@ ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
 _INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
 _CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
+_PLANNED: list[str] = []  # jobs of this process that planned (a sweep exits 0 when there is one)
 
 
 class TimelineWorker:
@@ -112,13 +113,17 @@ class TimelineWorker:
 
 
 _WORKER: TimelineWorker | None = None  # set by main() for single runs
+LAST_SEARCH_ADVICE: dict[str, str] = {}  # method -> what to change, after the last job's `tune=` search
 
 
 # -- one job ----------------------------------------------------------------------------------------
-def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None) -> tuple[Any, Any, list, str]:
-    """Plan one config and write its artifacts into ``out_dir`` (all or nothing).
+def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
+             given: Sequence[str] = ()) -> tuple[Any, Any, list, str]:
+    """Plan one config and write its artifacts into ``out_dir`` (all or nothing). ``given``: the
+    command-line overrides (a tuned plan's "plan it again" command carries them).
 
-    Returns (plan, cfg, method rows, plan hash)."""
+    Returns (plan, cfg, method rows, plan hash); after a search, the advice for the warning is in
+    ``LAST_SEARCH_ADVICE``."""
     from .config import to_config
     from .hydra_conf import with_method
     from .planner.build import assemble, derive
@@ -130,12 +135,16 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
 
         cfg = plan_for_clip(cfg)
     tuned, known = None, {}
+    LAST_SEARCH_ADVICE.clear()
     if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
         from .hydra_conf import method_preset
         from .planner.tune import chosen_config, tune
 
+        from .planner.tune import advice
+
         base, tuned = cfg, tune(cfg, method_preset, known)
         cfg = chosen_config(tuned)
+        LAST_SEARCH_ADVICE.update(advice(tuned, base))
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
     rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method}, known)
     known.clear()
@@ -143,12 +152,13 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".spava-plan-", dir=out_dir))
     try:
-        plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False))
+        plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False),
+                                     LAST_SEARCH_ADVICE or None)
         if tuned is not None:
             from .planner import tune as tuning
 
             (tmp / "tuning.csv").write_text(tuning.tuning_csv(tuned))
-            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base))
+            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base, given))
             with open(tmp / "report.md", "a") as report:
                 report.write(f"\nThese knobs were chosen by `tune={tuned.target}` ({tuning.describe(tuned)}); "
                              "tuning.md lists every candidate and why it was not chosen, pareto.png plots them.\n")
@@ -164,10 +174,11 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     return plan, cfg, rows, plan_hash
 
 
-def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker) -> str:
+def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker,
+                     search: dict | None = None) -> str:
     worker.render(plan, tmp / "timeline.png")  # first: the child draws while the rest is written
     try:
-        plan_hash = _write_rest(plan, cfg, rows, tmp)
+        plan_hash = _write_rest(plan, cfg, rows, tmp, search)
     except BaseException:
         worker.close()  # the child must be done with ``tmp`` before it is removed
         raise
@@ -175,7 +186,7 @@ def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: Timelin
     return plan_hash
 
 
-def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
+def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path, search: dict | None = None) -> str:
     from .planner.graph import build_graph, graph_json
     from .planner.report import report_markdown, schedule_json
 
@@ -188,7 +199,7 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
 
     (tmp / "trace.json").write_text(predicted_trace(plan))
     (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
-    (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash))
+    (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash, search))
     if cfg.kernels:
         from .codegen.render import render_kernels
 
@@ -223,7 +234,8 @@ def _task(task_cfg: Any) -> dict:
     where = f"job #{job} ({overrides}): " if multirun else ""
     try:
         try:
-            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER,
+                                                  [str(o) for o in task_overrides])
         except OSError as exc:  # the output directory cannot be written (a file in the way, no space...)
             raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
@@ -236,7 +248,8 @@ def _task(task_cfg: Any) -> dict:
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(task_overrides)}
+        return {**failed_row(job, overrides, str(exc), _config_or_none(task_cfg)),
+                "_overrides": _override_values(task_overrides)}
     except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
         if not multirun:
             raise
@@ -249,11 +262,12 @@ def _task(task_cfg: Any) -> dict:
         _CRASHES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
+        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}", _config_or_none(task_cfg)),
                 "_overrides": _override_values(task_overrides)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
+    _PLANNED.append(job)  # read by main() of this same module, like _FAILURES
     if multirun:
         from . import cli as canonical  # under `python -m spava_plan.cli` this module is __main__, the callback's is not
         from .plan_store import entry_for
@@ -267,7 +281,7 @@ def _task(task_cfg: Any) -> dict:
         print(summary_table(rows))
         from .planner.report import warning_line
 
-        warning = warning_line(rows)
+        warning = warning_line(rows, LAST_SEARCH_ADVICE or None)
         if warning:
             print(warning)
         for note in capped_notes(plan, cfg):
@@ -275,6 +289,17 @@ def _task(task_cfg: Any) -> dict:
         print(f"artifacts: {out_dir}")
     return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(task_overrides),
             "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
+
+
+def _config_or_none(task_cfg: Any) -> Any:
+    """The job's validated config, for the coordinates of a failed sweep cell (None when the
+    config itself is what failed)."""
+    from .config import to_config
+
+    try:
+        return to_config(task_cfg)
+    except Exception:  # noqa: BLE001 - the row then shows the overrides as typed
+        return None
 
 
 def _override_values(overrides: Any) -> dict[str, str]:
@@ -438,7 +463,10 @@ def main() -> None:
         _WORKER.close()
     if _CRASHES:
         sys.exit(1)
-    if _FAILURES:
+    # A sweep is a table: a cell that does not plan (gpus=2 frames=2048 does not fit) is a row
+    # that says why, not a failed command. It exits 0 when at least one cell planned, 2 when none
+    # did; a single run exits 2 on its error.
+    if _FAILURES and not (multirun and _PLANNED):
         sys.exit(2)
 
 
