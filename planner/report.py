@@ -210,8 +210,10 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         "|---|---|---|---|",
         *[f"| {c.name} | {c.kind} | {c.bytes_per_rank:,} | {c.time_us:,.1f} |" for c in plan.collectives],
         "",
-        "Artifacts: plan.json (the contract), schedule.json (timed ops per rank), graph.json (networkx "
-        "node-link block graph), timeline.png (one layer).",
+        "Artifacts: plan.json (the contract), schedule.json (timed ops per rank, one layer), graph.json "
+        "(networkx node-link block graph), timeline.png (the whole prefill of every rank, then one layer in "
+        "detail), trace.json (the same schedule for chrome://tracing or Perfetto)"
+        + (", kernels/ (the rendered Triton kernels)" if cfg.kernels else "") + ".",
         "",
     ]
     return "\n".join(lines)

@@ -3,9 +3,11 @@
     spava-plan model=qwen2vl gpus=8 frames=2048
     spava-plan -m gpus=2,4,8 frames=256,1024,2048 method=spava,zigzag_ring
 
-Each job writes plan.json, report.md, graph.json, schedule.json, timeline.png and (with
-kernels=true) kernels/ into its Hydra job directory, then prints a short comparison table and the
-path. A multirun also gets summary.csv and summary.md at the sweep root (SweepSummary callback).
+Each job writes plan.json, report.md, graph.json, schedule.json, timeline.png, trace.json and (with
+kernels=true) kernels/ into its Hydra job directory (with tune=..., also tuning.csv, tuning.md and
+pareto.png), then prints a short comparison table and the path. A multirun also gets summary.csv,
+summary.md, sweep.png and index.json at the sweep root (SweepSummary callback); it exits 0 when at
+least one job planned (a job that did not is a row saying why), 2 when none did.
 
 This is one of the two entry points allowed to wire the stages together (config -> planner ->
 codegen). Errors a user can fix print one line naming the setting on stderr and exit with code 2,
@@ -31,6 +33,9 @@ from hydra.experimental.callback import Callback
 from .errors import InfeasiblePlanError, SpavaError
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
+KERNEL_ARTIFACTS = ("kernels",)  # kernels=true
+TUNE_ARTIFACTS = ("tuning.csv", "tuning.md", "pareto.png")  # tune=...
+SWEEP_ARTIFACTS = ("summary.csv", "summary.md", "sweep.png", "index.json")  # -m, at the sweep root
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
 _INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
 _CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
