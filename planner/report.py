@@ -110,8 +110,10 @@ def calibration_lines(cfg: SpavaConfig) -> list[str]:
                     "measurements)."]
     when = f" on {cal.date}" if cal.date else ""
     fitted = f", fitted on {cal.fitted_on}" if cal.fitted_on else ""
-    return ["", f"Topology `{t.name}` is calibrated to measurements on {cal.device}{when}{fitted}. On held-out "
-                f"cells ({cal.held_out}) its predicted time to first token was off by {cal.held_out_mean_abs_error:.1%} "
+    return ["", f"Topology `{t.name}` is calibrated to measurements on {cal.device}{when}{fitted}. "
+                + (f"Nothing was held out ({cal.held_out.removeprefix('none').strip(' ()')}): on the fitted cells "
+                   if cal.held_out.startswith("none") else f"On held-out cells ({cal.held_out}) ")
+                + f"its predicted time to first token was off by {cal.held_out_mean_abs_error:.1%} "
                 f"on average, {cal.held_out_max_abs_error:.1%} at worst ({cal.source})."
                 + ("" if cal.device.lower().replace("nvidia ", "") in t.device.lower() else
                    f" This plan is for {t.device}, not the calibration device.")]
