@@ -153,7 +153,7 @@ def test_report_has_a_conclusion_and_calibration_provenance():
     text = report_markdown(plan, cfg, rows, plan.hash)
     assert "## Conclusion" in text and "fastest method that fits" in text
     assert "calibrated to measurements on NVIDIA H200" in text and "Nothing was held out" in text
-    assert "7.9% on average, 20.6% at worst" in text
+    assert "1.3% on average, 1.7% at worst" in text
     plain = report_markdown(plan, compose_config(SMALL), rows, plan.hash)
     assert "is not calibrated" in plain
 
