@@ -159,13 +159,16 @@ _DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
 
 
 def config_dirs(args: Sequence[str]) -> list[tuple[str, str]]:
-    """(flag, folder) of every --config-dir / --config-path in a command line."""
+    """(flag, folder) of every --config-dir / --config-path / hydra.searchpath folder in a command line."""
     out = []
     for i, a in enumerate(args):
         if a in _DIR_FLAGS and i + 1 < len(args):
             out.append((a, args[i + 1]))
         elif "=" in a and a.split("=", 1)[0] in _DIR_FLAGS:
             out.append(tuple(a.split("=", 1)))  # type: ignore[arg-type]
+    for a in args:  # hydra.searchpath=[file:///dir,pkg://x]: the file:// entries are folders too
+        if a.lstrip("+").startswith("hydra.searchpath="):
+            out += [("hydra.searchpath", d) for d in re.findall(r"file://([^,\]\s'\"]+)", a)]
     return [(f, d) for f, d in out if not d.startswith(("pkg://", "file://"))] + [
         (f, d[len("file://"):]) for f, d in out if d.startswith("file://")]
 

@@ -115,3 +115,9 @@ def test_expanded_nodes_counts_aliases_as_copies_without_copying():
     doc = yaml.compose("a: &a [1, 2]\nb: [*a, *a]\n")  # map(a: seq(2), b: seq(seq(2), seq(2)))
     assert expanded_nodes(doc, 10**6) == 1 + (1 + 3) + (1 + 1 + 3 + 3)
     assert expanded_nodes(yaml.compose(BOMB), MAX_YAML_NODES) == MAX_YAML_NODES + 1
+
+
+def test_a_searchpath_folder_is_checked_too(tmp_path):
+    cd = config_dir(tmp_path, BOMB)
+    line = one_line(spava_plan([f"hydra.searchpath=[file://{cd}]", "model=mine"], tmp_path, timeout=60))
+    assert line.startswith("hydra.searchpath: model/mine.yaml: its aliases expand"), line
