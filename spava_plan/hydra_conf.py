@@ -154,7 +154,7 @@ def remove_empty_dirs(out_dir: str | Path | None) -> None:
 # would exceed MAX_YAML_NODES; malformed YAML is refused with its file, line and column.
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000  # a spava config is a few hundred nodes
-MAX_CONFIG_DIR_ENTRIES = 10_000  # files and folders walked per config folder
+MAX_CONFIG_DIR_ENTRIES = 50_000  # files and folders walked per config folder (about a second)
 _DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
 
 
@@ -182,6 +182,7 @@ def check_config_dirs(args: Sequence[str]) -> None:
             raise ConfigError(f"{folder!r} is not a folder", setting=flag)
         seen = 0
         for root, dirs, files in os.walk(folder):  # does not follow symlinked folders
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]  # .git, .venv: no groups
             seen += len(dirs) + len(files)
             if seen > MAX_CONFIG_DIR_ENTRIES:
                 raise ConfigError(f"{folder!r} holds more than {MAX_CONFIG_DIR_ENTRIES} entries; point it at a "
