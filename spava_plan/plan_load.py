@@ -90,36 +90,44 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
-def read_plan_json(path: str | Path) -> Any:
-    """The JSON of a plan file: a regular file only (a FIFO, a device or a socket is refused at
-    once, without blocking on the open), its size checked before anything is read."""
-    path = Path(path)
+def read_regular_file(path: str | Path, limit: int, *, setting: str = "plan", what: str = "a plan file") -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes: a FIFO, a
+    device or a socket is refused at once without blocking on the open (O_NONBLOCK), the size is
+    checked by fstat of what was opened before anything is read, and the read itself is bounded
+    (a file that grows after the check). Every failure is one PlanFormatError naming ``setting``.
+    For any file a user or a peer hands over (plan.json, a plan family's index.json)."""
     shown = repr(str(path))
     try:
         # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise PlanFormatError(f"no plan file at {shown}", setting="plan") from None
+        raise PlanFormatError(f"no {what.removeprefix('a ')} at {shown}", setting=setting) from None
     except OSError as exc:
-        raise PlanFormatError(f"cannot read {shown} as a plan: {exc.strerror or exc}", setting="plan") from None
+        raise PlanFormatError(f"cannot read {shown} as {what}: {exc.strerror or exc}", setting=setting) from None
     try:
         st = os.fstat(fd)  # of what was opened: no window between the check and the read
         if stat.S_ISDIR(st.st_mode):
-            raise PlanFormatError(f"{shown} is a folder: give its plan.json", setting="plan")
+            raise PlanFormatError(f"{shown} is a folder, not {what}", setting=setting)
         if not stat.S_ISREG(st.st_mode):
-            raise PlanFormatError(f"{shown} is not a regular file (a FIFO, device or socket): not a plan file",
-                                  setting="plan")
-        if st.st_size > MAX_PLAN_BYTES:
-            raise PlanFormatError(f"{shown} is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan file",
-                                  setting="plan")
+            raise PlanFormatError(f"{shown} is not a regular file (a FIFO, device or socket): not {what}",
+                                  setting=setting)
+        if st.st_size > limit:
+            raise PlanFormatError(f"{shown} is larger than {limit >> 20} MiB: not {what}", setting=setting)
         with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(MAX_PLAN_BYTES + 1)  # bounded even if the file grows after the check
+            raw = f.read(limit + 1)
     except OSError as exc:
-        raise PlanFormatError(f"cannot read {shown} as a plan: {exc.strerror or exc}", setting="plan") from None
+        raise PlanFormatError(f"cannot read {shown} as {what}: {exc.strerror or exc}", setting=setting) from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_PLAN_BYTES:
-        raise PlanFormatError(f"{shown} is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan file", setting="plan")
+    if len(raw) > limit:
+        raise PlanFormatError(f"{shown} is larger than {limit >> 20} MiB: not {what}", setting=setting)
+    return raw
+
+
+def read_plan_json(path: str | Path) -> Any:
+    """The JSON of a plan file (read_regular_file), duplicate keys refused."""
+    shown = repr(str(path))
+    raw = read_regular_file(path, MAX_PLAN_BYTES)
     try:
         # the C parser is bounded by the interpreter's recursion limit (RecursionError below)
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys)
