@@ -121,3 +121,13 @@ def test_a_searchpath_folder_is_checked_too(tmp_path):
     cd = config_dir(tmp_path, BOMB)
     line = one_line(spava_plan([f"hydra.searchpath=[file://{cd}]", "model=mine"], tmp_path, timeout=60))
     assert line.startswith("hydra.searchpath: model/mine.yaml: its aliases expand"), line
+
+
+@pytest.mark.parametrize("module", ["spava_plan.run", "spava_plan.serve"])
+def test_spava_run_and_serve_check_a_config_dir_too(tmp_path, module):
+    cd = config_dir(tmp_path, BOMB)
+    res = subprocess.run([sys.executable, "-m", module, "--config-dir", str(cd), "model=mine"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--config-dir: model/mine.yaml: its aliases expand" in lines[0], res.stderr
