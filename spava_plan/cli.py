@@ -248,7 +248,8 @@ def _task(task_cfg: Any) -> dict:
         hint = ""
         if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
             hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
-        line = f"spava-plan: error: {where}{exc}{hint}"
+        # in a sweep the cell becomes a row and the sweep can still exit 0: say "not planned"
+        line = f"spava-plan: {'not planned' if multirun else 'error'}: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row

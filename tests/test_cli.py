@@ -131,7 +131,8 @@ def test_a_sweep_cell_that_does_not_plan_is_a_row_and_the_sweep_exits_0(tmp_path
                       "hydra.sweep.dir=sweep"], tmp_path)
     assert res.returncode == 0, res.stderr
     errors = res.stderr.strip().splitlines()
-    assert len(errors) == 2 and all("job #" in e and "gpus" in e for e in errors), res.stderr
+    assert len(errors) == 2 and all(e.startswith("spava-plan: not planned: job #") and "gpus" in e for e in errors), \
+        res.stderr
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
     assert [r["status"] for r in rows][:2] == ["ok", "ok"] and all(r["status"].startswith("error: ") for r in rows[2:])
     assert [(r["gpus"], r["frames"]) for r in rows] == [("2", "8"), ("2", "16"), ("1024", "8"), ("1024", "16")]
