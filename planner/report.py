@@ -3,7 +3,7 @@ and the rows of a sweep's summary.csv / summary.md."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from spava_plan.config import SpavaConfig
 from spava_plan.plan import Plan
@@ -63,9 +63,14 @@ def _share(row: MethodRow) -> str:
     return f"{name} {row.phases.get(name, 0.0) / total:.0%}"
 
 
-def conclusion_lines(rows: Sequence[MethodRow]) -> list[str]:
+SEARCH_ADVICE = ("search every knob with `tune=latency` (which keeps to a quality floor on anchor and passing "
+                 "sizes)")
+
+
+def conclusion_lines(rows: Sequence[MethodRow], search: Mapping[str, str] | None = None) -> list[str]:
     """Which method that fits is fastest, by how much and why, and a warning when the planned
-    method is not it."""
+    method is not it. ``search``: method -> what to change, for a plan a search chose (the
+    warning must not advise the command just run: planner/tune.py advice())."""
     fitting = sorted((r for r in rows if not r.error and r.fits and r.phases), key=lambda r: (r.prefill_us, r.method))
     mine = next((r for r in rows if r.planned), None)
     if not fitting:
@@ -89,8 +94,8 @@ def conclusion_lines(rows: Sequence[MethodRow]) -> list[str]:
         out.append(f"**Warning:** the planned method, {mine.method} ({_ms(mine.prefill_us)} ms"
                    f"{'' if mine.fits else ', does not fit'}), is not the fastest: {best.method} is predicted "
                    f"{mine.prefill_us / best.prefill_us:.2f}x faster on the same work, mostly in {phase} ({_ms(b)} vs "
-                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or search every knob with `tune=latency` (which "
-                   f"keeps to a quality floor on anchor and passing sizes){f'; note: {note}' if note else ''}.")
+                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or "
+                   f"{(search or {}).get(best.method, SEARCH_ADVICE)}{f'; note: {note}' if note else ''}.")
     return out
 
 
@@ -105,16 +110,18 @@ def calibration_lines(cfg: SpavaConfig) -> list[str]:
                     "measurements)."]
     when = f" on {cal.date}" if cal.date else ""
     fitted = f", fitted on {cal.fitted_on}" if cal.fitted_on else ""
-    return ["", f"Topology `{t.name}` is calibrated to measurements on {cal.device}{when}{fitted}. On held-out "
-                f"cells ({cal.held_out}) its predicted time to first token was off by {cal.held_out_mean_abs_error:.1%} "
+    return ["", f"Topology `{t.name}` is calibrated to measurements on {cal.device}{when}{fitted}. "
+                + (f"Nothing was held out ({cal.held_out.removeprefix('none').strip(' ()')}): on the fitted cells "
+                   if cal.held_out.startswith("none") else f"On held-out cells ({cal.held_out}) ")
+                + f"its predicted time to first token was off by {cal.held_out_mean_abs_error:.1%} "
                 f"on average, {cal.held_out_max_abs_error:.1%} at worst ({cal.source})."
                 + ("" if cal.device.lower().replace("nvidia ", "") in t.device.lower() else
                    f" This plan is for {t.device}, not the calibration device.")]
 
 
-def warning_line(rows: Sequence[MethodRow]) -> str | None:
+def warning_line(rows: Sequence[MethodRow], search: Mapping[str, str] | None = None) -> str | None:
     """The report's warning as one plain line for the terminal (None when the planned method is the fastest)."""
-    lines = conclusion_lines(rows)
+    lines = conclusion_lines(rows, search)
     warn = [line for line in lines if line.startswith("**Warning:**")]
     return warn[0].replace("**", "").replace("`", "") if warn else None
 
@@ -126,7 +133,8 @@ def _rank_indices(world: int) -> list[int]:
     return list(range(half)) + list(range(world - half, world))
 
 
-def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str) -> str:
+def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str,
+                    search: Mapping[str, str] | None = None) -> str:
     lay, pred, pl, m = plan.layout, plan.prediction, plan.placement, plan.model
     cap = usable_bytes(cfg)
     blocks = lay.blocks
@@ -142,7 +150,7 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         "",
         "## Conclusion",
         "",
-        *conclusion_lines(rows),
+        *conclusion_lines(rows, search),
         *calibration_lines(cfg),
         "",
         "## Tokens",
@@ -204,8 +212,10 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         "|---|---|---|---|",
         *[f"| {c.name} | {c.kind} | {c.bytes_per_rank:,} | {c.time_us:,.1f} |" for c in plan.collectives],
         "",
-        "Artifacts: plan.json (the contract), schedule.json (timed ops per rank), graph.json (networkx "
-        "node-link block graph), timeline.png (one layer).",
+        "Artifacts: plan.json (the contract), schedule.json (timed ops per rank, one layer), graph.json "
+        "(networkx node-link block graph), timeline.png (the whole prefill of every rank, then one layer in "
+        "detail), trace.json (the same schedule for chrome://tracing or Perfetto)"
+        + (", kernels/ (the rendered Triton kernels)" if cfg.kernels else "") + ".",
         "",
     ]
     return "\n".join(lines)
@@ -262,8 +272,15 @@ def summary_row(job: str, plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow
             "status": "ok", "output_dir": out_dir}
 
 
-def failed_row(job: str, overrides: str, error: str) -> dict[str, Any]:
-    return {**{c: None for c in SUMMARY_COLUMNS}, "job": job, "status": f"error: {error}", "output_dir": overrides}
+def failed_row(job: str, overrides: str, error: str, cfg: Any = None) -> dict[str, Any]:
+    """A sweep cell that did not plan: it says why, and keeps the coordinates of the cell (model,
+    method, GPUs, frames, resolution from ``cfg`` when the config itself was valid); it has no
+    output folder."""
+    row = {**{c: None for c in SUMMARY_COLUMNS}, "job": job, "status": f"error: {error}", "output_dir": ""}
+    if cfg is not None:
+        row.update(model=cfg.model.name, method=cfg.method.name, gpus=cfg.topology.gpus, frames=cfg.video.frames,
+                   resolution=cfg.video.resolution)
+    return row
 
 
 def summary_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:

@@ -3,7 +3,8 @@
 Each job's summary row carries the job's overrides (``_overrides``: key -> value as typed) and
 every compared method's predicted prefill (``_methods``: method -> ms); this module turns them
 into the swept-key columns of summary.csv / summary.md and the data of sweep.png (predicted
-speedup over dense against frames or GPUs, one line per method).
+speedup over dense against frames or GPUs: a panel per value of the other swept keys, a line per
+method).
 """
 from __future__ import annotations
 
@@ -40,55 +41,96 @@ def with_swept_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -
         plain = {k: v for k, v in row.items() if not k.startswith("_")}
         over = row.get("_overrides", {})
         for k in keys:
-            plain.setdefault(k, over.get(k))  # a key the summary already has keeps the plan's value
+            if plain.get(k) is None:  # a key the summary already has keeps the plan's value
+                plain[k] = over.get(k)
         out.append(plain)
     cols = ["job", *[k for k in keys if k not in columns], *[c for c in columns if c != "job"]]
     return out, cols
 
 
+MAX_PANELS = 12  # beyond this many combinations of the other swept keys, a plot is not readable
+
+
 def sweep_plot_data(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Lines of predicted speedup over dense against the swept frames or GPUs, one per method (and
-    per value of the other swept keys); None when neither frames nor GPUs is swept."""
+    """Predicted speedup over dense against the swept frames or GPUs: one panel per value of the
+    other swept keys, one line per method in each. When ``method`` itself is swept, each job
+    contributes only its own method (what the sweep compares); otherwise every method the job
+    compared (dense, the reference, is left out). None when neither frames nor GPUs is swept or
+    the other keys give more than MAX_PANELS panels."""
     keys = swept_keys(rows)
     x_key = next((k for k in X_KEYS if k in keys), None)
     if x_key is None:
         return None
-    others = [k for k in keys if k != x_key]
-    lines: dict[str, list[tuple[Any, float]]] = {}
+    method_swept = "method" in keys
+    others = [k for k in keys if k not in (x_key, "method")]
+    panels: dict[str, dict[str, list[tuple[Any, float]]]] = {}
     for row in rows:
         methods = row.get("_methods") or {}
         dense = methods.get("dense")
         if not dense:
             continue
         over = row.get("_overrides", {})
-        rest = ", ".join(f"{k}={over.get(k)}" for k in others)
-        for method, ms in methods.items():
-            if ms:
-                label = method + (f" ({rest})" if rest else "")
-                lines.setdefault(label, []).append((_number(over.get(x_key)), dense / ms))
-    if not lines:
+        panel = ", ".join(f"{k}={over.get(k)}" for k in others)
+        shown = {row.get("method"): methods.get(row.get("method"))} if method_swept else \
+            {m: ms for m, ms in methods.items() if m != "dense"}
+        for method, ms in shown.items():
+            if method and ms:
+                panels.setdefault(panel, {}).setdefault(method, []).append((_number(over.get(x_key)), dense / ms))
+    if not panels or len(panels) > MAX_PANELS:
         return None
-    return {"x": x_key, "lines": {k: sorted(v) for k, v in sorted(lines.items())},
+    return {"x": x_key,
+            "panels": {p: {m: sorted(v) for m, v in sorted(lines.items())} for p, lines in panels.items()},
             "title": f"predicted speedup over dense (one GPU) against {x_key}"}
 
 
-def render_sweep(data: dict[str, Any], path: Any) -> None:
+def render_sweep(data: dict[str, Any], path: Any) -> Any:
+    """Small multiples sharing both axes, one colour per method throughout, the legend below the
+    panels (never over the data)."""
+    import math
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
-    fig = Figure(figsize=(8, 5), dpi=90)
+    panels = data["panels"]
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.6 * cols + 0.6, 2.9 * rows + 0.9), dpi=90)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    numeric = all(isinstance(x, (int, float)) for pts in data["lines"].values() for x, _ in pts)
-    for label, pts in data["lines"].items():
-        ax.plot([str(x) if not numeric else x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
-    if numeric:
-        ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(data["x"])
-    ax.set_ylabel("predicted speedup over dense")
-    ax.set_title(data["title"], fontsize=9)
-    ax.grid(linewidth=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    methods = sorted({m for lines in panels.values() for m in lines})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    numeric = all(isinstance(x, (int, float)) for lines in panels.values() for pts in lines.values() for x, _ in pts)
+    for i, (title, lines) in enumerate(panels.items()):
+        ax = axes[i // cols][i % cols]
+        for method, pts in lines.items():
+            ax.plot([x if numeric else str(x) for x, _ in pts], [y for _, y in pts], marker="o", color=colours[method],
+                    label=method)
+        if numeric:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(linewidth=0.3)
+        if title:
+            ax.set_title(title, fontsize=8)
+        if i // cols == rows - 1 or i + cols >= n:
+            ax.set_xlabel(data["x"])
+        if i % cols == 0:
+            ax.set_ylabel("speedup over dense")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    handles = [h for h in (axes[0][0].get_legend_handles_labels()[0]) if h.get_label() in colours]
+    seen = {h.get_label() for h in handles}
+    for lines_ax in axes.flat:  # a method missing from the first panel still gets its entry
+        for h in lines_ax.get_legend_handles_labels()[0]:
+            if h.get_label() not in seen:
+                handles.append(h)
+                seen.add(h.get_label())
+    fig.suptitle(data["title"], fontsize=9)
+    fig.legend(handles=sorted(handles, key=lambda h: h.get_label()), loc="lower center", ncol=min(len(methods), 6),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.12, 1, 1))
     fig.savefig(str(path), format="png")
+    return fig

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
-from spava_plan.errors import InfeasiblePlanError, SpavaError
+from spava_plan.errors import ConfigError, InfeasiblePlanError, SpavaError
 
 from .build import MAX_RING_PLAN_GPUS, Derived, derive
 from .cost import CostModel, visible_pairs
@@ -43,6 +43,20 @@ from .vision import vision_unit
 
 TARGETS = ("latency", "memory", "throughput")
 SOLVER_GAP_PRUNE = 1e-3  # a placement this close to its lower bound leaves other solvers nothing to win
+
+# The search is bounded as the placement solver's is (solver.iterations): a stated budget, in
+# deterministic work units rather than seconds so that a search gives the same answer on every
+# machine. Planning a Spava candidate costs about (GPUs + hosts * (1 + hosts_per_gpu / 4)) units
+# of roughly 20-100 us each on one core of a 2-core CPU (a 1024-GPU, 16-hosts-per-GPU candidate:
+# 3.6 s); the budget is about 20 s of planning. Candidates the budget cannot afford are left
+# unplanned ("unplanned" in tuning.md, the terminal line says so); when none that fits was planned
+# the error names the budget. Before any of that, a space of more than MAX_TUNE_CANDIDATES
+# candidates is refused outright (building and bounding each costs about 0.7 ms).
+TUNE_WORK_BUDGET = 400_000
+MAX_TUNE_CANDIDATES = 20_000
+# Every candidate's lower bound walks its blocks (about 0.6 us per virtual host): a space whose
+# bounds alone would walk more hosts than this (about 10 s) is refused before any work.
+MAX_TUNE_BOUND_HOSTS = 16_000_000
 
 
 @dataclass
@@ -62,7 +76,7 @@ class Candidate:
     ttft_us: float | None = None  # predicted (None: not planned)
     peak_bytes: int | None = None
     fits: bool | None = None
-    status: str = "pending"  # chosen / feasible / rejected / pruned
+    status: str = "pending"  # chosen / feasible / rejected / pruned / unplanned (the work budget ran out)
     reason: str = ""
     gap: float = 0.0  # placement solver's gap of the planned candidate
 
@@ -99,6 +113,24 @@ class TuneResult:
     @property
     def planned(self) -> int:
         return sum(1 for c in self.candidates if c.ttft_us is not None)
+
+    @property
+    def unplanned(self) -> int:
+        """Candidates the work budget could not afford (0: the search is complete)."""
+        return sum(1 for c in self.candidates if c.status == "unplanned")
+
+
+def plan_work(c: Candidate) -> int:
+    """Work units of planning ``c`` (see TUNE_WORK_BUDGET): Spava's tasks and KV sources grow with
+    hosts x hosts per rank, a ring's ops with W^2."""
+    hosts = c.gpus * c.hosts_per_gpu
+    if c.method == "zigzag_ring":
+        return c.gpus + c.gpus * c.gpus // 4
+    return c.gpus + hosts + hosts * c.hosts_per_gpu // 4
+
+
+NARROW = ("narrow the search: fewer tune.hosts_per_gpu or tune.methods, or higher tune.min_anchor / "
+          "tune.min_passing")
 
 
 # -- the search space -------------------------------------------------------------------------------
@@ -142,13 +174,27 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
     floor_a = rule_a if t.min_anchor is None else min(t.min_anchor, rule_a)
     floor_p = rule_p if t.min_passing is None else min(t.min_passing, rule_p)
     floors = {"floor_anchor": floor_a, "floor_passing": floor_p, "paper_anchor": rule_a, "paper_passing": rule_p}
+    # a list that repeats an entry means the entry once (2000 x `star` is one method)
+    methods, hosts = list(dict.fromkeys(t.methods)), list(dict.fromkeys(t.hosts_per_gpu))
+    counts = gpu_counts(base.topology.gpus)
+    ladders = len(_ladder(floor_a, rule_a)) * len(_ladder(floor_p, rule_p))
+    size = sum(1 if m == "dense" else len(counts) * (len(hosts) * ladders if m == "spava" else 1) for m in methods)
+    hosts_walked = sum(1 if m == "dense" else sum(counts) * (sum(hosts) * ladders if m == "spava" else 2)
+                       for m in methods)
+    if hosts_walked > MAX_TUNE_BOUND_HOSTS:
+        raise ConfigError(f"bounding the search's {size:,} candidates walks {hosts_walked:,} virtual hosts, more than "
+                          f"the tuner's budget of {MAX_TUNE_BOUND_HOSTS:,} (about 10 s); {NARROW}", setting="tune")
+    if size > MAX_TUNE_CANDIDATES:
+        raise ConfigError(f"the search has {size:,} candidates (GPU counts x tune.hosts_per_gpu x anchor sizes x "
+                          f"passing sizes = {len(counts)} x {len(hosts)} x {ladders} for spava), more than the tuner's "
+                          f"limit of {MAX_TUNE_CANDIDATES:,}; {NARROW}", setting="tune")
     out: list[Candidate] = []
     first_solver = t.solvers[0]
-    for method in t.methods:
+    for method in methods:
         preset = presets(method)
         for w in ([1] if method == "dense" else gpu_counts(base.topology.gpus)):
             if method == "spava":
-                for h in t.hosts_per_gpu:
+                for h in hosts:
                     for a in _ladder(floor_a, rule_a):
                         for p in _ladder(floor_p, rule_p):
                             m = dataclasses.replace(preset, hosts_per_gpu=h, anchor_tokens=a, passing_tokens=p,
@@ -281,14 +327,21 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
         live.append(c)
 
     best: Candidate | None = None
+    spent = 0
 
     def better(c: Candidate) -> bool:
         return best is None or (_score(target, c.ttft_us, c.peak_bytes, c.gpus), c.index) < \
             (_score(target, best.ttft_us, best.peak_bytes, best.gpus), best.index)
 
     def consider(c: Candidate) -> None:
-        """Plan ``c`` and keep it if it fits and beats the best so far."""
-        nonlocal best
+        """Plan ``c`` (if the work budget affords it) and keep it if it fits and beats the best."""
+        nonlocal best, spent
+        work = plan_work(c)
+        if spent + work > TUNE_WORK_BUDGET:
+            c.status, c.reason = "unplanned", (f"not planned: the tuner's work budget ({TUNE_WORK_BUDGET:,} units, "
+                                               f"about 20 s) could not afford it ({work:,} units)")
+            return
+        spent += work
         _plan(c, cache)
         if c.fits and better(c):
             best = c
@@ -308,7 +361,7 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
         group = [c for c in live if c.gpus == w]  # in order of the bound
         fastest = min((c for c in group if c.fits), key=lambda c: (c.ttft_us, c.index), default=None)
         for c in sorted(group, key=lambda c: (c.bound_us, c.index)):
-            if c.ttft_us is not None or c.status == "rejected":
+            if c.ttft_us is not None or c.status in ("rejected", "unplanned"):
                 continue
             if fastest is not None and c.bound_us > fastest.ttft_us:
                 continue  # stays pruned: no faster plan at this GPU count either
@@ -397,9 +450,32 @@ def tuning_csv(result: TuneResult) -> str:
     return out.getvalue()
 
 
-def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
+def rerun_command(c: Candidate, base: SpavaConfig, given: Sequence[str] = ()) -> str:
+    """The `spava-plan` command that plans candidate ``c`` without tuning, ready to paste: the
+    original overrides (``given``) that still apply, then the candidate's knobs. Dropped: the
+    search's own settings (tune*), what the candidate sets (method*, gpus), nodes when the
+    candidate uses fewer GPUs (its topology is re-derived), solver settings when it changes the
+    solver, and hydra.* (the output folder)."""
+    import shlex
+
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~")
+
+    def dropped(k: str) -> bool:
+        if k.split(".")[0] in ("tune", "method", "hydra") or k.startswith("hydra/") or k in ("gpus", "topology.gpus"):
+            return True
+        if k in ("nodes", "topology.nodes") and c.gpus != base.topology.gpus:
+            return True
+        return k.split(".")[0] == "solver" and (c.method != "spava" or c.solver != base.solver.name)
+
+    kept = [g for g in given if not dropped(key(g))]
+    return "spava-plan " + " ".join(shlex.quote(x) for x in [*kept, *c.overrides().split()])
+
+
+def tuning_markdown(result: TuneResult, base: SpavaConfig, given: Sequence[str] = ()) -> str:
     c = result.chosen
-    counts = {s: sum(1 for x in result.candidates if x.status == s) for s in ("chosen", "feasible", "rejected", "pruned")}
+    counts = {s: sum(1 for x in result.candidates if x.status == s)
+              for s in ("chosen", "feasible", "rejected", "pruned", "unplanned")}
     lines = [f"# spava-plan tune={result.target}: {base.model.name}, {base.video.frames} frames at "
              f"{base.video.resolution}, up to {base.topology.gpus} x {base.topology.name}", ""]
     if c is None:
@@ -409,7 +485,7 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
     else:
         lines += [f"**Chosen:** `{c.knobs()}`: predicted time to first token {c.ttft_us / 1e3:,.1f} ms, "
                   f"{c.gpu_seconds:,.2f} GPU-seconds per video, peak {c.peak_bytes / GIB:.1f} GiB per GPU.",
-                  "", f"Plan it again without tuning: `spava-plan {c.overrides()}`", ""]
+                  "", f"Plan it again without tuning: `{rerun_command(c, base, given)}`", ""]
     lines += [f"Quality floor: anchor >= {result.floor_anchor:,} tokens, passing >= {result.floor_passing:,} tokens "
               f"per block (paper rules: anchor {result.paper_anchor:,}, passing {result.paper_passing:,}; lower them "
               f"with tune.min_anchor / tune.min_passing).", "",
@@ -417,9 +493,11 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
               f"fit, {counts['rejected']} rejected, {counts['pruned']} pruned by a lower bound (the bound is the "
               "vision encoder, per-token work and attention FLOPs spread evenly over the GPUs, at the topology's "
               "rates; memory: weights, the KV-cache share and the passing buffers). Times are predictions, not "
-              "measurements.", "",
+              "measurements." + (f" **{counts['unplanned']} candidates were not planned**: the tuner's work budget "
+                                 f"({TUNE_WORK_BUDGET:,} units, about 20 s) ran out; {NARROW}."
+                                 if counts["unplanned"] else ""), "",
               "| # | knobs | TTFT (ms) | GPU-s | peak GiB | fits | status | reason |", "|---|---|---|---|---|---|---|---|"]
-    order = sorted(result.candidates, key=lambda x: ({"chosen": 0, "feasible": 1, "rejected": 2, "pruned": 3}[x.status],
+    order = sorted(result.candidates, key=lambda x: ({"chosen": 0, "feasible": 1, "rejected": 2, "pruned": 3, "unplanned": 4}[x.status],
                                                       x.ttft_us if x.ttft_us is not None else float("inf"), x.index))
     for x in order:
         ttft = "" if x.ttft_us is None else f"{x.ttft_us / 1e3:,.1f}"
@@ -431,21 +509,32 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What pareto.png plots on its y axis for each target: (label, value of a candidate).
+PARETO_Y = {
+    "latency": ("predicted time to first token (ms)", lambda c: c.ttft_us / 1e3),
+    "memory": ("predicted peak memory per GPU (GiB)", lambda c: c.peak_bytes / GIB),
+    "throughput": ("predicted GPU-seconds per video", lambda c: c.gpu_seconds),
+}
+
+
 def pareto_data(result: TuneResult) -> dict[str, Any]:
-    """Points of the Pareto plot: predicted TTFT against GPUs used, per method (fitting ones)."""
+    """Points of the Pareto plot: the search's target (TTFT, peak memory or GPU-seconds) against
+    GPUs used, per method (fitting candidates), and the front of the best target at each count."""
+    label, value = PARETO_Y[result.target]
     series: dict[str, list[tuple[int, float]]] = {}
     for c in result.candidates:
         if c.fits:
-            series.setdefault(c.method, []).append((c.gpus, c.ttft_us / 1e3))
-    pts = sorted((c.gpus, c.ttft_us / 1e3) for c in result.candidates if c.fits)
+            series.setdefault(c.method, []).append((c.gpus, value(c)))
+    pts = sorted((c.gpus, value(c)) for c in result.candidates if c.fits)
     front, best = [], float("inf")
     for g, t in pts:
         if t < best:
             front.append((g, t))
             best = t
-    chosen = None if result.chosen is None else (result.chosen.gpus, result.chosen.ttft_us / 1e3)
-    return {"title": f"tune={result.target}: predicted TTFT vs GPUs used (plans that fit)", "series": series,
-            "front": front, "chosen": chosen}
+    chosen = None if result.chosen is None else (result.chosen.gpus, value(result.chosen))
+    short = label.replace("predicted ", "").split(" (")[0]
+    return {"title": f"tune={result.target}: {short} vs GPUs used (plans that fit)", "series": series,
+            "front": front, "chosen": chosen, "ylabel": label}
 
 
 def render_pareto(data: dict[str, Any], path: Any) -> None:
@@ -466,7 +555,7 @@ def render_pareto(data: dict[str, Any], path: Any) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("GPUs used")
-    ax.set_ylabel("predicted time to first token (ms)")
+    ax.set_ylabel(data.get("ylabel", "predicted time to first token (ms)"))
     ax.set_title(data["title"], fontsize=9)
     ax.grid(linewidth=0.3)
     if data["series"]:
@@ -478,13 +567,40 @@ def render_pareto(data: dict[str, Any], path: Any) -> None:
 def describe(result: TuneResult) -> str:
     """One line for the terminal."""
     c = result.chosen
+    cut = (f"; the tuner's work budget ({TUNE_WORK_BUDGET:,} units, about 20 s) left {result.unplanned:,} unplanned: "
+           f"{NARROW}" if result.unplanned else "")
     if c is None:
-        return f"tune={result.target}: no candidate fits ({len(result.candidates)} tried; see tuning.md)"
+        return f"tune={result.target}: no candidate fits ({len(result.candidates)} tried; see tuning.md){cut}"
     return (f"tune={result.target}: chose {c.knobs()} ({c.ttft_us / 1e3:,.1f} ms predicted, {c.peak_bytes / GIB:.1f} "
-            f"GiB per GPU) out of {len(result.candidates)} candidates ({result.planned} planned)")
+            f"GiB per GPU) out of {len(result.candidates)} candidates ({result.planned} planned){cut}")
+
+
+def advice(result: TuneResult, base: SpavaConfig) -> dict[str, str]:
+    """method -> what to change so that the search would take it: for the report's warning when a
+    compared method beats the chosen plan (advising `tune=latency` there names the command just run)."""
+    import re
+
+    out = {}
+    searched = list(dict.fromkeys(base.tune.methods))
+    for method in ("spava", "apb", "star", "zigzag_ring", "dense"):
+        mine = [c for c in result.candidates if c.method == method]
+        allow = next((m.group(1) for c in mine for m in [re.search(r"tune\.min_passing=(\d+)", c.reason)] if m), None)
+        if not mine:
+            out[method] = f"let the search consider it: `tune.methods=[{','.join(searched + [method])}]`"
+        elif allow is not None:
+            out[method] = (f"let the search take it: `tune={result.target}` rejected {method} as below its quality floor "
+                           f"of {result.floor_passing:,} passing tokens per block; allow it with `tune.min_passing={allow}`")
+        else:
+            out[method] = f"see tuning.md for why `tune={result.target}` did not choose it"
+    return out
 
 
 def chosen_config(result: TuneResult) -> SpavaConfig:
+    if result.chosen is None and result.unplanned:
+        raise InfeasiblePlanError(
+            f"tune={result.target}: the tuner's work budget ({TUNE_WORK_BUDGET:,} units, about 20 s) ran out before a "
+            f"candidate that fits was planned ({result.planned} planned, {result.unplanned:,} not); {NARROW}",
+            setting="tune")
     if result.chosen is None:
         raise InfeasiblePlanError(
             f"tune={result.target}: no candidate fits in memory ({len(result.candidates)} tried); raise gpus, lower "

@@ -3,9 +3,11 @@
     spava-plan model=qwen2vl gpus=8 frames=2048
     spava-plan -m gpus=2,4,8 frames=256,1024,2048 method=spava,zigzag_ring
 
-Each job writes plan.json, report.md, graph.json, schedule.json, timeline.png and (with
-kernels=true) kernels/ into its Hydra job directory, then prints a short comparison table and the
-path. A multirun also gets summary.csv and summary.md at the sweep root (SweepSummary callback).
+Each job writes plan.json, report.md, graph.json, schedule.json, timeline.png, trace.json and (with
+kernels=true) kernels/ into its Hydra job directory (with tune=..., also tuning.csv, tuning.md and
+pareto.png), then prints a short comparison table and the path. A multirun also gets summary.csv,
+summary.md, sweep.png and index.json at the sweep root (SweepSummary callback); it exits 0 when at
+least one job planned (a job that did not is a row saying why), 2 when none did.
 
 This is one of the two entry points allowed to wire the stages together (config -> planner ->
 codegen). Errors a user can fix print one line naming the setting on stderr and exit with code 2,
@@ -24,16 +26,20 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
 
 from .errors import InfeasiblePlanError, SpavaError
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
+KERNEL_ARTIFACTS = ("kernels",)  # kernels=true
+TUNE_ARTIFACTS = ("tuning.csv", "tuning.md", "pareto.png")  # tune=...
+SWEEP_ARTIFACTS = ("summary.csv", "summary.md", "sweep.png", "index.json")  # -m, at the sweep root
 _FAILURES: list[str] = []  # one line per failed job of this process (exit code 2 at the end)
 _INDEX: list[Any] = []  # plan_store.PlanEntry of each planned job of a sweep (index.json at its root)
 _CRASHES: list[str] = []  # jobs of a sweep that hit a bug (traceback printed; exit code 1 at the end)
+_PLANNED: list[str] = []  # jobs of this process that planned (a sweep exits 0 when there is one)
 
 
 class TimelineWorker:
@@ -112,13 +118,17 @@ class TimelineWorker:
 
 
 _WORKER: TimelineWorker | None = None  # set by main() for single runs
+LAST_SEARCH_ADVICE: dict[str, str] = {}  # method -> what to change, after the last job's `tune=` search
 
 
 # -- one job ----------------------------------------------------------------------------------------
-def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None) -> tuple[Any, Any, list, str]:
-    """Plan one config and write its artifacts into ``out_dir`` (all or nothing).
+def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
+             given: Sequence[str] = ()) -> tuple[Any, Any, list, str]:
+    """Plan one config and write its artifacts into ``out_dir`` (all or nothing). ``given``: the
+    command-line overrides (a tuned plan's "plan it again" command carries them).
 
-    Returns (plan, cfg, method rows, plan hash)."""
+    Returns (plan, cfg, method rows, plan hash); after a search, the advice for the warning is in
+    ``LAST_SEARCH_ADVICE``."""
     from .config import to_config
     from .hydra_conf import with_method
     from .planner.build import assemble, derive
@@ -136,12 +146,16 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
             for note in fit_notes:
                 print(f"note: {note}")
     tuned, known = None, {}
+    LAST_SEARCH_ADVICE.clear()
     if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
         from .hydra_conf import method_preset
         from .planner.tune import chosen_config, tune
 
+        from .planner.tune import advice
+
         base, tuned = cfg, tune(cfg, method_preset, known)
         cfg = chosen_config(tuned)
+        LAST_SEARCH_ADVICE.update(advice(tuned, base))
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
     rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method}, known)
     known.clear()
@@ -149,12 +163,13 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".spava-plan-", dir=out_dir))
     try:
-        plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False))
+        plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False),
+                                     LAST_SEARCH_ADVICE or None)
         if tuned is not None:
             from .planner import tune as tuning
 
             (tmp / "tuning.csv").write_text(tuning.tuning_csv(tuned))
-            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base))
+            (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base, given))
             with open(tmp / "report.md", "a") as report:
                 report.write(f"\nThese knobs were chosen by `tune={tuned.target}` ({tuning.describe(tuned)}); "
                              "tuning.md lists every candidate and why it was not chosen, pareto.png plots them.\n")
@@ -170,10 +185,11 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None)
     return plan, cfg, rows, plan_hash
 
 
-def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker) -> str:
+def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: TimelineWorker,
+                     search: dict | None = None) -> str:
     worker.render(plan, tmp / "timeline.png")  # first: the child draws while the rest is written
     try:
-        plan_hash = _write_rest(plan, cfg, rows, tmp)
+        plan_hash = _write_rest(plan, cfg, rows, tmp, search)
     except BaseException:
         worker.close()  # the child must be done with ``tmp`` before it is removed
         raise
@@ -181,7 +197,7 @@ def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: Timelin
     return plan_hash
 
 
-def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
+def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path, search: dict | None = None) -> str:
     from .planner.graph import build_graph, graph_json
     from .planner.report import report_markdown, schedule_json
 
@@ -194,7 +210,7 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path) -> str:
 
     (tmp / "trace.json").write_text(predicted_trace(plan))
     (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
-    (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash))
+    (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash, search))
     if cfg.kernels:
         from .codegen.render import render_kernels
 
@@ -229,7 +245,8 @@ def _task(task_cfg: Any) -> dict:
     where = f"job #{job} ({overrides}): " if multirun else ""
     try:
         try:
-            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER)
+            plan, cfg, rows, plan_hash = plan_job(task_cfg, out_dir, None if multirun else _WORKER,
+                                                  [str(o) for o in task_overrides])
         except OSError as exc:  # the output directory cannot be written (a file in the way, no space...)
             raise output_dir_error(exc, "hydra.sweep.dir" if multirun else "hydra.run.dir") from None
     except SpavaError as exc:
@@ -237,12 +254,14 @@ def _task(task_cfg: Any) -> dict:
         hint = ""
         if isinstance(exc, InfeasiblePlanError) and "does not fit" in str(exc) and "tune=" not in overrides:
             hint = "; or let the planner search for knobs that fit: tune=latency (or tune=memory)"
-        line = f"spava-plan: error: {where}{exc}{hint}"
+        # in a sweep the cell becomes a row and the sweep can still exit 0: say "not planned"
+        line = f"spava-plan: {'not planned' if multirun else 'error'}: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, str(exc)), "_overrides": _override_values(task_overrides)}
+        return {**failed_row(job, overrides, str(exc), _config_or_none(task_cfg)),
+                "_overrides": _override_values(task_overrides)}
     except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
         if not multirun:
             raise
@@ -255,11 +274,12 @@ def _task(task_cfg: Any) -> dict:
         _CRASHES.append(line)
         from .planner.report import failed_row
 
-        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}"),
+        return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}", _config_or_none(task_cfg)),
                 "_overrides": _override_values(task_overrides)}
     from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
+    _PLANNED.append(job)  # read by main() of this same module, like _FAILURES
     if multirun:
         from . import cli as canonical  # under `python -m spava_plan.cli` this module is __main__, the callback's is not
         from .plan_store import entry_for
@@ -273,7 +293,7 @@ def _task(task_cfg: Any) -> dict:
         print(summary_table(rows))
         from .planner.report import warning_line
 
-        warning = warning_line(rows)
+        warning = warning_line(rows, LAST_SEARCH_ADVICE or None)
         if warning:
             print(warning)
         for note in capped_notes(plan, cfg):
@@ -281,6 +301,17 @@ def _task(task_cfg: Any) -> dict:
         print(f"artifacts: {out_dir}")
     return {**summary_row(job, plan, cfg, rows, str(out_dir)), "_overrides": _override_values(task_overrides),
             "_methods": {r.method: r.prefill_us / 1e3 for r in rows if not r.error}}
+
+
+def _config_or_none(task_cfg: Any) -> Any:
+    """The job's validated config, for the coordinates of a failed sweep cell (None when the
+    config itself is what failed)."""
+    from .config import to_config
+
+    try:
+        return to_config(task_cfg)
+    except Exception:  # noqa: BLE001 - the row then shows the overrides as typed
+        return None
 
 
 def _override_values(overrides: Any) -> dict[str, str]:
@@ -394,7 +425,10 @@ def main() -> None:
     import hydra
     from omegaconf.errors import OmegaConfBaseException
 
-    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, hydra_error, register_schema
+    from hydra.errors import MissingConfigException
+    from yaml import YAMLError
+
+    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, check_config_dirs, hydra_error, register_schema
 
     args = sys.argv[1:]
     # Let Hydra's exceptions reach this function instead of being printed with a stack trace.
@@ -407,11 +441,21 @@ def main() -> None:
                               "-sc") or a.startswith("--info") for a in args)
     _WORKER = TimelineWorker(enabled=not multirun and not informational)
     try:
+        check_config_dirs(args)  # before Hydra reads a user's YAML (alias bombs, FIFOs, bad syntax)
         if multirun:
             _prevalidate_sweep(args)
         app()
     except SpavaError as exc:
         print(f"spava-plan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except MissingConfigException as exc:  # an IOError: before OSError, or it reads as an output-dir error
+        print(f"spava-plan: error: {hydra_error(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except YAMLError as exc:  # a YAML file check_config_dirs did not see (e.g. hydra.searchpath)
+        from .errors import ConfigError
+
+        print(f"spava-plan: error: {ConfigError(f'malformed YAML: {str(exc).splitlines()[0]}', 'overrides')}",
+              file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -431,7 +475,10 @@ def main() -> None:
         _WORKER.close()
     if _CRASHES:
         sys.exit(1)
-    if _FAILURES:
+    # A sweep is a table: a cell that does not plan (gpus=2 frames=2048 does not fit) is a row
+    # that says why, not a failed command. It exits 0 when at least one cell planned, 2 when none
+    # did; a single run exits 2 on its error.
+    if _FAILURES and not (multirun and _PLANNED):
         sys.exit(2)
 
 

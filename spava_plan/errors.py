@@ -8,6 +8,12 @@ for internal invariants only.
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (escape sequences, bidi and other
+    format controls) written as its Python escape: a message may quote what a user typed."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class SpavaError(ValueError):
     """A user error. ``setting`` names the knob to change (e.g. ``video.frames``)."""
 
@@ -15,8 +21,10 @@ class SpavaError(ValueError):
 
     def __init__(self, message: str, setting: str | None = None):
         self.setting = setting
-        text = " ".join(str(message).split())  # always one line
-        if setting and setting not in text:
+        text = printable(" ".join(str(message).split()))  # always one line, no terminal controls
+        # the prefix is what names the knob: keep it even when the name also occurs in the text
+        # ("question: is required: question=..."), and add it only once
+        if setting and not text.startswith(f"{setting}:"):
             text = f"{setting}: {text}"
         super().__init__(text)
 

@@ -4,8 +4,9 @@ A plan file may be foreign, truncated, edited and re-hashed, or hostile. ``load_
 such file into ONE ``PlanFormatError`` line that names the field, and returns only plans whose
 every invariant the runtime and codegen rely on holds:
 
-1. bounded reading: at most ``MAX_PLAN_BYTES`` are read (``plan=/dev/zero`` or a huge file is
-   refused at once), no NaN/Infinity literals, JSON nesting bounded by the parser's recursion
+1. bounded reading: regular files only (a FIFO or ``plan=/dev/urandom`` is refused at once, the
+   open never blocks), at most ``MAX_PLAN_BYTES`` (checked before reading), no duplicate keys
+   (json would keep the last silently), no NaN/Infinity literals, JSON nesting bounded by the parser's recursion
    limit and, in the free-form config, by ``MAX_DEPTH``;
 2. the schema version (an int, this version);
 3. types, then the content hash: every field is rebuilt from the dataclass annotations of
@@ -24,6 +25,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import stat
 import typing
 from pathlib import Path
 from typing import Any, Mapping, get_args
@@ -74,24 +77,63 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def read_plan_json(path: str | Path) -> Any:
-    path = Path(path)
+class _Duplicate(ValueError):
+    """A JSON object that names a key twice (json keeps the last one silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Duplicate(f"duplicate key {_show(key)} in one object (a plan names every field once)")
+    return out
+
+
+def read_regular_file(path: str | Path, limit: int, *, setting: str = "plan", what: str = "a plan file") -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes: a FIFO, a
+    device or a socket is refused at once without blocking on the open (O_NONBLOCK), the size is
+    checked by fstat of what was opened before anything is read, and the read itself is bounded
+    (a file that grows after the check). Every failure is one PlanFormatError naming ``setting``.
+    For any file a user or a peer hands over (plan.json, a plan family's index.json)."""
+    shown = repr(str(path))
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PLAN_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise PlanFormatError(f"no plan file at {str(path)!r}", setting="plan") from None
+        raise PlanFormatError(f"no {what.removeprefix('a ')} at {shown}", setting=setting) from None
     except OSError as exc:
-        raise PlanFormatError(f"cannot read {str(path)!r} as a plan: {exc.strerror or exc}", setting="plan") from None
-    if len(raw) > MAX_PLAN_BYTES:
-        raise PlanFormatError(f"{str(path)!r} is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan file",
-                              setting="plan")
+        raise PlanFormatError(f"cannot read {shown} as {what}: {exc.strerror or exc}", setting=setting) from None
+    try:
+        st = os.fstat(fd)  # of what was opened: no window between the check and the read
+        if stat.S_ISDIR(st.st_mode):
+            raise PlanFormatError(f"{shown} is a folder, not {what}", setting=setting)
+        if not stat.S_ISREG(st.st_mode):
+            raise PlanFormatError(f"{shown} is not a regular file (a FIFO, device or socket): not {what}",
+                                  setting=setting)
+        if st.st_size > limit:
+            raise PlanFormatError(f"{shown} is larger than {limit >> 20} MiB: not {what}", setting=setting)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise PlanFormatError(f"cannot read {shown} as {what}: {exc.strerror or exc}", setting=setting) from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        raise PlanFormatError(f"{shown} is larger than {limit >> 20} MiB: not {what}", setting=setting)
+    return raw
+
+
+def read_plan_json(path: str | Path) -> Any:
+    """The JSON of a plan file (read_regular_file), duplicate keys refused."""
+    shown = repr(str(path))
+    raw = read_regular_file(path, MAX_PLAN_BYTES)
     try:
         # the C parser is bounded by the interpreter's recursion limit (RecursionError below)
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise PlanFormatError(f"cannot read {str(path)!r} as a plan: {first}", setting="plan") from None
+        raise PlanFormatError(f"cannot read {shown} as a plan: {first}", setting="plan") from None
 
 
 # -- 3. types from the annotations ----------------------------------------------------------------

@@ -639,7 +639,7 @@ def hydra_main(config_name: str, body: Callable[[Any, str, "int | None"], int], 
     import hydra
     from omegaconf.errors import OmegaConfBaseException
 
-    from .hydra_conf import CONFIG_MODULE, hydra_error
+    from .hydra_conf import CONFIG_MODULE, check_config_dirs, hydra_error
     from .run_config import argv_shorthands, register_schemas, to_entry_config
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -663,6 +663,7 @@ def hydra_main(config_name: str, body: Callable[[Any, str, "int | None"], int], 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's exceptions reach this function, not a stack trace
     register_schemas()
     try:
+        check_config_dirs(args)  # a user's --config-dir YAML before Hydra reads it (alias bombs, FIFOs)
         sys.argv = [sys.argv[0], *argv_shorthands(args)]
         app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
         app()

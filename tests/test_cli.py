@@ -124,15 +124,27 @@ def test_sweep_writes_a_summary(tmp_path):
     assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sweep_reports_a_failing_job_and_exits_2(tmp_path):
-    res = spava_plan(["-m", "gpus=2,1024", "frames=8", "model=qwen2vl_2b", "kernels=false",
+def test_a_sweep_cell_that_does_not_plan_is_a_row_and_the_sweep_exits_0(tmp_path):
+    """The README's sweep has an infeasible cell (gpus=2 frames=2048): it becomes a row that says
+    why, with its coordinates, and leaves no job folder; exit 0 while one cell planned."""
+    res = spava_plan(["-m", "gpus=2,1024", "frames=8,16", "model=qwen2vl_2b", "kernels=false",
                       "hydra.sweep.dir=sweep"], tmp_path)
-    assert res.returncode == 2
+    assert res.returncode == 0, res.stderr
     errors = res.stderr.strip().splitlines()
-    assert len(errors) == 1 and "job #1" in errors[0] and "gpus" in errors[0], res.stderr
+    assert len(errors) == 2 and all(e.startswith("spava-plan: not planned: job #") and "gpus" in e for e in errors), \
+        res.stderr
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
-    assert [r["status"] for r in rows][0] == "ok" and rows[1]["status"].startswith("error:")
-    assert (tmp_path / "sweep" / "0" / "plan.json").is_file() and not (tmp_path / "sweep" / "1").exists()
+    assert [r["status"] for r in rows][:2] == ["ok", "ok"] and all(r["status"].startswith("error: ") for r in rows[2:])
+    assert [(r["gpus"], r["frames"]) for r in rows] == [("2", "8"), ("2", "16"), ("1024", "8"), ("1024", "16")]
+    assert all(r["model"] == "qwen2vl_2b" and r["method"] == "spava" and not r["output_dir"] for r in rows[2:])
+    assert (tmp_path / "sweep" / "0" / "plan.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]  # no empty job folders
+
+
+def test_a_sweep_where_no_cell_plans_exits_2(tmp_path):
+    res = spava_plan(["-m", "gpus=1024", "frames=8,16", "model=qwen2vl_2b", "kernels=false",
+                      "hydra.sweep.dir=sweep"], tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 2, res.stderr
 
 
 def test_bad_value_in_a_sweep_fails_before_any_job(tmp_path):

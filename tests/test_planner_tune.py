@@ -152,8 +152,8 @@ def test_report_has_a_conclusion_and_calibration_provenance():
     plan = assemble(d)
     text = report_markdown(plan, cfg, rows, plan.hash)
     assert "## Conclusion" in text and "fastest method that fits" in text
-    assert "calibrated to measurements on NVIDIA H200" in text and "held-out" in text
-    assert "7.9% on average, 20.6% at worst" in text
+    assert "calibrated to measurements on NVIDIA H200" in text and "Nothing was held out" in text
+    assert "1.3% on average, 1.7% at worst" in text
     plain = report_markdown(plan, compose_config(SMALL), rows, plan.hash)
     assert "is not calibrated" in plain
 
@@ -170,10 +170,9 @@ def test_sweep_columns_and_plot_data():
     assert cols == ["job", "topology", "method", "gpus", "prefill_ms"]  # passing is not swept: no column
     assert [r["topology"] for r in rows] == ["h100_sxm", "h100_sxm", "h200", "h200"]
     assert not any(k.startswith("_") for r in rows for k in r)
-    data = sweep_plot_data(jobs)
-    assert data["x"] == "gpus" and set(data["lines"]) == {
-        f"{m} (topology={t})" for m in ("spava", "dense") for t in ("h100_sxm", "h200")}
-    assert data["lines"]["spava (topology=h200)"] == [(2, 20.0), (4, 40.0)]
+    data = sweep_plot_data(jobs)  # a panel per topology; dense, the reference, is no line
+    assert data["x"] == "gpus" and set(data["panels"]) == {"topology=h100_sxm", "topology=h200"}
+    assert data["panels"]["topology=h200"] == {"spava": [(2, 20.0), (4, 40.0)]}
 
 
 # -- traces -----------------------------------------------------------------------------------------
