@@ -1,7 +1,9 @@
 """Warm start for spava-serve: run each plan it serves once before /health says ready.
 
-The plans: its ``plan=`` and up to ``warmup_plans`` plans of the family in plan_dir (or, when it has
-neither, the base plan from its config). Each is loaded, its backend built through the same path a
+The plans: its ``plan=`` and up to ``warmup_plans`` plans of the family in plan_dir. A server with
+neither serves only plans made on the fly for each request's clip, so there is nothing to warm ahead
+(the base plan from its config is never what a request runs: warming it cost minutes on a CPU for a
+plan no request used). Each is loaded, its backend built through the same path a
 request takes (Engine.backend: kernels rendered, and on a GPU every launch tuned and compiled the
 first time it runs, reusing kernels/autotune.json when present), and run once end to end on random
 frames at the plan's size for one token, on every rank, so the first user request pays none of it.
@@ -18,7 +20,7 @@ WARMUP_QUESTION = "Describe the video."
 
 
 def warm_keys(engine: Any, count: int) -> list[str]:
-    """Rank 0's list of plans to warm: 'fixed' (plan=), family plan.json paths, or 'base'."""
+    """Rank 0's list of plans to warm: 'fixed' (plan=) and family plan.json paths."""
     keys, hashes = [], set()
     if engine.fixed is not None:
         keys.append("fixed")
@@ -29,16 +31,12 @@ def warm_keys(engine: Any, count: int) -> list[str]:
         if entry.hash not in hashes:
             keys.append(str(engine.store.directory(entry) / "plan.json"))
             hashes.add(entry.hash)
-    if not keys and count > 0:
-        keys.append("base")
     return keys
 
 
 def plan_of(engine: Any, key: str) -> Any:
     if key == "fixed":
         return engine.fixed
-    if key == "base":
-        return engine.base
     return load_plan(key)
 
 
