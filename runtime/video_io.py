@@ -8,6 +8,25 @@ must use, so a 30 s clip and a 3 min clip sampled to the same frame count get di
 temporal positions. Frames are decoded in one streaming pass and only the sampled ones are
 converted and kept, so a long high-resolution clip never sits in memory whole. Every failure is an
 InputError naming the ``video`` setting.
+
+Decoding only what is sampled (``decode_frames``): the stream's packets are indexed first (demuxed,
+not decoded: every frame's presentation timestamp and which are keyframes), then for each sampled
+frame the decoder seeks to the nearest keyframe at or before it and decodes forward to it; sampled
+frames that follow each other inside one group of pictures share one forward pass. Decoding is
+threaded (FFmpeg's frame + slice threads, ``thread_type = "AUTO"``). Each frame is converted once,
+straight into its slot of one preallocated uint8 buffer (page-locked when CUDA is available, so the
+copy to the GPU is a DMA). The frames are the ones the decode-everything path returns, bit for bit:
+the same decoder and the same conversion, only the frames in between are never decoded. A stream
+whose packets state no timestamps, or whose decoded frames do not land on the indexed ones, is
+decoded in one sequential pass instead (the same frames, slower).
+
+Why PyAV and not torchcodec: PyAV ships its own FFmpeg in the wheel and is already the planner's
+metadata reader (spava_plan/video_meta.py), so it installs everywhere; torchcodec is built against
+one torch release (the same lock-step as torchvision, which is what keeps CI's torch choice narrow)
+and needs system FFmpeg libraries. PyAV's seek + threaded decode gives the same frame access.
+
+``check_clip`` refuses an oversize clip from its container metadata alone (no decode), for the
+server and spava-run to call before decoding anything.
 """
 from __future__ import annotations
 
@@ -94,7 +113,8 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
 
 
 def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
-    """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info.
+    """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info:
+    only the sampled frames are decoded (``_decode``), into one buffer (pinned when CUDA is available).
 
     ``size``: (height, width) to scale each sampled frame to while converting it (FFmpeg's
     scaler), e.g. a plan family's frame size for a clip of another resolution
@@ -114,22 +134,172 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None)
             raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
                              f"longer video or re-plan with frames<={counted}", setting="video")
         frames = _decode(path, sample_indices(counted, num_frames), size)
-    return np.stack(frames), info
+    return frames, info
 
 
-def _decode(path: str, indices: list[int], size: tuple[int, int] | None = None) -> list[np.ndarray]:
-    scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
-    wanted: dict[int, int] = {}
-    for idx in indices:  # an index may repeat only if total < num (refused above); count anyway
-        wanted[idx] = wanted.get(idx, 0) + 1
-    last = max(indices)
-    out: list[np.ndarray] = []
+def check_clip(path: str, *, max_frames: int | None = None, max_pixels: int | None = None,
+               max_duration_s: float | None = None, setting: str = "video") -> VideoInfo:
+    """The clip's container metadata (frames, size, rate; no decode), refused with one InputError
+    naming ``setting`` when it holds more frames, more pixels per frame or more seconds than allowed
+    (None: no bound). Cheap enough to run on every request before any decoding."""
+    info = probe_clip(path, setting=setting)
+    if max_frames is not None and info.total_frames > max_frames:
+        raise InputError(f"{path!r} has {info.total_frames} frames, more than the {max_frames} allowed",
+                         setting=setting)
+    if max_pixels is not None and info.height * info.width > max_pixels:
+        raise InputError(f"{path!r} has {info.width}x{info.height} frames ({info.height * info.width} pixels), "
+                         f"more than the {max_pixels} allowed", setting=setting)
+    if max_duration_s is not None and info.duration_s > max_duration_s:
+        raise InputError(f"{path!r} lasts {info.duration_s:.1f} s, more than the {max_duration_s:g} s allowed",
+                         setting=setting)
+    return info
+
+
+def frame_buffer(frames: int, height: int, width: int) -> np.ndarray:
+    """One uint8 (frames, height, width, 3) buffer, page-locked when CUDA is available (a numpy view
+    of a pinned torch tensor: torch.from_numpy on it is pinned too)."""
+    try:
+        import torch
+    except ImportError:  # decoding needs no torch; only the pinning does
+        return np.empty((frames, height, width, 3), dtype=np.uint8)
+    pin = torch.cuda.is_available()
+    return torch.empty((frames, height, width, 3), dtype=torch.uint8, pin_memory=pin).numpy()
+
+
+class _NotIndexed(Exception):
+    """The stream cannot be decoded by seeking (no timestamps, or frames off the index)."""
+
+
+def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None,
+                  stats: dict | None = None) -> np.ndarray:
+    """Frames ``indices`` (in the order given; an index may repeat) of the clip, converted to RGB
+    (scaled to ``size`` = (height, width) when given), as one uint8 (len(indices), H, W, 3) buffer.
+    Fewer rows than asked when the clip holds fewer frames than an index (the caller re-counts).
+    ``stats`` (a dict) receives "decoded" (frames the decoder produced), "seeks" and "path"
+    ("seek" or "sequential")."""
+    stats = {} if stats is None else stats
     container = _open(path)
     try:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                rgb = frame.to_ndarray(format="rgb24", **scale)
-                out.extend([rgb] * wanted[i])
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: the same frames, decoded in parallel
+        try:
+            out = _decode_seeking(container, stream, indices, size, stats)
+            stats["path"] = "seek"
+            return out
+        except _NotIndexed:
+            pass
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
+    finally:
+        container.close()
+    stats["path"] = "sequential"
+    return decode_sequential(path, indices, size, stats)
+
+
+_decode = decode_frames  # the name spava_plan/engine.py imports
+
+
+def _index(container, stream) -> tuple[list[int], list[int]]:
+    """Presentation timestamps of every frame (sorted: the decoder's output order) and of the
+    keyframes, from the packets alone (demuxed, not decoded)."""
+    pts: list[int] = []
+    keys: list[int] = []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the end-of-stream flush packet
+            continue
+        if packet.pts is None:
+            raise _NotIndexed
+        pts.append(int(packet.pts))
+        if packet.is_keyframe:
+            keys.append(int(packet.pts))
+    pts.sort()
+    keys.sort()
+    if not keys or len(set(pts)) != len(pts):
+        raise _NotIndexed
+    return pts, keys
+
+
+def _decode_seeking(container, stream, indices: list[int], size: tuple[int, int] | None, stats: dict) -> np.ndarray:
+    import bisect
+
+    scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    pts, keys = _index(container, stream)
+    slots: dict[int, list[int]] = {}
+    for slot, idx in enumerate(indices):
+        slots.setdefault(int(idx), []).append(slot)
+    targets = sorted(i for i in slots if i < len(pts))
+    out: np.ndarray | None = None
+    frames = None  # the decoder's output after the last seek
+    last = None  # timestamp of the last frame decoded
+    stats["decoded"] = stats["seeks"] = 0
+    for idx in targets:
+        want = pts[idx]
+        key = keys[bisect.bisect_right(keys, want) - 1] if keys[0] <= want else keys[0]
+        # Seek unless the decoder already stands at or after the target's keyframe and before the target.
+        if frames is None or last is None or last >= want or last < key:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            last = None
+            stats["seeks"] += 1
+        for frame in frames:
+            stats["decoded"] += 1
+            if frame.pts is None:
+                raise _NotIndexed
+            last = int(frame.pts)
+            if last >= want:
+                break
+        else:
+            raise _NotIndexed  # the stream ended before the indexed frame
+        if last != want:
+            raise _NotIndexed
+        if out is None:
+            h, w = (int(size[0]), int(size[1])) if size is not None else (frame.height, frame.width)
+            out = frame_buffer(len(indices), h, w)
+        rows = slots[idx]
+        out[rows[0]] = frame.to_ndarray(format="rgb24", **scale)
+        for r in rows[1:]:
+            out[r] = out[rows[0]]
+    if out is None:
+        return np.empty((0, 0, 0, 3), dtype=np.uint8)
+    got = sum(len(slots[i]) for i in targets)
+    if got < len(indices):  # some index lies past the indexed frames: return the leading ones found
+        keep = sorted(r for i in targets for r in slots[i])
+        if keep != list(range(got)):
+            raise _NotIndexed
+        return out[:got]
+    return out
+
+
+def decode_sequential(path: str, indices: list[int], size: tuple[int, int] | None = None,
+                      stats: dict | None = None) -> np.ndarray:
+    """The decode-everything path: one pass over the stream, keeping the frames at ``indices``.
+    The reference ``_decode`` must equal, and its fallback for streams it cannot index."""
+    scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    slots: dict[int, list[int]] = {}
+    for slot, idx in enumerate(indices):
+        slots.setdefault(int(idx), []).append(slot)
+    last = max(indices)
+    out: np.ndarray | None = None
+    filled: list[int] = []
+    stats = {} if stats is None else stats
+    stats["seeks"] = 0
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            stats["decoded"] = i + 1
+            if i in slots:
+                if out is None:
+                    h, w = (int(size[0]), int(size[1])) if size is not None else (frame.height, frame.width)
+                    out = frame_buffer(len(indices), h, w)
+                rows = slots[i]
+                out[rows[0]] = frame.to_ndarray(format="rgb24", **scale)
+                for r in rows[1:]:
+                    out[r] = out[rows[0]]
+                filled += rows
             if i >= last:
                 break
     except InputError:
@@ -138,4 +308,7 @@ def _decode(path: str, indices: list[int], size: tuple[int, int] | None = None) 
         raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
     finally:
         container.close()
-    return out
+    if out is None:
+        return np.empty((0, 0, 0, 3), dtype=np.uint8)
+    filled.sort()
+    return out[:len(filled)] if filled == list(range(len(filled))) else out[np.array(filled)]
