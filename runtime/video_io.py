@@ -9,9 +9,10 @@ temporal positions. Frames are decoded in one streaming pass and only the sample
 converted and kept, so a long high-resolution clip never sits in memory whole. Every failure is an
 InputError naming the ``video`` setting.
 
-Decoding only what is sampled (``decode_frames``): the stream's packets are indexed first (demuxed,
-not decoded: every frame's presentation timestamp and which are keyframes), then for each sampled
-frame the decoder seeks to the nearest keyframe at or before it and decodes forward to it; sampled
+Decoding only what is sampled (``decode_frames``): the frames are indexed first, from the
+container's own index when it lists every frame (mp4: read from the header, no packet read) or else
+from the demuxed packets' timestamps (``_Index``), then for each sampled frame the decoder seeks to
+the nearest keyframe at or before it and decodes forward to it; sampled
 frames that follow each other inside one group of pictures share one forward pass. Decoding is
 threaded (FFmpeg's frame + slice threads, ``thread_type = "AUTO"``). Each frame is converted once,
 straight into its slot of one preallocated uint8 buffer (page-locked when CUDA is available, so the
@@ -166,6 +167,9 @@ def frame_buffer(frames: int, height: int, width: int) -> np.ndarray:
     return torch.empty((frames, height, width, 3), dtype=torch.uint8, pin_memory=pin).numpy()
 
 
+SEEK_MIN_SKIP = 8  # frames a seek must skip to be worth the decoder flush
+
+
 class _NotIndexed(Exception):
     """The stream cannot be decoded by seeking (no timestamps, or frames off the index)."""
 
@@ -178,22 +182,23 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = 
     ``stats`` (a dict) receives "decoded" (frames the decoder produced), "seeks" and "path"
     ("seek" or "sequential")."""
     stats = {} if stats is None else stats
-    container = _open(path)
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads: the same frames, decoded in parallel
+    for container_index in (True, False):  # the header's index, else the packets' timestamps
+        container = _open(path)
         try:
-            out = _decode_seeking(container, stream, indices, size, stats)
-            stats["path"] = "seek"
-            return out
-        except _NotIndexed:
-            pass
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
-    finally:
-        container.close()
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads: the same frames, decoded in parallel
+            try:
+                out = _decode_seeking(container, stream, indices, size, stats, container_index)
+                stats["path"] = "seek"
+                return out
+            except _NotIndexed:
+                pass
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
+        finally:
+            container.close()
     stats["path"] = "sequential"
     return decode_sequential(path, indices, size, stats)
 
@@ -201,63 +206,122 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = 
 _decode = decode_frames  # the name spava_plan/engine.py imports
 
 
-def _index(container, stream) -> tuple[list[int], list[int]]:
-    """Presentation timestamps of every frame (sorted: the decoder's output order) and of the
-    keyframes, from the packets alone (demuxed, not decoded)."""
-    pts: list[int] = []
-    keys: list[int] = []
-    for packet in container.demux(stream):
-        if packet.size == 0:  # the end-of-stream flush packet
-            continue
-        if packet.pts is None:
-            raise _NotIndexed
-        pts.append(int(packet.pts))
-        if packet.is_keyframe:
-            keys.append(int(packet.pts))
-    pts.sort()
-    keys.sort()
-    if not keys or len(set(pts)) != len(pts):
-        raise _NotIndexed
-    return pts, keys
+class _Index:
+    """Where each frame lies in presentation order (the decode-everything path's numbering) and where
+    the keyframes are, for seeking. Two sources:
+
+    - the container's own index (``stream.index_entries``: mp4 / mov read it from the file header,
+      no packet is read) when it lists every frame: a keyframe's position in decode order is its
+      position in presentation order (a closed group of pictures), and frames are counted in output
+      order from it. The index holds decode timestamps; FFmpeg seeks by presentation timestamp, so
+      the seek aims just before the next keyframe's decode time (a keyframe is shown no earlier
+      than it is decoded and before the next one is decoded), and the frame that comes out first
+      must be a keyframe shown within [its decode time, the next keyframe's): checked on every
+      seek, so an open group of pictures or an odd stream falls back;
+    - otherwise the packets, demuxed (not decoded): every frame's presentation timestamp.
+    """
+
+    def __init__(self, container, stream, container_index: bool = True):
+        entries = _entry_list(stream) if container_index else None
+        if entries is not None:
+            kept = [e for e in entries if not e.is_discard]  # edit-list frames the decoder never outputs
+            self.total = len(kept)
+            dts = [(i, int(e.timestamp)) for i, e in enumerate(kept) if e.is_keyframe]
+            # (position, seek target, shown no earlier than, shown before)
+            ends = [d for _, d in dts[1:]] + [None]
+            self.keys = [(i, (end - 1) if end is not None else d + (1 << 40), d, end)
+                         for (i, d), end in zip(dts, ends)]
+            self.pts_pos: dict[int, int] | None = None
+            self.source = "container index"
+        else:
+            pts: list[int] = []
+            keys: list[int] = []
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the end-of-stream flush packet
+                    continue
+                if packet.pts is None:
+                    raise _NotIndexed
+                pts.append(int(packet.pts))
+                if packet.is_keyframe:
+                    keys.append(int(packet.pts))
+            pts.sort()
+            if len(set(pts)) != len(pts):
+                raise _NotIndexed
+            self.total = len(pts)
+            self.pts_pos = {t: i for i, t in enumerate(pts)}
+            self.keys = sorted((self.pts_pos[k], k, k, k + 1) for k in set(keys))
+            self.source = "packets"
+        if not self.keys or self.keys[0][0] != 0:
+            raise _NotIndexed  # no keyframe to start from
+
+    def key_before(self, position: int) -> tuple:
+        """(position, seek timestamp, shown from, shown before) of the last keyframe at or before
+        ``position``."""
+        import bisect
+
+        return self.keys[bisect.bisect_right([k[0] for k in self.keys], position) - 1]
+
+    def position(self, frame, key: tuple, since_seek: int) -> int:
+        if self.pts_pos is not None:
+            if frame.pts is None or int(frame.pts) not in self.pts_pos:
+                raise _NotIndexed
+            return self.pts_pos[int(frame.pts)]
+        if since_seek == 0:  # the seek must have landed on this keyframe
+            _, _, low, high = key
+            if not frame.key_frame or frame.pts is None or int(frame.pts) < low or (
+                    high is not None and int(frame.pts) >= high):
+                raise _NotIndexed
+        return key[0] + since_seek
 
 
-def _decode_seeking(container, stream, indices: list[int], size: tuple[int, int] | None, stats: dict) -> np.ndarray:
-    import bisect
+def _entry_list(stream) -> list | None:
+    """The container's index entries when they list every frame of the stream (else None)."""
+    try:
+        entries = list(stream.index_entries)
+    except (AttributeError, TypeError):  # PyAV before index_entries
+        return None
+    frames = int(stream.frames or 0)
+    return entries if entries and frames > 0 and len(entries) == frames else None
 
+
+def _decode_seeking(container, stream, indices: list[int], size: tuple[int, int] | None, stats: dict,
+                    container_index: bool = True) -> np.ndarray:
     scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
-    pts, keys = _index(container, stream)
+    index = _Index(container, stream, container_index)
+    stats["index"] = index.source
     slots: dict[int, list[int]] = {}
     for slot, idx in enumerate(indices):
         slots.setdefault(int(idx), []).append(slot)
-    targets = sorted(i for i in slots if i < len(pts))
+    targets = sorted(i for i in slots if i < index.total)
     out: np.ndarray | None = None
     frames = None  # the decoder's output after the last seek
-    last = None  # timestamp of the last frame decoded
+    cur = None  # position of the last frame decoded
+    since = 0
+    landed = None  # the keyframe sought to last
     stats["decoded"] = stats["seeks"] = 0
-    for idx in targets:
-        want = pts[idx]
-        key = keys[bisect.bisect_right(keys, want) - 1] if keys[0] <= want else keys[0]
-        # Seek unless the decoder already stands at or after the target's keyframe and before the target.
-        if frames is None or last is None or last >= want or last < key:
-            container.seek(key, stream=stream, backward=True, any_frame=False)
+    for want in targets:
+        key = index.key_before(want)
+        # Seek unless the decoder already stands before the target and not far before its keyframe:
+        # a seek flushes the threaded decoder, which costs about as much as a few frames decoded.
+        if frames is None or cur is None or cur >= want or key[0] - cur > SEEK_MIN_SKIP:
+            container.seek(key[1], stream=stream, backward=True, any_frame=False)
             frames = container.decode(stream)
-            last = None
+            cur, landed, since = None, key, 0
             stats["seeks"] += 1
         for frame in frames:
             stats["decoded"] += 1
-            if frame.pts is None:
-                raise _NotIndexed
-            last = int(frame.pts)
-            if last >= want:
+            cur = index.position(frame, landed, since)
+            since += 1
+            if cur >= want:
                 break
         else:
             raise _NotIndexed  # the stream ended before the indexed frame
-        if last != want:
+        if cur != want:
             raise _NotIndexed
         if out is None:
             h, w = (int(size[0]), int(size[1])) if size is not None else (frame.height, frame.width)
             out = frame_buffer(len(indices), h, w)
-        rows = slots[idx]
+        rows = slots[want]
         out[rows[0]] = frame.to_ndarray(format="rgb24", **scale)
         for r in rows[1:]:
             out[r] = out[rows[0]]

@@ -36,9 +36,14 @@ def write_clip(path, frames: int, height: int, width: int, *, codec: str, gop: i
     return str(path)
 
 
-@pytest.mark.parametrize("codec,gop,bframes", [("libx264", 12, 3), ("mpeg4", 5, 2), ("libx264", 1, 0)])
-def test_seeking_decode_equals_decoding_everything(tmp_path, codec, gop, bframes):
-    path = write_clip(tmp_path / f"clip_{codec}_{gop}.mp4", 90, 48, 64, codec=codec, gop=gop, bframes=bframes)
+# mp4 + H.264: the container's index; mpeg4 part 2 (B-frames shown before the keyframe decoded ahead
+# of them) and Matroska (its cues list keyframes only): the packets' timestamps.
+@pytest.mark.parametrize("codec,gop,bframes,suffix,index", [("libx264", 12, 3, "mp4", "container index"),
+                                                            ("mpeg4", 5, 2, "mp4", "packets"),
+                                                            ("libx264", 1, 0, "mp4", "container index"),
+                                                            ("libx264", 12, 3, "mkv", "packets")])
+def test_seeking_decode_equals_decoding_everything(tmp_path, codec, gop, bframes, suffix, index):
+    path = write_clip(tmp_path / f"clip_{codec}_{gop}.{suffix}", 90, 48, 64, codec=codec, gop=gop, bframes=bframes)
     total = video_io.probe(path).total_frames
     assert total == 90
     cases = [video_io.sample_indices(total, 8), video_io.sample_indices(total, 30), [0], [total - 1],
@@ -47,7 +52,7 @@ def test_seeking_decode_equals_decoding_everything(tmp_path, codec, gop, bframes
         stats: dict = {}
         got = video_io.decode_frames(path, indices, stats=stats)
         want = video_io.decode_sequential(path, indices)
-        assert stats["path"] == "seek"
+        assert stats["path"] == "seek" and stats["index"] == index
         assert got.dtype == np.uint8 and got.shape == (len(indices), 48, 64, 3)
         assert np.array_equal(got, want)  # a pure copy of the same decoder's bytes
     # Every decoded frame is the same as decoding it in place, all 90 of them.
