@@ -18,16 +18,16 @@ reads itself (``--media file``: the clips must lie under the server's allowed_lo
 Per request it records the client's wall-clock TTFT (request sent -> first content token of the
 stream), total time, completion tokens and decode tokens/s (tokens after the first over the time
 after the first), and the server's own per-request stage timings when it reports them: a
-``timings`` object in the final stream chunk (or the response), stage -> milliseconds
-(``fetch_ms``, ``decode_ms``, ``preprocess_ms``, ``vision_ms``, ``prefill_ms``, ``first_token_ms``,
-... ; ``*_s`` values are converted), and for sequential runs the change of every Prometheus
+``timings`` object in the final stream chunk, stage -> milliseconds (``fetch_ms``, ``decode_ms``
+(the video), ``preprocess_ms``, ``vision_ms``, ``prefill_ms``, ``first_token_ms``, ``generate_ms``
+(the token loop); ``*_s`` values are converted), and for sequential runs the change of every Prometheus
 ``*_seconds_sum`` series of ``/metrics`` over the request (a stage the response does not report).
 
 The JSON has every request, per run p50 / p95 request TTFT and videos per minute, and a
 ``summary``: request_ttft_p50_ms, prefill_ttft_ms, preprocess_ms, first_request_ttft_ms,
 tenth_request_ttft_ms, gpu_idle_share (null where the server reports nothing to compute it from).
 ``gpu_idle_share`` is, over the most concurrent run, 1 - (the requests' GPU stages: vision +
-prefill + decode, summed) / (the run's wall time): the time the GPUs wait between requests.
+prefill + generate, summed) / (the run's wall time): the time the GPUs wait between requests.
 """
 from __future__ import annotations
 
@@ -50,8 +50,11 @@ PRESETS = {  # name: (seconds, height, width, fps)
     "short-720p": (10.0, 720, 1280, 30),
     "tiny": (4.0, 56, 84, 4),
 }
-GPU_STAGES = ("vision", "prefill", "decode")
-PREPROCESS_STAGES = ("decode_video", "video_decode", "preprocess")  # decode + processor, as the issue counts it
+# Stage names read from the server's timings (after the unit suffix is dropped): "decode" is the
+# video's decode (the issue's per-request list: fetch, decode, preprocess, vision, prefill, first
+# token), the token loop is "generate" (or "decode_tokens").
+GPU_STAGES = ("vision", "prefill", "generate", "decode_tokens", "token_decode")
+PREPROCESS_STAGES = ("decode", "video_decode", "decode_video", "preprocess")  # decode + processor, as the issue counts it
 QUESTION = "What happens in this video? Answer in one sentence."
 
 
@@ -284,7 +287,7 @@ def idle_share(results: list[Result], wall_s: float) -> float | None:
     busy = 0.0
     for r in results:
         s = stages(r)
-        found = [s[k] for k in s if any(k == g or k.startswith(g + "_") or k.endswith("_" + g) for g in GPU_STAGES)]
+        found = [s[k] for k in s if k in GPU_STAGES]
         if not found:
             return None  # the server does not report its GPU stages
         busy += sum(found)

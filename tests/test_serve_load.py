@@ -53,8 +53,9 @@ def test_timings_percentiles_and_idle_share():
              "spava_vision_seconds_count": 1.0}
     got = serve_load.metric_stages(before, after)
     assert math.isclose(got["prefill"], 500.0) and math.isclose(got["vision"], 100.0)
-    # two requests, each 0.3 s on the GPUs, over a 1 s run: 40% idle
-    rs = [serve_load.Result("c", "concurrent-2", i, 0.0, server_ms={"vision": 100.0, "prefill": 150.0, "decode": 50.0})
+    # two requests, each 0.3 s on the GPUs (the video's decode is not GPU time), over a 1 s run: 40% idle
+    rs = [serve_load.Result("c", "concurrent-2", i, 0.0, server_ms={"vision": 100.0, "prefill": 150.0, "generate": 50.0,
+                                                                           "decode": 400.0})
           for i in range(2)]
     assert math.isclose(serve_load.idle_share(rs, 1.0), 0.4)
     assert serve_load.idle_share([serve_load.Result("c", "sequential", 0, 0.0)], 1.0) is None
