@@ -327,7 +327,8 @@ class Runner:
 
         t0 = time.perf_counter()
         m = plan.config["model"]
-        proc = hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"])
+        # device="cpu": the timed prefill includes the pixels' host-to-GPU copy (pinned below)
+        proc = hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"], device="cpu")
         proc.image_processor = ThreadedImages(proc.image_processor, self.workers)
         frames = run._random_frames(plan, seed=0)  # random uint8 pixels at the plan's source resolution
         args = self.args(plan, "")

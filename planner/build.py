@@ -288,7 +288,9 @@ def assemble(d: Derived) -> Plan:
                                 spatial_merge=vision.spatial_merge, temporal_patch=vision.temporal_patch,
                                 min_pixels=vision.min_pixels, max_pixels=vision.max_pixels,
                                 tile_size=vision.tile_size, tile_tokens=vision.tile_tokens,
-                                frame_text_tokens=vision.frame_text_tokens),
+                                frame_text_tokens=vision.frame_text_tokens,
+                                cap_pixels_per_frame=vision.cap_pixels_per_frame,
+                                max_video_tokens=vision.max_video_tokens),
                 links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
                 chunking=d.chunking)
 

@@ -2,9 +2,11 @@
 
 The counts follow the models' own processors:
 - Qwen2-VL / Qwen2.5-VL: each frame is resized so both sides are multiples of
-  patch x merge (28), rounding to the nearest multiple, within [min_pixels, max_pixels]; frames are
-  padded to a multiple of the temporal patch (2) by repeating the last one; every temporal grid
-  gives (H/28)*(W/28) tokens.
+  patch x merge (28), rounding to the nearest multiple, within [min_pixels, max_pixels] (with
+  model.vision.cap_pixels_per_frame, max_pixels is also bounded by an even share of the video's
+  pixel budget: ``frame_max_pixels``; the plan records the rule, runtime/hf_inputs.py passes it to
+  the processor); frames are padded to a multiple of the temporal patch (2) by repeating the last
+  one; every temporal grid gives (H/28)*(W/28) tokens.
 - InternVL3: one 448x448 tile per frame, 256 tokens per tile, plus the frame's text tokens
   "Frame{i}: <img>...</img>\n" as the processor writes them (spava_plan.vision_exchange).
 
@@ -48,6 +50,16 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def frame_max_pixels(vision, frames: int) -> int:
+    """The processor's upper pixel bound for one of ``frames`` frames: model.vision.max_pixels, or with
+    model.vision.cap_pixels_per_frame also an even share of the video's pixel budget, as
+    transformers' Qwen2VLVideoProcessor.resize computes it (frames before temporal padding)."""
+    if not vision.cap_pixels_per_frame:
+        return vision.max_pixels
+    total = int(vision.max_video_tokens * vision.factor * vision.factor * 0.9)
+    return max(min(vision.max_pixels, total * vision.temporal_patch // frames), int(vision.min_pixels * 1.05))
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,7 @@ def token_layout(model: ModelConfig, video: VideoConfig) -> TokenLayout:
         interval = 1.0
     else:
         factor = vis.factor
-        h_bar, w_bar = smart_resize(height, width, factor, vis.min_pixels, vis.max_pixels)
+        h_bar, w_bar = smart_resize(height, width, factor, vis.min_pixels, frame_max_pixels(vis, video.frames))
         frames = -(-video.frames // vis.temporal_patch) * vis.temporal_patch
         grid = (frames // vis.temporal_patch, h_bar // factor, w_bar // factor)
         video_tokens = grid[0] * grid[1] * grid[2]

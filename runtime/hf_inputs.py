@@ -1,17 +1,22 @@
 """Model inputs for Qwen2-VL / Qwen2.5-VL (InternVL3: runtime/internvl_inputs.py): prompt ids, video pixels, exact global M-RoPE position
 ids, the plan-vs-input check, and the per-rank slicing of the local sequence.
 
-Inputs come from the checkpoint's own processing classes. With torchvision present the model's
-processor (AutoProcessor: tokenizer + video processor + chat template) builds everything. Without
-it (the CPU machines here have no torchvision build, and transformers' video processor needs it)
-the same checkpoint's tokenizer, chat template and image processor are used: every frame goes
-through the image processor's resize / rescale / normalise and patch order, then frames are paired
-into temporal grids exactly as the video processor's patchify does (verified against the image
-processor on a still clip in tests/test_model_inputs.py). The only difference between the two
-paths is the resize library (PIL vs torchvision bicubic).
+Pixels come from transformers' own fast video processor (``Qwen2VLVideoProcessor``, torchvision
+ops) with ``device=`` the run's device: on a GPU the resize, rescale, normalisation and patchify run
+there (0.195 s instead of 2.45 s on 16 CPU cores for 64 frames at 1440p, issue 25) and the pixels
+stay there for the vision encoder. A checkpoint's processor (AutoProcessor: tokenizer + video
+processor + chat template) builds everything; a random-weight run with no checkpoint builds the
+same fast processor classes from their defaults (no files, no hub). Without torchvision (a CPU-only
+machine with a torch that no torchvision build loads against) a CPU run falls back to the image
+processor's PIL backend: every frame goes through the image processor's resize / rescale /
+normalise and patch order, then frames are paired into temporal grids exactly as the video
+processor's patchify does; the only difference is the resize library, within two uint8 levels
+after normalisation (tests/test_fast_processors.py). A GPU run without torchvision is refused.
 
-Frame size: the plan's pixel bounds (model.vision.min_pixels / max_pixels) are passed to the
-processor so that the resized frame is the one the plan was made for.
+Frame size: the plan's pixel bounds (model.vision.min_pixels / max_pixels) and its per-frame pixel
+cap rule (model.vision.cap_pixels_per_frame, transformers' keyword) are passed to the processor so
+that the resized frame is the one the plan was made for; a transformers without the keyword (it
+always caps) cannot build an uncapped plan's frames and is refused naming the setting.
 
 Position ids are computed once over the WHOLE prompt with the model's own ``get_rope_index`` and
 then sliced per rank, so every token keeps its true global position (SPAVA_SPEC.md section 1).
@@ -43,22 +48,57 @@ FALLBACK_TEMPLATE_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_
 
 
 # -- loading ------------------------------------------------------------------------------------
-def load_processing(checkpoint: str) -> Processing:
-    """The checkpoint's processor, or its tokenizer + image processor when the processor class cannot
-    be built here (no torchvision). InputError when neither loads."""
+def fast_processors_available() -> bool:
+    """Whether transformers' fast (torchvision) processors can run here: torchvision imports and its
+    compiled ops load against this torch (a mismatched pair fails at import: "operator
+    torchvision::nms does not exist")."""
+    global _FAST
+    if _FAST is None:
+        try:
+            import torchvision  # noqa: F401
+            from transformers.utils import is_torchvision_available
+
+            _FAST = bool(is_torchvision_available())
+        except Exception:  # ImportError, or the RuntimeError of ops that do not load
+            _FAST = False
+    return _FAST
+
+
+_FAST: bool | None = None
+
+
+def processing_device(device: Any = None) -> str:
+    """The processors' device: the given one ("cuda", "cuda:1", a torch.device, "cpu"), or the GPU when
+    one is visible. A GPU needs the fast processors (InputError naming ``device`` without them)."""
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else str(device)
+    if dev.startswith("cuda") and not fast_processors_available():
+        raise InputError("preprocessing on the GPU needs transformers' fast processors, which need torchvision "
+                         "built for this torch (pip install torchvision matching torch " f"{torch.__version__}); or run "
+                         "with device=cpu", setting="device")
+    return dev
+
+
+def load_processing(checkpoint: str, device: Any = None) -> Processing:
+    """The checkpoint's processor (its fast video processor, on ``device``; see processing_device),
+    or its tokenizer + image processor when the processor class cannot be built here (no
+    torchvision; CPU only). InputError when neither loads."""
     import transformers
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise InputError(f"no checkpoint directory at {checkpoint!r}", setting="model.checkpoint")
+    dev = processing_device(device)
     try:
         proc = transformers.AutoProcessor.from_pretrained(str(path))
         if getattr(proc, "video_processor", None) is not None and getattr(proc, "tokenizer", None) is not None:
             template = getattr(proc, "chat_template", None) or getattr(proc.tokenizer, "chat_template", None)
             return Processing(proc.tokenizer, getattr(proc, "image_processor", None), proc.video_processor,
-                              template, "processor")
+                              template, "processor", dev)
     except Exception:  # no torchvision, or a checkpoint without processor files: try the parts
         pass
+    if dev.startswith("cuda"):
+        raise InputError(f"cannot build the video processor of {checkpoint!r} (AutoProcessor), which GPU "
+                         f"preprocessing needs", setting="model.checkpoint")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
         image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
@@ -66,22 +106,29 @@ def load_processing(checkpoint: str) -> Processing:
         raise InputError(f"cannot load the tokenizer / image processor of {checkpoint!r}: "
                          f"{_first_line(exc)}", setting="model.checkpoint") from None
     template = getattr(tokenizer, "chat_template", None) or _template_file(path)
-    return Processing(tokenizer, image_processor, None, template, "parts")
+    return Processing(tokenizer, image_processor, None, template, "parts", dev)
 
 
-def default_processing(tokenizer: Any = None, family: str = "qwen2_vl", tile_size: int = 448) -> Processing:
-    """Processing for a random-weight model with no checkpoint: the Qwen image processor class with
-    its defaults (no files needed) and no tokenizer (the prompt is then synthetic ids).
-    InternVL3: its image processor class with the tile size, one tile per frame."""
+def default_processing(tokenizer: Any = None, family: str = "qwen2_vl", tile_size: int = 448,
+                       device: Any = None) -> Processing:
+    """Processing for a random-weight model with no checkpoint: transformers' fast video and image
+    processor classes built from their defaults (no files, no hub), on ``device``; no tokenizer (the
+    prompt is then synthetic ids). InternVL3: its video processor with one square tile per frame.
+    Without torchvision (CPU only): the image processor's PIL backend."""
     import transformers
 
+    dev = processing_device(device)
+    fast = fast_processors_available()
     if family == "internvl3":
-        from .internvl_inputs import internvl_image_processor
+        from .internvl_inputs import internvl_image_processor, internvl_video_processor
 
-        return Processing(tokenizer, internvl_image_processor(tile_size), None, None, "default")
-
+        video = internvl_video_processor(tile_size) if fast else None
+        return Processing(tokenizer, internvl_image_processor(tile_size, fast=fast), video, None, "default", dev)
+    if fast:
+        return Processing(tokenizer, transformers.Qwen2VLImageProcessor(), transformers.Qwen2VLVideoProcessor(),
+                          None, "default", dev)
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    return Processing(tokenizer, cls(), None, None, "default")
+    return Processing(tokenizer, cls(), None, None, "default", dev)
 
 
 def _template_file(path: Path) -> str | None:
@@ -114,18 +161,57 @@ def prompt_text(processing: Processing, question: str) -> str:
 
 
 def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int, max_pixels: int,
-                 temporal_patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values_videos, video_grid_thw) for uint8 frames (F, H, W, 3)."""
+                 temporal_patch: int, cap_pixels_per_frame: bool = False,
+                 max_video_tokens: int = 128000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values_videos, video_grid_thw) for uint8 frames (F, H, W, 3): pixels float32 on the
+    processing device, the grid on the host."""
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     if processing.video_processor is not None:
         vp = processing.video_processor
-        extra = {}
-        if "cap_pixels_per_frame" in getattr(getattr(vp, "valid_kwargs", None), "__annotations__", {}):
-            extra["cap_pixels_per_frame"] = False  # the plan's bounds alone decide the frame size
-        # frames as decoded (F, H, W, 3) uint8: the layout transformers' own video loaders return
-        out = vp(videos=[frames], size=size, do_sample_frames=False, return_tensors="pt", **extra)
-        return out["pixel_values_videos"].float(), out["video_grid_thw"].long()
+        extra = cap_keyword(vp, cap_pixels_per_frame, max_video_tokens)
+        # frames as decoded (F, H, W, 3) uint8: the layout transformers' own video loaders return;
+        # as a tensor (a pinned decode buffer's view) so device= copies it by DMA
+        video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        out = vp(videos=[video], size=size, do_sample_frames=False, return_tensors="pt", device=processing.device,
+                 **extra)
+        return out["pixel_values_videos"].float(), out["video_grid_thw"].long().cpu()
+    if processing.device.startswith("cuda"):
+        raise InputError("preprocessing on the GPU needs transformers' fast video processor", setting="device")
+    if cap_pixels_per_frame:
+        raise InputError("the per-frame pixel cap needs transformers' video processor (torchvision); re-plan with "
+                         "model.vision.cap_pixels_per_frame=false", setting="model.vision.cap_pixels_per_frame")
     return frames_to_video_patches(processing.image_processor, frames, size=size, temporal_patch=temporal_patch)
+
+
+def cap_keyword(video_processor: Any, cap_pixels_per_frame: bool, max_video_tokens: int = 128000) -> dict[str, Any]:
+    """The ``cap_pixels_per_frame`` keyword for this transformers' video processor, set to the plan's
+    rule. transformers 5.17-5.25 take it (unset: uncapped, with a warning); a release that dropped it
+    always caps, so an uncapped plan cannot be served there: PlanMismatchError naming the setting."""
+    accepted = "cap_pixels_per_frame" in getattr(getattr(video_processor, "valid_kwargs", None), "__annotations__", {})
+    if accepted:
+        return {"cap_pixels_per_frame": bool(cap_pixels_per_frame), "max_video_tokens": int(max_video_tokens)}
+    import transformers
+
+    if not cap_pixels_per_frame and _caps_always(transformers.__version__):
+        raise PlanMismatchError(
+            f"transformers {transformers.__version__}'s video processor always applies the per-frame pixel cap, "
+            f"but the plan was made without it; re-plan with model.vision.cap_pixels_per_frame=true",
+            setting="model.vision.cap_pixels_per_frame")
+    if cap_pixels_per_frame and not _caps_always(transformers.__version__):
+        raise PlanMismatchError(
+            f"transformers {transformers.__version__}'s video processor has no per-frame pixel cap, but the plan "
+            f"assumed it; re-plan with model.vision.cap_pixels_per_frame=false",
+            setting="model.vision.cap_pixels_per_frame")
+    return {"max_video_tokens": int(max_video_tokens)} if cap_pixels_per_frame else {}
+
+
+def _caps_always(version: str) -> bool:
+    """Releases without the keyword: before it existed (uncapped) or after its removal (capped, 5.22+
+    announced; still present in 5.25)."""
+    import re
+
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    return parts >= (5, 22)
 
 
 def frames_to_video_patches(image_processor: Any, frames: np.ndarray, *, size: dict,
@@ -150,7 +236,8 @@ def frames_to_video_patches(image_processor: Any, frames: np.ndarray, *, size: d
 
 def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, family: str, min_pixels: int,
                  max_pixels: int, temporal_patch: int, merge: int, fps: float,
-                 video_token_id: int | None = None, tile_size: int = 448, tile_tokens: int = 256) -> ModelInputs:
+                 video_token_id: int | None = None, tile_size: int = 448, tile_tokens: int = 256,
+                 cap_pixels_per_frame: bool = False, max_video_tokens: int = 128000) -> ModelInputs:
     """Prompt ids + pixels for one video and one question, as the model's processor builds them."""
     if family == "internvl3":
         from .internvl_inputs import build_internvl_inputs
@@ -158,7 +245,8 @@ def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, f
         return build_internvl_inputs(processing, frames, question, tile_size=tile_size, tile_tokens=tile_tokens,
                                      image_token_id=video_token_id)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
-                                temporal_patch=temporal_patch)
+                                temporal_patch=temporal_patch, cap_pixels_per_frame=cap_pixels_per_frame,
+                                max_video_tokens=max_video_tokens)
     n_video = int(grid.prod()) // (merge * merge)
     tok = processing.tokenizer
     text = prompt_text(processing, question).replace(VIDEO_PAD, VIDEO_PAD * n_video)
@@ -173,7 +261,8 @@ def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, f
 def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: Any, system_tokens: int,
                      question_tokens: int, family: str, min_pixels: int, max_pixels: int, temporal_patch: int,
                      merge: int, fps: float, seed: int = 0, tile_size: int = 448, tile_tokens: int = 256,
-                     frame_text_tokens: int = 6) -> ModelInputs:
+                     frame_text_tokens: int = 6, cap_pixels_per_frame: bool = False,
+                     max_video_tokens: int = 128000) -> ModelInputs:
     """For a random-weight model with no tokenizer: the Qwen layout with random text ids.
 
     [random system ids | <|vision_start|> | video | <|vision_end|> | random question ids | 5 suffix ids]
@@ -185,7 +274,8 @@ def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: A
                                          question_tokens=question_tokens, tile_size=tile_size,
                                          tile_tokens=tile_tokens, frame_text_tokens=frame_text_tokens, seed=seed)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
-                                temporal_patch=temporal_patch)
+                                temporal_patch=temporal_patch, cap_pixels_per_frame=cap_pixels_per_frame,
+                                max_video_tokens=max_video_tokens)
     n_video = int(grid.prod()) // (merge * merge)
     specials = {int(getattr(hf_config, k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                      "vision_end_token_id") if getattr(hf_config, k, None) is not None}
@@ -367,6 +457,7 @@ def slice_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tenso
     return positions[:, index.to(positions.device)].unsqueeze(1)
 
 
-__all__: Sequence[str] = ("Processing", "ModelInputs", "load_processing", "default_processing", "build_inputs",
+__all__: Sequence[str] = ("Processing", "ModelInputs", "load_processing", "default_processing", "fast_processors_available",
+                          "processing_device", "video_pixels", "build_inputs",
                           "synthetic_inputs", "global_position_ids", "pad_query", "check_against_plan", "observed_settings",
                           "local_indices", "local_embeddings", "slice_positions")

@@ -6,9 +6,11 @@ The processor replaces the chat template's ``<video>`` with one line per frame,
 
 (``InternVLProcessor.replace_video_token``; tests/test_model_internvl.py checks ``video_text``
 against it), and the template's "\\n" after ``<video>`` closes the last line. Every frame is resized
-to one square tile (no cropping into several tiles for video), rescaled and normalised by the
-checkpoint's image processor (the video processor class needs torchvision, which the CPU machines
-here lack; the only difference is the resize library). Positions are 1-D: token i is at position i.
+to one square tile (no cropping into several tiles for video), rescaled and normalised by
+transformers' fast ``InternVLVideoProcessor`` on the run's device (``Processing.device``), or, on a
+CPU machine without torchvision, by the image processor's PIL backend one frame at a time (the only
+difference is the resize library, within two uint8 levels after normalisation). Positions are 1-D:
+token i is at position i.
 
 The planner's layout (planner/layout.py, spava_plan.vision_exchange.frame_video_tokens) counts
 the same tokens; ``check_against_plan`` refuses a prompt whose counts differ.
@@ -34,13 +36,25 @@ FALLBACK_TEMPLATE_TEXT = "<|im_start|>user\n<video>\n{question}<|im_end|>\n<|im_
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def internvl_image_processor(tile_size: int) -> Any:
-    """InternVL's image processor class (GotOcr2) for one square tile per frame, InternViT's mean/std."""
+def internvl_image_processor(tile_size: int, fast: bool = False) -> Any:
+    """InternVL's image processor class (GotOcr2; ``fast``: the torchvision one) for one square tile per
+    frame, InternViT's mean/std."""
     import transformers
 
-    cls = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+    pil = getattr(transformers, "GotOcr2ImageProcessorPil", None)
+    cls = transformers.GotOcr2ImageProcessor if fast or pil is None else pil
     return cls(size={"height": int(tile_size), "width": int(tile_size)}, crop_to_patches=False,
                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+def internvl_video_processor(tile_size: int) -> Any:
+    """InternVL's fast video processor (needs torchvision) for one square tile per frame, InternViT's
+    mean/std, frames as given (no sampling: the plan fixes them)."""
+    import transformers
+
+    return transformers.InternVLVideoProcessor(size={"height": int(tile_size), "width": int(tile_size)},
+                                               image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                                               do_sample_frames=False)
 
 
 def video_text(frames: int, tile_tokens: int) -> str:
@@ -59,13 +73,21 @@ def prompt_text(processing: Processing, question: str) -> str:
     return text
 
 
-def frame_pixels(image_processor: Any, frames: np.ndarray, tile_size: int) -> torch.Tensor:
-    """(F, 3, tile, tile) float32: every frame resized to one tile and normalised."""
+def frame_pixels(processing: Processing, frames: np.ndarray, tile_size: int) -> torch.Tensor:
+    """(F, 3, tile, tile) float32 on the processing device: every frame resized to one tile and normalised."""
     size = {"height": int(tile_size), "width": int(tile_size)}
-    out = image_processor(images=list(frames), size=size, crop_to_patches=False, return_tensors="pt")
-    pixels = out["pixel_values"]
+    if processing.video_processor is not None:
+        video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        out = processing.video_processor(videos=[video], size=size, do_sample_frames=False, return_tensors="pt",
+                                         device=processing.device)
+        pixels = out["pixel_values_videos"][0]
+    else:
+        if processing.device.startswith("cuda"):
+            raise InputError("preprocessing on the GPU needs transformers' fast video processor", setting="device")
+        out = processing.image_processor(images=list(frames), size=size, crop_to_patches=False, return_tensors="pt")
+        pixels = out["pixel_values"]
     if pixels.shape[0] != frames.shape[0]:
-        raise InputError(f"the image processor made {pixels.shape[0]} tiles of {frames.shape[0]} frames",
+        raise InputError(f"the processor made {pixels.shape[0]} tiles of {frames.shape[0]} frames",
                          setting="model.checkpoint")
     return pixels.float().contiguous()
 
@@ -79,7 +101,7 @@ def _grid(frames: int, tile_tokens: int) -> torch.Tensor:
 def build_internvl_inputs(processing: Processing, frames: np.ndarray, question: str, *, tile_size: int,
                           tile_tokens: int, image_token_id: int | None = None) -> ModelInputs:
     """Prompt ids + pixels for one video and one question, as InternVLProcessor builds them."""
-    pixels = frame_pixels(processing.image_processor, frames, tile_size)
+    pixels = frame_pixels(processing, frames, tile_size)
     f = int(frames.shape[0])
     prompt = prompt_text(processing, question)
     at = prompt.index(VIDEO)
@@ -115,7 +137,7 @@ def synthetic_internvl_inputs(processing: Processing, frames: np.ndarray, *, hf_
     """
     from .hf_model import internvl_special_ids
 
-    pixels = frame_pixels(processing.image_processor, frames, tile_size)
+    pixels = frame_pixels(processing, frames, tile_size)
     f = int(frames.shape[0])
     vocab = int(hf_config.text_config.vocab_size)
     special = internvl_special_ids(vocab)

@@ -19,7 +19,10 @@ class Processing:
     image_processor: Any  # used for frames when no video processor can be built
     video_processor: Any | None
     chat_template: str | None
-    source: str  # "processor" (AutoProcessor) or "parts" (tokenizer + image processor)
+    source: str  # "processor" (AutoProcessor), "parts" (tokenizer + image processor) or "default"
+    # Where the processor runs (transformers' fast processors' ``device=``): "cuda" when the run is
+    # on a GPU, "cpu" otherwise; its pixels come back on this device.
+    device: str = "cpu"
 
 
 @dataclass

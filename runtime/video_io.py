@@ -8,6 +8,26 @@ must use, so a 30 s clip and a 3 min clip sampled to the same frame count get di
 temporal positions. Frames are decoded in one streaming pass and only the sampled ones are
 converted and kept, so a long high-resolution clip never sits in memory whole. Every failure is an
 InputError naming the ``video`` setting.
+
+Decoding only what is sampled (``decode_frames``): the frames are indexed first, from the
+container's own index when it lists every frame (mp4: read from the header, no packet read) or else
+from the demuxed packets' timestamps (``_Index``), then for each sampled frame the decoder seeks to
+the nearest keyframe at or before it and decodes forward to it; sampled
+frames that follow each other inside one group of pictures share one forward pass. Decoding is
+threaded (FFmpeg's frame + slice threads, ``thread_type = "AUTO"``). Each frame is converted once,
+straight into its slot of one preallocated uint8 buffer (page-locked when CUDA is available, so the
+copy to the GPU is a DMA). The frames are the ones the decode-everything path returns, bit for bit:
+the same decoder and the same conversion, only the frames in between are never decoded. A stream
+whose packets state no timestamps, or whose decoded frames do not land on the indexed ones, is
+decoded in one sequential pass instead (the same frames, slower).
+
+Why PyAV and not torchcodec: PyAV ships its own FFmpeg in the wheel and is already the planner's
+metadata reader (spava_plan/video_meta.py), so it installs everywhere; torchcodec is built against
+one torch release (the same lock-step as torchvision, which is what keeps CI's torch choice narrow)
+and needs system FFmpeg libraries. PyAV's seek + threaded decode gives the same frame access.
+
+``check_clip`` refuses an oversize clip from its container metadata alone (no decode), for the
+server and spava-run to call before decoding anything.
 """
 from __future__ import annotations
 
@@ -94,7 +114,8 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
 
 
 def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
-    """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info.
+    """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info:
+    only the sampled frames are decoded (``_decode``), into one buffer (pinned when CUDA is available).
 
     ``size``: (height, width) to scale each sampled frame to while converting it (FFmpeg's
     scaler), e.g. a plan family's frame size for a clip of another resolution
@@ -114,22 +135,235 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None)
             raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
                              f"longer video or re-plan with frames<={counted}", setting="video")
         frames = _decode(path, sample_indices(counted, num_frames), size)
-    return np.stack(frames), info
+    return frames, info
 
 
-def _decode(path: str, indices: list[int], size: tuple[int, int] | None = None) -> list[np.ndarray]:
+def check_clip(path: str, *, max_frames: int | None = None, max_pixels: int | None = None,
+               max_duration_s: float | None = None, setting: str = "video") -> VideoInfo:
+    """The clip's container metadata (frames, size, rate; no decode), refused with one InputError
+    naming ``setting`` when it holds more frames, more pixels per frame or more seconds than allowed
+    (None: no bound). Cheap enough to run on every request before any decoding."""
+    info = probe_clip(path, setting=setting)
+    if max_frames is not None and info.total_frames > max_frames:
+        raise InputError(f"{path!r} has {info.total_frames} frames, more than the {max_frames} allowed",
+                         setting=setting)
+    if max_pixels is not None and info.height * info.width > max_pixels:
+        raise InputError(f"{path!r} has {info.width}x{info.height} frames ({info.height * info.width} pixels), "
+                         f"more than the {max_pixels} allowed", setting=setting)
+    if max_duration_s is not None and info.duration_s > max_duration_s:
+        raise InputError(f"{path!r} lasts {info.duration_s:.1f} s, more than the {max_duration_s:g} s allowed",
+                         setting=setting)
+    return info
+
+
+def frame_buffer(frames: int, height: int, width: int) -> np.ndarray:
+    """One uint8 (frames, height, width, 3) buffer, page-locked when CUDA is available (a numpy view
+    of a pinned torch tensor: torch.from_numpy on it is pinned too)."""
+    try:
+        import torch
+    except ImportError:  # decoding needs no torch; only the pinning does
+        return np.empty((frames, height, width, 3), dtype=np.uint8)
+    pin = torch.cuda.is_available()
+    return torch.empty((frames, height, width, 3), dtype=torch.uint8, pin_memory=pin).numpy()
+
+
+SEEK_MIN_SKIP = 8  # frames a seek must skip to be worth the decoder flush
+
+
+class _NotIndexed(Exception):
+    """The stream cannot be decoded by seeking (no timestamps, or frames off the index)."""
+
+
+def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None,
+                  stats: dict | None = None) -> np.ndarray:
+    """Frames ``indices`` (in the order given; an index may repeat) of the clip, converted to RGB
+    (scaled to ``size`` = (height, width) when given), as one uint8 (len(indices), H, W, 3) buffer.
+    Fewer rows than asked when the clip holds fewer frames than an index (the caller re-counts).
+    ``stats`` (a dict) receives "decoded" (frames the decoder produced), "seeks" and "path"
+    ("seek" or "sequential")."""
+    stats = {} if stats is None else stats
+    for container_index in (True, False):  # the header's index, else the packets' timestamps
+        container = _open(path)
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads: the same frames, decoded in parallel
+            try:
+                out = _decode_seeking(container, stream, indices, size, stats, container_index)
+                stats["path"] = "seek"
+                return out
+            except _NotIndexed:
+                pass
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
+        finally:
+            container.close()
+    stats["path"] = "sequential"
+    return decode_sequential(path, indices, size, stats)
+
+
+_decode = decode_frames  # the name spava_plan/engine.py imports
+
+
+class _Index:
+    """Where each frame lies in presentation order (the decode-everything path's numbering) and where
+    the keyframes are, for seeking. Two sources:
+
+    - the container's own index (``stream.index_entries``: mp4 / mov read it from the file header,
+      no packet is read) when it lists every frame: a keyframe's position in decode order is its
+      position in presentation order (a closed group of pictures), and frames are counted in output
+      order from it. The index holds decode timestamps; FFmpeg seeks by presentation timestamp, so
+      the seek aims just before the next keyframe's decode time (a keyframe is shown no earlier
+      than it is decoded and before the next one is decoded), and the frame that comes out first
+      must be a keyframe shown within [its decode time, the next keyframe's): checked on every
+      seek, so an open group of pictures or an odd stream falls back;
+    - otherwise the packets, demuxed (not decoded): every frame's presentation timestamp.
+    """
+
+    def __init__(self, container, stream, container_index: bool = True):
+        entries = _entry_list(stream) if container_index else None
+        if entries is not None:
+            kept = [e for e in entries if not e.is_discard]  # edit-list frames the decoder never outputs
+            self.total = len(kept)
+            dts = [(i, int(e.timestamp)) for i, e in enumerate(kept) if e.is_keyframe]
+            # (position, seek target, shown no earlier than, shown before)
+            ends = [d for _, d in dts[1:]] + [None]
+            self.keys = [(i, (end - 1) if end is not None else d + (1 << 40), d, end)
+                         for (i, d), end in zip(dts, ends)]
+            self.pts_pos: dict[int, int] | None = None
+            self.source = "container index"
+        else:
+            pts: list[int] = []
+            keys: list[int] = []
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the end-of-stream flush packet
+                    continue
+                if packet.pts is None:
+                    raise _NotIndexed
+                pts.append(int(packet.pts))
+                if packet.is_keyframe:
+                    keys.append(int(packet.pts))
+            pts.sort()
+            if len(set(pts)) != len(pts):
+                raise _NotIndexed
+            self.total = len(pts)
+            self.pts_pos = {t: i for i, t in enumerate(pts)}
+            self.keys = sorted((self.pts_pos[k], k, k, k + 1) for k in set(keys))
+            self.source = "packets"
+        if not self.keys or self.keys[0][0] != 0:
+            raise _NotIndexed  # no keyframe to start from
+
+    def key_before(self, position: int) -> tuple:
+        """(position, seek timestamp, shown from, shown before) of the last keyframe at or before
+        ``position``."""
+        import bisect
+
+        return self.keys[bisect.bisect_right([k[0] for k in self.keys], position) - 1]
+
+    def position(self, frame, key: tuple, since_seek: int) -> int:
+        if self.pts_pos is not None:
+            if frame.pts is None or int(frame.pts) not in self.pts_pos:
+                raise _NotIndexed
+            return self.pts_pos[int(frame.pts)]
+        if since_seek == 0:  # the seek must have landed on this keyframe
+            _, _, low, high = key
+            if not frame.key_frame or frame.pts is None or int(frame.pts) < low or (
+                    high is not None and int(frame.pts) >= high):
+                raise _NotIndexed
+        return key[0] + since_seek
+
+
+def _entry_list(stream) -> list | None:
+    """The container's index entries when they list every frame of the stream (else None)."""
+    try:
+        entries = list(stream.index_entries)
+    except (AttributeError, TypeError):  # PyAV before index_entries
+        return None
+    frames = int(stream.frames or 0)
+    return entries if entries and frames > 0 and len(entries) == frames else None
+
+
+def _decode_seeking(container, stream, indices: list[int], size: tuple[int, int] | None, stats: dict,
+                    container_index: bool = True) -> np.ndarray:
     scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
-    wanted: dict[int, int] = {}
-    for idx in indices:  # an index may repeat only if total < num (refused above); count anyway
-        wanted[idx] = wanted.get(idx, 0) + 1
+    index = _Index(container, stream, container_index)
+    stats["index"] = index.source
+    slots: dict[int, list[int]] = {}
+    for slot, idx in enumerate(indices):
+        slots.setdefault(int(idx), []).append(slot)
+    targets = sorted(i for i in slots if i < index.total)
+    out: np.ndarray | None = None
+    frames = None  # the decoder's output after the last seek
+    cur = None  # position of the last frame decoded
+    since = 0
+    landed = None  # the keyframe sought to last
+    stats["decoded"] = stats["seeks"] = 0
+    for want in targets:
+        key = index.key_before(want)
+        # Seek unless the decoder already stands before the target and not far before its keyframe:
+        # a seek flushes the threaded decoder, which costs about as much as a few frames decoded.
+        if frames is None or cur is None or cur >= want or key[0] - cur > SEEK_MIN_SKIP:
+            container.seek(key[1], stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            cur, landed, since = None, key, 0
+            stats["seeks"] += 1
+        for frame in frames:
+            stats["decoded"] += 1
+            cur = index.position(frame, landed, since)
+            since += 1
+            if cur >= want:
+                break
+        else:
+            raise _NotIndexed  # the stream ended before the indexed frame
+        if cur != want:
+            raise _NotIndexed
+        if out is None:
+            h, w = (int(size[0]), int(size[1])) if size is not None else (frame.height, frame.width)
+            out = frame_buffer(len(indices), h, w)
+        rows = slots[want]
+        out[rows[0]] = frame.to_ndarray(format="rgb24", **scale)
+        for r in rows[1:]:
+            out[r] = out[rows[0]]
+    if out is None:
+        return np.empty((0, 0, 0, 3), dtype=np.uint8)
+    got = sum(len(slots[i]) for i in targets)
+    if got < len(indices):  # some index lies past the indexed frames: return the leading ones found
+        keep = sorted(r for i in targets for r in slots[i])
+        if keep != list(range(got)):
+            raise _NotIndexed
+        return out[:got]
+    return out
+
+
+def decode_sequential(path: str, indices: list[int], size: tuple[int, int] | None = None,
+                      stats: dict | None = None) -> np.ndarray:
+    """The decode-everything path: one pass over the stream, keeping the frames at ``indices``.
+    The reference ``_decode`` must equal, and its fallback for streams it cannot index."""
+    scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    slots: dict[int, list[int]] = {}
+    for slot, idx in enumerate(indices):
+        slots.setdefault(int(idx), []).append(slot)
     last = max(indices)
-    out: list[np.ndarray] = []
+    out: np.ndarray | None = None
+    filled: list[int] = []
+    stats = {} if stats is None else stats
+    stats["seeks"] = 0
     container = _open(path)
     try:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                rgb = frame.to_ndarray(format="rgb24", **scale)
-                out.extend([rgb] * wanted[i])
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            stats["decoded"] = i + 1
+            if i in slots:
+                if out is None:
+                    h, w = (int(size[0]), int(size[1])) if size is not None else (frame.height, frame.width)
+                    out = frame_buffer(len(indices), h, w)
+                rows = slots[i]
+                out[rows[0]] = frame.to_ndarray(format="rgb24", **scale)
+                for r in rows[1:]:
+                    out[r] = out[rows[0]]
+                filled += rows
             if i >= last:
                 break
     except InputError:
@@ -138,4 +372,7 @@ def _decode(path: str, indices: list[int], size: tuple[int, int] | None = None) 
         raise InputError(f"cannot decode {path!r}: {_first_line(exc)}", setting="video") from None
     finally:
         container.close()
-    return out
+    if out is None:
+        return np.empty((0, 0, 0, 3), dtype=np.uint8)
+    filled.sort()
+    return out[:len(filled)] if filled == list(range(len(filled))) else out[np.array(filled)]

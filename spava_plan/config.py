@@ -144,6 +144,11 @@ class VisionConfig:
     temporal_patch: int = 2  # frames per temporal grid (Qwen2-VL: 2)
     min_pixels: int = 56 * 56  # processor's lower pixel bound per frame
     max_pixels: int = 28 * 28 * 16384  # processor's upper pixel bound per frame
+    # transformers' video processor keyword of the same name (qwen-vl-utils' rule): each frame is
+    # also bounded by an even share of max_video_tokens tokens' worth of pixels (90% of it), floored
+    # at 1.05 x min_pixels. false: the per-frame bound alone (transformers' default up to 5.25).
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128000  # the budget the cap divides over the frames
     tile_size: int = 448  # InternVL3: square tile side (one tile per frame)
     tile_tokens: int = 256  # InternVL3: LLM tokens per tile after pixel shuffle
     frame_text_tokens: int = 0  # InternVL3: text tokens of "Frame{i}: <img>...</img>\n" except i's digits (6)
@@ -155,7 +160,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "model.vision.")
-        for name in ("patch_size", "spatial_merge", "temporal_patch", "min_pixels", "max_pixels",
+        for name in ("patch_size", "spatial_merge", "temporal_patch", "min_pixels", "max_pixels", "max_video_tokens",
                      "tile_size", "tile_tokens", "depth", "hidden_size", "num_heads",
                      "intermediate_size", "out_hidden_size"):
             _positive_int(getattr(self, name), f"model.vision.{name}")

@@ -301,6 +301,10 @@ class VideoSpec:
     tile_size: int
     tile_tokens: int
     frame_text_tokens: int
+    # the frame-size rule the layout assumed (model.vision.cap_pixels_per_frame / max_video_tokens):
+    # the runtime passes it to the video processor and refuses a transformers that cannot apply it
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128000
 
 
 @dataclass(frozen=True)

@@ -551,9 +551,11 @@ def _check_config(plan: Plan) -> None:
           "selection", "must match config.method.selection and pool_window")
     v, vis, pv = cfg.video, cfg.model.vision, plan.video
     _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, vis.spatial_merge, vis.temporal_patch,
-           vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens)
+           vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens,
+           vis.cap_pixels_per_frame, vis.max_video_tokens)
           == (pv.frames, pv.source_size, pv.system_tokens, pv.max_question_tokens, pv.spatial_merge, pv.temporal_patch,
-              pv.min_pixels, pv.max_pixels, pv.tile_size, pv.tile_tokens, pv.frame_text_tokens)
+              pv.min_pixels, pv.max_pixels, pv.tile_size, pv.tile_tokens, pv.frame_text_tokens,
+              pv.cap_pixels_per_frame, pv.max_video_tokens)
           and v.fps == pv.fps, "video", "must match the config's video and model.vision settings")
 
 

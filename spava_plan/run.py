@@ -145,8 +145,8 @@ def prepare(args: Args, world_size: int, local_rank: int | None = None, solo_ran
         replanned.append(f"model dims of the checkpoint ({settings['model.family']})")
     # Processing + input.
     t0 = time.perf_counter()
-    processing = (hf_inputs.load_processing(args.checkpoint) if args.checkpoint else
-                  hf_inputs.default_processing(family=plan.model.family, tile_size=plan.video.tile_size))
+    processing = (hf_inputs.load_processing(args.checkpoint, device=device) if args.checkpoint else
+                  hf_inputs.default_processing(family=plan.model.family, tile_size=plan.video.tile_size, device=device))
     frames_n = plan.video.frames
     clip_fps = plan.video.fps  # random frames: the plan's rate
     if args.video:
@@ -289,7 +289,8 @@ def _build_inputs(args: Args, plan: Any, processing: Any, model: Any, frames: An
     v = plan.video
     common = dict(family=plan.model.family, min_pixels=v.min_pixels, max_pixels=v.max_pixels,
                   temporal_patch=v.temporal_patch, merge=v.spatial_merge, fps=v.fps if fps is None else fps,
-                  tile_size=v.tile_size, tile_tokens=v.tile_tokens)  # InternVL3
+                  tile_size=v.tile_size, tile_tokens=v.tile_tokens,  # InternVL3
+                  cap_pixels_per_frame=v.cap_pixels_per_frame, max_video_tokens=v.max_video_tokens)  # frame-size rule
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v.system_tokens,
                                           question_tokens=v.max_question_tokens, seed=args.seed,

@@ -13,10 +13,15 @@ transformers = pytest.importorskip("transformers")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
+def _declared_range() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(minimum, exclusive upper bound) of the tested transformers range in pyproject.toml."""
+    found = re.findall(r'"transformers>=([0-9.]+),<([0-9.]+)"', PYPROJECT.read_text())
+    assert found and len(set(found)) == 1, f"one transformers range in pyproject.toml, found {found}"
+    return tuple(int(x) for x in found[0][0].split(".")), tuple(int(x) for x in found[0][1].split("."))
+
+
 def _declared_minimum() -> tuple[int, ...]:
-    found = re.findall(r'"transformers>=([0-9.]+)"', PYPROJECT.read_text())
-    assert found and len(set(found)) == 1, f"one transformers minimum in pyproject.toml, found {found}"
-    return tuple(int(x) for x in found[0].split("."))
+    return _declared_range()[0]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -26,6 +31,12 @@ def _version(text: str) -> tuple[int, ...]:
 def test_the_declared_minimum_is_transformers_5_3_and_installed():
     assert _declared_minimum() == (5, 3)
     assert _version(transformers.__version__) >= _declared_minimum()
+
+
+def test_the_installed_transformers_is_inside_the_tested_range():
+    low, high = _declared_range()
+    assert low < high
+    assert low <= _version(transformers.__version__) < high, (transformers.__version__, low, high)
 
 
 def test_the_apis_the_runtime_uses_exist():
