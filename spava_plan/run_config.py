@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .config import (DTYPES, MethodConfig, ModelConfig, SolverConfig, SpavaConfig, TopologyConfig, VideoConfig,
-                     _check_fields, to_config)
+from .config import MAX_TEXT, SHORTHANDS, CommandLineConfig, DTYPES, SpavaConfig, _check_fields, to_config
 from .errors import ConfigError
 
 CHOICES = {
@@ -36,6 +36,7 @@ CHOICES = {
 MAX_NEW_TOKENS = 32768
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_QUEUE = 4096
+MAX_QUESTION_CHARS = MAX_TEXT  # as any text setting
 
 
 def _require(ok: bool, setting: str, message: str) -> None:
@@ -44,19 +45,14 @@ def _require(ok: bool, setting: str, message: str) -> None:
 
 
 @dataclass
-class RunConfig:
-    """`spava-run`: the planner's config tree plus the options of one run."""
+class RunConfig(CommandLineConfig):
+    """`spava-run`: the planner's config tree (CommandLineConfig: its groups and shorthands, by
+    inheritance) plus the options of one run. ``plan_config()`` is the planner's part, validated by
+    the planner's own schema."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    # Shorthands (as spava-plan's): set topology.gpus, topology.nodes and video.frames when given.
-    gpus: Optional[int] = None
-    nodes: Optional[int] = None
-    frames: Optional[int] = None
-    kernels: bool = False
+    # -- the planner's fields whose meaning a run widens ----------------------------------------
+    dtype: str = "plan"  # plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
+    kernels: bool = False  # a plan made for the input renders its kernels on demand, not next to it
     # -- the run -------------------------------------------------------------------------------
     plan: Optional[str] = None  # plan.json from spava-plan; null: plan from this config for the input
     question: Optional[str] = None  # the question about the video (video=PATH is video.path)
@@ -64,23 +60,22 @@ class RunConfig:
     replan: bool = False  # plan again when the input does not match the plan (saved next to the output)
     backend: str = "auto"  # auto | torch | triton (auto: triton on CUDA, the torch reference otherwise)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "plan"  # plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
     comm: str = "auto"  # auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout: float = 300.0  # seconds a rank waits for its peers before failing (process-group timeout)
     seed: int = 0  # random weights / pixels / synthetic prompts (model.init=random)
     emulated_timing: bool = False  # one process: also report the emulated W-rank time to first token
     rank: Optional[int] = None  # single-rank mode: run only rank R of the plan here (runtime/solo.py)
+    warmup: bool = False  # one untimed pass (one token) before the timed run: the timings exclude compiles
+    tune_only: bool = False  # render (CPU) / tune and compile (GPU) the plan's kernels on this device, then exit
 
     def __post_init__(self) -> None:
-        _check_fields(self, "")
-        # Fold the shorthands into their groups (the groups validate them) and mirror them back.
-        if self.gpus is not None or self.nodes is not None:
-            self.topology = dataclasses.replace(
-                self.topology, gpus=self.topology.gpus if self.gpus is None else self.gpus,
-                nodes=self.topology.nodes if self.nodes is None else self.nodes)
-        if self.frames is not None:
-            self.video = dataclasses.replace(self.video, frames=self.frames)
-        self.gpus, self.nodes, self.frames = self.topology.gpus, self.topology.nodes, self.video.frames
+        # The question is free text: checked below, not by the field checks' printable rule.
+        question, self.question = self.question, None
+        try:
+            _check_fields(self, "")
+        finally:
+            self.question = question
+        _fold_shorthands(self)
         for key, options in CHOICES.items():
             value = getattr(self, key)
             _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
@@ -91,24 +86,48 @@ class RunConfig:
                  f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g} (7 days), got {self.timeout!r}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(self.rank is None or self.rank >= 0, "rank", f"must be >= 0 (a rank of the plan), got {self.rank}")
-        _require(self.model.init in ("checkpoint", "random"), "model.init",
-                 f"must be 'checkpoint' or 'random', got {self.model.init!r}")
         _require(self.model.init == "random" or bool(self.model.checkpoint), "model.checkpoint",
                  "is required: a checkpoint folder or a Hugging Face model id in the local cache "
                  "(or model.init=random for random weights)")
+        _require(not self.tune_only or bool(self.plan), "tune_only", "needs plan=PATH: the plan whose kernels to tune")
         if self.question is not None:
-            _require("\x00" not in self.question, "question", "must not contain a NUL character")
+            check_question(self.question)
+        self.plan_config()  # the planner's part, validated by its own schema (e.g. the solver's budget)
 
     # -- derived ---------------------------------------------------------------------------------
     def plan_config(self) -> SpavaConfig:
-        """The planner's config for planning on the fly (no plan=): the same groups and shorthands;
-        the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as bf16)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig) if hasattr(self, f.name)
-                and f.name not in ("dtype", "gpus", "nodes", "frames")}
+        """The planner's config for planning on the fly (no plan=): SpavaConfig's fields of this
+        config; the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as
+        bf16); kernels are rendered on demand."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig)}
         data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
         data["dtype"] = self.dtype if self.dtype in DTYPES else ("fp32" if self.dtype == "fp64" else "bf16")
         data["kernels"] = False
         return to_config(data)
+
+
+def _fold_shorthands(cfg: CommandLineConfig) -> None:
+    """The shorthands (config.SHORTHANDS: gpus=, nodes=, frames=) into their groups (which validate
+    them), and the groups' values mirrored back, as spava-plan's to_config resolves them."""
+    by_group: dict[str, dict[str, Any]] = {}
+    for short, (group, name) in SHORTHANDS.items():
+        if getattr(cfg, short) is not None:
+            by_group.setdefault(group, {})[name] = getattr(cfg, short)
+    for group, values in by_group.items():
+        setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
+    for short, (group, name) in SHORTHANDS.items():
+        setattr(cfg, short, getattr(getattr(cfg, group), name))
+
+
+def check_question(question: str, setting: str = "question") -> None:
+    """Free text in any script: right-to-left marks, zero-width joiners (emoji) and other format
+    characters (Unicode Cf) are text; control characters (Cc: NUL, escape sequences, newlines) and
+    lone surrogates are not."""
+    _require(len(question) <= MAX_QUESTION_CHARS, setting,
+             f"must be at most {MAX_QUESTION_CHARS} characters, got {len(question)}")
+    bad = next((c for c in question if unicodedata.category(c) in ("Cc", "Cs")), None)
+    _require(bad is None, setting, f"must not contain control characters, got {bad!r} at position "
+                                   f"{question.find(bad) if bad is not None else -1}")
 
 
 @dataclass

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import unquote, urlparse
 
-from .engine import Engine, Sampling
 from .errors import DistributedError, InputError, SpavaError
-from .run import _agree, _fail, hydra_main, launch_mode
+from .launching import agree, fail, hydra_main, launch_mode
+from .session import Sampling, Session
 
 try:  # FastAPI resolves the handler's annotations by name in this module's globals
     from fastapi import Request
@@ -161,7 +161,7 @@ class Worker:
     """Rank 0's request loop: one request at a time over all ranks (a thread; torch stays off the
     event loop)."""
 
-    def __init__(self, engine: Engine, cfg: Any, comm: Any, metrics: Metrics):
+    def __init__(self, engine: Session, cfg: Any, comm: Any, metrics: Metrics):
         self.engine, self.cfg, self.comm, self.metrics = engine, cfg, comm, metrics
         self.jobs: queue.Queue = queue.Queue()
         self.admitted = 0
@@ -222,7 +222,7 @@ class Worker:
                 self.comm.all_gather_object(_STOP)
         except DistributedError as exc:  # a rank died or hung: the whole server goes, naming it
             self.fatal = str(exc)
-            _fail(exc, 0, PROG)
+            fail(exc, 0, PROG)
             sys.stdout.flush()
             os._exit(2)
         except BaseException as exc:  # noqa: BLE001 - a bug outside a request: no server without its worker
@@ -309,7 +309,7 @@ class Worker:
 
     def _run_dist(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any, request: dict) -> Any:
         self.comm.all_gather_object(request)
-        _agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
+        agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
         return self.engine.generate(prepared, self.comm, backend, sampling, on_token)
 
 
@@ -317,7 +317,7 @@ def _always(tokens: list[int]) -> bool:
     return True
 
 
-def follower_loop(engine: Engine, comm: Any) -> None:
+def follower_loop(engine: Session, comm: Any) -> None:
     """Ranks other than 0: wait for rank 0's next request (or ping), run it, repeat until stop.
 
     Ctrl-C / SIGTERM (torchrun forwards them to every worker) are left to rank 0: its server shuts
@@ -343,7 +343,7 @@ def follower_loop(engine: Engine, comm: Any) -> None:
         except SpavaError as exc:
             error = exc
         try:
-            _agree(comm, error)
+            agree(comm, error)
         except DistributedError:
             raise
         except SpavaError:
@@ -479,11 +479,11 @@ def serve(cfg: Any) -> int:
         error: SpavaError | None = None
         engine = None
         try:
-            engine = Engine(cfg, world, local)
+            engine = Session(cfg, world, local)
         except SpavaError as exc:
             error = exc
         if comm is not None:
-            _agree(comm, error)
+            agree(comm, error)
         elif error is not None:
             raise error
         assert engine is not None
@@ -493,7 +493,7 @@ def serve(cfg: Any) -> int:
             return 0
         return _serve_http(engine, cfg, comm)
     except SpavaError as exc:
-        code = _fail(exc, rank if comm is not None else None, PROG)
+        code = fail(exc, rank if comm is not None else None, PROG)
         if comm is not None:  # leave without tearing the group down (see run.run_distributed)
             comm.report_failure(exc)
             sys.stdout.flush()
@@ -520,7 +520,7 @@ def _plan_world(path: str) -> int:
     return load_plan(path).world_size
 
 
-def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
+def _serve_http(engine: Session, cfg: Any, comm: Any) -> int:
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
