@@ -185,22 +185,28 @@ def run_single_rank(cfg: RunConfig) -> int:
 
 
 def run_tune_only(cfg: RunConfig, rank: int | None) -> int:
-    """``tune_only=true``: the plan's kernels rendered (and, on a GPU, every launch tuned and
-    compiled, recorded in the kernel dir's autotune.json) on this device; no model, no input."""
+    """``tune_only=true``: the plan's kernels rendered and loaded and, on a GPU, every attention
+    launch tuned and compiled (recorded in the kernel dir's autotune.json, which the next run
+    reuses); no model, no input. Under torchrun rank 0 does it (one writer of the kernel dir)."""
+    if rank:
+        return 0
     try:
         plan = load_plan(cfg.plan)
-        device = select_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank or 0)) if rank is not None else None)
-        dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32  # only fp64 changes the choice
-        backend = kernel_backend("triton" if cfg.backend == "auto" else cfg.backend, plan,
-                                 Path(cfg.plan).resolve().parent, device, dtype)
-        if backend.name != "triton":
-            raise InputError("tune_only=true tunes the triton kernels; leave backend=auto (or backend=triton)",
-                             setting="backend")
+        plan_dir = Path(cfg.plan).resolve().parent
+        if not os.access(plan_dir, os.W_OK):
+            raise InputError(f"the plan's folder {str(plan_dir)!r} is not writable: tuned kernels are kept in its "
+                             f"kernels/ for the runs after this one", setting="plan")
+        device = select_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if rank is not None else None)
+        if cfg.backend == "torch" or cfg.dtype == "fp64":
+            raise InputError("tune_only=true tunes the triton kernels (bf16/fp16/fp32); leave backend=auto and a "
+                             "dtype other than fp64", setting="backend" if cfg.backend == "torch" else "dtype")
+        backend = kernel_backend("triton", plan, plan_dir, device, torch.float32,
+                                 load_only=device.type != "cuda")
         launches = tune_launches(plan, backend, device) if device.type == "cuda" and backend.tuning else 0
     except SpavaError as exc:
         return fail(exc, rank, PROG)
-    what = f"{launches} attention launches tuned and compiled on {device}" if launches else \
-        f"kernels rendered and loaded on {device} (no GPU: nothing to tune)"
+    what = (f"{launches} attention launches tuned and compiled on {device}" if device.type == "cuda" else
+            f"kernels rendered and loaded on {device} (no GPU: nothing to tune or compile)")
     print(f"tune_only: {what}; kernel dir {backend.kernel_dir}", flush=True)
     return 0
 

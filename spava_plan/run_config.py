@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -185,15 +186,33 @@ def video_options() -> set[str]:
 
 
 def argv_shorthands(argv: Sequence[str]) -> list[str]:
-    """``video=PATH`` (a file, not a video group option) -> ``video.path=PATH``; the rest unchanged."""
+    """``video=PATH`` (a file, not a video group option) -> ``video.path=PATH``; ``question=TEXT``
+    quoted for Hydra's override grammar (free text: any script, spaces, quotes, ``${``), unless the
+    value is quoted already; the rest unchanged."""
     options = video_options()
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key == "video" and value not in options and "," not in value:
             arg = f"video.path={value}"
+        elif sep and key == "question" and not _hydra_quoted(value):
+            arg = f"question={hydra_quote(value)}"
         out.append(arg)
     return out
+
+
+def _hydra_quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+
+
+def hydra_quote(text: str) -> str:
+    """``text`` as one single-quoted Hydra override value that composes back to exactly ``text``:
+    quotes (and the backslashes before them, or at the end) escaped, ``${`` kept literal instead of
+    an OmegaConf interpolation."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    body = body.replace("${", "\\\\\\${")  # Hydra unescapes one level, OmegaConf the next
+    return f"'{body}'"
 
 
 def to_entry_config(cfg: Any, kind: str) -> RunConfig:

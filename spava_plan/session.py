@@ -208,10 +208,11 @@ def load_model(cfg: RunConfig, checkpoint: str | None, plan: Plan, device: torch
 
 
 def kernel_backend(choice: str, plan: Plan, plan_dir: Path, device: torch.device, model_dtype: torch.dtype,
-                   *, own_dir: bool = True) -> Any:
+                   *, own_dir: bool = True, load_only: bool = False) -> Any:
     """The kernel backend: triton (generated kernels, rendered on demand) on CUDA, torch otherwise.
     ``own_dir`` false (a plan made for this input, or a read-only plan folder): a fresh temporary
-    kernel dir, never the plan's own kernels."""
+    kernel dir, never the plan's own kernels. ``load_only``: the kernels are rendered and imported
+    but not run (tune_only=true on a CPU), so no CUDA device is needed."""
     want = choice
     if want == "auto":
         want = "triton" if device.type == "cuda" and _triton_importable() else "torch"
@@ -219,7 +220,7 @@ def kernel_backend(choice: str, plan: Plan, plan_dir: Path, device: torch.device
         return TorchBackend()
     if model_dtype == torch.float64:
         raise InputError("the triton kernels take bf16/fp16/fp32; use dtype=fp32 or backend=torch", setting="dtype")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and not load_only:
         raise InputError("backend=triton needs a CUDA device (or TRITON_INTERPRET=1)", setting="backend")
     kernel_dir = plan_dir / "kernels"
     if not own_dir or not os.access(plan_dir, os.W_OK):
