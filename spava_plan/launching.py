@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from . import progress
+from . import process_env, progress
 from .errors import InputError, SpavaError
 from .hydra_conf import CONFIG_MODULE, hydra_error, remove_empty_dirs
 from .run_config import argv_shorthands, register_schemas, to_entry_config
@@ -63,11 +63,9 @@ def torchrun_rank() -> int | None:
 
 
 def prepare_process(comm_option: str) -> None:
-    """Process-wide settings before torch loads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model id is looked up in the local cache, never fetched
-    # Expandable segments keep the caching allocator within ~5% of what it hands out (12-18% more
-    # with the default at a 170K-token rank): planner/memory.py's ALLOCATOR_SLACK assumes it.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    """Process-wide settings: the environment defaults of process_env (a no-op when that module was
+    imported before torch, as the entry modules do) and Python stacks on a native crash."""
+    process_env.apply([f"comm={comm_option}"], os.environ)
     # A rank killed by a signal from native code (NCCL/gloo abort, segfault) prints every thread's
     # Python stack to stderr: under torchrun that is often the only clue which call it was in.
     if not faulthandler.is_enabled():
@@ -75,14 +73,6 @@ def prepare_process(comm_option: str) -> None:
             faulthandler.enable()
         except (AttributeError, ValueError, OSError):  # stderr without a file descriptor: no stacks
             pass
-    try:
-        mode = launch_mode(comm_option)
-    except SpavaError:
-        return
-    if mode == "emulated":
-        # Emulated ranks are threads, each with its own OpenMP pool; idle pools must not spin while
-        # another rank computes (on a CPU that slows every rank many times over).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def remove_if_empty(out_dir: str | None) -> None:

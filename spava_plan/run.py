@@ -23,10 +23,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-from transformers.utils import logging as hf_logging
+from . import process_env  # noqa: F401, I001 - first: the environment torch's OpenMP reads as it loads
 
-from . import progress
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from . import progress  # noqa: E402
 from .errors import InputError, SpavaError
 from .launching import agree, fail, hydra_main, launch_mode, remove_if_empty, stop_cleanly, torchrun_rank
 from .plan_load import load_plan

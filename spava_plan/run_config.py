@@ -20,10 +20,18 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any, Optional, Sequence
 
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from .config import MAX_TEXT, SHORTHANDS, CommandLineConfig, DTYPES, SpavaConfig, _check_fields, to_config
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .hydra_conf import CONFIG_MODULE, hydra_error, register_schema
 
 CHOICES = {
     "backend": ("auto", "torch", "triton"),
@@ -166,10 +174,6 @@ SCHEMAS = {"run": ("spava_run_schema", RunConfig), "serve": ("spava_serve_schema
 
 
 def register_schemas() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from .hydra_conf import register_schema
-
     register_schema()
     for name, cls in SCHEMAS.values():
         ConfigStore.instance().store(name=name, node=cls)
@@ -177,10 +181,6 @@ def register_schemas() -> None:
 
 def video_options() -> set[str]:
     """Names of the video config group's options (conf/video/*.yaml)."""
-    from importlib.resources import files
-
-    from .hydra_conf import CONFIG_MODULE
-
     root = files(CONFIG_MODULE).joinpath("video")
     return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
 
@@ -217,9 +217,6 @@ def hydra_quote(text: str) -> str:
 
 def to_entry_config(cfg: Any, kind: str) -> RunConfig:
     """A composed Hydra config -> a validated RunConfig / ServeConfig (ConfigError naming the key)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     cls = SCHEMAS[kind][1]
     if isinstance(cfg, cls):
         return cfg
@@ -238,11 +235,6 @@ def to_entry_config(cfg: Any, kind: str) -> RunConfig:
 
 def compose_entry_config(kind: str, overrides: Sequence[str] = ()) -> RunConfig:
     """conf/<kind>.yaml with command-line style overrides (for library use and tests)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .hydra_conf import CONFIG_MODULE, hydra_error
-
     register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -259,13 +251,12 @@ def compose_entry_config(kind: str, overrides: Sequence[str] = ()) -> RunConfig:
 def resolve_checkpoint(name: str | None) -> str | None:
     """A checkpoint folder, or a Hugging Face model id found in the local HF cache (never downloaded)
     -> the folder. InputError naming model.checkpoint when it is neither."""
-    from .errors import InputError
-
     if not name or os.path.isdir(name):
         return name
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise InputError(f"no checkpoint directory at {name!r}", setting="model.checkpoint")
     try:
+        # Optional (the serve extra), and only for a model id: imported where it is needed.
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id=name, local_files_only=True)

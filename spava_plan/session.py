@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
-import torch
+from . import process_env  # noqa: F401, I001 - first: the environment torch's OpenMP reads as it loads
 
-from . import progress
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import progress  # noqa: E402
 from .codegen.render import render_kernels
 from .config import SpavaConfig
 from .errors import InfeasiblePlanError, InputError, SpavaError

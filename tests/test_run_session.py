@@ -184,3 +184,20 @@ def test_sigterm_under_torchrun_stops_every_rank_cleanly(plan54, tmp_path):
         for proc, _, _ in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("module", ["spava_plan.run", "spava_plan.serve", "spava_plan.session"])
+def test_the_wait_policy_is_set_before_torch_loads(module):
+    """OpenMP reads OMP_WAIT_POLICY once, as torch loads it: the entry modules set it before that."""
+    code = ("import os, sys\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            print('at torch import:', os.environ.get('OMP_WAIT_POLICY'), flush=True)\n"
+            "            sys.meta_path.remove(self)\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            f"import {module}\n")
+    env = {k: v for k, v in _env().items() if k != "OMP_WAIT_POLICY"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.splitlines()[0] == "at torch import: PASSIVE", p.stdout
