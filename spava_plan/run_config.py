@@ -3,8 +3,9 @@
 Both compose the same config tree as `spava-plan` (conf/: model, topology, video, method, solver
 groups and the gpus/nodes/frames shorthands) plus their own options, typed and validated here once:
 
-    RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
-                 comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
+    RunConfig    the planner's schema (CommandLineConfig: groups and shorthands, inherited) + plan=,
+                 question=, max_new_tokens, backend, device, dtype, comm, timeout, seed, replan,
+                 emulated_timing, rank, warmup, tune_only              (conf/run.yaml)
     ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly...  (conf/serve.yaml)
 
 ``video=PATH`` keeps its old meaning on these commands: when the value is not an option of the video
@@ -157,6 +158,8 @@ class ServeConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.rank is None, "rank", "is spava-run's single-rank mode; a server runs every rank of its plans")
+        _require(not self.tune_only, "tune_only", "is spava-run's: run `spava-run plan=PATH tune_only=true` before "
+                                                  "starting the server")
         _require(1 <= self.port <= 65535, "port", f"must be within 1..65535, got {self.port}")
         _require(bool(self.host.strip()), "host", "must not be empty")
         _require(0 <= self.queue_size <= MAX_QUEUE, "queue_size", f"must be within 0..{MAX_QUEUE}, got {self.queue_size}")
