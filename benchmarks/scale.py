@@ -35,23 +35,25 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     """Runs in its own process: load, warm up, time ``repeats`` requests of one token."""
     import torch
 
-    from spava_plan import run as runmod
     from spava_plan.plan_load import load_plan
+    from spava_plan.run_config import compose_entry_config
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.generate import RankRunner
     from spava_plan.runtime.solo import SoloComm
+    from spava_plan.session import Session
 
     extra = list(extra or [])
     plan = load_plan(plan_path)
     r = busiest_rank(plan) if rank is None else rank
-    args = runmod.parse_args([f"plan={plan_path}", "model.init=random", f"rank={r}", "max_new_tokens=1", *extra])
+    cfg = compose_entry_config("run", [f"plan={plan_path}", "model.init=random", f"rank={r}", "max_new_tokens=1", *extra])
     t0 = time.perf_counter()
-    prepared = runmod.prepare(args, plan.world_size, solo_rank=r)
+    session = Session(cfg, plan.world_size)
+    prepared = session.prepare_run(solo_rank=r)
     prep_s = time.perf_counter() - t0
     from prefill import Spans, TimedBackend  # benchmarks/ is on sys.path (the script's folder)
 
     spans = Spans(prepared.device.type == "cuda")
-    backend = TimedBackend(runmod.make_backend(args, prepared), spans)
+    backend = TimedBackend(session.backend(prepared), spans)
     comm = SoloComm(r, plan.world_size)
     dev = prepared.device
     cuda = dev.type == "cuda"

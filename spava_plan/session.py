@@ -284,14 +284,21 @@ def for_rank_threads(backend: Any, plan: Plan, device: torch.device) -> Any:
     return backend
 
 
+def rank_runner(prepared: Prepared, comm: Any, backend: Any, max_tokens: int) -> RankRunner:
+    """This rank's runner of the model under the plan's attention (KV cache room for ``max_tokens``
+    new tokens and a margin)."""
+    plan = prepared.plan
+    return RankRunner(prepared.model, plan, comm,
+                      lambda: RankAttention(plan, comm.rank, comm, backend, decode_capacity=max_tokens + 8),
+                      prepared.device)
+
+
 def generate(prepared: Prepared, comm: Any, backend: Any, sampling: Sampling,
              on_token: OnToken | None = None) -> GenerationResult:
     """One rank's vision, prefill and decode of a prepared input (every rank calls it, in the same
     order); running out of device memory is an InfeasiblePlanError naming gpus."""
     plan = prepared.plan
-    runner = RankRunner(prepared.model, plan, comm,
-                        lambda: RankAttention(plan, comm.rank, comm, backend, decode_capacity=sampling.max_tokens + 8),
-                        prepared.device)
+    runner = rank_runner(prepared, comm, backend, sampling.max_tokens)
     try:
         with torch.inference_mode():
             return runner.generate(prepared.inputs, prepared.positions, sampling.max_tokens, prepared.eos,
