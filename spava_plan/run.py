@@ -213,9 +213,19 @@ def run_tune_only(cfg: RunConfig, rank: int | None) -> int:
     return 0
 
 
+def _discard_partial(cfg: RunConfig, out_dir: str) -> None:
+    """After a stop: the temporary files of an atomic write cut short (plan.json and
+    trace_emulated.json are written to NAME.tmp and renamed), then an empty output directory."""
+    folders = [Path(out_dir)] + ([Path(cfg.plan).parent] if cfg.plan else [])
+    for folder in folders:
+        for name in ("plan.json.tmp", "trace_emulated.json.tmp"):
+            (folder / name).unlink(missing_ok=True)
+    remove_if_empty(out_dir)
+
+
 def _task(cfg: RunConfig, out_dir: str, rank: int | None) -> int:
     """spava-run's task: validate the options, then run (torchrun: one rank; else W emulated ranks)."""
-    with stop_cleanly(PROG, rank, cleanup=lambda: remove_if_empty(out_dir)):
+    with stop_cleanly(PROG, rank, cleanup=lambda: _discard_partial(cfg, out_dir)):
         if cfg.tune_only:
             return run_tune_only(cfg, rank)
         mode = launch_mode(cfg.comm)

@@ -524,7 +524,7 @@ class Session:
         key = (prepared.plan.hash, rank_threads)
         if key not in self.backends:
             backend = kernel_backend(self.cfg.backend, prepared.plan, prepared.plan_dir, prepared.device,
-                                     prepared.model.dtype, own_dir=not prepared.replanned or self.serving)
+                                     prepared.model.dtype, own_dir=not prepared.replanned)
             self.backends[key] = for_rank_threads(backend, prepared.plan, prepared.device) if rank_threads else backend
         return self.backends[key]
 

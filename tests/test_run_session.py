@@ -126,7 +126,8 @@ def test_tune_only_needs_a_plan():
 
 # -- a clean stop ------------------------------------------------------------------------------------
 def _start(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, list[str], threading.Event]:
-    """Start spava-run with its steps logged to stderr; the event is set once generation begins."""
+    """Start spava-run with its steps logged to stderr; the event is set once generation begins.
+    Only the reader thread reads stderr (stdout is read after the exit)."""
     proc = subprocess.Popen([*RUN, *args, "hydra.verbose=spava_plan"], cwd=str(cwd), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -137,13 +138,16 @@ def _start(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, lis
             lines.append(line)
             if "new tokens on" in line:
                 started.set()
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.reader = reader  # type: ignore[attr-defined]
     return proc, lines, started
 
 
 def _stopped_cleanly(proc: subprocess.Popen, lines: list[str], sig: int) -> None:
-    out, _ = proc.communicate(timeout=60)
-    time.sleep(0.2)  # the reader thread drains the pipe
+    proc.wait(timeout=60)
+    proc.reader.join(timeout=30)  # type: ignore[attr-defined]  # stderr read to its end
+    out = proc.stdout.read()
     err = "".join(lines)
     assert proc.returncode in ((130,) if sig == signal.SIGINT else (143, 130)), (proc.returncode, err[-3000:])
     assert "Traceback" not in err and "terminate called" not in err, err[-3000:]
