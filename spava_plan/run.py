@@ -37,7 +37,8 @@ from .runtime.comm_dist import TorchDistComm
 from .runtime.comm_emulated import EmulatedWorld
 from .runtime.generate import GenerationResult
 from .runtime.solo import SoloComm
-from .session import Prepared, Session, kernel_backend, select_device, tune_launches
+from .backends import kernel_backend, tune_launches
+from .session import Prepared, Session, select_device
 from .trace import write_emulated_trace
 
 PROG = "spava-run"
