@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE))
 from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/ is on sys.path)
 
 W_DEFAULT = 8
+WORLD_TIMEOUT_S = 1200.0  # an emulated rank waits this long for its peers (a slow first compile included)
 ATTENTION_MODES = {  # --attention: what the emulated methods' triton backend may run, per launch
     "generated": "the generated kernel with its default tiles, nothing tuned (every result before 2026-12-03; "
                  "that day's runs recorded it as 'default')",
@@ -305,7 +306,7 @@ class Runner:
         if self.cuda:
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        self.model = hf_model.random_model(plan.config["model"], dtype=hf_model.DTYPES[plan.dtype],
+        self.model = hf_model.random_model(plan.model, dtype=hf_model.DTYPES[plan.dtype],
                                            device=self.device, seed=0)
         if self.vision_attn == "batched":
             vision_attention.install(self.model)
@@ -321,32 +322,23 @@ class Runner:
         return self.model
 
     def inputs(self, plan: Any, model: Any) -> tuple[Any, Any, Any, float]:
-        from spava_plan import run
         from spava_plan.runtime import hf_inputs
         from spava_plan.runtime.vision_parallel import check_grids
+        from spava_plan.session import build_inputs, random_frames
 
         t0 = time.perf_counter()
-        m = plan.config["model"]
         # device="cpu": the timed prefill includes the pixels' host-to-GPU copy (pinned below)
-        proc = hf_inputs.default_processing(family=m["family"], tile_size=m["vision"]["tile_size"], device="cpu")
+        proc = hf_inputs.default_processing(family=plan.model.family, tile_size=plan.video.tile_size, device="cpu")
         proc.image_processor = ThreadedImages(proc.image_processor, self.workers)
-        frames = run._random_frames(plan, seed=0)  # random uint8 pixels at the plan's source resolution
-        args = self.args(plan, "")
-        inputs = run._build_inputs(args, plan, proc, model, frames)
+        frames = random_frames(plan, seed=0)  # random uint8 pixels at the plan's source resolution
+        inputs = build_inputs(plan, proc, model, frames, question=None, seed=0)
         positions = hf_inputs.global_position_ids(model, inputs)
         hf_inputs.check_against_plan(plan, inputs, positions)
-        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, int(plan.config["model"]["vision"]["temporal_patch"]))
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
         if self.cuda:  # page-locked, as a DataLoader(pin_memory=True) hands them over: every method's
             # timed host-to-GPU copy runs at DMA speed (pageable: ~35 ms of 349 MB per rank at 64f 1440p)
             inputs = dataclasses.replace(inputs, pixel_values_videos=inputs.pixel_values_videos.pin_memory())
         return proc, inputs, positions, time.perf_counter() - t0
-
-    def args(self, plan: Any, path: str) -> Any:
-        from spava_plan.run import Args
-
-        return Args(plan=path, checkpoint=None, init="random", video=None, question=None, max_new_tokens=1,
-                    replan=False, backend="auto", device=self.device.type, dtype="plan", comm="emulated",
-                    timeout=1200.0, seed=0, emulated_timing=True)
 
     def backend(self, plan: Any, plan_dir: Path) -> Any:
         """triton on CUDA (the torch reference on CPU, as the runtime chooses), per ATTENTION_MODES:
@@ -473,17 +465,16 @@ class Runner:
                  repeats: int) -> dict:
         import torch
 
-        from spava_plan import run
         from spava_plan.plan_load import load_plan
         from spava_plan.runtime import hf_inputs
         from spava_plan.runtime.comm_emulated import EmulatedWorld
         from spava_plan.critical_path import Compute, simulate
+        from spava_plan.session import Prepared, Sampling, generate
 
         path = self.root / cell["plans"][method]
         plan = load_plan(path)
         hf_inputs.check_against_plan(plan, inputs, positions)
-        prepared = run.Prepared(plan, path.parent, self.model, proc, inputs, positions, self.device, [], [], input_s)
-        args = self.args(plan, str(path))
+        prepared = Prepared(plan, path.parent, self.model, proc, inputs, positions, self.device, [], [], input_s)
         inner = self.backend(plan, path.parent)
         tuning = {}
         if self.cuda and getattr(inner, "tuning", False):  # every launch tuned alone, before the rank threads
@@ -496,7 +487,7 @@ class Runner:
                       "candidates_ms": {k: e["candidates"] for t in inner.tuner.table.values()
                                         for k, e in sorted(t.items())}}
         backend = TimedBackend(inner, self.spans)
-        world = EmulatedWorld.for_plan(plan, timeout_s=args.timeout)
+        world = EmulatedWorld.for_plan(plan, timeout_s=WORLD_TIMEOUT_S)
         weights = weights_bytes(self.model)
         replays: list[dict] = []
         traces: dict[tuple[int, int], list] = {}
@@ -526,7 +517,7 @@ class Runner:
                                 "peak_bytes": weights + runner.mem_peak(last["base"]) if runner.cuda else 0})
 
         def fn(rank: int) -> Any:
-            result = run.execute(args, prepared, world.comm(rank), backend, max_new_tokens=1)
+            result = generate(prepared, world.comm(rank), backend, Sampling(max_tokens=1))
             last["result"] = result
             return result
 

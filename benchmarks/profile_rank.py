@@ -171,23 +171,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from torch.profiler import ProfilerActivity, profile
 
-    from spava_plan import run
     from spava_plan.plan_load import load_plan
+    from spava_plan.run_config import compose_entry_config
     from spava_plan.runtime import chunking
     from spava_plan.runtime.solo import SoloComm
     from spava_plan.runtime.vision_parallel import to_device, vision_module, visual_embeddings
+    from spava_plan.session import Session, rank_runner
     from spava_plan.vision_exchange import plan_vision_exchange
 
     plan = load_plan(a.plan)
     W, R = plan.world_size, a.rank
-    args = run.Args(plan=str(a.plan), checkpoint=None, init="random", video=None, question=None, max_new_tokens=1,
-                    replan=False, backend="auto", device=a.device, dtype="plan", comm="solo", timeout=1200.0, seed=0)
-    prepared = run.prepare(args, W, solo_rank=R)
+    cfg = compose_entry_config("run", [f"plan={a.plan}", "model.init=random", f"rank={R}", "max_new_tokens=1",
+                                       f"device={a.device}", "timeout=1200"])
+    session = Session(cfg, W)
+    prepared = session.prepare_run(solo_rank=R)
     pixels = prepared.inputs.pixel_values_videos
     if not cpu:  # page-locked, as a DataLoader(pin_memory=True) hands them over
         pixels = pixels.pin_memory()
     prepared.inputs = dataclasses.replace(prepared.inputs, pixel_values_videos=pixels)
-    backend = run.make_backend(args, prepared)
+    backend = session.backend(prepared)
     comm = SoloComm(R, W)
     dev = prepared.device
     sync = (lambda: None) if cpu else torch.cuda.synchronize
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- phases: whole runs of the rank ---------------------------------------------------------
     runs = []
     for i in range(a.warmup + a.repeats):
-        t = run.execute(args, prepared, comm, backend, max_new_tokens=1).timing
+        t = session.run(prepared, comm, backend, 1).timing
         if i >= a.warmup:
             runs.append({"vision_ms": t.vision_s * 1e3, "prefill_ms": t.prefill_s * 1e3,
                          "ttft_ms": t.first_token_s * 1e3})
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     del px
 
     # -- profile: one vision stage and one prefill -------------------------------------------
-    runner = run._runner(args, prepared, comm, backend)
+    runner = rank_runner(prepared, comm, backend, 1)
     inputs = prepared.inputs
     acts = [ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])
 

@@ -35,23 +35,25 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     """Runs in its own process: load, warm up, time ``repeats`` requests of one token."""
     import torch
 
-    from spava_plan import run as runmod
     from spava_plan.plan_load import load_plan
+    from spava_plan.run_config import compose_entry_config
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.generate import RankRunner
     from spava_plan.runtime.solo import SoloComm
+    from spava_plan.session import Session
 
     extra = list(extra or [])
     plan = load_plan(plan_path)
     r = busiest_rank(plan) if rank is None else rank
-    args = runmod.parse_args([f"plan={plan_path}", "model.init=random", f"rank={r}", "max_new_tokens=1", *extra])
+    cfg = compose_entry_config("run", [f"plan={plan_path}", "model.init=random", f"rank={r}", "max_new_tokens=1", *extra])
     t0 = time.perf_counter()
-    prepared = runmod.prepare(args, plan.world_size, solo_rank=r)
+    session = Session(cfg, plan.world_size)
+    prepared = session.prepare_run(solo_rank=r)
     prep_s = time.perf_counter() - t0
     from prefill import Spans, TimedBackend  # benchmarks/ is on sys.path (the script's folder)
 
     spans = Spans(prepared.device.type == "cuda")
-    backend = TimedBackend(runmod.make_backend(args, prepared), spans)
+    backend = TimedBackend(session.backend(prepared), spans)
     comm = SoloComm(r, plan.world_size)
     dev = prepared.device
     cuda = dev.type == "cuda"
@@ -118,11 +120,12 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
         del res
     warm = [x for x in runs if x["warm"]] or runs
     pred = plan.prediction
+    source = plan.source_config()
     return {
         "plan": plan_path, "plan_hash": plan.hash, "label": comm.label, "rank": r, "world": plan.world_size,
         "method": plan.method, "model": plan.model.name, "frames": plan.layout.frames,
-        "resolution": plan.config["video"]["resolution"], "tokens": plan.layout.total_tokens,
-        "local_tokens": plan.ranks[r].local_tokens, "topology": plan.config["topology"]["name"],
+        "resolution": source.video.resolution, "tokens": plan.layout.total_tokens,
+        "local_tokens": plan.ranks[r].local_tokens, "topology": source.topology.name,
         "chunking": {"mlp_tokens": plan.chunking.mlp_tokens, "vision_units": plan.chunking.vision_units},
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
         "backend": backend.name, "prepare_s": prep_s, "resident_bytes": resident,
@@ -178,17 +181,12 @@ def _row_text(row: dict) -> str:
 
 
 def plan_config(plan, **rates):
-    """The SpavaConfig a plan was made from (its resolved config), with topology ``rates`` swapped in."""
-    import copy
+    """The SpavaConfig a plan was made from (Plan.source_config), with topology ``rates`` swapped in."""
+    import dataclasses
 
-    from spava_plan.config import to_config
-
-    data = copy.deepcopy(dict(plan.config))
-    data["topology"]["gpus"] = plan.world_size
-    data["gpus"], data["frames"] = plan.world_size, data["video"]["frames"]
-    data["kernels"] = False
-    data["topology"].update(rates)
-    return to_config(data)
+    cfg = plan.source_config()
+    topology = dataclasses.replace(cfg.topology, gpus=plan.world_size, **rates)
+    return dataclasses.replace(cfg, topology=topology, kernels=False)
 
 
 def _predict(cfg, rank: int) -> dict:

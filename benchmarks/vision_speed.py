@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from spava_plan.plan import ModelSpec, VisionTowerSpec
+
 # Model dims (conf/model/*.yaml) and the ViT's fixed geometry (patch 14, merge 2, temporal patch 2).
 MODELS = {
     "3b": dict(num_layers=36, hidden_size=2048, intermediate_size=11008, num_heads=16, num_kv_heads=2, head_dim=128,
@@ -37,14 +39,16 @@ MODELS = {
 GRIDS = {"1440p": (51, 91), "720p": (26, 46)}
 
 
-def model_cfg(name: str) -> dict:
+def model_cfg(name: str) -> ModelSpec:
     m = MODELS[name]
-    return dict(family="qwen2_5_vl", num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-                intermediate_size=m["intermediate_size"], num_heads=m["num_heads"], num_kv_heads=m["num_kv_heads"],
-                head_dim=m["head_dim"], vocab_size=151936, tie_word_embeddings=name == "3b",
-                rope_theta=1000000.0, mrope_section=[16, 24, 24], tokens_per_second=2,
-                vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
-                            out_hidden_size=m["out_hidden_size"], patch_size=14, spatial_merge=2, temporal_patch=2))
+    vision = VisionTowerSpec(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                             out_hidden_size=m["out_hidden_size"], patch_size=14, spatial_merge=2, temporal_patch=2,
+                             tile_size=448, tile_tokens=256)
+    return ModelSpec(name=f"qwen2_5vl_{name}", family="qwen2_5_vl", num_layers=m["num_layers"],
+                     hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"], num_heads=m["num_heads"],
+                     num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"], vocab_size=151936,
+                     tie_word_embeddings=name == "3b", rope_theta=1000000.0, mrope_section=(16, 24, 24),
+                     tokens_per_second=2, vision=vision)
 
 
 def timed(fn, warmup: int, repeats: int) -> list[float]:

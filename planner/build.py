@@ -35,10 +35,7 @@ FIXED_PLACEMENT = SolverConfig(name="zigzag")
 
 
 def model_spec(cfg: SpavaConfig) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(name=m.name, family=m.family, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                     intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                     head_dim=m.head_dim, vocab_size=m.vocab_size)
+    return ModelSpec.from_config(cfg.model)
 
 
 def _segment(tokens: TokenLayout, name: str, kind: str, span: tuple[int, int], host: int = -1, keep: int = 0) -> Segment:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from spava_plan.errors import InputError, PlanMismatchError
-from spava_plan.plan import Plan
+from spava_plan.plan import ModelSpec, Plan
 
 from .dtypes import TORCH_DTYPES
 
@@ -86,46 +86,46 @@ def load_checkpoint(checkpoint: str, *, dtype: torch.dtype, device: torch.device
     return model.to(device).eval()
 
 
-def hf_config_from_plan(model_cfg: Mapping[str, Any]) -> Any:
-    """A transformers config with the plan's model dims (for model.init=random)."""
+def hf_config_from_plan(spec: ModelSpec) -> Any:
+    """A transformers config with the plan's model (``plan.model``), for model.init=random."""
     import transformers
 
-    m, vis = model_cfg, model_cfg["vision"]
-    family = m["family"]
+    m, vis = spec, spec.vision
+    family = m.family
     if family not in FAMILIES:
         raise InputError(f"model.init=random supports {', '.join(FAMILIES)}, not {family!r}", setting="model.family")
-    if m["hidden_size"] != m["num_heads"] * m["head_dim"]:
+    if m.hidden_size != m.num_heads * m.head_dim:
         raise InputError(f"transformers' Qwen attention needs hidden_size = num_heads x head_dim, got "
-                         f"{m['hidden_size']} != {m['num_heads']} x {m['head_dim']}", setting="model.head_dim")
+                         f"{m.hidden_size} != {m.num_heads} x {m.head_dim}", setting="model.head_dim")
     if family == "internvl3":
         return _internvl_config(m)
-    vocab = int(m["vocab_size"])
+    vocab = int(m.vocab_size)
     ids = dict(QWEN_SPECIAL_IDS) if vocab > max(QWEN_SPECIAL_IDS.values()) else {
         k: vocab - 4 + i for i, k in enumerate(sorted(QWEN_SPECIAL_IDS))}
-    text = dict(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-                num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
-                num_key_value_heads=m["num_kv_heads"], max_position_embeddings=128000,
-                rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"]),
-                                 "mrope_section": list(m["mrope_section"])})
+    text = dict(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                num_key_value_heads=m.num_kv_heads, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta),
+                                 "mrope_section": list(m.mrope_section)})
     if vocab <= 151645:  # Qwen's <|endoftext|> / <|im_end|> ids do not exist in a tiny vocabulary
         text.update(bos_token_id=None, eos_token_id=None)
-    common = dict(patch_size=vis["patch_size"], spatial_merge_size=vis["spatial_merge"],
-                  temporal_patch_size=vis["temporal_patch"], num_heads=vis["num_heads"], depth=vis["depth"])
+    common = dict(patch_size=vis.patch_size, spatial_merge_size=vis.spatial_merge,
+                  temporal_patch_size=vis.temporal_patch, num_heads=vis.num_heads, depth=vis.depth)
     if family == "qwen2_5_vl":
-        depth = int(vis["depth"])
+        depth = int(vis.depth)
         full = [i for i in range(7, depth, 8)] or [depth - 1]  # the 3B/7B pattern: every 8th block
-        vision = dict(common, hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
-                      out_hidden_size=vis["out_hidden_size"], tokens_per_second=m["tokens_per_second"],
+        vision = dict(common, hidden_size=vis.hidden_size, intermediate_size=vis.intermediate_size,
+                      out_hidden_size=vis.out_hidden_size, tokens_per_second=m.tokens_per_second,
                       fullatt_block_indexes=full)
         cls = transformers.Qwen2_5_VLConfig
     else:
-        ratio, rem = divmod(int(vis["intermediate_size"]), int(vis["hidden_size"]))
+        ratio, rem = divmod(int(vis.intermediate_size), int(vis.hidden_size))
         if rem:
             raise InputError("Qwen2-VL's ViT needs intermediate_size to be a multiple of hidden_size",
                              setting="model.vision.intermediate_size")
-        vision = dict(common, embed_dim=vis["hidden_size"], mlp_ratio=ratio, hidden_size=vis["out_hidden_size"])
+        vision = dict(common, embed_dim=vis.hidden_size, mlp_ratio=ratio, hidden_size=vis.out_hidden_size)
         cls = transformers.Qwen2VLConfig
-    return cls(text_config=text, vision_config=vision, tie_word_embeddings=bool(m["tie_word_embeddings"]), **ids)
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=bool(m.tie_word_embeddings), **ids)
 
 
 def internvl_special_ids(vocab: int) -> dict[str, int]:
@@ -135,43 +135,43 @@ def internvl_special_ids(vocab: int) -> dict[str, int]:
     return {k: vocab - 3 + i for i, k in enumerate(INTERNVL_SPECIAL_IDS)}
 
 
-def _internvl_config(m: Mapping[str, Any]) -> Any:
+def _internvl_config(m: ModelSpec) -> Any:
     """transformers' InternVLConfig: InternViT (LayerNorm, qkv bias, layer scale, as InternViT-300M
     of InternVL3) + pixel shuffle 0.5 + projector, and a Qwen2 language model with 1-D RoPE."""
     import transformers
 
-    vis = m["vision"]
-    side, rem = divmod(int(vis["tile_size"]), int(vis["patch_size"]))
-    if rem or side % 2 or (side // 2) ** 2 != int(vis["tile_tokens"]):
-        raise InputError(f"InternVL's pixel shuffle turns a {vis['tile_size']}-pixel tile of {vis['patch_size']}-pixel "
-                         f"patches into ((tile/patch)/2)^2 tokens, not {vis['tile_tokens']}",
+    vis = m.vision
+    side, rem = divmod(int(vis.tile_size), int(vis.patch_size))
+    if rem or side % 2 or (side // 2) ** 2 != int(vis.tile_tokens):
+        raise InputError(f"InternVL's pixel shuffle turns a {vis.tile_size}-pixel tile of {vis.patch_size}-pixel "
+                         f"patches into ((tile/patch)/2)^2 tokens, not {vis.tile_tokens}",
                          setting="model.vision.tile_tokens")
-    if int(vis["spatial_merge"]) != 2:
+    if int(vis.spatial_merge) != 2:
         raise InputError("InternVL's pixel shuffle merges 2x2 patches", setting="model.vision.spatial_merge")
-    vocab = int(m["vocab_size"])
-    text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=m["hidden_size"],
-                intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
-                num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
-                max_position_embeddings=32768, tie_word_embeddings=bool(m["tie_word_embeddings"]),
-                rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"])})
+    vocab = int(m.vocab_size)
+    text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=m.hidden_size,
+                intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                max_position_embeddings=32768, tie_word_embeddings=bool(m.tie_word_embeddings),
+                rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)})
     if vocab <= 151645:  # Qwen's <|endoftext|> / <|im_end|> ids do not exist in a tiny vocabulary
         text.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    vision = dict(hidden_size=vis["hidden_size"], num_hidden_layers=vis["depth"], num_attention_heads=vis["num_heads"],
-                  intermediate_size=vis["intermediate_size"], image_size=[vis["tile_size"]] * 2,
-                  patch_size=[vis["patch_size"]] * 2, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+    vision = dict(hidden_size=vis.hidden_size, num_hidden_layers=vis.depth, num_attention_heads=vis.num_heads,
+                  intermediate_size=vis.intermediate_size, image_size=[vis.tile_size] * 2,
+                  patch_size=[vis.patch_size] * 2, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
                   hidden_act="gelu", use_mean_pooling=False)
     return transformers.InternVLConfig(
         text_config=text, vision_config=vision, image_token_id=internvl_special_ids(vocab)["image_token_id"],
-        image_seq_length=int(vis["tile_tokens"]), downsample_ratio=0.5, projector_hidden_act="gelu",
+        image_seq_length=int(vis.tile_tokens), downsample_ratio=0.5, projector_hidden_act="gelu",
         vision_feature_layer=-1, vision_feature_select_strategy="default",
-        tie_word_embeddings=bool(m["tie_word_embeddings"]))
+        tie_word_embeddings=bool(m.tie_word_embeddings))
 
 
-def random_model(model_cfg: Mapping[str, Any], *, dtype: torch.dtype, device: torch.device | str,
-                 seed: int = 0) -> Any:
-    """A real-size model with random weights, built directly on ``device`` (fast on a GPU)."""
-    config = hf_config_from_plan(model_cfg)
-    cls = _model_class(model_cfg["family"])
+def random_model(spec: ModelSpec, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Any:
+    """A real-size model with random weights (the plan's ``plan.model``), built directly on
+    ``device`` (fast on a GPU)."""
+    config = hf_config_from_plan(spec)
+    cls = _model_class(spec.family)
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -253,3 +253,19 @@ def _internvl_settings(cfg: Any, tc: Any, vc: Any) -> dict[str, Any]:
     if "rope_theta" in rope:
         out["model.rope_theta"] = float(rope["rope_theta"])
     return out
+
+
+def random_from_checkpoint(checkpoint: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Any:
+    """Random weights with a checkpoint's architecture (its config.json; no weights are read)."""
+    import transformers
+
+    family = checkpoint_family(checkpoint)
+    try:
+        config = transformers.AutoConfig.from_pretrained(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - a broken config.json
+        raise InputError(f"cannot read the config of {checkpoint!r}: {_first_line(exc)}",
+                         setting="model.checkpoint") from None
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = _model_class(family)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()

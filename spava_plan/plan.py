@@ -36,12 +36,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, NamedTuple, get_args
 
 from .errors import PlanMismatchError
 from .links import Links
 
-SCHEMA_VERSION = 2
+if TYPE_CHECKING:  # config.py imports this module: only the type checker sees the other direction
+    from .config import SpavaConfig
+
+# 3: ModelSpec carries RoPE (rope_theta, mrope_section, tokens_per_second), tie_word_embeddings and
+# the vision tower (ModelSpec.vision): a random-weight model is built from the plan alone.
+SCHEMA_VERSION = 3
 
 # The closed vocabularies of the contract (plan_load checks every value against them).
 SegmentKind = Literal["anchor", "block", "chunk", "query"]
@@ -254,7 +259,26 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class VisionTowerSpec:
+    """The vision encoder's architecture (model.vision.*), as a random-weight model is built from it."""
+
+    patch_size: int  # ViT patch side in pixels
+    spatial_merge: int  # patches merged per side into one LLM token
+    temporal_patch: int  # frames per temporal grid
+    depth: int  # ViT layers
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int  # merger output width (= the LLM's hidden size)
+    tile_size: int  # InternVL3: square tile side
+    tile_tokens: int  # InternVL3: LLM tokens per tile after pixel shuffle
+
+
+@dataclass(frozen=True)
 class ModelSpec:
+    """Every model field the runtime reads: the language model's dims, its RoPE and its vision
+    tower (a random-weight model is built from this alone: runtime/hf_model.py)."""
+
     name: str
     family: Family
     num_layers: int
@@ -264,10 +288,29 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    tie_word_embeddings: bool
+    rope_theta: float
+    mrope_section: tuple[int, ...]  # t/h/w split of head_dim/2 (Qwen M-RoPE; unused by InternVL3)
+    tokens_per_second: int  # Qwen2.5-VL: temporal positions per second of video
+    vision: VisionTowerSpec
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, m: Any) -> "ModelSpec":
+        """From a validated ModelConfig (spava_plan.config; duck-typed: that module imports this one)."""
+        v = m.vision
+        vision = VisionTowerSpec(patch_size=v.patch_size, spatial_merge=v.spatial_merge, temporal_patch=v.temporal_patch,
+                                 depth=v.depth, hidden_size=v.hidden_size, num_heads=v.num_heads,
+                                 intermediate_size=v.intermediate_size, out_hidden_size=v.out_hidden_size,
+                                 tile_size=v.tile_size, tile_tokens=v.tile_tokens)
+        return cls(name=m.name, family=m.family, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                   intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                   head_dim=m.head_dim, vocab_size=m.vocab_size, tie_word_embeddings=bool(m.tie_word_embeddings),
+                   rope_theta=float(m.rope_theta), mrope_section=tuple(int(x) for x in m.mrope_section),
+                   tokens_per_second=int(m.tokens_per_second), vision=vision)
 
 
 @dataclass(frozen=True)
@@ -395,6 +438,14 @@ class Plan:
         """The full resolved config the plan was made from (``config`` plus ``deployment``), for
         re-planning."""
         return merge_config(self.config, self.deployment)
+
+    def source_config(self) -> "SpavaConfig":
+        """The validated SpavaConfig the plan was made from (``config`` plus ``deployment``), for a
+        typed re-plan: ``dataclasses.replace`` on it, then the planner. Imported here, not at the
+        top: spava_plan.config imports this module."""
+        from .config import to_config
+
+        return to_config(self.resolved_config())
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json atomically (a temporary file renamed into place)."""

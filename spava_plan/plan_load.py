@@ -33,7 +33,7 @@ from typing import Any, Mapping, get_args
 
 from .errors import PlanFormatError, SpavaError
 from .links import ALL_GATHER, P2P, plan_links
-from .plan import SCHEMA_VERSION, ComputeOp, Plan, RankPlan, content_hash, merge_config
+from .plan import SCHEMA_VERSION, ComputeOp, ModelSpec, Plan, RankPlan, content_hash, merge_config
 
 # plan.json of the largest plans the planner accepts (a 1024-GPU ring) is tens of MB.
 MAX_PLAN_BYTES = 512 << 20
@@ -542,6 +542,8 @@ def _check_config(plan: Plan) -> None:
                  "head_dim", "vocab_size"):
         _need(getattr(cfg.model, name) == getattr(plan.model, name), f"model.{name}",
               f"must match config.model.{name} ({getattr(cfg.model, name)!r})")
+    _need(ModelSpec.from_config(cfg.model) == plan.model, "model",
+          "must match config.model (RoPE, tie_word_embeddings and model.vision included)")
     _need(plan.world_size <= cfg.topology.gpus, "world_size", "must not exceed config.topology.gpus")
     t = cfg.topology
     _need(plan.links == plan_links(world=plan.world_size, gpus=t.gpus, nodes=t.num_nodes, gpus_per_node=t.gpus_per_node,

@@ -3,8 +3,9 @@
 Both compose the same config tree as `spava-plan` (conf/: model, topology, video, method, solver
 groups and the gpus/nodes/frames shorthands) plus their own options, typed and validated here once:
 
-    RunConfig    the planner's groups + plan=, question=, max_new_tokens, backend, device, dtype,
-                 comm, timeout, seed, replan, emulated_timing          (conf/run.yaml)
+    RunConfig    the planner's schema (CommandLineConfig: groups and shorthands, inherited) + plan=,
+                 question=, max_new_tokens, backend, device, dtype, comm, timeout, seed, replan,
+                 emulated_timing, rank, warmup, tune_only              (conf/run.yaml)
     ServeConfig  RunConfig + host, port, queue_size, plan_dir, plan_on_the_fly, and the request path's
                  policy and bounds: api_key, allowed_origins, allowed_media_domains, allow_private_media,
                  allowed_local_media_path, max_video_bytes, media_timeout, max_frames, max_pixels,
@@ -21,12 +22,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any, List, Optional, Sequence
 
-from .config import (DTYPES, MethodConfig, ModelConfig, SolverConfig, SpavaConfig, TopologyConfig, VideoConfig,
-                     _check_fields, to_config)
-from .errors import ConfigError
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import MAX_TEXT, SHORTHANDS, CommandLineConfig, DTYPES, SpavaConfig, _check_fields, to_config
+from .errors import ConfigError, InputError
+from .hydra_conf import CONFIG_MODULE, hydra_error, register_schema
 
 CHOICES = {
     "backend": ("auto", "torch", "triton"),
@@ -40,6 +50,7 @@ CHOICES = {
 MAX_NEW_TOKENS = 32768
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_QUEUE = 4096
+MAX_QUESTION_CHARS = MAX_TEXT  # as any text setting
 
 
 def _require(ok: bool, setting: str, message: str) -> None:
@@ -48,19 +59,14 @@ def _require(ok: bool, setting: str, message: str) -> None:
 
 
 @dataclass
-class RunConfig:
-    """`spava-run`: the planner's config tree plus the options of one run."""
+class RunConfig(CommandLineConfig):
+    """`spava-run`: the planner's config tree (CommandLineConfig: its groups and shorthands, by
+    inheritance) plus the options of one run. ``plan_config()`` is the planner's part, validated by
+    the planner's own schema."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    # Shorthands (as spava-plan's): set topology.gpus, topology.nodes and video.frames when given.
-    gpus: Optional[int] = None
-    nodes: Optional[int] = None
-    frames: Optional[int] = None
-    kernels: bool = False
+    # -- the planner's fields whose meaning a run widens ----------------------------------------
+    dtype: str = "plan"  # plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
+    kernels: bool = False  # a plan made for the input renders its kernels on demand, not next to it
     # -- the run -------------------------------------------------------------------------------
     plan: Optional[str] = None  # plan.json from spava-plan; null: plan from this config for the input
     question: Optional[str] = None  # the question about the video (video=PATH is video.path)
@@ -68,23 +74,22 @@ class RunConfig:
     replan: bool = False  # plan again when the input does not match the plan (saved next to the output)
     backend: str = "auto"  # auto | torch | triton (auto: triton on CUDA, the torch reference otherwise)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "plan"  # plan | bf16 | fp16 | fp32 | fp64 (fp64: torch backend only)
     comm: str = "auto"  # auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout: float = 300.0  # seconds a rank waits for its peers before failing (process-group timeout)
     seed: int = 0  # random weights / pixels / synthetic prompts (model.init=random)
     emulated_timing: bool = False  # one process: also report the emulated W-rank time to first token
     rank: Optional[int] = None  # single-rank mode: run only rank R of the plan here (runtime/solo.py)
+    warmup: bool = False  # one untimed pass (one token) before the timed run: the timings exclude compiles
+    tune_only: bool = False  # render (CPU) / tune and compile (GPU) the plan's kernels on this device, then exit
 
     def __post_init__(self) -> None:
-        _check_fields(self, "")
-        # Fold the shorthands into their groups (the groups validate them) and mirror them back.
-        if self.gpus is not None or self.nodes is not None:
-            self.topology = dataclasses.replace(
-                self.topology, gpus=self.topology.gpus if self.gpus is None else self.gpus,
-                nodes=self.topology.nodes if self.nodes is None else self.nodes)
-        if self.frames is not None:
-            self.video = dataclasses.replace(self.video, frames=self.frames)
-        self.gpus, self.nodes, self.frames = self.topology.gpus, self.topology.nodes, self.video.frames
+        # The question is free text: checked below, not by the field checks' printable rule.
+        question, self.question = self.question, None
+        try:
+            _check_fields(self, "")
+        finally:
+            self.question = question
+        _fold_shorthands(self)
         for key, options in CHOICES.items():
             value = getattr(self, key)
             _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
@@ -95,20 +100,20 @@ class RunConfig:
                  f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g} (7 days), got {self.timeout!r}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(self.rank is None or self.rank >= 0, "rank", f"must be >= 0 (a rank of the plan), got {self.rank}")
-        _require(self.model.init in ("checkpoint", "random"), "model.init",
-                 f"must be 'checkpoint' or 'random', got {self.model.init!r}")
         _require(self.model.init == "random" or bool(self.model.checkpoint), "model.checkpoint",
                  "is required: a checkpoint folder or a Hugging Face model id in the local cache "
                  "(or model.init=random for random weights)")
+        _require(not self.tune_only or bool(self.plan), "tune_only", "needs plan=PATH: the plan whose kernels to tune")
         if self.question is not None:
-            _require("\x00" not in self.question, "question", "must not contain a NUL character")
+            check_question(self.question)
+        self.plan_config()  # the planner's part, validated by its own schema (e.g. the solver's budget)
 
     # -- derived ---------------------------------------------------------------------------------
     def plan_config(self) -> SpavaConfig:
-        """The planner's config for planning on the fly (no plan=): the same groups and shorthands;
-        the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as bf16)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig) if hasattr(self, f.name)
-                and f.name not in ("dtype", "gpus", "nodes", "frames")}
+        """The planner's config for planning on the fly (no plan=): SpavaConfig's fields of this
+        config; the run's dtype picks the planned activation dtype (fp64 is planned as fp32, plan as
+        bf16); kernels are rendered on demand."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SpavaConfig)}
         data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
         data["dtype"] = self.dtype if self.dtype in DTYPES else ("fp32" if self.dtype == "fp64" else "bf16")
         data["kernels"] = False
@@ -124,6 +129,30 @@ DEFAULT_VIDEO_BYTES = 256 * 2 ** 20
 def data_url_bytes(video_bytes: int) -> int:
     """Body bytes a data: URL of ``video_bytes`` needs: base64 (4 per 3) plus 1 MiB for the rest."""
     return -(-video_bytes // 3) * 4 + 2 ** 20
+
+
+def _fold_shorthands(cfg: CommandLineConfig) -> None:
+    """The shorthands (config.SHORTHANDS: gpus=, nodes=, frames=) into their groups (which validate
+    them), and the groups' values mirrored back, as spava-plan's to_config resolves them."""
+    by_group: dict[str, dict[str, Any]] = {}
+    for short, (group, name) in SHORTHANDS.items():
+        if getattr(cfg, short) is not None:
+            by_group.setdefault(group, {})[name] = getattr(cfg, short)
+    for group, values in by_group.items():
+        setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
+    for short, (group, name) in SHORTHANDS.items():
+        setattr(cfg, short, getattr(getattr(cfg, group), name))
+
+
+def check_question(question: str, setting: str = "question") -> None:
+    """Free text in any script: right-to-left marks, zero-width joiners (emoji) and other format
+    characters (Unicode Cf) are text; control characters (Cc: NUL, escape sequences, newlines) and
+    lone surrogates are not."""
+    _require(len(question) <= MAX_QUESTION_CHARS, setting,
+             f"must be at most {MAX_QUESTION_CHARS} characters, got {len(question)}")
+    bad = next((c for c in question if unicodedata.category(c) in ("Cc", "Cs")), None)
+    _require(bad is None, setting, f"must not contain control characters, got {bad!r} at position "
+                                   f"{question.find(bad) if bad is not None else -1}")
 
 
 @dataclass
@@ -171,6 +200,8 @@ class ServeConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.rank is None, "rank", "is spava-run's single-rank mode; a server runs every rank of its plans")
+        _require(not self.tune_only, "tune_only", "is spava-run's: run `spava-run plan=PATH tune_only=true` before "
+                                                  "starting the server")
         _require(1 <= self.port <= 65535, "port", f"must be within 1..65535, got {self.port}")
         _require(bool(self.host.strip()), "host", "must not be empty")
         _require(0 <= self.queue_size <= MAX_QUEUE, "queue_size", f"must be within 0..{MAX_QUEUE}, got {self.queue_size}")
@@ -223,10 +254,6 @@ SCHEMAS = {"run": ("spava_run_schema", RunConfig), "serve": ("spava_serve_schema
 
 
 def register_schemas() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from .hydra_conf import register_schema
-
     register_schema()
     for name, cls in SCHEMAS.values():
         ConfigStore.instance().store(name=name, node=cls)
@@ -234,31 +261,42 @@ def register_schemas() -> None:
 
 def video_options() -> set[str]:
     """Names of the video config group's options (conf/video/*.yaml)."""
-    from importlib.resources import files
-
-    from .hydra_conf import CONFIG_MODULE
-
     root = files(CONFIG_MODULE).joinpath("video")
     return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
 def argv_shorthands(argv: Sequence[str]) -> list[str]:
-    """``video=PATH`` (a file, not a video group option) -> ``video.path=PATH``; the rest unchanged."""
+    """``video=PATH`` (a file, not a video group option) -> ``video.path=PATH``; ``question=TEXT``
+    quoted for Hydra's override grammar (free text: any script, spaces, quotes, ``${``), unless the
+    value is quoted already; the rest unchanged."""
     options = video_options()
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key == "video" and value not in options and "," not in value:
             arg = f"video.path={value}"
+        elif sep and key == "question" and not _hydra_quoted(value):
+            arg = f"question={hydra_quote(value)}"
         out.append(arg)
     return out
 
 
+def _hydra_quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+
+
+def hydra_quote(text: str) -> str:
+    """``text`` as one single-quoted Hydra override value that composes back to exactly ``text``:
+    quotes (and the backslashes before them, or at the end) escaped, ``${`` kept literal instead of
+    an OmegaConf interpolation."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    body = body.replace("${", "\\\\\\${")  # Hydra unescapes one level, OmegaConf the next
+    return f"'{body}'"
+
+
 def to_entry_config(cfg: Any, kind: str) -> RunConfig:
     """A composed Hydra config -> a validated RunConfig / ServeConfig (ConfigError naming the key)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     cls = SCHEMAS[kind][1]
     if isinstance(cfg, cls):
         return cfg
@@ -277,11 +315,6 @@ def to_entry_config(cfg: Any, kind: str) -> RunConfig:
 
 def compose_entry_config(kind: str, overrides: Sequence[str] = ()) -> RunConfig:
     """conf/<kind>.yaml with command-line style overrides (for library use and tests)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .hydra_conf import CONFIG_MODULE, hydra_error
-
     register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -298,13 +331,12 @@ def compose_entry_config(kind: str, overrides: Sequence[str] = ()) -> RunConfig:
 def resolve_checkpoint(name: str | None) -> str | None:
     """A checkpoint folder, or a Hugging Face model id found in the local HF cache (never downloaded)
     -> the folder. InputError naming model.checkpoint when it is neither."""
-    from .errors import InputError
-
     if not name or os.path.isdir(name):
         return name
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise InputError(f"no checkpoint directory at {name!r}", setting="model.checkpoint")
     try:
+        # Optional (the serve extra), and only for a model id: imported where it is needed.
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id=name, local_files_only=True)

@@ -17,7 +17,7 @@ policy media.py; docs/serving.md is the operator's page):
 Two worker threads on rank 0 (torch stays off the event loop), so the GPUs do not wait for the next
 request's CPU work: the prefetch thread takes admitted requests in order and fetches the video (a
 private temp file), checks its container metadata against max_frames / max_pixels (before any
-decoding), decodes, tokenizes and picks the plan (Engine.prepare); up to ``prefetch`` prepared
+decoding), decodes, tokenizes and picks the plan (Session.prepare); up to ``prefetch`` prepared
 requests wait for the GPU thread, which runs them one at a time across the ranks. Every admitted
 request counts in the queue bound (queue_size + 1: HTTP 429 beyond), prepared ones included, so
 their memory is bounded too. A bad request (refused URL, unreadable video, too long a question, no
@@ -56,11 +56,11 @@ import threading
 import time
 from typing import Any, Sequence
 
-from .engine import Engine, Sampling
 from .errors import DistributedError, InputError, SpavaError
 from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
-from .run import _agree, _fail, hydra_main, launch_mode
+from .launching import agree, fail, hydra_main, launch_mode
 from .serve_jobs import Job, Metrics
+from .session import Sampling, Session
 from .serve_warmup import plan_of, synthetic_request, warm_keys
 from .video_meta import probe_clip
 
@@ -94,7 +94,7 @@ class Worker:
     """Rank 0's request loop: a prefetch thread prepares, a GPU thread runs one request at a time
     over all ranks."""
 
-    def __init__(self, engine: Engine, cfg: Any, comm: Any, metrics: Metrics):
+    def __init__(self, engine: Session, cfg: Any, comm: Any, metrics: Metrics):
         self.engine, self.cfg, self.comm, self.metrics = engine, cfg, comm, metrics
         self.policy = MediaPolicy.from_config(cfg)
         self.jobs: queue.Queue = queue.Queue()  # admitted, not prepared (bounded by admit())
@@ -231,7 +231,7 @@ class Worker:
                 self.comm.all_gather_object(_STOP)
         except DistributedError as exc:  # a rank died or hung: the whole server goes, naming it
             self.fatal = str(exc)
-            _fail(exc, 0, PROG)
+            fail(exc, 0, PROG)
             sys.stdout.flush()
             os._exit(2)
         except BaseException as exc:  # noqa: BLE001 - a bug outside a request: no server without its worker
@@ -335,7 +335,7 @@ class Worker:
 
     def _run_dist(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any, request: dict) -> Any:
         self.comm.all_gather_object(request)
-        _agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
+        agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
         return self.engine.generate(prepared, self.comm, backend, sampling, on_token)
 
 
@@ -343,7 +343,7 @@ class _Stopped(Exception):
     """The job was cancelled between two stages of its preparation."""
 
 
-def run_emulated(engine: Engine, prepared: Any, backend: Any, sampling: Sampling, on_token: Any,
+def run_emulated(engine: Session, prepared: Any, backend: Any, sampling: Sampling, on_token: Any,
                  timeout: float) -> Any:
     from .runtime.comm_emulated import EmulatedWorld
 
@@ -353,7 +353,7 @@ def run_emulated(engine: Engine, prepared: Any, backend: Any, sampling: Sampling
     return results[0]
 
 
-def warm_one(engine: Engine, plan: Any, comm: Any) -> None:
+def warm_one(engine: Session, plan: Any, comm: Any) -> None:
     """One plan's backend built and run once for one token on every rank (serve_warmup)."""
     error: SpavaError | None = None
     prepared = backend = None
@@ -369,7 +369,7 @@ def warm_one(engine: Engine, plan: Any, comm: Any) -> None:
             raise error
         run_emulated(engine, prepared, backend, Sampling(max_tokens=1), _always, engine.cfg.timeout)
         return
-    _agree(comm, error)
+    agree(comm, error)
     engine.generate(prepared, comm, backend, Sampling(max_tokens=1), _always)
 
 
@@ -377,7 +377,7 @@ def _always(tokens: list[int]) -> bool:
     return True
 
 
-def follower_loop(engine: Engine, comm: Any) -> None:
+def follower_loop(engine: Session, comm: Any) -> None:
     """Ranks other than 0: wait for rank 0's next message (warm-up, request, ping), run it, repeat
     until stop.
 
@@ -413,7 +413,7 @@ def follower_loop(engine: Engine, comm: Any) -> None:
             except SpavaError as exc:
                 error = exc
             try:
-                _agree(comm, error)
+                agree(comm, error)
             except DistributedError:
                 raise
             except SpavaError:
@@ -447,7 +447,7 @@ def serve(cfg: Any) -> int:
     else:
         world, local = int(cfg.gpus) if not cfg.plan else _plan_world(cfg.plan), None
     if os.path.exists(cfg.plan_dir) and not os.path.isdir(cfg.plan_dir):
-        return _fail(InputError(f"must be a folder (a plan family), got the file {cfg.plan_dir!r}",
+        return fail(InputError(f"must be a folder (a plan family), got the file {cfg.plan_dir!r}",
                                 setting="plan_dir"), rank if comm is not None else None, PROG)
     if rank == 0:
         _check_port(cfg.host, cfg.port)  # before minutes of model loading
@@ -455,11 +455,11 @@ def serve(cfg: Any) -> int:
         error: SpavaError | None = None
         engine = None
         try:
-            engine = Engine(cfg, world, local)
+            engine = Session(cfg, world, local)
         except SpavaError as exc:
             error = exc
         if comm is not None:
-            _agree(comm, error)
+            agree(comm, error)
         elif error is not None:
             raise error
         assert engine is not None
@@ -469,7 +469,7 @@ def serve(cfg: Any) -> int:
             return 0
         return _serve_http(engine, cfg, comm)
     except SpavaError as exc:
-        code = _fail(exc, rank if comm is not None else None, PROG)
+        code = fail(exc, rank if comm is not None else None, PROG)
         if comm is not None:  # leave without tearing the group down (see run.run_distributed)
             comm.report_failure(exc)
             sys.stdout.flush()
@@ -496,7 +496,7 @@ def _plan_world(path: str) -> int:
     return load_plan(path).world_size
 
 
-def _serve_http(engine: Engine, cfg: Any, comm: Any) -> int:
+def _serve_http(engine: Session, cfg: Any, comm: Any) -> int:
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401

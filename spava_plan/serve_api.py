@@ -16,7 +16,7 @@ from typing import Annotated, Any, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from .engine import Sampling
+from .session import Sampling
 from .errors import InputError
 
 MAX_STOP = 4

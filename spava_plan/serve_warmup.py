@@ -11,15 +11,17 @@ frames at the plan's size for one token, on every rank, so the first user reques
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from .plan import Plan
 from .plan_load import load_plan
+from .runtime import hf_inputs
+from .session import Prepared, Session, build_inputs, random_frames
 
 log = logging.getLogger("spava_plan.serve")
 WARMUP_QUESTION = "Describe the video."
 
 
-def warm_keys(engine: Any, count: int) -> list[str]:
+def warm_keys(engine: Session, count: int) -> list[str]:
     """Rank 0's list of plans to warm: 'fixed' (plan=) and family plan.json paths."""
     keys, hashes = [], set()
     if engine.fixed is not None:
@@ -34,20 +36,18 @@ def warm_keys(engine: Any, count: int) -> list[str]:
     return keys
 
 
-def plan_of(engine: Any, key: str) -> Any:
+def plan_of(engine: Session, key: str) -> Plan:
     if key == "fixed":
         return engine.fixed
     return load_plan(key)
 
 
-def synthetic_request(engine: Any, plan: Any) -> Any:
+def synthetic_request(engine: Session, plan: Plan) -> Prepared:
     """A Prepared request for ``plan`` on random frames of its size (what spava-run model.init=random
-    runs), as Engine.prepare would hand it to the backend and generate."""
-    from .run import Args, Prepared, _build_inputs, _random_frames
-    from .runtime import hf_inputs
-
-    args = Args(**{**engine.args.__dict__, "question": WARMUP_QUESTION})
-    inputs = _build_inputs(args, plan, engine.processing, engine.model, _random_frames(plan, engine.args.seed))
+    runs), as Session.prepare would hand it to the backend and generate."""
+    seed = engine.cfg.seed
+    inputs = build_inputs(plan, engine.processing, engine.model, random_frames(plan, seed),
+                          question=WARMUP_QUESTION, seed=seed)
     positions = hf_inputs.global_position_ids(engine.model, inputs)
     hf_inputs.check_against_plan(plan, inputs, positions)
     inputs, positions = hf_inputs.pad_query(plan, inputs, positions)

@@ -130,14 +130,14 @@ def test_batched_vision_attention_equals_the_stock_per_window_loop():
     """Uneven windows (13 x 9 merged tokens in windows of 4) and a full-attention layer, fp32."""
     import torch
 
-    from spava_plan.config import config_to_dict
+    from spava_plan.plan import ModelSpec
     from spava_plan.hydra_conf import compose_config
     from spava_plan.runtime import vision_attention
     from spava_plan.runtime.hf_model import random_model
     from spava_plan.runtime.vision_parallel import vision_module, visual_embeddings
 
-    cfg = config_to_dict(compose_config(["model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25",
-                                         "model.tokens_per_second=2"]))["model"]
+    cfg = ModelSpec.from_config(compose_config(["model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25",
+                                                "model.tokens_per_second=2"]).model)
     model = random_model(cfg, dtype=torch.float32, device="cpu")
     grid = torch.tensor([[3, 26, 18]])
     pixels = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))

@@ -22,10 +22,10 @@ FAMILIES = {"qwen2_5_vl": ["model=tiny", "model.family=qwen2_5_vl", "model.name=
 
 
 def _tiny_model(family: str = "qwen2_5_vl"):
-    from spava_plan.config import config_to_dict
+    from spava_plan.plan import ModelSpec
     from spava_plan.hydra_conf import compose_config
 
-    cfg = config_to_dict(compose_config(FAMILIES[family]))["model"]
+    cfg = ModelSpec.from_config(compose_config(FAMILIES[family]).model)
     return hf_model.random_model(cfg, dtype=torch.float32, device=DEV, seed=3)
 
 

@@ -168,10 +168,10 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
 def test_random_init_builds_the_real_size_model(name, billions):
     """conf/model/<name>.yaml builds transformers' InternVL with the published parameter count
     (InternVL3-2B 2.09B, InternVL3-8B 7.94B), on the meta device."""
-    from spava_plan.config import config_to_dict
+    from spava_plan.plan import ModelSpec
     from spava_plan.hydra_conf import compose_config
 
-    cfg = config_to_dict(compose_config([f"model={name}"]))["model"]
+    cfg = ModelSpec.from_config(compose_config([f"model={name}"]).model)
     model = hf_model.random_model(cfg, dtype=torch.bfloat16, device="meta")
     assert type(model).__name__ == "InternVLForConditionalGeneration"
     n = sum(p.numel() for p in model.parameters()) / 1e9

@@ -163,10 +163,10 @@ def test_random_init_builds_the_real_size_model(name, billions):
     import torch
 
     from spava_plan.hydra_conf import compose_config
-    from spava_plan.config import config_to_dict
+    from spava_plan.plan import ModelSpec
     from spava_plan.runtime.hf_model import random_model
 
-    cfg = config_to_dict(compose_config([f"model={name}"]))["model"]
+    cfg = ModelSpec.from_config(compose_config([f"model={name}"]).model)
     model = random_model(cfg, dtype=torch.bfloat16, device="meta")
     n = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(n - billions) < 0.02, n
@@ -174,7 +174,7 @@ def test_random_init_builds_the_real_size_model(name, billions):
 
 def test_model_mismatch_is_reported_and_replan_fixes_it(setup, tmp_path):
     from spava_plan.plan_load import load_plan
-    from spava_plan.run import replan
+    from spava_plan.session import replan
 
     other = replan(load_plan(setup / "plan.json"), {"model.num_layers": 3, "model.name": "tiny3"})
     other.save(tmp_path / "plan.json")
@@ -270,7 +270,7 @@ def test_a_rank_aborted_from_native_code_prints_its_python_stack():
     import os
     import subprocess
 
-    code = ("from spava_plan.run import prepare_process\n"
+    code = ("from spava_plan.launching import prepare_process\n"
             "def inside_a_collective():\n"
             "    import os, signal; os.kill(os.getpid(), signal.SIGABRT)\n"
             "prepare_process('auto')\n"

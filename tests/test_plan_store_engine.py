@@ -1,6 +1,6 @@
 """The server's request path answers every clip length (issue 24 item 3): a 1-frame, a 4 s and a
 24 s clip at 168x112 on the tiny model (random weights) with gpus=2, through the object spava-serve
-drives (spava_plan.engine.Engine: prepare -> backend -> generate on emulated ranks, as serve.py's
+drives (spava_plan.session.Session: prepare -> backend -> generate on emulated ranks, as serve.py's
 worker runs it). Each gets a plan from the store, named by its method, that runs on its own rank
 count; the two short clips get an exact method (planner/fit.py). The tokens themselves are the
 runtime's business (tests/test_model_*.py compare each method with a reference); here every clip
@@ -15,7 +15,7 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 from spava_plan.config import METHODS  # noqa: E402
-from spava_plan.engine import Engine, Sampling  # noqa: E402
+from spava_plan.session import Sampling, Session  # noqa: E402
 from spava_plan.run_config import compose_entry_config  # noqa: E402
 from spava_plan.runtime.comm_emulated import EmulatedWorld  # noqa: E402
 
@@ -23,7 +23,7 @@ H, W = 112, 168
 CLIPS = {"1 frame": (1, 25), "4 s": (40, 10), "24 s": (240, 10)}
 
 
-def _answer(engine: Engine, prepared, tokens: int = 3):
+def _answer(engine: Session, prepared, tokens: int = 3):
     backend = engine.backend(prepared, rank_threads=True)
     world = EmulatedWorld.for_plan(prepared.plan, timeout_s=120)
     results = world.run(lambda rank: engine.generate(prepared, world.comm(rank), backend,
@@ -34,7 +34,7 @@ def _answer(engine: Engine, prepared, tokens: int = 3):
 def test_every_clip_length_answers_with_its_method(tmp_path):
     cfg = compose_entry_config("serve", ["model=tiny", "model.init=random", "gpus=2", "dtype=fp32", "backend=torch",
                                          f"plan_dir={tmp_path / 'plans'}"])
-    engine = Engine(cfg, 2)
+    engine = Session(cfg, 2)
     for name, (n, fps) in CLIPS.items():
         clip = mf.write_video(tmp_path / f"{n}.mp4", frames=n, height=H, width=W, fps=fps)
         prepared = engine.prepare(str(clip), "What happens in this video?")

@@ -25,7 +25,7 @@ def _model(family: str):
     extra = TINY_25 if family == "qwen2_5_vl" else ()
     plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=32", "video.resolution=224x224",
                                       "kernels=false", *extra]))
-    return plan, hf_model.random_model(plan.config["model"], dtype=torch.float64, device="cpu", seed=1)
+    return plan, hf_model.random_model(plan.model, dtype=torch.float64, device="cpu", seed=1)
 
 
 def _max_rows(module: torch.nn.Module, seen: list[int]):

@@ -24,7 +24,7 @@ def _tower(family: str):
     extra = TINY_25 if family == "qwen2_5_vl" else ()
     plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=32", "video.resolution=224x224",
                                       "kernels=false", *extra]))
-    model = hf_model.random_model(plan.config["model"], dtype=torch.float64, device="cpu", seed=3)
+    model = hf_model.random_model(plan.model, dtype=torch.float64, device="cpu", seed=3)
     return model, vision_module(model)
 
 
