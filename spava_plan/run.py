@@ -78,6 +78,7 @@ def run_emulated(cfg: RunConfig, out_dir: str | None) -> int:
         prepared = session.prepare_run()
         backend = session.backend(prepared, rank_threads=True)
         world = EmulatedWorld.for_plan(prepared.plan, timeout_s=cfg.timeout)
+        world_size = prepared.plan.world_size  # a short input's plan may hold fewer ranks (planner/fit.py)
         session.save_plan(prepared)
         _warm_up(session, prepared, lambda: world.run(lambda r: session.run(prepared, world.comm(r), backend, 1)))
         with progress.step(f"vision, prefill and {cfg.max_new_tokens} new tokens on {world_size} emulated ranks"):

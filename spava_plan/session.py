@@ -38,6 +38,7 @@ from .plan import Plan
 from .plan_load import load_plan
 from .plan_store import PlanStore
 from .planner.build import build_plan
+from .planner.fit import fit_config
 from .run_config import RunConfig, ServeConfig, resolve_checkpoint
 from .runtime import hf_inputs, hf_model, llm_fused, vision_attention, vision_fused
 from .runtime.attention import RankAttention
@@ -175,11 +176,17 @@ def replan(plan: Plan, settings: Mapping[str, Any]) -> Plan:
     return build_plan(cfg)
 
 
-def plan_from_config(cfg: SpavaConfig) -> Plan:
+def plan_from_config(cfg: SpavaConfig, *, same_world: bool = False, notes: list[str] | None = None) -> Plan:
     """A plan from the planner's config: for video.path, the frames the processor samples at
-    video.fps and the clip's size, as `spava-plan video.path=` plans them (one sampling rule)."""
+    video.fps and the clip's size, as `spava-plan video.path=` plans them (one sampling rule). An
+    input too short for the configured method gets the fastest config that holds it (planner/fit.py,
+    as `spava-plan` and the plan store choose it); ``same_world`` keeps the rank count (a launched
+    torchrun world), and what was chosen is added to ``notes``."""
     if cfg.video.path:
         cfg = plan_for_clip(cfg)
+    cfg, fitted = fit_config(cfg, same_world=same_world)
+    if notes is not None:
+        notes.extend(fitted)
     with progress.step("planning from the config"):
         return build_plan(cfg)
 
@@ -252,11 +259,15 @@ class Session:
         # No plan=: the config's frames / resolution / prompt sizes are a starting point only.
         self.may_replan = cfg.replan or not cfg.plan or self.serving
         self.fixed: Plan | None = load_plan(cfg.plan) if cfg.plan else None
-        base = self.fixed if self.fixed is not None else plan_from_config(cfg.plan_config())
+        fit_notes: list[str] = []
+        base = self.fixed if self.fixed is not None else plan_from_config(
+            cfg.plan_config(), same_world=local_rank is not None, notes=fit_notes)
+        if fit_notes and local_rank is None:  # emulated ranks follow the plan chosen for a short input
+            self.world_size = world_size = base.world_size
         base.check_world(world_size)
         self.local_rank = local_rank
         self.device = select_device(cfg.device, local_rank)
-        self.notes: list[str] = []
+        self.notes: list[str] = list(fit_notes)
         self.replanned: list[str] = [] if cfg.plan else [f"planned for this input from the config "
                                                          f"({base.world_size} ranks)"]
         t0 = time.perf_counter()
