@@ -180,6 +180,7 @@ class Worker:
         media = None
         try:
             media = fetch_media(req.video_url, self.policy, job.stopped)
+            fetched = time.perf_counter()
             check_clip(media.path, self.cfg)
             if job.stopped():
                 raise _Stopped
@@ -196,7 +197,11 @@ class Worker:
             else:
                 self._reject(job, exc, "while preparing")
             return None
-        self.metrics.prepare.observe(time.perf_counter() - started)
+        now = time.perf_counter()
+        self.metrics.prepare.observe(now - started)
+        job.stages = {"fetch": fetched - started, "decode": prepared.decode_s,
+                      "preprocess": max(0.0, now - fetched - prepared.decode_s)}  # metadata check, processor, plan
+        job.prepared_at = now
         job.emit("plan", {"plan": prepared.plan.hash[:16], "method": method_name(prepared.plan)})
         return job, prepared, media, started
 
@@ -276,6 +281,7 @@ class Worker:
             self._reject(job, exc, "while building its backend")
             return
         state = {"text": "", "sent": 0, "finish": None, "first": None}
+        run_started = time.perf_counter()
 
         def on_token(tokens: list[int]) -> bool:
             if state["first"] is None:
@@ -318,6 +324,14 @@ class Worker:
             job.emit("delta", text[state["sent"]:])
         finish = state["finish"] or ("stop" if tokens and tokens[-1] in self.engine.eos else "length")
         t = result.timing
+        done = time.perf_counter()
+        # Per-request stages in ms (what a user waits for, as benchmarks/serve_load.py reads them):
+        # queue = prepared, waiting for the GPUs; first_token = request admitted -> first token.
+        queued = run_started - (job.prepared_at if job.prepared_at is not None else run_started)
+        stages = {**job.stages, "queue": queued,
+                  "vision": t.vision_s, "prefill": t.prefill_s,
+                  "first_token": (state["first"] or done) - started, "generate": done - run_started}
+        timings = {f"{k}_ms": round(v * 1e3, 3) for k, v in stages.items()}
         if t.decode_tokens_per_s > 0:
             self.metrics.decode.observe(t.decode_tokens_per_s)
         self.metrics.tokens.inc(len(tokens))
@@ -328,7 +342,7 @@ class Worker:
         self._finish(job, "done", {"finish_reason": "stop" if finish == "cancelled" else finish, "tokens": tokens,
                                    "plan": prepared.plan.hash[:16], "method": method_name(prepared.plan),
                                    "prompt_tokens": self.engine.prompt_tokens(prepared),
-                                   "completion_tokens": len(tokens), "text": text})
+                                   "completion_tokens": len(tokens), "text": text, "timings": timings})
 
     def _run_emulated(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any) -> Any:
         return run_emulated(self.engine, prepared, backend, sampling, on_token, self.cfg.timeout)

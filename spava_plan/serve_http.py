@@ -240,7 +240,7 @@ def build_app(worker: Any, model_name: str, cfg: Any) -> Any:
                       "system_fingerprint": data["plan"],
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text_parts)},
                                    "finish_reason": data["finish_reason"]}],
-                      "usage": _usage(data)}, headers)
+                      "usage": _usage(data), "timings": data.get("timings", {})}, headers)
 
     def _json(body: dict, headers: dict) -> Any:
         from fastapi.responses import JSONResponse
@@ -270,13 +270,16 @@ async def _watch_disconnect(http: Any, job: Any) -> None:
 
 
 async def _sse(job: Any, model_name: str) -> Any:
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, plan: str | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, plan: str | None = None,
+              timings: dict | None = None) -> str:
         data: dict = {"id": job.id, "object": "chat.completion.chunk", "created": int(job.created),
                       "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if plan is not None:
             data["system_fingerprint"] = plan
         if usage is not None:
             data["usage"] = usage
+        if timings:  # the request's stages in ms (a spava extension, like vLLM's extra fields)
+            data["timings"] = timings
         return f"data: {json.dumps(data)}\n\n"
 
     try:
@@ -289,7 +292,7 @@ async def _sse(job: Any, model_name: str) -> Any:
                 yield f"data: {json.dumps(error_body(data[0], data[1]))}\n\n"
                 break
             else:
-                yield chunk({}, data["finish_reason"], _usage(data), data["plan"])
+                yield chunk({}, data["finish_reason"], _usage(data), data["plan"], data.get("timings"))
                 break
         yield "data: [DONE]\n\n"
     except asyncio.CancelledError:  # the client went away: one line, not a traceback

@@ -29,6 +29,8 @@ class Job:
     cancel_reason: str = ""
     released: bool = False  # its place in the queue is free again
     finished: bool = False  # its last event was sent
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage before the GPUs (fetch, decode, ...)
+    prepared_at: float | None = None  # time.perf_counter() when it was ready for the GPUs
 
     def emit(self, kind: str, data: Any = None) -> None:
         if kind in ("done", "error"):

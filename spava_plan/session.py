@@ -101,6 +101,7 @@ class Prepared:
     input_s: float = 0.0
     replanned: bool = False  # the plan was made for this input (not plan= as given)
     load_s: float = 0.0
+    decode_s: float = 0.0  # of input_s: the video's decode (the rest: the processor, tokenizing, the plan)
 
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ class Session:
             self.world_size = world_size = base.world_size
         base.check_world(world_size)
         self.local_rank = local_rank
+        self.last_decode_s = 0.0  # the latest _request_inputs' video decode (Prepared.decode_s)
         self.device = select_device(cfg.device, local_rank)
         self.notes: list[str] = list(fit_notes)
         self.replanned: list[str] = [] if cfg.plan else [f"planned for this input from the config "
@@ -415,6 +417,7 @@ class Session:
         """The request's model inputs for ``plan``: ``frames_n`` frames spread evenly over the clip
         (repeated when the plan samples more than the clip has), scaled to ``size``."""
         total = probe(video).total_frames
+        t0 = time.perf_counter()
         with progress.step(f"decoding {frames_n} frames of {video}"):
             if total >= frames_n:
                 frames, info = read_frames(video, frames_n, size)
@@ -423,6 +426,7 @@ class Session:
                 frames = every[[int(i * info.total_frames / frames_n) for i in range(frames_n)]]
         # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as prepare_run does).
         fps = info.sampled_fps(frames_n) if info.fps > 0 else plan.video.fps
+        self.last_decode_s = time.perf_counter() - t0
         return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps)
 
     def prepare(self, video_path: str, question: str) -> Prepared:
@@ -455,7 +459,7 @@ class Session:
         # the plan's own ranks: a short clip's plan may run on fewer than the server's (emulated)
         check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
-                        [], time.perf_counter() - t0, plan is not self.fixed)
+                        [], time.perf_counter() - t0, plan is not self.fixed, decode_s=self.last_decode_s)
 
     # -- running -----------------------------------------------------------------------------------
     def backend(self, prepared: Prepared, *, rank_threads: bool = False) -> Any:
