@@ -74,7 +74,7 @@ def test_smoke_run_against_a_tiny_server(tmp_path):
     clips.mkdir()
     # The tiny model's clip: 4 s at 4 fps, sampled to the plan's frames at video.fps=2.
     assert serve_load.PRESETS["tiny"] == (4.0, 56, 84, 4) and FRAMES == 8
-    server = Server(root, "queue_size=4", f"allowed_local_media_path={clips}")
+    server = Server(root, "queue_size=4", f"allowed_local_media_path={clips}", local=False)
     try:
         for media in ("data", "file"):
             out = root / f"load-{media}.json"
@@ -95,5 +95,7 @@ def test_smoke_run_against_a_tiny_server(tmp_path):
             assert s["first_request_ttft_ms"] == report["runs"][0]["requests"][0]["ttft_ms"]
             assert s["tenth_request_ttft_ms"] is None  # 3 requests
             assert s["request_ttft_p50_ms"] > 0
+            # the server reports each request's stages, so the prefill and preprocessing are known
+            assert s["prefill_ttft_ms"] > 0 and s["preprocess_ms"] > 0 and 0 <= s["gpu_idle_share"] <= 1
     finally:
         server.stop()
