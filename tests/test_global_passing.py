@@ -1,0 +1,213 @@
+"""method.passing=global against an independent fp64 reference of its selection.
+
+The reference below is written from SPAVA_SPEC.md sections 4, 6 and 11, not from the runtime: per
+KV head, score every key of every block by its dot product with the query-mean vector, max-pool
+inside the block, then host v's passing keys are the P best of ALL keys of hosts < v (ties broken
+by the earlier position); host v's rows attend [those keys | anchor | own block causally], anchor
+rows the anchor causally, query rows everything causally. One dense masked softmax per row block
+in fp64. The runtime runs the prefix scan of spava_plan/passing_scan.py instead (candidates,
+rounds of all-to-alls, merges): the two must choose the same keys and give the same rows.
+
+Emulated worlds of 2..16 ranks here; real gloo process groups (W = 2, 3, 4) further down.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from spava_plan.passing_scan import rank_round, round_messages, scan_rounds
+from spava_plan.plan_load import plan_from_dict
+from spava_plan.runtime.attention import RankAttention
+from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.launch import results_or_raise, run_local_world
+from spava_plan.runtime.reference import local_rows
+
+TOL = 1e-10  # fp64 end to end: the kept keys are the same, only summation order differs
+TINY = ("model=tiny", "video.resolution=112x168")  # 24 tokens per temporal grid of 2 frames
+# frames giving every block at least 128 tokens (one selection tile) at each world size
+FRAMES = {2: 100, 3: 100, 4: 100, 8: 184, 16: 360}
+
+
+@functools.lru_cache(maxsize=None)
+def plan_for(*overrides):
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    return build_plan(compose_config(list(overrides)))
+
+
+def global_plan(world: int, passing: int = 128, *extra: str):
+    return plan_for(*TINY, f"frames={FRAMES[world]}", f"gpus={world}", "method.passing=global",
+                    f"method.passing_tokens={passing}", *extra)
+
+
+def inputs(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+
+
+# -- the reference ---------------------------------------------------------------------------------
+def reference_choice(plan, q, k) -> dict[int, list[list[int]]]:
+    """host v -> per KV head, the sorted global positions of its P passing keys."""
+    lay = plan.layout
+    ctx, lq = lay.context_tokens, lay.query_tokens
+    hkv, g, d = plan.model.num_kv_heads, plan.model.group, plan.model.head_dim
+    w = plan.selection.pool_window
+    qbar = q[ctx:].reshape(lq, hkv, g, d).mean(dim=(0, 2))  # (Hkv, D)
+    blocks = sorted((s for s in lay.segments if s.kind == "block"), key=lambda s: s.host)
+    keep = blocks[0].keep
+    pooled = []  # per block: (n, Hkv) pooled scores, -inf outside the block
+    for b in blocks:
+        raw = (k[b.start:b.stop] * qbar).sum(-1)  # (n, Hkv)
+        n = raw.shape[0]
+        pooled.append(torch.stack([raw[max(0, j - w // 2):min(n, j + w // 2 + 1)].amax(0) for j in range(n)]))
+    out = {}
+    for v in range(1, len(blocks)):
+        heads = []
+        for h in range(hkv):
+            cands = [(-float(pooled[u][j, h]), blocks[u].start + j) for u in range(v) for j in range(blocks[u].length)]
+            heads.append(sorted(p for _, p in sorted(cands)[:keep]))
+        out[v] = heads
+    return out
+
+
+def reference_rows(plan, q, k, v, choice) -> torch.Tensor:
+    """(N, Hq, D) outputs of global passing, one masked dense softmax per row block."""
+    lay = plan.layout
+    n, hkv, g, d = lay.total_tokens, plan.model.num_kv_heads, plan.model.group, plan.model.head_dim
+    kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    pos = torch.arange(n)
+    out = torch.empty_like(q)
+    a = lay.anchor_tokens
+    spans = [(0, a, None)] if a else []
+    spans += [(s.start, s.stop, s.host) for s in lay.segments if s.kind == "block"]
+    spans.append((lay.context_tokens, n, "query"))
+    for lo, hi, host in spans:
+        rows = pos[lo:hi].unsqueeze(1)
+        if host is None:  # anchor rows: the anchor, causally
+            vis = (pos < a) & (pos <= rows)
+            mask = vis.unsqueeze(0).expand(hkv * g, -1, -1)
+        elif host == "query":  # exact causal attention over everything
+            mask = (pos <= rows).unsqueeze(0).expand(hkv * g, -1, -1)
+        else:
+            own = (pos >= lo) & (pos <= rows)
+            base = own | (pos < a)
+            per_head = []
+            for h in range(hkv):
+                chosen = torch.zeros(n, dtype=torch.bool)
+                if host > 0:
+                    chosen[choice[host][h]] = True
+                per_head.append(base | chosen)
+            mask = torch.stack(per_head).repeat_interleave(g, dim=0)
+        s = torch.einsum("mhd,nhd->hmn", q[lo:hi], kk) / math.sqrt(d)
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        out[lo:hi] = torch.einsum("hmn,nhd->mhd", p, vv)
+    return out
+
+
+# -- the scan's structure ----------------------------------------------------------------------------
+@pytest.mark.parametrize("hosts", [1, 2, 3, 4, 5, 8, 9, 33, 2048])
+def test_scan_rounds_give_every_host_exactly_the_earlier_hosts(hosts):
+    covered = [set() for _ in range(hosts)]
+    for k in range(scan_rounds(hosts)):
+        new = [set(c) for c in covered]
+        for m in round_messages(hosts, k):
+            new[m.dst] = (covered[m.dst] | covered[m.src]) if m.merge else {m.src}
+            assert m.merge == (k > 0) and max(covered[m.src], default=-1) < min(covered[m.dst], default=hosts)
+        covered = new
+    assert covered == [set(range(v)) for v in range(hosts)]
+    if hosts > 2:
+        assert scan_rounds(hosts) == 1 + math.ceil(math.log2(hosts - 1))
+
+
+def test_every_rank_sends_and_receives_at_most_one_message_per_host_per_round():
+    host_rank = tuple(r for r in range(8) for _ in range(2))  # any placement, two hosts per rank
+    for k in range(scan_rounds(16)):
+        for r in range(8):
+            send, recv = rank_round(host_rank, k, r)
+            assert sum(map(len, send)) <= 2 and sum(map(len, recv)) <= 2
+
+
+# -- emulated worlds ---------------------------------------------------------------------------------
+def run_emulated(plan, q, k, v):
+    world = EmulatedWorld.for_plan(plan, timeout_s=120)
+    attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
+    outs = world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)))
+    return outs, [a.passing_positions() for a in attns]
+
+
+def check_against_reference(plan, outs, positions, q, k, v):
+    choice = reference_choice(plan, q, k)
+    ref = reference_rows(plan, q, k, v, choice)
+    seen = set()
+    for r, rp in enumerate(plan.ranks):
+        for host, got in positions[r].items():
+            want = torch.tensor(choice[host]).T  # (P, Hkv)
+            assert torch.equal(got.sort(dim=0).values, want), f"rank {r} host {host}: other keys chosen"
+            seen.add(host)
+        (want,) = local_rows(plan, r, ref)
+        err = (outs[r] - want).abs().max().item()
+        assert err < TOL, f"rank {r}: {err:.2e}"
+    assert seen == set(range(1, plan.layout.virtual_hosts))
+
+
+@pytest.mark.parametrize("world", [2, 8, 16])
+def test_emulated_global_passing_matches_the_reference(world):
+    plan = global_plan(world)
+    q, k, v = inputs(plan.layout.total_tokens, seed=world)
+    outs, positions = run_emulated(plan, q, k, v)
+    check_against_reference(plan, outs, positions, q, k, v)
+
+
+def test_a_budget_larger_than_one_block_is_capped_and_still_exact():
+    plan = global_plan(2, 384, "solver=greedy")  # blocks of 272 tokens: keep 256; another placement
+    assert plan.layout.blocks[0].keep == 256 and plan.placement.solver == "greedy"
+    q, k, v = inputs(plan.layout.total_tokens, seed=7)
+    outs, positions = run_emulated(plan, q, k, v)
+    check_against_reference(plan, outs, positions, q, k, v)
+
+
+def test_global_plan_round_trips_and_passes_a_bounded_budget():
+    plan = global_plan(16)
+    again = plan_from_dict(plan.to_dict())
+    assert again == plan and again.hash == plan.hash
+    (scan,) = [c for c in plan.collectives if c.kind == "select_scan"]
+    assert not any(c.kind == "select_all_gather" for c in plan.collectives)
+    for rp in plan.ranks:
+        for t in rp.tasks:
+            passing = [ref for ref in t.kv if ref.kind == "passing"]
+            assert sum(ref.length for ref in passing) == (scan.rows_per_rank if t.name not in ("anchor", "query",
+                                                                                                  "host0") else 0)
+
+
+def test_global_passing_refuses_what_it_cannot_do():
+    from spava_plan.errors import ConfigError
+    from spava_plan.hydra_conf import compose_config
+
+    with pytest.raises(ConfigError, match="method.pass_all"):
+        compose_config([*TINY, "method.passing=global", "method.pass_all=true"])
+    with pytest.raises(ConfigError, match="method.passing"):
+        compose_config([*TINY, "method=apb", "method.passing=global"])
+    with pytest.raises(ConfigError, match="method.passing"):
+        compose_config([*TINY, "method.passing=everything"])
+
+
+# -- real gloo process groups ----------------------------------------------------------------------
+def _gloo_worker(comm, plan_dict, seed):
+    plan = plan_from_dict(plan_dict)
+    q, k, v = inputs(plan.layout.total_tokens, seed)
+    attn = RankAttention(plan, comm.rank, comm)
+    out = attn.prefill(0, *local_rows(plan, comm.rank, q, k, v))
+    return out, attn.passing_positions()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gloo_global_passing_matches_the_reference(world):
+    plan = global_plan(world)
+    seed = 10 + world
+    got = results_or_raise(run_local_world(_gloo_worker, world, args=(plan.to_dict(), seed), timeout_s=120))
+    q, k, v = inputs(plan.layout.total_tokens, seed)
+    check_against_reference(plan, [o for o, _ in got], [p for _, p in got], q, k, v)
