@@ -86,13 +86,13 @@ def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool, chunking: Chunkin
 def _comm_buffers(collectives: tuple[Collective, ...], world: int, hosts: int = 1) -> tuple[int, int]:
     """(passing, gather) bytes: all-gather outputs hold ``world`` contributions; the ring keeps
     the K/V block it sends and the one it receives; the global-passing scan keeps, per host, its
-    state (the passing buffer at the end), a send and a receive slot of one message each, plus one
-    merge's 2-message concatenation (runtime/passing_scan.py)."""
+    candidates, its state (the passing buffer at the end), a send and a receive slot of one message
+    each, plus one merge's 2-message concatenation (runtime/passing_scan.py)."""
     passing = gather = 0
     for c in collectives:
         if c.kind == "select_scan":
             message = c.bytes_per_rank // max(1, hosts)
-            passing += 3 * c.bytes_per_rank + 2 * message
+            passing += 4 * c.bytes_per_rank + 2 * message
         elif c.kind == "select_all_gather":
             passing += world * c.bytes_per_rank
         elif c.kind == "ring":
