@@ -270,3 +270,35 @@ def test_global_passing_on_the_generated_kernels(tmp_path):
         # 1e-4: fp32 kernels; the fp32 inputs rank the same keys (no two candidates of these
         # random inputs lie within fp32 rounding of the cut)
         assert out.dtype == torch.float32 and (out.double() - want).abs().max() < 1e-4, f"rank {r}"
+
+
+def _tampered(plan, edit):
+    import copy
+    import json
+
+    from spava_plan.plan import content_hash
+
+    data = copy.deepcopy(json.loads(plan.to_json()))
+    edit(data)
+    data["hash"] = content_hash(data)  # a consistent hash: only the plan's own checks can refuse it
+    return data
+
+
+def _passing_ref(data):
+    return next(ref for t in data["ranks"][1]["tasks"] for ref in t["kv"] if ref["kind"] == "passing")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: _passing_ref(d).update(rank_stop=2), "kv"),  # a scan buffer is one [0, 1) run
+    (lambda d: _passing_ref(d).update(keep=256), "keep"),
+    (lambda d: d["collectives"][0].update(time_us=1.0), "time_us"),
+    (lambda d: d["config"]["method"].update(passing="per_block"), "collectives"),
+    (lambda d: d["collectives"].append(dict(d["collectives"][0], name="scan2")), "kind"),
+])
+def test_load_refuses_an_inconsistent_global_plan(edit, field):
+    from spava_plan.errors import PlanFormatError
+
+    plan = global_plan(2)
+    assert plan.collectives[0].kind == "select_scan"
+    with pytest.raises(PlanFormatError, match=field):
+        plan_from_dict(_tampered(plan, edit))
