@@ -302,3 +302,26 @@ def test_load_refuses_an_inconsistent_global_plan(edit, field):
     assert plan.collectives[0].kind == "select_scan"
     with pytest.raises(PlanFormatError, match=field):
         plan_from_dict(_tampered(plan, edit))
+
+
+def test_single_rank_mode_and_the_emulated_timing_pass_run_a_global_plan(tmp_path, capsys):
+    """The paths the GPU measurements take: one rank alone (runtime/solo.py fills the scan's
+    messages with random rows) through the whole model, and the emulated timing replay."""
+    from spava_plan import run
+    from spava_plan.hydra_conf import compose_config
+    from spava_plan.planner.build import build_plan
+
+    plan = build_plan(compose_config(["model=tiny", "gpus=3", "frames=32", "video.resolution=224x224",
+                                      "method.passing=global", "kernels=false"]))
+    path = plan.save(tmp_path / "plan.json")
+    rc = run.main([f"plan={path}", "model.init=random", "rank=2", "max_new_tokens=2", "device=cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "single-rank (rank 2 of 3 alone" in out.out
+
+    plan = global_plan(4)
+    q, k, v = inputs(plan.layout.total_tokens, seed=1)
+    world = EmulatedWorld.for_plan(plan, timeout_s=120)
+    attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
+    timing = world.time(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)), repeats=1)
+    assert len(timing.rank_compute_us) == 4 and timing.makespan_us > 0 and "emulated" in timing.label
