@@ -6,6 +6,11 @@ uniform over blocks, k = min(p, 128 * floor(B_min / 128)), so every selection al
 equal-size buffers (the spec's per-block k_i differs only when balanced block lengths straddle a
 multiple of 128). With ``pass_all`` the anchor absorbs the (L - a) mod V remainder so that every
 block, hence every all-gather buffer, has the same length; Spava then equals exact attention.
+
+``method.passing=global`` (SPAVA_SPEC.md section 11) keeps the segments but changes what ``keep``
+means: each host receives ONE buffer of the ``keep`` best keys of all earlier hosts (a fixed
+per-host budget, global_passing) instead of every earlier block's ``keep``; its default anchor is
+capped at one block (global_anchor).
 """
 from __future__ import annotations
 

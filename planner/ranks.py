@@ -2,6 +2,8 @@
 
 Given a Partition and a host -> rank placement this spells out, for every rank, exactly what
 SPAVA_SPEC.md sections 3-7 (and section 8 for the baselines) ask of it, with every size static.
+Global passing (section 11) swaps the per-slot selection all-gathers for one ``select_scan``
+collective and gives each host one passing source: its slot's buffer of ``keep`` rows.
 """
 from __future__ import annotations
 

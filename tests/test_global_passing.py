@@ -325,3 +325,12 @@ def test_single_rank_mode_and_the_emulated_timing_pass_run_a_global_plan(tmp_pat
     attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
     timing = world.time(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)), repeats=1)
     assert len(timing.rank_compute_us) == 4 and timing.makespan_us > 0 and "emulated" in timing.label
+
+
+@pytest.mark.parametrize("extra", [("method.overlap=false",), ("method.hosts_per_gpu=3",), ("method.hosts_per_gpu=1",),
+                                   ("solver=local_search",)])
+def test_other_schedules_and_host_counts_match_the_reference(extra):
+    plan = plan_for(*TINY, "frames=184", "gpus=3", "method.passing=global", "method.passing_tokens=128", *extra)
+    q, k, v = inputs(plan.layout.total_tokens, seed=21)
+    outs, positions = run_emulated(plan, q, k, v)
+    check_against_reference(plan, outs, positions, q, k, v)
