@@ -289,11 +289,6 @@ def assemble(d: Derived) -> Plan:
         "assemble() needs a derivation made with detail=True"
     check_plan_size(d.part.method, d.world)
     computation, deployment = split_config(config_to_dict(d.cfg))
-    if d.cfg.method.passing == "per_block":
-        # The default mode is written exactly as before method.passing existed (the same bytes and
-        # hash, so stored plans, plan stores and kernel caches stay valid); a plan without the key
-        # loads as per_block.
-        computation["method"].pop("passing", None)
     video, vision = d.cfg.video, d.cfg.model.vision
     return Plan(method=d.part.method, world_size=d.world, dtype=d.cfg.dtype, model=model_spec(d.cfg),
                 layout=d.layout, placement=d.placement, ranks=d.ranks, collectives=d.collectives,

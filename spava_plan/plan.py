@@ -456,6 +456,14 @@ def split_config(resolved: Mapping[str, Any]) -> tuple[dict, dict]:
             dst = dst.setdefault(key, {})
         if isinstance(src, dict) and leaf in src:
             dst[leaf] = src.pop(leaf)
+    # Settings added after plans were first written, left out at their defaults so that a plan of
+    # the default computation keeps its exact bytes and hash (stored plans, plan-store families and
+    # kernel caches stay valid); a config without them reads back as the default.
+    for part, dotted, default in ((computation, "method.passing", "per_block"), (deployment, "tune.passing", None)):
+        group, leaf = dotted.split(".")
+        node = part.get(group)
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
     return computation, deployment
 
 
