@@ -334,3 +334,13 @@ def test_other_schedules_and_host_counts_match_the_reference(extra):
     q, k, v = inputs(plan.layout.total_tokens, seed=21)
     outs, positions = run_emulated(plan, q, k, v)
     check_against_reference(plan, outs, positions, q, k, v)
+
+
+def test_default_plans_do_not_carry_the_new_settings():
+    """A per_block plan is written as before global passing existed (same bytes and hash): the
+    new settings at their defaults are left out of its config, and read back as the defaults."""
+    plan = plan_for(*TINY, "frames=100", "gpus=3")
+    assert "passing" not in plan.config["method"] and "passing" not in plan.deployment.get("tune", {})
+    assert plan_from_dict(plan.to_dict()).hash == plan.hash
+    glob = global_plan(3)
+    assert glob.config["method"]["passing"] == "global"
