@@ -51,9 +51,10 @@ def inputs(n: int, seed: int):
 
 # -- the reference ---------------------------------------------------------------------------------
 def reference_choice(plan, q, k) -> dict[int, list[list[int]]]:
-    """host v -> per KV head, the sorted global positions of its P passing keys."""
+    """host v -> per KV head, the sorted global positions of its P passing keys (the question is
+    every row of q after the context: a shorter prompt than the plan's is passed cut)."""
     lay = plan.layout
-    ctx, lq = lay.context_tokens, lay.query_tokens
+    ctx, lq = lay.context_tokens, q.shape[0] - lay.context_tokens
     hkv, g, d = plan.model.num_kv_heads, plan.model.group, plan.model.head_dim
     w = plan.selection.pool_window
     qbar = q[ctx:].reshape(lq, hkv, g, d).mean(dim=(0, 2))  # (Hkv, D)
@@ -77,7 +78,7 @@ def reference_choice(plan, q, k) -> dict[int, list[list[int]]]:
 def reference_rows(plan, q, k, v, choice) -> torch.Tensor:
     """(N, Hq, D) outputs of global passing, one masked dense softmax per row block."""
     lay = plan.layout
-    n, hkv, g, d = lay.total_tokens, plan.model.num_kv_heads, plan.model.group, plan.model.head_dim
+    n, hkv, g, d = q.shape[0], plan.model.num_kv_heads, plan.model.group, plan.model.head_dim
     kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     pos = torch.arange(n)
     out = torch.empty_like(q)
@@ -344,3 +345,26 @@ def test_default_plans_do_not_carry_the_new_settings():
     assert plan_from_dict(plan.to_dict()).hash == plan.hash
     glob = global_plan(3)
     assert glob.config["method"]["passing"] == "global"
+
+
+def test_a_shorter_question_on_a_global_plan_is_exact_for_its_real_rows():
+    """The server pads a shorter question at the end of the query block: the selection ranks keys
+    by the real query rows only, and every real row equals the reference on the unpadded prompt."""
+    plan = global_plan(3)
+    n = plan.layout.total_tokens
+    real = n - 4
+    q, k, v = inputs(n, seed=33)
+    world = EmulatedWorld.for_plan(plan, timeout_s=120)
+    attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
+    for a in attns:
+        a.set_prompt_tokens(real)
+    outs = world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v)))
+    choice = reference_choice(plan, q[:real], k[:real])
+    ref = reference_rows(plan, q[:real], k[:real], v[:real], choice)
+    for r, a in enumerate(attns):
+        for host, got in a.passing_positions().items():
+            assert torch.equal(got.sort(dim=0).values, torch.tensor(choice[host]).T), f"rank {r} host {host}"
+        idx = torch.cat([torch.arange(lo, hi) for lo, hi in plan.ranks[r].local])
+        keep = idx < real
+        err = (outs[r][keep] - ref[idx[keep]]).abs().max().item()
+        assert err < TOL, f"rank {r}: {err:.2e}"
