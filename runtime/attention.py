@@ -9,7 +9,10 @@ scores, top-k's and packs this rank's blocks; ``start:``/``wait:`` launch and co
 selection all-gathers, the query (out, lse) all-gather and the ring steps; ``attend`` runs one
 backend launch for a group of tasks (ring: restricted to the keys of one step); ``merge``
 LSE-merges the query partials. The same code runs every method (spava, apb, star, zigzag_ring,
-dense): they differ only in their plans.
+dense): they differ only in their plans. With global passing (a ``select_scan`` collective,
+method.passing=global) ``select`` ranks each host's top-P candidates and ``start:scan`` runs the
+prefix scan of runtime/passing_scan.py, after which each host slot's passing buffer holds the P
+best keys of all earlier hosts.
 
 Every size comes from the plan: the selection and query buffers are allocated once (per dtype and
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
