@@ -60,6 +60,11 @@ METHODS = {
     "apb-style": ("method.selection=key_norm",),
     "apb": ("method=apb",),
     "star": ("method=star",),
+    # method.passing=global (SPAVA_SPEC.md section 11): the P best keys of all earlier hosts
+    "global": ("method.passing=global",),
+    # the paper's per-block rule with k chosen so that all hosts together pass as many keys as
+    # global does (sum over hosts of v*k = (V-1)*P, k = 2P/V to a 128-token tile, at least one)
+    "per_block-capped": (),
     "no-passing": ("method.passing_tokens=0",),
     "no-anchor": ("method.anchor_tokens=0",),
     "zigzag_ring": ("method=zigzag_ring",),
@@ -138,12 +143,13 @@ def synthetic_qkv(plan: Plan, seed: int = 0, needles: int = 8, drift: float = 1.
     return Synthetic(q.reshape(n, hkv * g, d), k, v, idx)
 
 
-def run_method(plan: Plan, data: Synthetic) -> torch.Tensor:
-    """Global (N, Hq, D) outputs of the plan on an emulated world (rows held twice: lowest rank)."""
-    world = EmulatedWorld.for_plan(plan)
+def run_method(plan: Plan, data: Synthetic) -> tuple[torch.Tensor, list[RankAttention]]:
+    """Global (N, Hq, D) outputs of the plan on an emulated world (rows held twice: lowest rank),
+    and every rank's attention (global passing: the keys each host received)."""
+    world = EmulatedWorld.for_plan(plan, timeout_s=600)
     attns = [RankAttention(plan, r, world.comm(r)) for r in range(plan.world_size)]
     outs = world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, data.q, data.k, data.v)))
-    return assemble(plan, outs)
+    return assemble(plan, outs), attns
 
 
 CHUNK = 512  # dense reference rows per step: bounds the (Hq, rows, N) score matrix
@@ -170,8 +176,11 @@ def needle_mass(data: Synthetic, context: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend) -> torch.Tensor:
-    """(Hkv, L, n) bool: can context row i see needle j under the plan (any rank computing it)?"""
+def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend,
+                    attns: Sequence[RankAttention] = ()) -> torch.Tensor:
+    """(Hkv, L, n) bool: can context row i see needle j under the plan (any rank computing it)?
+    Global passing: the keys each host received, as the runtime reports them (``attns``)."""
+    scan = any(c.kind == "select_scan" for c in plan.collectives)
     lay = plan.layout
     ctx, hkv = lay.context_tokens, plan.model.num_kv_heads
     needles = data.needles
@@ -180,6 +189,8 @@ def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend) -> torch
     chosen: dict[tuple[int, int], torch.Tensor] = {}
     qq = data.q[ctx:]
     for rp in plan.ranks:
+        if scan:
+            continue
         for slot, a, b, keep in rp.select:
             chosen[(slot, rp.rank)] = a + backend.select_indices(qq, data.k[a:b], keep, plan.selection.pool_window,
                                                                  plan.selection.score)
@@ -195,6 +206,9 @@ def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend) -> torch
                     inside = (needles >= ref.start) & (needles < ref.stop)
                     ok = inside & ((needles <= rows) if ref.mask == "causal" else True)
                     vis |= ok.unsqueeze(0)
+                elif scan:  # global passing: the host's one buffer of received keys
+                    sel = attns[rp.rank].passing_positions()[rp.hosts[ref.slot]]  # (keep, Hkv)
+                    vis |= (sel.t().unsqueeze(-1) == needles).any(dim=1).unsqueeze(1)
                 else:  # passing: the needles the senders selected, per KV head
                     for r in range(ref.rank_start, ref.rank_stop):
                         sel = chosen[(ref.slot, r)]  # (keep, Hkv)
@@ -214,6 +228,8 @@ class Row:
     ctx_err: float
     query_err: float
     needle_recall: float
+    anchor: int = 0  # anchor tokens
+    passed_per_host: float = 0.0  # passing keys per KV head a host attends, mean over the hosts
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -223,7 +239,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def evaluate(base: Sequence[str] = DEFAULT, methods: Sequence[str] = tuple(METHODS), seed: int = 0,
              needles: int = 8) -> tuple[list[Row], float]:
     """Rows per method and the share of the context rows' dense attention mass on the needles."""
-    plans = {name: build_plan(compose_config([*MODEL, *base, *METHODS[name]])) for name in methods}
+    overrides = {name: METHODS[name] for name in methods}
+    if "per_block-capped" in overrides:
+        g = build_plan(compose_config([*MODEL, *base, *METHODS["global"]]))
+        k = 128 * max(1, round(2 * g.layout.blocks[0].keep / g.layout.virtual_hosts / 128))
+        overrides["per_block-capped"] = (f"method.passing_tokens={k}",)
+    plans = {name: build_plan(compose_config([*MODEL, *base, *overrides[name]])) for name in methods}
     first = plans[methods[0]]
     data = synthetic_qkv(first, seed=seed, needles=needles)
     ctx = first.layout.context_tokens
@@ -233,22 +254,26 @@ def evaluate(base: Sequence[str] = DEFAULT, methods: Sequence[str] = tuple(METHO
     backend = TorchBackend()
     rows = []
     for name, plan in plans.items():
-        out = run_method(plan, data)
-        seen = visible_needles(plan, data, backend).repeat_interleave(g, dim=0)  # per query head
+        out, attns = run_method(plan, data)
+        seen = visible_needles(plan, data, backend, attns).repeat_interleave(g, dim=0)  # per query head
         keep = max((s.keep for s in plan.layout.blocks), default=0)
-        rows.append(Row(name, " ".join(METHODS[name]) or "(defaults)", plan.layout.total_tokens, keep,
+        tasks = [t for rp in plan.ranks for t in rp.tasks if t.name.startswith("host")]
+        passed = sum(ref.length for t in tasks for ref in t.kv if ref.kind == "passing") / max(1, len(tasks))
+        rows.append(Row(name, " ".join(overrides[name]) or "(defaults)", plan.layout.total_tokens, keep,
                         max((s.length for s in plan.layout.blocks), default=0), _rel(out[:ctx], ref[:ctx]),
-                        _rel(out[ctx:], ref[ctx:]), float((mass * seen).sum() / mass.sum())))
+                        _rel(out[ctx:], ref[ctx:]), float((mass * seen).sum() / mass.sum()),
+                        plan.layout.anchor_tokens, passed))
     share = float(mass.sum() / ctx / first.model.num_heads)
     return rows, share
 
 
 def table(rows: Sequence[Row]) -> str:
-    head = "| method | overrides | keep/block | ctx rel err | query rel err | needle recall |"
-    lines = [head, "|" + "---|" * 6]
+    head = ("| method | overrides | keep/block | anchor | passing keys/host (mean) | ctx rel err | query rel err "
+            "| needle recall |")
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r.method} | {r.overrides} | {r.keep}/{r.block} | {r.ctx_err:.3e} | {r.query_err:.1e} "
-                     f"| {r.needle_recall:.3f} |")
+        lines.append(f"| {r.method} | {r.overrides} | {r.keep}/{r.block} | {r.anchor} | {r.passed_per_host:,.0f} "
+                     f"| {r.ctx_err:.3e} | {r.query_err:.1e} | {r.needle_recall:.3f} |")
     return "\n".join(lines)
 
 
@@ -257,18 +282,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides on top of: %s" % " ".join(DEFAULT))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--needles", type=int, default=8)
-    parser.add_argument("--save", action="store_true", help="write benchmarks/results/<date>-cpu-fidelity.{json,md}")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: %s" % ", ".join(METHODS))
+    parser.add_argument("--name", default="cpu-fidelity", help="result file stem after the date")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/<date>-<name>.{json,md}")
     args = parser.parse_args(argv)
     given = {o.split("=", 1)[0]: o for o in args.overrides}
     base = tuple(o for o in DEFAULT if o.split("=", 1)[0] not in given) + tuple(args.overrides)
-    rows, share = evaluate(base, seed=args.seed, needles=args.needles)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    rows, share = evaluate(base, methods, seed=args.seed, needles=args.needles)
     text = (f"fidelity: {' '.join(MODEL + base)} seed={args.seed}, {rows[0].tokens} tokens, "
             f"{args.needles} needles holding {share:.1%} of the context rows' dense attention mass\n\n{table(rows)}")
     print(text)
     if args.save:
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
-        stem = out / f"{datetime.date.today().isoformat()}-cpu-fidelity"
+        stem = out / f"{datetime.date.today().isoformat()}-{args.name}"
         command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
         stem.with_suffix(".md").write_text(f"`{command}`\n\n{text}\n")
         stem.with_suffix(".json").write_text(json.dumps({"command": command, "needle_mass_share": share,

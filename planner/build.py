@@ -18,6 +18,7 @@ from typing import Iterator
 
 from spava_plan.config import SolverConfig, SpavaConfig, config_to_dict
 from spava_plan.errors import InfeasiblePlanError
+from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
@@ -65,6 +66,8 @@ def host_costs(part: Partition, cost: CostModel, query_tokens: int) -> list[floa
         work = cost.attention(rows, sources) + cost.layer_tokens(rows)
         if part.keep:
             work = work + cost.select(rows, part.keep, query_tokens)
+            if part.passing == "global":
+                work = work + cost.scan_merge(part.keep).times(scan_rounds(part.virtual_hosts))
         out.append(work.us)
     return out
 
@@ -90,8 +93,10 @@ def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool],
 class _Durations:
     """Work of every compute op of the schedule (see spava_plan.plan.Op), from the cost model."""
 
-    def __init__(self, cost: CostModel, world: int, query_tokens: int, ring: RingSources | None = None):
+    def __init__(self, cost: CostModel, world: int, query_tokens: int, ring: RingSources | None = None,
+                 scan_rounds: int = 0):
         self.cost, self.world, self.lq, self.ring = cost, world, query_tokens, ring
+        self.scan_rounds = scan_rounds  # rounds of the global-passing scan (0: none)
         self._rank_cache: dict[int, tuple[dict, dict]] = {}
         self.launch = cost.launch_us
         self._launch = Work(KERNELS["attend"] * cost.launch_us)  # one fused attention launch
@@ -143,16 +148,21 @@ class _Durations:
             work = ZERO
             for _, start, stop, keep in rank.select:
                 work = work + cost.select(stop - start, keep, self.lq) + Work(KERNELS["select_block"] * launch)
+                if self.scan_rounds:  # global passing: the host merges one message per scan round
+                    work = work + (cost.scan_merge(keep) + Work(KERNELS["scan_merge"] * launch)).times(self.scan_rounds)
             return work
         if name == "merge":
             return cost.merge(self.lq, self.world) + Work(KERNELS["merge"] * launch)
         raise AssertionError(f"no cost for compute op {name!r}")
 
 
-def _timed_collectives(colls: tuple[Collective, ...], cost: CostModel) -> tuple[Collective, ...]:
+def _timed_collectives(colls: tuple[Collective, ...], cost: CostModel, hosts: int) -> tuple[Collective, ...]:
     out = []
     for c in colls:
-        t = cost.p2p(c.bytes_per_rank) if c.kind == "ring" else cost.all_gather(c.bytes_per_rank)
+        if c.kind == "select_scan":
+            t = cost.scan(c.bytes_per_rank, hosts)
+        else:
+            t = cost.p2p(c.bytes_per_rank) if c.kind == "ring" else cost.all_gather(c.bytes_per_rank)
         out.append(Collective(c.name, c.kind, c.slot, c.rows_per_rank, c.bytes_per_rank, time_us=t))
     return tuple(out)
 
@@ -218,10 +228,11 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
                     passing_tokens=part.passing_tokens, virtual_hosts=part.virtual_hosts,
                     segments=segments(tokens, part))
     ranks = rank_plans(part, placement.host_rank)
-    colls = _timed_collectives(collectives(part, model_spec(cfg), cfg.dtype_bytes), cost)
+    colls = _timed_collectives(collectives(part, model_spec(cfg), cfg.dtype_bytes), cost, part.virtual_hosts)
     steps = [rank_steps(r, colls, world, cfg.method.overlap) for r in ranks]
     ring = RingSources(part, placement.host_rank) if part.method == "zigzag_ring" else None
-    durations = _Durations(cost, world, tokens.query_tokens, ring)
+    rounds = scan_rounds(part.virtual_hosts) if any(c.kind == "select_scan" for c in colls) else 0
+    durations = _Durations(cost, world, tokens.query_tokens, ring, rounds)
     timeline = simulate(ranks, steps, colls, durations, world, record=detail)
 
     # Frame-parallel vision encoder: rank r encodes T // W units (+1 for the first T % W ranks),

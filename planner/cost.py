@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from spava_plan.config import ModelConfig, TopologyConfig
 from spava_plan.plan import DTYPE_BYTES
+from spava_plan.passing_scan import scan_time_us
 from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, Links, plan_links
 from spava_plan.vision_exchange import VisionExchange
 
@@ -35,7 +36,7 @@ ATTN_TILE_ROWS = 128  # query-row tile of FlashAttention-class kernels
 LSE_BYTES = DTYPE_BYTES["fp32"]  # fp32 log-sum-exp / partials
 
 # Kernel launches behind each compute op of the schedule (the schedule charges one overhead each).
-KERNELS = {"qkv": 3, "out_mlp": 6, "attend": 1, "merge": 1, "select_block": 4, "vision_unit": 0}
+KERNELS = {"qkv": 3, "out_mlp": 6, "attend": 1, "merge": 1, "select_block": 4, "vision_unit": 0, "scan_merge": 4}
 
 
 class Work(NamedTuple):
@@ -48,6 +49,10 @@ class Work(NamedTuple):
 
     def __add__(self, other: "Work") -> "Work":  # type: ignore[override]
         return Work(self.us + other.us, self.flops + other.flops, self.bytes + other.bytes)
+
+    def times(self, n: float) -> "Work":
+        """The work done ``n`` times (``n * work`` would repeat the tuple)."""
+        return Work(self.us * n, self.flops * n, self.bytes * n)
 
 
 ZERO = Work()
@@ -157,6 +162,17 @@ class CostModel:
         nbytes = qbar + block * hkv * d * self.dt + scores + 2 * scores + 2 * scores + pack
         return Work(nbytes / self.hbm, score_flops, nbytes)
 
+    def scan_merge(self, keep: int) -> Work:
+        """One round of the global-passing scan on one host: sort the 2*keep candidates per KV head
+        (received | own) by (score, position) and gather the best keep rows (memory bound: the
+        side rows are read by the sorts, K|V read and written once)."""
+        m = self.model
+        hkv, d = m.num_kv_heads, m.head_dim
+        side = 2.0 * keep * hkv * 16  # fp64 (score, position) of both sets
+        kv = 2.0 * keep * hkv * 2 * d * self.dt  # read both sets' K|V rows
+        nbytes = 4 * side + kv + keep * hkv * 2 * d * self.dt  # two stable sorts, the gather's read + write
+        return Work(nbytes / self.hbm, 0.0, nbytes)
+
     def merge(self, rows: int, parts: int) -> Work:
         """LSE-merge of ``parts`` fp32 (out, lse) partials of ``rows`` query rows."""
         m = self.model
@@ -180,6 +196,10 @@ class CostModel:
         (all blocking, one after the other, as the runtime issues them)."""
         shared = sum(self.broadcast((b - a) * row_bytes) for _, a, b in ex.shared)
         return shared + self.all_to_all(ex.busiest_rows() * row_bytes)
+
+    def scan(self, bytes_per_rank: float, hosts: int) -> float:
+        """The whole global-passing scan (spava_plan/passing_scan.py, the one formula)."""
+        return scan_time_us(self.links, bytes_per_rank, hosts, self.world)
 
     def p2p(self, nbytes: float) -> float:
         return self.links.transfer_us(P2P, nbytes, self.world)

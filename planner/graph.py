@@ -79,7 +79,10 @@ def build_graph(plan: Plan, plan_hash: str = "") -> nx.DiGraph:
                     local_seg = covering(ref.start, ref.stop)
                     local[local_seg] = local.get(local_seg, 0.0) + n * 2 * kv_row
                 else:
-                    coll = f"select{ref.slot}" if ref.kind == "passing" else "ring"
+                    if ref.kind != "passing":
+                        coll = "ring"
+                    else:  # global passing fills every slot's buffer through the one scan
+                        coll = "scan" if "scan" in by_name else f"select{ref.slot}"
                     moved[coll] = moved.get(coll, 0.0) + n * 2 * kv_row
             g.add_node(node, type="task", rank=r, name=task.name, rows=task.rows, keys=task.keys, merge=task.merge,
                        flops=4.0 * pairs * m.head_dim * m.num_heads)

@@ -83,12 +83,17 @@ def _activations(cfg: SpavaConfig, rank: RankPlan, ring: bool, chunking: Chunkin
     return max(attention, mlp)
 
 
-def _comm_buffers(collectives: tuple[Collective, ...], world: int) -> tuple[int, int]:
+def _comm_buffers(collectives: tuple[Collective, ...], world: int, hosts: int = 1) -> tuple[int, int]:
     """(passing, gather) bytes: all-gather outputs hold ``world`` contributions; the ring keeps
-    the K/V block it sends and the one it receives."""
+    the K/V block it sends and the one it receives; the global-passing scan keeps, per host, its
+    candidates, its state (the passing buffer at the end), a send and a receive slot of one message
+    each, plus one merge's 2-message concatenation (runtime/passing_scan.py)."""
     passing = gather = 0
     for c in collectives:
-        if c.kind == "select_all_gather":
+        if c.kind == "select_scan":
+            message = c.bytes_per_rank // max(1, hosts)
+            passing += 4 * c.bytes_per_rank + 2 * message
+        elif c.kind == "select_all_gather":
             passing += world * c.bytes_per_rank
         elif c.kind == "ring":
             passing += 2 * c.bytes_per_rank
@@ -124,7 +129,7 @@ def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective,
     chunking = plan_chunking(unit) if chunking is None else chunking
     cache_tokens = sum(stop - start for start, stop in rank.cache)
     ring = any(c.kind == "ring" for c in collectives)
-    passing, gather = _comm_buffers(collectives, world)
+    passing, gather = _comm_buffers(collectives, world, len(rank.hosts))
     parts = {
         "weights": weights,
         "kv_cache": cache_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim * dt,

@@ -6,6 +6,11 @@ uniform over blocks, k = min(p, 128 * floor(B_min / 128)), so every selection al
 equal-size buffers (the spec's per-block k_i differs only when balanced block lengths straddle a
 multiple of 128). With ``pass_all`` the anchor absorbs the (L - a) mod V remainder so that every
 block, hence every all-gather buffer, has the same length; Spava then equals exact attention.
+
+``method.passing=global`` (SPAVA_SPEC.md section 11) keeps the segments but changes what ``keep``
+means: each host receives ONE buffer of the ``keep`` best keys of all earlier hosts (a fixed
+per-host budget, global_passing) instead of every earlier block's ``keep``; its default anchor is
+capped at one block (global_anchor).
 """
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ class Partition:
     query: tuple[int, int] | None  # the query block span (None when it is inside the chunks)
     anchor_tokens: int
     passing_tokens: int  # the budget p before the per-block cap
+    # "per_block": host v reads the ``keep`` selections of every host < v (v * keep keys);
+    # "global": host v reads one buffer of the ``keep`` best keys of all hosts < v (the scan of
+    # spava_plan/passing_scan.py), so its passing block does not grow with v.
+    passing: str = "per_block"
 
     @property
     def virtual_hosts(self) -> int:
@@ -64,7 +73,8 @@ def host_kv(part: Partition, v: int) -> tuple[KVSource, ...]:
     out: list[KVSource] = []
     if part.method in ("spava", "apb"):
         if part.keep and v:
-            out.append(KVSource("passing", 0, v))
+            # global: one buffer of ``keep`` keys, written as the one-host span [v-1, v)
+            out.append(KVSource("passing", v - 1, v) if part.passing == "global" else KVSource("passing", 0, v))
         if part.anchor:
             out.append(KVSource("span", *part.anchor))
         if part.method == "apb":
@@ -109,6 +119,27 @@ def _blocks_for(layout: TokenLayout, method: MethodConfig, world: int, hosts: in
     return anchor, tuple(balanced_split(anchor, L, V)), keep
 
 
+# method.passing=global: the fixed per-host budget P (keys per KV head a host receives in total)
+# when method.passing_tokens is left at None. Chosen from benchmarks/fidelity.py (results in
+# benchmarks/results/2026-12-04-cpu-fidelity-global.md): see global_passing.
+GLOBAL_PASSING_TOKENS = 4096
+
+
+def global_passing(block_tokens: int) -> int:
+    """Default P of global passing: a fixed budget of GLOBAL_PASSING_TOKENS keys per KV head,
+    never more than one (tile-rounded) block. Not the per-block length rule: P does not grow with
+    L or with the hosts, so per-host passing work stays flat as GPUs and frames grow together."""
+    return min(GLOBAL_PASSING_TOKENS, MIN_SELECT_BLOCK * (block_tokens // MIN_SELECT_BLOCK))
+
+
+def global_anchor(context_tokens: int, hosts: int) -> int:
+    """Default anchor of global passing: the paper's a = L/64 rule (to 128), capped at one block's
+    length (Star's anchor is one block), so the anchor stops growing with L once blocks are
+    shorter than L/64 (at more than 32 virtual hosts)."""
+    block = 128 * -(-(context_tokens // hosts) // 128)
+    return min(paper_anchor(context_tokens), block)
+
+
 def check_vision_units(layout: TokenLayout, world: int, temporal_patch: int) -> None:
     """Frame-parallel vision: every rank encodes at least one temporal grid (InternVL3: frame)."""
     units = layout.grid_thw[0]
@@ -124,12 +155,20 @@ def partition(layout: TokenLayout, method: MethodConfig, gpus: int) -> Partition
     name = method.name
     if name in ("spava", "apb"):
         hosts = method.hosts_per_gpu if name == "spava" else 1  # APB: one block per GPU, no ZigZag
-        anchor = paper_anchor(L) if method.anchor_tokens is None else method.anchor_tokens
-        default_p = paper_passing(L) if name == "spava" else apb_passing(L)
-        passing = default_p if method.passing_tokens is None else method.passing_tokens
+        glob = method.passing == "global"
+        if method.anchor_tokens is not None:
+            anchor = method.anchor_tokens
+        else:
+            anchor = global_anchor(L, gpus * hosts) if glob else paper_anchor(L)
+        if method.passing_tokens is not None:
+            passing = method.passing_tokens
+        elif glob:
+            passing = global_passing(max(0, L - anchor) // (gpus * hosts))
+        else:
+            passing = paper_passing(L) if name == "spava" else apb_passing(L)
         anchor, blocks, keep = _blocks_for(layout, method, gpus, hosts, anchor, passing)
         return Partition(name, gpus, hosts, (0, anchor) if anchor > 0 else None, blocks, "block", keep, query,
-                         anchor, passing)
+                         anchor, passing, method.passing)
     if name == "star":
         if L < gpus:
             raise InfeasiblePlanError(f"star needs one context token per GPU but L={L} < gpus={gpus}", setting="gpus")

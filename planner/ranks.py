@@ -2,11 +2,14 @@
 
 Given a Partition and a host -> rank placement this spells out, for every rank, exactly what
 SPAVA_SPEC.md sections 3-7 (and section 8 for the baselines) ask of it, with every size static.
+Global passing (section 11) swaps the per-slot selection all-gathers for one ``select_scan``
+collective and gives each host one passing source: its slot's buffer of ``keep`` rows.
 """
 from __future__ import annotations
 
 import bisect
 
+from spava_plan.passing_scan import message_bytes
 from spava_plan.plan import DTYPE_BYTES, AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
 
 from .partition import KVSource, Partition, host_kv
@@ -103,7 +106,12 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
     """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
     W = part.world
     per_rank, slot = host_slots(host_rank, W)
-    passing = all_passing_refs(host_rank, slot, part.keep)
+    if part.passing == "global":  # one buffer per host: the scan's result in its slot, keep rows
+        passing = [() if v == 0 or not part.keep else
+                   (KVRef(kind="passing", mask="full", slot=slot[v], rank_start=0, rank_stop=1, keep=part.keep),)
+                   for v in range(len(host_rank))]
+    else:
+        passing = all_passing_refs(host_rank, slot, part.keep)
     ranks = []
     for r in range(W):
         hosts = per_rank[r]
@@ -239,7 +247,12 @@ def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Co
     """Per-layer exchanges with their static sizes (bytes each rank contributes)."""
     out: list[Collective] = []
     hkv, d = model.num_kv_heads, model.head_dim
-    if part.keep:
+    if part.keep and part.passing == "global":
+        # the scan of spava_plan/passing_scan.py: per round, a rank sends and receives at most
+        # one message of keep rows per KV head for each of its hosts
+        out.append(Collective("scan", "select_scan", rows_per_rank=part.keep,
+                              bytes_per_rank=part.hosts_per_rank * message_bytes(part.keep, hkv, d, dtype_bytes)))
+    elif part.keep:
         for s in range(part.hosts_per_rank):
             out.append(Collective(f"select{s}", "select_all_gather", slot=s, rows_per_rank=part.keep,
                                   bytes_per_rank=part.keep * hkv * 2 * d * dtype_bytes))

@@ -6,6 +6,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from spava_plan.config import SpavaConfig
+from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import Plan
 
 from .compare import PHASES, MethodRow
@@ -133,6 +134,21 @@ def _rank_indices(world: int) -> list[int]:
     return list(range(half)) + list(range(world - half, world))
 
 
+def global_passing_lines(plan: Plan) -> list[str]:
+    """method.passing=global: what each host attends instead of the per-block rule, and why."""
+    scan = next((c for c in plan.collectives if c.kind == "select_scan"), None)
+    if scan is None:
+        return []
+    V, p = plan.layout.virtual_hosts, scan.rows_per_rank
+    return [f"- passing: global (method.passing=global). Each host after the first attends the {p:,} keys per KV "
+            f"head that score highest for the question across ALL earlier hosts, not a share of every block: the "
+            f"last of the {V} hosts reads {p:,} passing keys instead of {V - 1:,} x k under the per-block rule, so "
+            f"per-host work stays flat as GPUs and frames grow together. The keys arrive through a prefix scan "
+            f"of {scan_rounds(V)} rounds of sparse all-to-alls ({scan.bytes_per_rank / 2**20:,.2f} MiB per rank "
+            f"per round, {scan.time_us / 1e3:,.2f} ms per layer predicted). Approximate: its needle recall is "
+            f"measured in benchmarks/results/2026-12-04-cpu-fidelity-global.md."]
+
+
 def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str,
                     search: Mapping[str, str] | None = None) -> str:
     lay, pred, pl, m = plan.layout, plan.prediction, plan.placement, plan.model
@@ -161,6 +177,7 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         f"query Lq {lay.query_tokens}",
         f"- anchor a = {lay.anchor_tokens:,}; passing budget p = {lay.passing_tokens:,}; "
         f"passed per block k = {blocks[0].keep if blocks else 0:,}",
+        *global_passing_lines(plan),
         f"- {lay.virtual_hosts} {'chunks' if blocks and blocks[0].kind == 'chunk' else 'virtual hosts'} of "
         f"{' / '.join(f'{s:,}' for s in sizes)} tokens",
         "",

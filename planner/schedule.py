@@ -14,6 +14,7 @@ timing engine must not pay for W^2 dataclass objects when only the prediction is
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Protocol
 
 from spava_plan import critical_path
@@ -68,12 +69,23 @@ def _wait(name: str) -> Step:
     return _op(f"wait:{name}", "comm_wait", stream="comm", collective=name)
 
 
-def _anchor_pass_ops(rank: RankPlan, names: dict[str, Collective], overlap: bool) -> list[Step]:
+def _anchor_pass_ops(rank: RankPlan, names: dict[str, Collective], overlap: bool,
+                     arrived: frozenset[int] = frozenset()) -> list[Step]:
+    """``arrived``: passing slots whose buffers are already filled (global passing's scan)."""
     ops: list[Step] = []
     selects = [n for n in names if names[n].kind == "select_all_gather"]
     has_query = "query" in names
     if rank.select:
         ops.append(_op("select"))
+    scan = [n for n in names if names[n].kind == "select_scan"]
+    if scan:
+        # Global passing: the scan's rounds each merge what arrived before the next round can
+        # start, so the runtime runs them back to back (blocking); every host's passing buffer is
+        # then ready, and the rest is the schedule of a plan without selection all-gathers.
+        ops += [_start(scan[0]), _wait(scan[0])]
+        names = {n: c for n, c in names.items() if c.kind != "select_scan"}
+        slots = frozenset(range(len(rank.hosts)))
+        return ops + _anchor_pass_ops(dataclasses.replace(rank, select=()), names, overlap, slots)
     query = [t for t in rank.tasks if t.merge == "query"]
     context = [t for t in rank.tasks if t.merge == "none"]
     if not overlap:
@@ -86,7 +98,7 @@ def _anchor_pass_ops(rank: RankPlan, names: dict[str, Collective], overlap: bool
     ops += [_start(n) for n in selects]
     # First launch: the query partial plus every task that needs no passing block (the anchor,
     # host 0), so the query all-gather starts early and the first wait has the most cover.
-    waited: set[int] = set()
+    waited: set[int] = set(arrived)
     first = query + [t for t in context if not _slots(t)]
     if first:
         ops.append(_op("attend", tasks=tuple(t.name for t in first)))

@@ -23,7 +23,7 @@ from spava_plan.trace import Span, group_label, rank_groups, trace_json
 MAX_RANKS_SHOWN = 16
 COLORS = {
     "qkv": "#4c72b0", "out_mlp": "#55a868", "select": "#8172b2", "attend": "#dd8452", "merge": "#937860",
-    "wait": "#c44e52", "select_all_gather": "#64b5cd", "query_all_gather": "#da8bc3", "ring": "#8c8c8c",
+    "wait": "#c44e52", "select_all_gather": "#64b5cd", "select_scan": "#64b5cd", "query_all_gather": "#da8bc3", "ring": "#8c8c8c",
     "vision": "#ccb974", "layers": "#8da0cb",
 }
 MAX_TRACE_GROUPS = 64  # trace.json: processes (ranks or groups of ranks)

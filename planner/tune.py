@@ -38,7 +38,7 @@ from .build import MAX_RING_PLAN_GPUS, Derived, derive
 from .cost import CostModel, visible_pairs
 from .layout import apb_passing, paper_anchor, paper_passing, token_layout
 from .memory import GIB, usable_bytes, weight_bytes
-from .partition import Partition, check_vision_units, partition
+from .partition import Partition, check_vision_units, global_anchor, global_passing, partition
 from .vision import vision_unit
 
 TARGETS = ("latency", "memory", "throughput")
@@ -79,6 +79,7 @@ class Candidate:
     status: str = "pending"  # chosen / feasible / rejected / pruned / unplanned (the work budget ran out)
     reason: str = ""
     gap: float = 0.0  # placement solver's gap of the planned candidate
+    passing: str = "per_block"  # spava's method.passing (global: anchor and passing are its rules' sizes)
 
     @property
     def gpu_seconds(self) -> float | None:
@@ -89,6 +90,8 @@ class Candidate:
         if self.method == "spava":
             parts += [f"hosts_per_gpu={self.hosts_per_gpu}", f"anchor={self.anchor_tokens}",
                       f"passing={self.passing_tokens}", f"solver={self.solver}"]
+            if self.passing == "global":
+                parts.append("passing_mode=global")
         return " ".join(parts)
 
     def overrides(self) -> str:
@@ -97,6 +100,8 @@ class Candidate:
         if self.method == "spava":
             out += [f"method.hosts_per_gpu={self.hosts_per_gpu}", f"method.anchor_tokens={self.anchor_tokens}",
                     f"method.passing_tokens={self.passing_tokens}", f"solver={self.solver}"]
+            if self.passing == "global":
+                out.append("method.passing=global")
         return " ".join(out)
 
 
@@ -194,13 +199,17 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
         preset = presets(method)
         for w in ([1] if method == "dense" else gpu_counts(base.topology.gpus)):
             if method == "spava":
+                modes = [preset.passing] if t.passing is None else list(t.passing)
                 for h in hosts:
-                    for a in _ladder(floor_a, rule_a):
-                        for p in _ladder(floor_p, rule_p):
-                            m = dataclasses.replace(preset, hosts_per_gpu=h, anchor_tokens=a, passing_tokens=p,
-                                                    pass_all=False)
-                            out.append(Candidate(len(out), method, w, h, a, p, first_solver,
-                                                 _config(base, m, w, first_solver)))
+                    if "per_block" in modes:
+                        for a in _ladder(floor_a, rule_a):
+                            for p in _ladder(floor_p, rule_p):
+                                m = dataclasses.replace(preset, hosts_per_gpu=h, anchor_tokens=a, passing_tokens=p,
+                                                        pass_all=False, passing="per_block")
+                                out.append(Candidate(len(out), method, w, h, a, p, first_solver,
+                                                     _config(base, m, w, first_solver)))
+                    if "global" in modes:
+                        out.append(_global_candidate(len(out), base, preset, L, w, h, first_solver))
             else:
                 c = Candidate(len(out), method, w, 1 if method in ("apb", "star", "dense") else 2, None, None,
                               "fixed", _config(base, preset, w, base.solver.name))
@@ -217,6 +226,21 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
     return out, floors
 
 
+def _global_candidate(index: int, base: SpavaConfig, preset: MethodConfig, L: int, w: int, h: int,
+                      solver: str) -> Candidate:
+    """method.passing=global on w GPUs with h hosts each, at its own quality floor: the sizes of its
+    default rules (planner/partition.py: P = GLOBAL_PASSING_TOKENS keys per host capped at a block,
+    the anchor capped at a block), the budget benchmarks/fidelity.py measured (needle recall >= 0.95
+    at 16 and 64 GPUs, benchmarks/results/2026-12-04-cpu-fidelity-global.md). tune.min_passing and
+    tune.min_anchor are per-block floors and do not lower it; the sizes are written out so the
+    chosen candidate's overrides plan it again exactly."""
+    a = global_anchor(L, w * h)
+    p = global_passing(max(0, L - a) // (w * h))
+    m = dataclasses.replace(preset, hosts_per_gpu=h, anchor_tokens=a, passing_tokens=p, pass_all=False,
+                            passing="global")
+    return Candidate(index, "spava", w, h, a, p, solver, _config(base, m, w, solver), passing="global")
+
+
 # -- lower bounds -----------------------------------------------------------------------------------
 def _attention_pairs(part: Partition) -> tuple[float, float]:
     """(pairs split over the ranks, pairs every rank computes): scores of every context task of a
@@ -227,7 +251,8 @@ def _attention_pairs(part: Partition) -> tuple[float, float]:
     for v, (a, b) in enumerate(part.blocks):
         rows = b - a
         if part.method in ("spava", "apb"):
-            total += rows * (v * part.keep + anchor) + visible_pairs(rows, rows, True)
+            passed = min(v, 1) if part.passing == "global" else v  # global: one buffer of keep keys
+            total += rows * (passed * part.keep + anchor) + visible_pairs(rows, rows, True)
         elif part.method == "star":
             total += (rows * (part.blocks[0][1] - part.blocks[0][0]) if v else 0) + visible_pairs(rows, rows, True)
         else:  # zigzag_ring, dense: every earlier token, causal inside the chunk
@@ -267,7 +292,9 @@ def bounds(cfg: SpavaConfig) -> tuple[float, int, Partition]:
     attention = 4.0 * (split / w + replicated) * m.head_dim * m.num_heads / cost.attn_rate
     time = vision + m.num_layers * (per_token + attention)
     kv_row = m.num_layers * 2 * m.num_kv_heads * m.head_dim * cfg.dtype_bytes
-    passing = part.virtual_hosts * part.keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes \
+    # per_block: every block's selection is gathered; global: each host's own buffer of keep rows
+    held = part.hosts_per_rank if part.passing == "global" else part.virtual_hosts
+    passing = held * part.keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes \
         if part.method in ("spava", "apb") else 0
     peak = weight_bytes(cfg) + tokens.total_tokens // w * kv_row + passing
     return time, peak, part
@@ -379,7 +406,8 @@ def tune(base: SpavaConfig, presets: Callable[[str], MethodConfig],
                 continue
             m = top.cfg.method
             c = Candidate(len(cands), "spava", top.gpus, top.hosts_per_gpu, top.anchor_tokens, top.passing_tokens, s,
-                          _config(base, m, top.gpus, s), bound_us=top.bound_us, bound_bytes=top.bound_bytes)
+                          _config(base, m, top.gpus, s), bound_us=top.bound_us, bound_bytes=top.bound_bytes,
+                          passing=top.passing)
             cands.append(c)
             if s == "exact" and top.gpus * top.hosts_per_gpu > c.cfg.solver.exact_max_hosts:
                 c.status, c.reason = "rejected", (f"exact solver limited to solver.exact_max_hosts="
@@ -489,6 +517,10 @@ def tuning_markdown(result: TuneResult, base: SpavaConfig, given: Sequence[str] 
     lines += [f"Quality floor: anchor >= {result.floor_anchor:,} tokens, passing >= {result.floor_passing:,} tokens "
               f"per block (paper rules: anchor {result.paper_anchor:,}, passing {result.paper_passing:,}; lower them "
               f"with tune.min_anchor / tune.min_passing).", "",
+              *([f"Global passing candidates (tune.passing) have their own floor: the P keys per host and the "
+                 f"anchor of their rules (planner/partition.py global_passing / global_anchor, the budget whose "
+                 f"needle recall benchmarks/fidelity.py measured), whatever tune.min_passing says.", ""]
+                if any(x.passing == "global" for x in result.candidates) else []),
               f"{len(result.candidates)} candidates: {result.planned} planned; {counts['feasible'] + counts['chosen']} "
               f"fit, {counts['rejected']} rejected, {counts['pruned']} pruned by a lower bound (the bound is the "
               "vision encoder, per-token work and attention FLOPs spread evenly over the GPUs, at the topology's "

@@ -9,7 +9,10 @@ scores, top-k's and packs this rank's blocks; ``start:``/``wait:`` launch and co
 selection all-gathers, the query (out, lse) all-gather and the ring steps; ``attend`` runs one
 backend launch for a group of tasks (ring: restricted to the keys of one step); ``merge``
 LSE-merges the query partials. The same code runs every method (spava, apb, star, zigzag_ring,
-dense): they differ only in their plans.
+dense): they differ only in their plans. With global passing (a ``select_scan`` collective,
+method.passing=global) ``select`` ranks each host's top-P candidates and ``start:scan`` runs the
+prefix scan of runtime/passing_scan.py, after which each host slot's passing buffer holds the P
+best keys of all earlier hosts.
 
 Every size comes from the plan: the selection and query buffers are allocated once (per dtype and
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
@@ -44,8 +47,11 @@ from spava_plan.plan import KVRef, Plan, RankPlan, attended_in_step
 from . import checks
 from .backends.base import KVSegment, TaskInput
 from .backends.torch_ref import TorchBackend, softmax_scale
-from .comm import Communicator
+from .comm import Communicator, DoneHandle
 from .kv_cache import KVCacheShard
+from .passing_scan import GlobalScan, candidates
+
+_SCORER = TorchBackend()  # global passing scores with torch ops (the selection's reference scorer)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,13 @@ class RankAttention:
         self.collectives = {c.name: c for c in plan.collectives}
         # passing sources name their selection by slot; its buffer is that slot's collective's
         self.slot_collective = {c.slot: c.name for c in plan.collectives if c.kind == "select_all_gather"}
+        # global passing (a select_scan collective): each host slot's buffer is the scan's result
+        scan = next((c for c in plan.collectives if c.kind == "select_scan"), None)
+        self.scan = None if scan is None else GlobalScan(plan.placement.host_rank, rank, self.rp.hosts,
+                                                         scan.rows_per_rank)
+        if scan is not None:
+            self.slot_collective = {s: f"scan{s}" for s in range(len(self.rp.hosts))}
+        self._scan_bufs: dict[str, torch.Tensor] | None = None
         self.n_local = self.rp.local_tokens
         self.query_rows = self._query_rows()
         self.select_rows = [(sel.slot, self._rows(sel.start, sel.stop), sel.keep) for sel in self.rp.select]
@@ -213,6 +226,12 @@ class RankAttention:
             elif c.kind == "ring":
                 for name in ("ring_own", "ring_recv"):
                     bufs[name] = torch.zeros((c.rows_per_rank, hkv, 2 * d), dtype=dtype, device=device)
+            elif c.kind == "select_scan":
+                assert self.scan is not None
+                scan = self.scan.buffers(hkv, 2 * d, dtype, device)
+                bufs.update(scan)
+                for slot in range(len(self.rp.hosts)):
+                    bufs[f"scan{slot}"] = scan["state_kv"][slot]
         self._buffers[key] = bufs
         return bufs
 
@@ -274,7 +293,7 @@ class RankAttention:
         if op.kind == "compute" and op.name in ("qkv", "out_mlp"):
             return  # the model's own per-token work
         if op.kind == "compute" and op.name == "select":
-            self._select(run)
+            self._select(run, bufs)
         elif op.kind == "comm_start":
             self._start(op, run, bufs)
         elif op.kind == "comm_wait":
@@ -288,9 +307,15 @@ class RankAttention:
         else:
             raise PlanMismatchError(f"unknown op {op.kind}:{op.name} in rank {self.rank}'s schedule", setting="plan")
 
-    def _select(self, run: _Run) -> None:
+    def _select(self, run: _Run, bufs: dict[str, torch.Tensor]) -> None:
         assert self.query_select_rows is not None, "selection needs the query block on this rank"
         qa, qb = self.query_select_rows  # the real query rows (no padding)
+        if self.scan is not None:  # global passing: each host's top-keep candidates, ranked
+            for (slot, (lo, hi), keep), sel in zip(self.select_rows, self.rp.select):
+                scores = _SCORER.scores(run.q[qa:qb], run.k[lo:hi], self.pool_window, self.selection)
+                candidates(scores, run.k[lo:hi], run.v[lo:hi], sel.start, keep, bufs["cand_kv"][slot],
+                           bufs["cand_side"][slot])
+            return
         for slot, (lo, hi), keep in self.select_rows:
             run.packed[slot] = self.backend.select(run.q[qa:qb], run.k[lo:hi], run.v[lo:hi], keep, self.pool_window,
                                                    self.selection)
@@ -310,6 +335,11 @@ class RankAttention:
             send[..., d] = lse
             run.handles[name] = self.comm.all_gather_into_tensor(bufs["query_recv"], send, async_op=True,
                                                                  tag=coll.name)
+        elif coll.kind == "select_scan":
+            assert self.scan is not None
+            self.scan.run(self.comm, bufs)  # its rounds merge between transfers: run to the end here
+            self._scan_bufs = bufs
+            run.handles[name] = DoneHandle()
         elif coll.kind == "ring":
             if run.ring_cur is None:
                 # Step 1 sends this rank's own K|V; later steps forward what arrived. Two buffers
@@ -421,6 +451,14 @@ class RankAttention:
         except BaseException as exc:
             self.comm.report_failure(exc)
             raise
+
+    def passing_positions(self) -> dict[int, torch.Tensor]:
+        """Global passing: host -> (keep, Hkv) global positions of the keys its passing block held
+        in the last prefill (hosts > 0; for tests and the fidelity harness). Empty otherwise."""
+        if self._scan_bufs is None:
+            return {}
+        side = self._scan_bufs["state_side"]
+        return {v: side[s, ..., 1].to(torch.long) for s, v in enumerate(self.rp.hosts) if v > 0}
 
     def kv_cache(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(k, v) of this rank's cache shard of ``layer`` (views; None before its prefill)."""

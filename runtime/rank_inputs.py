@@ -39,6 +39,9 @@ def random_rank_inputs(plan: Plan, rank: int, dtype: torch.dtype, device: torch.
     q, k, v = rand(n, hq, D), rand(n, hkv, D), rand(n, hkv, D)
     keep = {c.slot: c.rows_per_rank for c in plan.collectives if c.kind == "select_all_gather"}
     passing = {s: rand(W, kp, hkv, 2 * D) for s, kp in keep.items()}
+    for c in plan.collectives:  # global passing: one buffer of keep rows per host slot ([0, 1))
+        if c.kind == "select_scan":
+            passing.update({s: rand(1, c.rows_per_rank, hkv, 2 * D) for s in range(len(rp.hosts))})
 
     def segment(ref) -> KVSegment:
         if ref.kind == "local":

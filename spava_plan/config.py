@@ -38,6 +38,10 @@ MODEL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "internvl3")
 METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
 SOLVERS = ("zigzag", "greedy", "exact", "local_search")
 SELECTIONS = ("query_aware", "key_norm")
+# How a Spava host's passing block is formed: ``per_block`` (the paper: every earlier block passes
+# its own top k, so host v attends v*k keys) or ``global`` (host v receives the P best keys of all
+# earlier hosts, ranked together: a budget that does not grow with the hosts; SPAVA_SPEC.md s. 11).
+PASSINGS = ("per_block", "global")
 DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
@@ -341,7 +345,12 @@ class MethodConfig:
 
     name: str = "spava"  # one of METHODS
     anchor_tokens: Optional[int] = None  # None: a = 128 * ceil((L // 64) / 128); 0 disables the anchor
-    passing_tokens: Optional[int] = None  # None: p = 128 * ceil((L // 128) / 128) (apb: L // 64 to 128)
+    # per_block: tokens per KV head each block passes on (None: p = 128 * ceil((L // 128) / 128);
+    # apb: L // 64 to 128). global: P, the keys per KV head each host receives in total (None: the
+    # rule of planner/partition.py global_passing, a fixed per-host budget); with global a None
+    # anchor_tokens is the paper's rule capped at one block (planner/partition.py global_anchor).
+    passing_tokens: Optional[int] = None
+    passing: str = "per_block"  # one of PASSINGS
     pass_all: bool = False  # pass every token of every block (Spava then equals dense attention)
     hosts_per_gpu: int = 2  # virtual hosts per rank (2 = ZigZag pairs)
     pool_window: int = 5  # max-pool window over selection scores (odd; 1 disables smoothing)
@@ -364,6 +373,15 @@ class MethodConfig:
                  f"selection tile away), got {self.pool_window!r}")
         _require(self.selection in SELECTIONS, "method.selection",
                  f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        _require(self.passing in PASSINGS, "method.passing",
+                 f"must be one of {', '.join(PASSINGS)}, got {self.passing!r}")
+        if self.passing == "global":
+            _require(self.name == "spava", "method.passing",
+                     f"global passing is a Spava mode; method={self.name} passes per block (or nothing): "
+                     f"use method.passing=per_block")
+            _require(not self.pass_all, "method.pass_all",
+                     "pass_all passes every block whole, which global passing (a bounded budget) cannot; "
+                     "use method.passing=per_block with pass_all=true")
 
 
 @dataclass

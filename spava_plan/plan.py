@@ -17,6 +17,8 @@ Vocabulary of the contract
     kind="local":   tokens [start, stop) held in this rank's local K/V buffer.
     kind="passing": the packed selections (K|V, ``keep`` rows per KV head) that the other ranks'
                     hosts sent through collective ``slot``: rows of ranks [rank_start, rank_stop).
+                    With a select_scan collective (method.passing=global) ``slot`` is the host's
+                    slot on this rank and [0, 1) names the one buffer of its ``keep`` best rows.
     kind="remote":  tokens [start, stop) whose K/V live on rank ``owner`` (ring attention).
   mask="full": every query row sees every key. mask="causal": causal with the LAST query row
   aligned to the LAST key (bottom-right); for a query span equal to the key span this is the usual
@@ -27,6 +29,10 @@ Vocabulary of the contract
 - Collective: a per-layer exchange. kind="select_all_gather": every rank sends the packed
   selection of its host in ``slot``; kind="query_all_gather": (out, lse) partials of the query;
   kind="ring": W-1 point-to-point K/V steps.
+  kind="select_scan" (method.passing=global): every host's top ``rows_per_rank`` candidates are
+  combined by the prefix scan of spava_plan/passing_scan.py (rounds of sparse all-to-alls whose
+  structure follows placement.host_rank), leaving host v the best rows of all hosts < v;
+  ``bytes_per_rank`` is the most one rank sends in a round, ``time_us`` the whole scan.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ SegmentKind = Literal["anchor", "block", "chunk", "query"]
 KVKind = Literal["local", "passing", "remote"]
 Mask = Literal["full", "causal"]
 Merge = Literal["none", "query"]
-CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring"]
+CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring", "select_scan"]
 OpKind = Literal["compute", "comm_start", "comm_wait"]
 Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
@@ -505,6 +511,14 @@ def split_config(resolved: Mapping[str, Any]) -> tuple[dict, dict]:
             dst = dst.setdefault(key, {})
         if isinstance(src, dict) and leaf in src:
             dst[leaf] = src.pop(leaf)
+    # Settings added after plans were first written, left out at their defaults so that a plan of
+    # the default computation keeps its exact bytes and hash (stored plans, plan-store families and
+    # kernel caches stay valid); a config without them reads back as the default.
+    for part, dotted, default in ((computation, "method.passing", "per_block"), (deployment, "tune.passing", None)):
+        group, leaf = dotted.split(".")
+        node = part.get(group)
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
     return computation, deployment
 
 

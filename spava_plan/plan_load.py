@@ -33,6 +33,7 @@ from typing import Any, Mapping, get_args
 
 from .errors import PlanFormatError, SpavaError
 from .links import ALL_GATHER, P2P, plan_links
+from .passing_scan import scan_time_us
 from .plan import SCHEMA_VERSION, ComputeOp, ModelSpec, Plan, RankPlan, content_hash, merge_config
 
 # plan.json of the largest plans the planner accepts (a 1024-GPU ring) is tens of MB.
@@ -376,11 +377,16 @@ def check_plan(plan: Plan) -> None:
             _need(c.slot == -1, f"{p}.slot", f"must be -1 for a {c.kind} collective")
             _need(sum(x.kind == c.kind for x in plan.collectives) == 1, f"{p}.kind", f"a plan has one {c.kind}")
     for i, c in enumerate(plan.collectives):  # timed by the one communication model
-        kind = P2P if c.kind == "ring" else ALL_GATHER
-        _need(math.isclose(c.time_us, plan.links.transfer_us(kind, c.bytes_per_rank, W), rel_tol=1e-9, abs_tol=1e-9),
+        if c.kind == "select_scan":
+            want = scan_time_us(plan.links, c.bytes_per_rank, V, W)
+        else:
+            want = plan.links.transfer_us(P2P if c.kind == "ring" else ALL_GATHER, c.bytes_per_rank, W)
+        _need(math.isclose(c.time_us, want, rel_tol=1e-9, abs_tol=1e-9),
               f"collectives[{i}].time_us", "must be the plan's links' time for its bytes")
     query = next((c for c in plan.collectives if c.kind == "query_all_gather"), None)
     ring = next((c for c in plan.collectives if c.kind == "ring"), None)
+    scan = next((c for c in plan.collectives if c.kind == "select_scan"), None)
+    _need(scan is None or not select_slots, "collectives", "a plan passes per block or through one scan, not both")
     if query is not None:
         _need(query_seg is not None and query.rows_per_rank == query_seg.length, "collectives.query.rows_per_rank",
               "must equal the query segment's length")
@@ -405,11 +411,13 @@ def check_plan(plan: Plan) -> None:
             _span(span, 0, total, f"{p}.cache[{j}]", empty=True)
             if span[0] < span[1]:
                 _contiguous(rp, *span, f"{p}.cache[{j}]")
+        # global passing: every host slot of the rank feeds the one scan
+        slot_colls = select_slots if scan is None else {s: scan for s in range(len(rp.hosts))}
         for j, (slot, a, b, keep) in enumerate(rp.select):  # SelectBlock
             q = f"{p}.select[{j}]"
-            _need(slot in select_slots, q, f"slot {slot} has no select_all_gather collective")
+            _need(slot in slot_colls, q, f"slot {slot} has no select_all_gather collective")
             _need(0 <= slot < len(rp.hosts), q, f"slot {slot} must index this rank's hosts")
-            _need(keep == select_slots[slot].rows_per_rank and 0 <= keep <= b - a, q,
+            _need(keep == slot_colls[slot].rows_per_rank and 0 <= keep <= b - a, q,
                   "keep must equal its collective's rows_per_rank and fit the block")
             _span((a, b), 0, total, q)
             _contiguous(rp, a, b, q)
@@ -434,8 +442,10 @@ def check_plan(plan: Plan) -> None:
                 _need(all(getattr(ref, f) == v for f, v in unused.items()), s,
                       f"a {ref.kind} source leaves {', '.join(unused)} at their defaults")
                 if ref.kind == "passing":
-                    c = select_slots.get(ref.slot)
+                    c = slot_colls.get(ref.slot)
                     _need(c is not None, f"{s}.slot", f"slot {ref.slot} has no select_all_gather collective")
+                    _need(scan is None or (ref.rank_start, ref.rank_stop) == (0, 1), s,
+                          "a scan's passing buffer is named [0, 1) (one buffer of keep rows)")
                     _need(0 <= ref.rank_start < ref.rank_stop <= W, s, f"ranks [{ref.rank_start}, {ref.rank_stop}) "
                           f"must lie within [0, {W}) and be non-empty")
                     _need(ref.keep == c.rows_per_rank, f"{s}.keep", "must equal its collective's rows_per_rank")
@@ -495,6 +505,8 @@ def check_plan(plan: Plan) -> None:
                     if colls[op.collective].kind == "select_all_gather":
                         _need(colls[op.collective].slot in {s.slot for s in rp.select}, q,
                               "this rank selects nothing for that collective")
+                    if colls[op.collective].kind == "select_scan":
+                        _need(len(rp.select) == len(rp.hosts), q, "every host of the rank feeds the scan")
                 else:
                     _need(key in started, q, "waits on a collective that was not started")
                     started.discard(key)
@@ -551,6 +563,10 @@ def _check_config(plan: Plan) -> None:
                                    link_latency_us=t.link_latency_us), "links", "must match the config's topology")
     _need((cfg.method.selection, cfg.method.pool_window) == (plan.selection.score, plan.selection.pool_window),
           "selection", "must match config.method.selection and pool_window")
+    kinds = {c.kind for c in plan.collectives}
+    _need(("select_scan" not in kinds or cfg.method.passing == "global")
+          and ("select_all_gather" not in kinds or cfg.method.passing == "per_block"), "collectives",
+          f"must match config.method.passing ({cfg.method.passing!r})")
     v, vis, pv = cfg.video, cfg.model.vision, plan.video
     _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, vis.spatial_merge, vis.temporal_patch,
            vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens,

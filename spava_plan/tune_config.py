@@ -12,6 +12,7 @@ from .errors import ConfigError
 TUNE_TARGETS = ("latency", "memory", "throughput")
 TUNE_METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
 TUNE_SOLVERS = ("zigzag", "greedy", "local_search", "exact")
+TUNE_PASSINGS = ("per_block", "global")  # spava_plan.config.PASSINGS (that module imports this one)
 
 
 @dataclass
@@ -32,6 +33,9 @@ class TuneConfig:
     methods: List[str] = field(default_factory=lambda: list(TUNE_METHODS))
     hosts_per_gpu: List[int] = field(default_factory=lambda: [1, 2, 4])
     solvers: List[str] = field(default_factory=lambda: list(TUNE_SOLVERS))
+    # Spava passing modes searched (method.passing): None = the configured method.passing only;
+    # e.g. [per_block, global]. Global candidates keep their own quality floor (planner/tune.py).
+    passing: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         def require(ok: bool, setting: str, message: str) -> None:
@@ -55,3 +59,6 @@ class TuneConfig:
         require(isinstance(self.solvers, (list, tuple)) and len(self.solvers) > 0
                 and all(s in TUNE_SOLVERS for s in self.solvers), "tune.solvers",
                 f"must be a non-empty list of {', '.join(TUNE_SOLVERS)}, got {self.solvers!r}")
+        require(self.passing is None or (isinstance(self.passing, (list, tuple)) and len(self.passing) > 0
+                                         and all(p in TUNE_PASSINGS for p in self.passing)), "tune.passing",
+                f"must be null (method.passing) or a non-empty list of {', '.join(TUNE_PASSINGS)}, got {self.passing!r}")

@@ -56,6 +56,16 @@ def test_spava_keeps_the_needles_that_query_unaware_selection_and_no_passing_los
     assert spava.ctx_err < rows["no-passing"].ctx_err  # passing blocks bring context rows closer to dense
 
 
+def test_global_passing_keeps_the_needles_within_its_budget(result):
+    rows, _ = result
+    glob, capped = rows["global"], rows["per_block-capped"]
+    assert glob.keep < glob.block and glob.passed_per_host <= glob.keep  # one bounded buffer per host
+    assert glob.needle_recall > 0.99  # ranked across all earlier hosts, the needles make the cut
+    assert glob.needle_recall > rows["no-passing"].needle_recall + 0.2
+    assert glob.ctx_err < rows["no-passing"].ctx_err
+    assert capped.passed_per_host > 0 and capped.keep <= rows["spava"].keep
+
+
 def test_table_lists_every_method(result):
     rows, _ = result
     text = fidelity.table(list(rows.values()))
@@ -65,7 +75,7 @@ def test_table_lists_every_method(result):
 def test_pass_all_spava_recalls_everything_exactly():
     plan = fidelity.build_plan(fidelity.compose_config([*fidelity.MODEL, *SMALL, "method.pass_all=true"]))
     data = fidelity.synthetic_qkv(plan, seed=0)
-    out = fidelity.run_method(plan, data)
+    out, _ = fidelity.run_method(plan, data)
     ref = fidelity.dense_rows(data)
     assert float((out - ref).abs().max()) < EXACT
     seen = fidelity.visible_needles(plan, data, fidelity.TorchBackend())

@@ -224,3 +224,25 @@ def test_emulated_timeline_becomes_a_trace():
     stall = [e for e in events if e["name"].startswith("wait")]
     assert [(e["ts"], e["dur"]) for e in stall] == [(11.0, 14.0), (20.0, 5.0)]
     assert max(e["ts"] + e["dur"] for e in events) == line.makespan_us == 27.0
+
+
+def test_global_passing_candidates_keep_their_floor_and_their_bounds_hold():
+    """tune.passing=[per_block,global]: global candidates are planned at their own rule sizes (the
+    overrides reproduce them), their bounds hold, and a pruned one would not have won."""
+    cfg = compose_config(SMALL + ["tune=latency", "tune.passing=[per_block,global]", "tune.methods=[spava]"])
+    result = T.tune(cfg, method_preset)
+    glob = [c for c in result.candidates if c.passing == "global"]
+    assert glob and all(c.cfg.method.passing == "global" for c in glob)
+    best = _score("latency", result.chosen)
+    for c in glob:
+        if c.status == "rejected" and c.ttft_us is None:
+            continue
+        d = derive(c.cfg, require_fit=False, detail=False)
+        assert d.part.keep == c.passing_tokens and d.part.anchor_tokens == c.anchor_tokens, c.knobs()
+        t, peak = d.prediction.makespan_us, max(d.prediction.peak_memory_bytes)
+        assert c.bound_us <= t * (1 + 1e-9) and c.bound_bytes <= peak, c.knobs()  # 1e-9: float sums
+        if c.status == "pruned":
+            assert not (d.fits and T._score("latency", t, peak, c.gpus) < best), c.knobs()
+    assert "method.passing=global" in next(c for c in glob).overrides()
+    plain = T.tune(compose_config(SMALL + ["tune=latency", "tune.methods=[spava]"]), method_preset)
+    assert all(c.passing == "per_block" for c in plain.candidates)  # opt-in: the default search is unchanged
