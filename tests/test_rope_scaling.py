@@ -3,7 +3,9 @@ frequencies from the largest position of the whole prompt at prefill and of the 
 decode step; every rank must do the same, not rescale from its own rows (runtime/rope.py).
 
 The end-to-end tests run a tiny InternVL3 whose max_position_embeddings (256) is a fifth of the
-prompt, under gloo with W = 2 and 3, pass_all (exact attention) in fp64, on a plan made for a longer
+prompt, and a tiny Qwen2-VL (M-RoPE: transformers rescales from the largest of the three position
+ids) given dynamic scaling past a quarter of its prompt's positions, under gloo with W = 2 and 3
+(and ZigZagRing for InternVL3), pass_all (exact attention) in fp64, on a plan made for a longer
 question than the one asked (so the query segment is padded with positions past the prompt, as
 spava-run and spava-serve do for most questions), and compare every real row's logits and the greedy
 tokens (10: prefill + 9 decode steps, all past the threshold) and the logits of every decode step
@@ -27,12 +29,12 @@ from spava_plan.errors import ConfigError, PlanMismatchError  # noqa: E402
 from spava_plan.plan import RopeScalingSpec  # noqa: E402
 from spava_plan.runtime import hf_model, rope  # noqa: E402
 
-MAX_POSITIONS = 256
+# a fifth of the InternVL3 prompt (1,200 tokens); a quarter of the tiny Qwen2-VL's largest M-RoPE
+# position (29: its 36 video tokens take 6 temporal positions)
+MAX_POSITIONS = {"internvl3": 256, "qwen2_vl": 8}
 FACTOR = 2.0
 NEW_TOKENS = 10
 SHORT_QUESTION = "What happens?"  # shorter than mf.QUESTION, the plan's question capacity
-ROPE_OVERRIDES = ("model.rope_scaling.rope_type=dynamic", f"model.rope_scaling.factor={FACTOR}",
-                  f"model.max_position_embeddings={MAX_POSITIONS}")
 # fp64 logits (lm_head on the fp64 hidden states; runner.logits and generate keep fp32 ones): the
 # gloo workers run on another kernel level (conftest.py), and merge attention parts in another order,
 # so the rows agree to fp64 rounding, not bit for bit. A rank that rescales from its own rows (or
@@ -40,25 +42,35 @@ ROPE_OVERRIDES = ("model.rope_scaling.rope_type=dynamic", f"model.rope_scaling.f
 LOGIT_ATOL = 1e-10
 
 
-def build_dynamic_internvl(path: Path, seed: int = 0) -> Path:
-    """mf.build_internvl_checkpoint with InternVL3's dynamic RoPE and a short pretraining length."""
-    from transformers import InternVLForConditionalGeneration
-
-    from spava_plan.runtime.internvl_inputs import internvl_image_processor
+def build_dynamic(path: Path, family: str, seed: int = 0) -> Path:
+    """mf.build_internvl_checkpoint / mf.build_checkpoint with dynamic RoPE and a short pretraining
+    length (MAX_POSITIONS[family])."""
+    import transformers
 
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = mf.build_internvl_tokenizer()
-    config = mf.tiny_internvl_config(tokenizer)
+    if family == "internvl3":
+        from spava_plan.runtime.internvl_inputs import internvl_image_processor
+
+        tokenizer = mf.build_internvl_tokenizer()
+        config, processor = mf.tiny_internvl_config(tokenizer), internvl_image_processor(mf.TINY_INTERNVL_TILE)
+    else:
+        tokenizer = mf.build_tokenizer()
+        config, processor = mf.tiny_config(family, tokenizer), mf.build_image_processor()
     tc = config.text_config
-    tc.rope_parameters = {"rope_type": "dynamic", "factor": FACTOR, "rope_theta": mf.TINY_TEXT["rope_theta"]}
-    tc.max_position_embeddings = MAX_POSITIONS
+    tc.rope_parameters = dict(tc.rope_parameters, rope_type="dynamic", factor=FACTOR)
+    tc.max_position_embeddings = MAX_POSITIONS[family]
     tc.initializer_range = 0.15  # spread the logits: no near-ties for greedy argmax
     config.vision_config.initializer_range = 0.1
     torch.manual_seed(seed)
-    InternVLForConditionalGeneration(config).eval().save_pretrained(path)
+    getattr(transformers, hf_model.FAMILIES[family])(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
-    internvl_image_processor(mf.TINY_INTERNVL_TILE).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
+
+
+def rope_overrides(family: str) -> tuple[str, ...]:
+    return ("model.rope_scaling.rope_type=dynamic", f"model.rope_scaling.factor={FACTOR}",
+            f"model.max_position_embeddings={MAX_POSITIONS[family]}")
 
 
 def rope_worker(work: str, name: str, max_new_tokens: int) -> None:
@@ -100,7 +112,7 @@ def rope_worker(work: str, name: str, max_new_tokens: int) -> None:
     os._exit(0)
 
 
-def stock_answer(ckpt: str, inputs, max_new_tokens: int) -> dict:
+def stock_answer(ckpt: str, inputs, max_new_tokens: int, family: str) -> dict:
     """The stock model's fp64 logits of every prompt row, its greedy tokens (``generate``) and the
     fp64 logits of every decode step (the same steps, written out: generate keeps fp32 logits).
     Each from a freshly loaded model: its rotary module keeps the longest sequence it has seen, so
@@ -108,7 +120,11 @@ def stock_answer(ckpt: str, inputs, max_new_tokens: int) -> dict:
     def fresh():
         return hf_model.load_checkpoint(ckpt, dtype=torch.float64, device="cpu")
 
-    kw = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values_videos)
+    if family == "internvl3":
+        kw = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values_videos)
+    else:
+        kw = dict(input_ids=inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
+                  pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
     with torch.inference_mode():
         gen = fresh().generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                                pad_token_id=0)
@@ -121,34 +137,58 @@ def stock_answer(ckpt: str, inputs, max_new_tokens: int) -> dict:
         for t in tokens[:-1]:
             out = model(input_ids=torch.tensor([[t]]), use_cache=True, **{key: out.past_key_values})
             steps.append(out.logits[0, -1])
-    return dict(logits=logits, tokens=tokens, steps=torch.stack(steps))
+    steps = torch.stack(steps)
+    assert steps.argmax(-1).tolist() == tokens[1:]  # the steps written out are generate's
+    return dict(logits=logits, tokens=tokens, steps=steps)
+
+
+CASES = {"internvl3": {"spava_W2": (2, "method.pass_all=true"), "spava_W3": (3, "method.pass_all=true"),
+                       "ring_W2": (2, "method=zigzag_ring")},
+         "qwen2_vl": {"spava_W2": (2, "method.pass_all=true"), "spava_W3": (3, "method.pass_all=true")}}
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """Checkpoint, the short-question inputs, plans for the long question, the stock answers."""
-    root = tmp_path_factory.mktemp("rope")
-    ckpt = build_dynamic_internvl(root / "ckpt")
+    """Per family (built on first use): checkpoint, the short-question inputs, plans for the long
+    question, the stock answers."""
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = _build(tmp_path_factory.mktemp(family), family)
+        return built[family]
+    return get
+
+
+def _build(root: Path, family: str):
+    ckpt = build_dynamic(root / "ckpt", family)
     video = mf.write_video(root / "v.mp4", frames=12, height=56, width=84)
-    capacity = mf.tiny_internvl_inputs(ckpt, video, 11)  # the plan's question: mf.QUESTION
-    inputs = mf.tiny_internvl_inputs(ckpt, video, 11, question=SHORT_QUESTION)
-    assert inputs.total_tokens < capacity.total_tokens and inputs.total_tokens > 4 * MAX_POSITIONS
+    if family == "internvl3":
+        capacity = mf.tiny_internvl_inputs(ckpt, video, 11)  # the plan's question: mf.QUESTION
+        inputs = mf.tiny_internvl_inputs(ckpt, video, 11, question=SHORT_QUESTION)
+        assert inputs.total_tokens > 4 * MAX_POSITIONS[family]
+    else:
+        capacity = mf.tiny_inputs(ckpt, video, 12, family)
+        inputs = mf.tiny_inputs(ckpt, video, 12, family, question=SHORT_QUESTION)
+    assert inputs.total_tokens < capacity.total_tokens
     torch.save(inputs, root / "inputs.pt")
-    plans = {"spava_W2": (2, "method.pass_all=true"), "spava_W3": (3, "method.pass_all=true"),
-             "ring_W2": (2, "method=zigzag_ring")}
-    for name, (W, method) in plans.items():
-        # an anchor that ends inside the second frame's tile (as tests/test_model_internvl.py)
-        mf.tiny_internvl_plan(capacity, W, 11, method, "method.anchor_tokens=150", *ROPE_OVERRIDES).save(
-            root / f"{name}.json")
-    return root, inputs, stock_answer(str(ckpt), inputs, NEW_TOKENS), plans
+    for name, (W, method) in CASES[family].items():
+        if family == "internvl3":  # an anchor that ends inside the second frame's tile (test_model_internvl.py)
+            plan = mf.tiny_internvl_plan(capacity, W, 11, method, "method.anchor_tokens=150", *rope_overrides(family))
+        else:  # the anchor holds the first video tokens (tests/test_model_spava.py)
+            plan = mf.tiny_plan(capacity, family, W, 12, "56x84", method, "method.anchor_tokens=20",
+                                *rope_overrides(family))
+        plan.save(root / f"{name}.json")
+    return root, inputs, stock_answer(str(ckpt), inputs, NEW_TOKENS, family)
 
 
-@pytest.mark.parametrize("name", ["spava_W2", "spava_W3", "ring_W2"])
-def test_dynamic_rope_equals_stock_model_under_gloo(work, name):
-    """Every real row's prefill logits on every rank and the greedy tokens equal the stock model's,
-    for Spava with every token passed (W = 2, 3) and ZigZagRing (ranks without the prompt's end)."""
-    root, inputs, ref, plans = work
-    W = plans[name][0]
+@pytest.mark.parametrize("family, name", [(f, n) for f, cases in CASES.items() for n in cases])
+def test_dynamic_rope_equals_stock_model_under_gloo(work, family, name):
+    """Every real row's prefill logits on every rank, the logits of every decode step and the greedy
+    tokens equal the stock model's, for Spava with every token passed (W = 2, 3) and ZigZagRing
+    (ranks without the prompt's end); InternVL3 (1-D RoPE) and Qwen2-VL (M-RoPE)."""
+    root, inputs, ref = work(family)
+    W = CASES[family][name][0]
     code = f"import test_rope_scaling as t; t.rope_worker({str(root)!r}, {name!r}, {NEW_TOKENS})"
     results = mf.launch(lambda r: ["-c", code], W, cwd=Path(__file__).parent, timeout=240)
     for rank, (rc, _, err) in enumerate(results):
@@ -160,10 +200,10 @@ def test_dynamic_rope_equals_stock_model_under_gloo(work, name):
         real = out["index"] < inputs.total_tokens  # the query padding has no stock counterpart
         index = out["index"][real]
         err = (out["logits"][real] - ref["logits"][index]).abs().max().item()
-        assert err <= LOGIT_ATOL, f"{name} rank {rank}: max |prefill logit diff| {err:.2e}"
+        assert err <= LOGIT_ATOL, f"{family} {name} rank {rank}: max |prefill logit diff| {err:.2e}"
         err = (out["steps"] - ref["steps"]).abs().max().item()
-        assert err <= LOGIT_ATOL, f"{name} rank {rank}: max |decode logit diff| {err:.2e}"
-        assert out["tokens"] == ref["tokens"], f"{name} rank {rank}"
+        assert err <= LOGIT_ATOL, f"{family} {name} rank {rank}: max |decode logit diff| {err:.2e}"
+        assert out["tokens"] == ref["tokens"], f"{family} {name} rank {rank}"
         seen.update(index.tolist())
     assert seen == set(range(inputs.total_tokens))  # every prompt token's logits were compared
 
@@ -210,8 +250,8 @@ def test_plan_file_records_the_scaling_and_refuses_a_bad_one(tmp_path):
     from spava_plan.plan import content_hash
     from spava_plan.plan_load import load_plan
 
-    plan = _plan(*ROPE_OVERRIDES)
-    assert plan.model.rope_scaling == RopeScalingSpec("dynamic", FACTOR, MAX_POSITIONS)
+    plan = _plan(*rope_overrides("internvl3"))
+    assert plan.model.rope_scaling == RopeScalingSpec("dynamic", FACTOR, MAX_POSITIONS["internvl3"])
     assert load_plan(plan.save(tmp_path / "plan.json")) == plan
     data = json.loads(plan.to_json())
     data["model"]["rope_scaling"]["factor"] = 0.25
@@ -227,7 +267,7 @@ def test_qwen_mrope_takes_dynamic_scaling():
     from spava_plan.hydra_conf import compose_config
     from spava_plan.planner.build import build_plan
 
-    plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=8", *ROPE_OVERRIDES]))
+    plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=8", *rope_overrides("qwen2_vl")]))
     model = hf_model.random_model(plan.model, dtype=torch.float32, device="meta")
     tc = model.config.text_config
     assert rope.model_scaling(tc) == plan.model.rope_scaling
@@ -240,7 +280,7 @@ def test_random_model_and_checkpoint_checks_follow_the_plan():
     from spava_plan.hydra_conf import compose_config
     from spava_plan.plan import ModelSpec
 
-    dynamic, default = _plan(*ROPE_OVERRIDES), _plan()
+    dynamic, default = _plan(*rope_overrides("internvl3")), _plan()
     model = hf_model.random_model(dynamic.model, dtype=torch.float32, device="meta")
     hf_model.check_model(dynamic, model)
     with pytest.raises(PlanMismatchError, match="model.rope_scaling") as info:
@@ -274,14 +314,14 @@ def test_a_ranks_rows_rotate_as_the_whole_prompt_in_the_stock_module(family, pro
     """A rank's rows inside sequence_length(whole prompt) get the cos/sin a fresh stock module gives
     them over the whole prompt, and each decode step after it those of the stock module stepping on
     (below the original length: the original frequencies; past it: rescaled at every step)."""
-    spec = RopeScalingSpec("dynamic", FACTOR, MAX_POSITIONS)
+    spec = RopeScalingSpec("dynamic", FACTOR, MAX_POSITIONS["internvl3"])
     x = torch.zeros(1, 1, 64, dtype=torch.float64)
 
     def ids(a: int, b: int) -> torch.Tensor:
         p = torch.arange(a, b)[None]
         return p if family == "internvl3" else torch.stack([p, p // 2, p % 7])  # M-RoPE: max on row 0
 
-    stock, ours = _stock_rotary(family, MAX_POSITIONS), rope.SequenceRotary(_stock_rotary(family, MAX_POSITIONS), spec)
+    stock, ours = _stock_rotary(family, MAX_POSITIONS["internvl3"]), rope.SequenceRotary(_stock_rotary(family, MAX_POSITIONS["internvl3"]), spec)
     cos, sin = stock(x, ids(0, prompt))
     lo, hi = prompt // 3, prompt // 2  # one rank's rows: not the prompt's end
     with rope.sequence_length(prompt):
