@@ -73,36 +73,48 @@ def rope_overrides(family: str) -> tuple[str, ...]:
             f"model.max_position_embeddings={MAX_POSITIONS[family]}")
 
 
-def rope_worker(work: str, name: str, max_new_tokens: int) -> None:
-    """One gloo rank: the short question padded to the plan's capacity (as spava-run pads it),
-    prefill logits of every local row and the greedy tokens, saved for the parent."""
-    from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_attention, hf_inputs
+def rank_answer(plan, inputs, model, comm, max_new_tokens: int) -> dict:
+    """One rank's answer to the short question padded to the plan's capacity (as spava-run pads
+    it): the greedy tokens, then again step by step the fp64 logits of every local row and of each
+    decode step (runner.logits rounds to fp32)."""
+    from spava_plan.runtime import hf_inputs
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.backends.torch_ref import TorchBackend
-    from spava_plan.runtime.comm_dist import TorchDistComm
     from spava_plan.runtime.generate import RankRunner
+
+    positions = hf_inputs.global_position_ids(model, inputs)
+    inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
+    assert inputs.pad_tokens > 0
+    runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, comm.rank, comm, TorchBackend()), "cpu")
+    with torch.inference_mode():
+        result = runner.generate(inputs, positions, max_new_tokens)
+        pre = runner.prefill(inputs, positions, runner.vision(inputs))
+        logits = model.lm_head(pre.hidden)
+        start = int(positions[:, :inputs.prompt_tokens].max()) + 1
+        steps = [model.lm_head(runner.decode_step(t, start + i)) for i, t in enumerate(result.tokens[:-1])]
+    return {"index": pre.index, "logits": logits, "tokens": result.tokens, "steps": torch.stack(steps)}
+
+
+def _load(root: Path, name: str):
+    from spava_plan.plan_load import load_plan
+    from spava_plan.runtime import hf_attention
+
+    plan = load_plan(root / f"{name}.json")
+    inputs = torch.load(root / "inputs.pt", weights_only=False)
+    model = hf_attention.install(hf_model.load_checkpoint(str(root / "ckpt"), dtype=torch.float64, device="cpu"))
+    hf_model.check_model(plan, model)
+    return plan, inputs, model
+
+
+def rope_worker(work: str, name: str, max_new_tokens: int) -> None:
+    """One gloo rank: rank_answer, saved for the parent."""
+    from spava_plan.runtime.comm_dist import TorchDistComm
 
     comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
     root = Path(work)
     try:
-        plan = load_plan(root / f"{name}.json")
-        inputs = torch.load(root / "inputs.pt", weights_only=False)
-        model = hf_attention.install(hf_model.load_checkpoint(str(root / "ckpt"), dtype=torch.float64, device="cpu"))
-        hf_model.check_model(plan, model)
-        positions = hf_inputs.global_position_ids(model, inputs)
-        inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
-        assert inputs.pad_tokens > 0
-        runner = RankRunner(model, plan, comm, lambda: RankAttention(plan, comm.rank, comm, TorchBackend()), "cpu")
-        with torch.inference_mode():
-            result = runner.generate(inputs, positions, max_new_tokens)
-            # again, step by step: the logits of every local row, then of each decode step
-            pre = runner.prefill(inputs, positions, runner.vision(inputs))
-            logits = model.lm_head(pre.hidden)  # fp64 (runner.logits rounds to fp32)
-            start = int(positions[:, :inputs.prompt_tokens].max()) + 1
-            steps = [model.lm_head(runner.decode_step(t, start + i)) for i, t in enumerate(result.tokens[:-1])]
-        torch.save({"index": pre.index, "logits": logits, "tokens": result.tokens, "steps": torch.stack(steps)},
-                   root / f"out_{name}_rank{comm.rank}.pt")
+        plan, inputs, model = _load(root, name)
+        torch.save(rank_answer(plan, inputs, model, comm, max_new_tokens), root / f"out_{name}_rank{comm.rank}.pt")
     except BaseException:
         comm.close()
         raise
@@ -193,10 +205,25 @@ def test_dynamic_rope_equals_stock_model_under_gloo(work, family, name):
     results = mf.launch(lambda r: ["-c", code], W, cwd=Path(__file__).parent, timeout=240)
     for rank, (rc, _, err) in enumerate(results):
         assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    _check(family, name, inputs, ref, [torch.load(root / f"out_{name}_rank{rank}.pt") for rank in range(W)])
+
+
+def test_ranks_as_threads_sharing_one_model(work):
+    """W = 3 ranks emulated as threads over ONE model (the stock rotary module would be shared
+    state): the same answers."""
+    from spava_plan.runtime.comm_emulated import EmulatedWorld
+
+    root, inputs, ref = work("internvl3")
+    plan, inputs, model = _load(root, "spava_W3")
+    world = EmulatedWorld(plan.world_size, timeout_s=120)
+    _check("internvl3", "spava_W3 (threads)", inputs, ref,
+           world.run(lambda r: rank_answer(plan, inputs, model, world.comm(r), NEW_TOKENS)))
+
+
+def _check(family: str, name: str, inputs, ref: dict, outs: list[dict]) -> None:
     assert len(ref["tokens"]) == NEW_TOKENS
     seen: set[int] = set()
-    for rank in range(W):
-        out = torch.load(root / f"out_{name}_rank{rank}.pt")
+    for rank, out in enumerate(outs):
         real = out["index"] < inputs.total_tokens  # the query padding has no stock counterpart
         index = out["index"][real]
         err = (out["logits"][real] - ref["logits"][index]).abs().max().item()
@@ -336,3 +363,19 @@ def test_a_ranks_rows_rotate_as_the_whole_prompt_in_the_stock_module(family, pro
         assert all(torch.allclose(g, w, **tol) for g, w in zip(got, want)), p
     # outside sequence_length the stock module runs as it is (and keeps its own state)
     assert all(torch.equal(g, w) for g, w in zip(ours(x, ids(0, 8)), stock(x, ids(0, 8))))
+
+
+def test_linear_scaling_needs_no_wrapper():
+    """linear scaling divides every position by the factor whatever the sequence: the random model
+    has it and the stock rotary module is left in place (the same on every rank already)."""
+    from spava_plan.runtime.hf_attention import language_model
+
+    plan = _plan("model.rope_scaling.rope_type=linear", "model.rope_scaling.factor=4.0")
+    assert plan.model.rope_scaling == RopeScalingSpec("linear", 4.0, 8192)
+    model = hf_model.random_model(plan.model, dtype=torch.float32, device="cpu")
+    lm = language_model(model)
+    stock = lm.rotary_emb
+    rope.install(lm, plan.model.rope_scaling)
+    assert lm.rotary_emb is stock and stock.rope_type == "linear"
+    plain = hf_model.random_model(_plan().model, dtype=torch.float32, device="cpu")
+    assert torch.allclose(stock.inv_freq, language_model(plain).rotary_emb.inv_freq / 4.0, rtol=1e-6, atol=0)
