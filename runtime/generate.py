@@ -23,7 +23,7 @@ import torch
 from spava_plan.plan import Plan
 from spava_plan.vision_exchange import plan_vision_exchange
 
-from . import chunking
+from . import chunking, rope
 from .comm import Communicator
 from .hf_attention import SpavaCall, install, language_model
 from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
@@ -74,6 +74,8 @@ class RankRunner:
         self.make_attention = make_attention
         self.device = torch.device(device)
         self.lm = language_model(model)
+        # dynamic RoPE: every rank rotates with the whole sequence's frequencies (runtime/rope.py)
+        rope.install(self.lm, plan.model.rope_scaling)
         self.visual = vision_module(model)
         self.merge = plan.video.spatial_merge
         self.exchange = plan_vision_exchange(plan)
@@ -121,8 +123,10 @@ class RankRunner:
         if n != self.plan.layout.total_tokens:
             self.attention.set_prompt_tokens(n)
         self.source = self._source(n)
-        out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
-                      spava=SpavaCall(self.attention, "prefill"))
+        # the stock model's RoPE sequence length: the real prompt's largest position + 1 (no query padding)
+        with rope.sequence_length(int(positions[..., :n].max()) + 1):
+            out = self.lm(inputs_embeds=emb.unsqueeze(0), position_ids=pos, use_cache=False,
+                          spava=SpavaCall(self.attention, "prefill"))
         last = n - 1
         held = any(a <= last < b for a, b in self.rank_plan.local)
         return PrefillOutput(out.last_hidden_state[0], index, self.rank_plan.local_offset(last) if held else None)
@@ -149,7 +153,9 @@ class RankRunner:
         ids = torch.tensor([token], device=self.device)
         emb = self.lm.get_input_embeddings()(ids).unsqueeze(0)
         pos = torch.full((1, 1) if self.one_d else (3, 1, 1), position, dtype=torch.long, device=self.device)
-        out = self.lm(inputs_embeds=emb, position_ids=pos, use_cache=False, spava=SpavaCall(self.attention, "decode"))
+        with rope.sequence_length(position + 1):  # as the stock decode step: its own position + 1
+            out = self.lm(inputs_embeds=emb, position_ids=pos, use_cache=False,
+                          spava=SpavaCall(self.attention, "decode"))
         return out.last_hidden_state[0, -1]
 
     # -- the whole request ------------------------------------------------------------------------

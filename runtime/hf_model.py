@@ -15,6 +15,7 @@ import torch
 from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.plan import ModelSpec, Plan
 
+from . import rope
 from .dtypes import TORCH_DTYPES
 
 # Plan family -> transformers class, and the model_type its config.json declares.
@@ -104,9 +105,8 @@ def hf_config_from_plan(spec: ModelSpec) -> Any:
         k: vocab - 4 + i for i, k in enumerate(sorted(QWEN_SPECIAL_IDS))}
     text = dict(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                num_key_value_heads=m.num_kv_heads, max_position_embeddings=128000,
-                rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta),
-                                 "mrope_section": list(m.mrope_section)})
+                num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.rope_scaling.original_max_positions,
+                rope_parameters=rope.rope_parameters(m.rope_scaling, m.rope_theta, m.mrope_section))
     if vocab <= 151645:  # Qwen's <|endoftext|> / <|im_end|> ids do not exist in a tiny vocabulary
         text.update(bos_token_id=None, eos_token_id=None)
     common = dict(patch_size=vis.patch_size, spatial_merge_size=vis.spatial_merge,
@@ -152,8 +152,9 @@ def _internvl_config(m: ModelSpec) -> Any:
     text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=m.hidden_size,
                 intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
                 num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-                max_position_embeddings=32768, tie_word_embeddings=bool(m.tie_word_embeddings),
-                rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)})
+                max_position_embeddings=m.rope_scaling.original_max_positions,
+                tie_word_embeddings=bool(m.tie_word_embeddings),
+                rope_parameters=rope.rope_parameters(m.rope_scaling, m.rope_theta, None))
     if vocab <= 151645:  # Qwen's <|endoftext|> / <|im_end|> ids do not exist in a tiny vocabulary
         text.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     vision = dict(hidden_size=vis.hidden_size, num_hidden_layers=vis.depth, num_attention_heads=vis.num_heads,
@@ -193,6 +194,7 @@ def check_model(plan: Plan, model: Any) -> None:
                          hidden_size=int(tc.hidden_size))
     except PlanMismatchError as exc:
         raise PlanMismatchError(f"{exc} or add replan=true to re-plan for this checkpoint", setting="model") from None
+    rope.check_scaling(plan.model.rope_scaling, tc)
     if int(tc.vocab_size) != plan.model.vocab_size:
         raise PlanMismatchError(f"the plan's vocabulary has {plan.model.vocab_size} tokens but the model's has "
                                 f"{tc.vocab_size}; re-plan with the matching model= or add replan=true",
@@ -222,6 +224,7 @@ def plan_model_settings(model: Any) -> dict[str, Any]:
         out["model.mrope_section"] = [int(x) for x in rope["mrope_section"]]
     if "rope_theta" in rope:
         out["model.rope_theta"] = float(rope["rope_theta"])
+    out.update(_rope_settings(tc))
     if family == "qwen2_5_vl":
         out.update({"model.vision.hidden_size": int(vc.hidden_size),
                     "model.vision.intermediate_size": int(vc.intermediate_size),
@@ -252,7 +255,15 @@ def _internvl_settings(cfg: Any, tc: Any, vc: Any) -> dict[str, Any]:
            "model.vision.out_hidden_size": int(tc.hidden_size)}
     if "rope_theta" in rope:
         out["model.rope_theta"] = float(rope["rope_theta"])
+    out.update(_rope_settings(tc))
     return out
+
+
+def _rope_settings(tc: Any) -> dict[str, Any]:
+    """The text config's RoPE scaling as plan settings."""
+    spec = rope.model_scaling(tc)
+    return {"model.rope_scaling.rope_type": spec.rope_type, "model.rope_scaling.factor": spec.factor,
+            "model.max_position_embeddings": spec.original_max_positions}
 
 
 def random_from_checkpoint(checkpoint: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError
-from .plan import DTYPE_BYTES
+from .plan import DTYPE_BYTES, RopeType
 from .calibration_config import CalibrationConfig
 from .tune_config import TuneConfig
 
@@ -35,6 +35,9 @@ RESOLUTION_PRESETS = {
 }
 
 MODEL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "internvl3")
+# RoPE scalings the runtime reproduces exactly (transformers' rope types; runtime/rope.py): the
+# supported checkpoints use default (Qwen2-VL, Qwen2.5-VL) and dynamic NTK (InternVL3).
+ROPE_TYPES = typing.get_args(RopeType)
 METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
 SOLVERS = ("zigzag", "greedy", "exact", "local_search")
 SELECTIONS = ("query_aware", "key_norm")
@@ -182,6 +185,25 @@ class VisionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """The language model's RoPE scaling, as its config.json's ``rope_scaling`` names it.
+
+    dynamic (InternVL3): NTK scaling from the largest position of the whole sequence once it
+    passes ``model.max_position_embeddings``; linear: positions divided by ``factor``."""
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model.rope_scaling.")
+        _require(self.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type",
+                 f"unsupported RoPE scaling {self.rope_type!r}; the runtime reproduces {', '.join(ROPE_TYPES)}")
+        _finite_number(self.factor, "model.rope_scaling.factor", 1.0, 1e6)
+        _require(self.rope_type != "default" or self.factor == 1.0, "model.rope_scaling.factor",
+                 f"must be 1.0 for rope_type=default (no scaling), got {self.factor!r}")
+
+
+@dataclass
 class ModelConfig:
     """A multimodal LLM: language-model dimensions plus its vision tower."""
 
@@ -199,6 +221,9 @@ class ModelConfig:
     rope_theta: float = 1000000.0
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])  # t/h/w split of D/2
     tokens_per_second: int = 2  # Qwen2.5-VL temporal position scale (positions per second of video)
+    # the checkpoint's pretraining length: where dynamic RoPE scaling starts
+    max_position_embeddings: int = 32768
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     checkpoint: Optional[str] = None  # path to a Hugging Face checkpoint (runtime only)
     init: str = "checkpoint"  # "checkpoint" or "random" (real-size random weights for benchmarks)
@@ -224,6 +249,7 @@ class ModelConfig:
         _require(self.family == "internvl3" or len(self.mrope_section) == 3, "model.mrope_section",
                  f"must have 3 parts (temporal, height, width), got {list(self.mrope_section)}")
         _positive_int(self.tokens_per_second, "model.tokens_per_second", 1000)
+        _positive_int(self.max_position_embeddings, "model.max_position_embeddings", MAX_INT)
 
     @property
     def group(self) -> int:

@@ -52,7 +52,9 @@ if TYPE_CHECKING:  # config.py imports this module: only the type checker sees t
 
 # 3: ModelSpec carries RoPE (rope_theta, mrope_section, tokens_per_second), tie_word_embeddings and
 # the vision tower (ModelSpec.vision): a random-weight model is built from the plan alone.
-SCHEMA_VERSION = 3
+# 4: ModelSpec.rope_scaling (RoPE type, factor, original max positions): every rank rotates with
+# the whole prompt's frequencies (runtime/rope.py).
+SCHEMA_VERSION = 4
 
 # The closed vocabularies of the contract (plan_load checks every value against them).
 SegmentKind = Literal["anchor", "block", "chunk", "query"]
@@ -64,6 +66,7 @@ OpKind = Literal["compute", "comm_start", "comm_wait"]
 Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
 Method = Literal["spava", "apb", "star", "zigzag_ring", "dense"]
+RopeType = Literal["default", "linear", "dynamic"]  # the RoPE scalings the runtime reproduces
 DType = Literal["bf16", "fp16", "fp32"]
 # The one dtype table: bytes per element of each plan dtype (config validation, cost and memory
 # models, collective sizes). runtime/dtypes.py maps the same names to torch dtypes.
@@ -281,6 +284,18 @@ class VisionTowerSpec:
 
 
 @dataclass(frozen=True)
+class RopeScalingSpec:
+    """The language model's RoPE scaling (transformers' rope_type and factor). dynamic rescales the
+    frequencies from the largest position of the whole sequence once it passes
+    ``original_max_positions`` (the checkpoint's max_position_embeddings), as the stock model does
+    over the whole prompt and at every decode step; the runtime does the same on every rank."""
+
+    rope_type: RopeType
+    factor: float
+    original_max_positions: int
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Every model field the runtime reads: the language model's dims, its RoPE and its vision
     tower (a random-weight model is built from this alone: runtime/hf_model.py)."""
@@ -299,6 +314,7 @@ class ModelSpec:
     mrope_section: tuple[int, ...]  # t/h/w split of head_dim/2 (Qwen M-RoPE; unused by InternVL3)
     tokens_per_second: int  # Qwen2.5-VL: temporal positions per second of video
     vision: VisionTowerSpec
+    rope_scaling: RopeScalingSpec
 
     @property
     def group(self) -> int:
@@ -316,7 +332,10 @@ class ModelSpec:
                    intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                    head_dim=m.head_dim, vocab_size=m.vocab_size, tie_word_embeddings=bool(m.tie_word_embeddings),
                    rope_theta=float(m.rope_theta), mrope_section=tuple(int(x) for x in m.mrope_section),
-                   tokens_per_second=int(m.tokens_per_second), vision=vision)
+                   tokens_per_second=int(m.tokens_per_second), vision=vision,
+                   rope_scaling=RopeScalingSpec(rope_type=m.rope_scaling.rope_type,
+                                                factor=float(m.rope_scaling.factor),
+                                                original_max_positions=int(m.max_position_embeddings)))
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,11 @@ def check_plan(plan: Plan) -> None:
         _need(1 <= getattr(m, name) <= 1 << 24, f"model.{name}", f"must be within 1..2^24, got {getattr(m, name)}")
     _need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
     _need(m.head_dim % 2 == 0, "model.head_dim", "must be even")
+    rs = m.rope_scaling
+    _need(1.0 <= rs.factor <= 1e6 and (rs.rope_type != "default" or rs.factor == 1.0), "model.rope_scaling.factor",
+          f"must be within 1..1e6 (1.0 for rope_type default), got {rs.factor!r}")
+    _need(1 <= rs.original_max_positions <= 1 << 40, "model.rope_scaling.original_max_positions",
+          f"must be within 1..2^40, got {rs.original_max_positions}")
 
     total = lay.total_tokens
     _need(1 <= total <= 1 << 40, "layout.total_tokens", f"must be within 1..2^40, got {total}")
