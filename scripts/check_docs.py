@@ -65,8 +65,7 @@ SETUP = {
         ("tests/test_install.py", '"-m", "pip", "install"'),
 }
 # Link targets that another branch adds; tolerated (and reported) only while they are missing.
-PENDING_LINKS = {"docs/serving.md": "the server engineer's page (issue 24)",
-                 "spava_plan/session.py": "the session engineer's Session (issue 26)"}
+PENDING_LINKS: dict[str, str] = {}
 # A line that looks like a command, for catching commands outside a tagged block.
 COMMAND_RE = re.compile(r"^\s*(\$ )?([A-Z_][A-Z0-9_]*=(\$\([^)]*\)|\S+) )*"  # prompt, VAR=value prefixes
                         r"(spava-plan|spava-run|spava-serve|torchrun|python3? -m spava_plan|"
