@@ -322,7 +322,9 @@ def summary(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", help="the server, e.g. http://127.0.0.1:8000 (required unless --make-clips-only)")
+    p.add_argument("--make-clips-only", action="store_true",
+                   help="encode the clips into --clip-dir and exit (while a server starts, say)")
     p.add_argument("--model", default="spava", help="the model name sent (the server answers with its own)")
     p.add_argument("--clips", default="2min-1440p", help="comma-separated presets or NAME=SECONDSxHEIGHTxWIDTH@FPS")
     p.add_argument("--clip-dir", default="benchmarks/clips", help="where the clips are generated once")
@@ -343,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     if not levels or levels[0] < 1:
         p.error("--concurrency needs client counts of at least 1")
     specs = [parse_clip(c.strip()) for c in args.clips.split(",") if c.strip()]
+    if args.make_clips_only:
+        for s in specs:
+            print(make_clip(s, Path(args.clip_dir)))
+        return 0
+    if not args.url:
+        p.error("--url is required")
     t0 = time.perf_counter()
     clips = [(s, media_url(make_clip(s, Path(args.clip_dir)), args.media)) for s in specs]
     prepared_s = time.perf_counter() - t0
