@@ -7,7 +7,7 @@
 # .whl, as scripts/device_prefill.sh takes them; spava_plan's package layout is recreated the same way.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-plan=$1 clips=$2 requests=$3 concurrency=$4; shift 4
+plan=$(realpath "$1") clips=$2 requests=$3 concurrency=$4; shift 4
 PP=/tmp/spava_pp
 if [ ! -d $PP/spava_plan ]; then
   mkdir -p $PP/spava_plan
@@ -15,15 +15,24 @@ if [ ! -d $PP/spava_plan ]; then
   for d in runtime planner codegen conf; do ln -sfn "$ROOT/$d" "$PP/spava_plan/$d"; done
 fi
 if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/spava_site "$ROOT"/.whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/spava_site "$ROOT"/.whl/*.whl
   export PYTHONPATH=/tmp/spava_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PP${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -n "${GPU_TESTS:-}" ]; then  # the GPU tests of the request path first (pixels on the GPU = on the CPU)
+  # from /tmp: `python3 -m` puts the working directory first on sys.path, and the checkout's
+  # spava_plan/ folder lacks the planner/codegen/runtime subpackages that $PP maps in
+  (cd /tmp && timeout 180 python3 -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
+     $(for t in $GPU_TESTS; do case $t in tests/*) echo "$ROOT/$t";; *) echo "$t";; esac; done) > "$OUT/gpu_tests.log" 2>&1) \
+    || echo "GPU tests failed (rc $?): see gpu_tests.log"
+  tail -3 "$OUT/gpu_tests.log"
+fi
 media=/tmp/serve_media && mkdir -p $media
 # The clips first (encoding a 2-minute 1440p clip takes a while): while they encode, the server starts.
 python3 "$ROOT/benchmarks/serve_load.py" --make-clips-only --clips "$clips" --clip-dir $media > "$OUT/clips.log" 2>&1 &
 clipper=$!
 start=$(date +%s.%N)
+cd /tmp  # not the checkout: see the GPU tests above
 python3 -m spava_plan.serve plan="$plan" model.init=random device=cuda comm=emulated port=8000 \
   allowed_local_media_path=$media max_video_bytes=1073741824 "$@" > "$OUT/server.log" 2>&1 &
 server=$!

@@ -25,6 +25,10 @@ EXACT_TOL = 1e-5  # no resampling: only the float rescale / normalise order diff
 SIZE = {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16384}
 
 
+GPU_MAX_TOL = 0.35  # ~24 uint8 levels after normalisation (1 level = 1 / (255 * std) ~ 0.0145)
+GPU_MEAN_TOL = 0.0075  # half a level
+
+
 def frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
@@ -169,4 +173,8 @@ def test_gpu_preprocessing_equals_the_cpu_processor(family):
         want, want_grid = hf_inputs.video_pixels(cpu, clip, temporal_patch=2, **SIZE)
         assert grid.tolist() == want_grid.tolist() and grid.device.type == "cpu"
     assert got.device.type == "cuda"
-    close(got, want, TWO_LEVELS, MEAN_TOL)
+    # torchvision's bicubic resize rounds and clamps its uint8 intermediates on the CPU and not on
+    # CUDA: on this test's pure noise with a hard-edged box the overshoot differs by up to ~22 levels
+    # at single pixels (H200, torchvision 0.26: max 0.315, mean 0.0036 for Qwen2-VL; max 0.035,
+    # mean 0.0026 for InternVL3), while the mean stays under half a level.
+    close(got, want, GPU_MAX_TOL, GPU_MEAN_TOL)

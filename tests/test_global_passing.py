@@ -260,7 +260,8 @@ def test_global_passing_on_the_generated_kernels(tmp_path):
 
     plan = global_plan(2)
     render_kernels(plan, tmp_path)
-    backend = _Locked(TritonBackend(tmp_path, plan_hash=plan.hash, tune=False))
+    backend = _Locked(TritonBackend(tmp_path, plan_hash=plan.hash, tune=False,
+                                    render=functools.partial(render_kernels, plan)))
     q, k, v = inputs(plan.layout.total_tokens, seed=3)
     world = EmulatedWorld.for_plan(plan, timeout_s=600)
     attns = [RankAttention(plan, r, world.comm(r), backend) for r in range(plan.world_size)]
