@@ -31,6 +31,7 @@ server and spava-run to call before decoding anything.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,14 +175,80 @@ class _NotIndexed(Exception):
     """The stream cannot be decoded by seeking (no timestamps, or frames off the index)."""
 
 
+def decode_workers() -> int:
+    """Decoders run at once for one clip: half the cores this process may use, at most 8 (each also
+    runs FFmpeg's own frame threads). One on a 2-core machine: the serial path."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
 def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None,
-                  stats: dict | None = None) -> np.ndarray:
+                  stats: dict | None = None, workers: int | None = None) -> np.ndarray:
     """Frames ``indices`` (in the order given; an index may repeat) of the clip, converted to RGB
     (scaled to ``size`` = (height, width) when given), as one uint8 (len(indices), H, W, 3) buffer.
     Fewer rows than asked when the clip holds fewer frames than an index (the caller re-counts).
     ``stats`` (a dict) receives "decoded" (frames the decoder produced), "seeks" and "path"
-    ("seek" or "sequential")."""
+    ("seek", "parallel" or "sequential").
+
+    ``workers`` (default ``decode_workers()``) > 1: the sorted sampled frames are cut into that many
+    runs, each decoded by its own container and decoder on its own thread (FFmpeg releases the GIL
+    while it decodes) straight into its rows of the one buffer. Where the keyframes lie far apart
+    (2 s groups of pictures: each sampled frame costs tens of decoded ones), one decoder is the
+    bottleneck: an H200 machine's 16 cores decoded 64 frames of a 2-minute 1440p clip in about
+    4 s with one. The frames are the same bytes either way (the same decoder on the same packets)."""
     stats = {} if stats is None else stats
+    workers = decode_workers() if workers is None else max(1, int(workers))
+    if workers > 1 and len(set(indices)) >= 2 * workers:
+        out = _decode_parallel(path, indices, size, stats, workers)
+        if out is not None:
+            stats["path"] = "parallel"
+            return out
+    return _decode_one(path, indices, size, stats)
+
+
+def _decode_parallel(path: str, indices: list[int], size: tuple[int, int] | None, stats: dict,
+                     workers: int) -> np.ndarray | None:
+    """``workers`` decoders over runs of the sorted sampled frames, into one buffer; None when the
+    clip's metadata or a run does not allow it (the caller decodes serially: the same frames)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info = probe(path)
+    if info.total_frames <= 0 or max(indices) >= info.total_frames:
+        return None  # indices past the end: the serial path returns the leading rows found
+    h, w = (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
+    out = frame_buffer(len(indices), h, w)
+    order = sorted(set(int(i) for i in indices))
+    runs = [order[k * len(order) // workers:(k + 1) * len(order) // workers] for k in range(workers)]
+    rows: dict[int, list[int]] = {}
+    for slot, idx in enumerate(indices):
+        rows.setdefault(int(idx), []).append(slot)
+
+    def run(frames: list[int]) -> dict:
+        part: dict = {}
+        got = _decode_one(path, frames, size, part)
+        if got.shape[0] != len(frames) or got.shape[1:3] != (h, w):
+            raise _NotIndexed  # metadata and decoded frames disagree: decode serially instead
+        for j, idx in enumerate(frames):
+            for r in rows[idx]:
+                out[r] = got[j]
+        return part
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spava-decode") as pool:
+            parts = list(pool.map(run, [r for r in runs if r]))
+    except _NotIndexed:
+        return None
+    stats["decoded"] = sum(p.get("decoded", 0) for p in parts)
+    stats["seeks"] = sum(p.get("seeks", 0) for p in parts)
+    stats["workers"] = len(parts)
+    return out
+
+
+def _decode_one(path: str, indices: list[int], size: tuple[int, int] | None, stats: dict) -> np.ndarray:
+    """One container and one (threaded) decoder: seeking, else one sequential pass."""
     for container_index in (True, False):  # the header's index, else the packets' timestamps
         container = _open(path)
         try:

@@ -46,4 +46,5 @@ echo "ready after $(python3 -c "print(f'{$ready - $start:.1f}')") s (model load,
 wait $clipper || { cat "$OUT/clips.log"; exit 1; }
 python3 "$ROOT/benchmarks/serve_load.py" --url http://127.0.0.1:8000 --model "$(python3 -c "import json;print(json.load(open('$plan'))['model']['name'])")" \
   --clips "$clips" --clip-dir $media --requests "$requests" --concurrency "$concurrency" --media file \
+  --max-tokens "${MAX_TOKENS:-16}" \
   --out "$OUT/serve.json" 2>&1 | tee "$OUT/load.log"

@@ -50,7 +50,7 @@ def test_seeking_decode_equals_decoding_everything(tmp_path, codec, gop, bframes
              [40, 3, 3, 77, 41, 0, 89, 40]]  # unordered, repeated, adjacent, both ends
     for indices in cases:
         stats: dict = {}
-        got = video_io.decode_frames(path, indices, stats=stats)
+        got = video_io.decode_frames(path, indices, stats=stats, workers=1)
         want = video_io.decode_sequential(path, indices)
         assert stats["path"] == "seek" and stats["index"] == index
         assert got.dtype == np.uint8 and got.shape == (len(indices), 48, 64, 3)
@@ -63,13 +63,30 @@ def test_only_the_sampled_groups_of_pictures_are_decoded(tmp_path):
     path = write_clip(tmp_path / "long.mp4", 240, 32, 48, codec="libx264", gop=10, bframes=2)
     indices = video_io.sample_indices(240, 4)  # 0, 60, 120, 180: one frame in four groups of 10
     stats: dict = {}
-    got = video_io.decode_frames(path, indices, stats=stats)
+    got = video_io.decode_frames(path, indices, stats=stats, workers=1)
     everything: dict = {}
     want = video_io.decode_sequential(path, indices, stats=everything)
     assert np.array_equal(got, want)
     assert stats["seeks"] == 4
     # each target is a keyframe or a few frames after one (B-frame reordering delays the output)
     assert stats["decoded"] <= 4 * 10 < everything["decoded"] == 181
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_parallel_decoders_give_the_same_frames(tmp_path, workers):
+    """Runs of the sampled frames on separate decoders, written into one buffer: the same bytes as
+    one pass over everything (unordered and repeated indices, scaling; an index past the end falls
+    back to the serial path's leading rows)."""
+    path = write_clip(tmp_path / "clip.mp4", 120, 48, 64, codec="libx264", gop=12, bframes=3)
+    for indices, size in ((video_io.sample_indices(120, 16), None), ([90, 3, 3, 117, 41, 0, 119, 40, 64, 65, 12, 100, 77], None),
+                          (video_io.sample_indices(120, 12), (28, 56))):
+        stats: dict = {}
+        got = video_io.decode_frames(path, indices, size=size, stats=stats, workers=workers)
+        assert stats["path"] == "parallel" and stats["workers"] == workers
+        assert np.array_equal(got, video_io.decode_sequential(path, indices, size=size))  # a pure copy
+    stats = {}
+    got = video_io.decode_frames(path, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 130], stats=stats, workers=workers)
+    assert stats["path"] == "seek" and got.shape[0] == 10
 
 
 def test_scaled_frames_equal_too(tmp_path):
