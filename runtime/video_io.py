@@ -116,7 +116,7 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
 
 def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
     """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info:
-    only the sampled frames are decoded (``_decode``), into one buffer (pinned when CUDA is available).
+    only the sampled frames are decoded (``decode_frames``), into one buffer (pinned when CUDA is available).
 
     ``size``: (height, width) to scale each sampled frame to while converting it (FFmpeg's
     scaler), e.g. a plan family's frame size for a clip of another resolution
@@ -127,7 +127,7 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None)
     if info.total_frames < num_frames:
         raise InputError(f"{path!r} has {info.total_frames} frames but the plan samples {num_frames}; use a "
                          f"longer video or re-plan with frames<={info.total_frames}", setting="video")
-    frames = _decode(path, sample_indices(info.total_frames, num_frames), size)
+    frames = decode_frames(path, sample_indices(info.total_frames, num_frames), size)
     if len(frames) < num_frames:
         # The container over-reported its frame count: count by decoding and sample again.
         counted = _count_frames(path)
@@ -135,7 +135,7 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None)
         if counted < num_frames:
             raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
                              f"longer video or re-plan with frames<={counted}", setting="video")
-        frames = _decode(path, sample_indices(counted, num_frames), size)
+        frames = decode_frames(path, sample_indices(counted, num_frames), size)
     return frames, info
 
 
@@ -268,9 +268,6 @@ def _decode_one(path: str, indices: list[int], size: tuple[int, int] | None, sta
             container.close()
     stats["path"] = "sequential"
     return decode_sequential(path, indices, size, stats)
-
-
-_decode = decode_frames  # the name spava_plan/engine.py imports
 
 
 class _Index:
@@ -406,7 +403,7 @@ def _decode_seeking(container, stream, indices: list[int], size: tuple[int, int]
 def decode_sequential(path: str, indices: list[int], size: tuple[int, int] | None = None,
                       stats: dict | None = None) -> np.ndarray:
     """The decode-everything path: one pass over the stream, keeping the frames at ``indices``.
-    The reference ``_decode`` must equal, and its fallback for streams it cannot index."""
+    The reference ``decode_frames`` must equal, and its fallback for streams it cannot index."""
     scale = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
     slots: dict[int, list[int]] = {}
     for slot, idx in enumerate(indices):

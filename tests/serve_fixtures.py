@@ -2,10 +2,13 @@
 127.0.0.1, waited for with a bounded deadline, always stopped; the tiny model's common options."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -109,3 +112,34 @@ def ask(server, video, question=mf.QUESTION, raw: bool = False, **kw):
     kw.setdefault("max_tokens", 6)
     create = server.client.chat.completions.with_raw_response.create if raw else server.client.chat.completions.create
     return create(model="tiny", messages=messages(video, question), **kw)
+
+
+@contextlib.contextmanager
+def clip_web_server(clip: bytes, seen: list[str] | None = None):
+    """An HTTP server on 127.0.0.1 serving ``clip`` at any path, and at /elsewhere.mp4 a redirect to
+    another name of this host (localhost); yields its base URL. ``seen`` collects the paths asked for."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if seen is not None:
+                seen.append(self.path)
+            if self.path == "/elsewhere.mp4":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/clip.mp4")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(clip)))
+            self.end_headers()
+            self.wfile.write(clip)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

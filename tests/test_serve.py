@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 import model_fixtures as mf  # noqa: E402
 
-from serve_fixtures import COMMON, FRAMES, Server, ask, data_url  # noqa: E402
+from serve_fixtures import COMMON, FRAMES, Server, ask, clip_web_server, data_url  # noqa: E402
 from serve_fixtures import env as _env  # noqa: E402
 from serve_fixtures import messages as _messages  # noqa: E402
 
@@ -207,32 +205,9 @@ def test_paths_outside_the_root_fifos_and_folders_are_refused_without_opening(se
 @pytest.fixture(scope="module")
 def web(root):
     """An HTTP server on 127.0.0.1 serving the clip (and a redirect to another host name)."""
-    import http.server
-
-    clip = (root / "media" / "clip.mp4").read_bytes()
     seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            seen.append(self.path)
-            if self.path == "/elsewhere.mp4":
-                self.send_response(302)
-                self.send_header("Location", f"http://localhost:{self.server.server_port}/clip.mp4")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(clip)))
-            self.end_headers()
-            self.wfile.write(clip)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}", seen
-    httpd.shutdown()
-    httpd.server_close()
+    with clip_web_server((root / "media" / "clip.mp4").read_bytes(), seen) as url:
+        yield url, seen
 
 
 def test_http_media_are_refused_by_default_without_a_socket(server, web):

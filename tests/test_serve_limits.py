@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import model_fixtures as mf  # noqa: E402
-from serve_fixtures import FRAMES, Server, ask, data_url, messages  # noqa: E402
+from serve_fixtures import FRAMES, Server, ask, clip_web_server, data_url, messages  # noqa: E402
 
 KEY = "test-key-0123456789"
 BODY_CAP = 300_000
@@ -38,30 +37,8 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def web(root):
     """An HTTP server on 127.0.0.1 serving the clip, and a redirect to another name of this host."""
-    import http.server
-
-    clip = (root / "media" / "clip.mp4").read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if self.path == "/elsewhere.mp4":
-                self.send_response(302)
-                self.send_header("Location", f"http://localhost:{self.server.server_port}/clip.mp4")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(clip)))
-            self.end_headers()
-            self.wfile.write(clip)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
+    with clip_web_server((root / "media" / "clip.mp4").read_bytes()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
