@@ -33,12 +33,13 @@ import torch  # noqa: E402
 from . import progress  # noqa: E402
 from .backends import for_rank_threads, kernel_backend
 from .config import SpavaConfig
-from .errors import InfeasiblePlanError, InputError, SpavaError
+from .errors import InfeasiblePlanError, InputError, PlanMismatchError, SpavaError
 from .plan import Plan
 from .plan_load import load_plan
 from .plan_store import PlanStore
 from .planner.build import build_plan
 from .planner.fit import fit_config
+from .planner.layout import token_layout
 from .run_config import RunConfig, ServeConfig, resolve_checkpoint
 from .runtime import hf_inputs, hf_model, llm_fused, vision_attention, vision_fused
 from .runtime.attention import RankAttention
@@ -177,6 +178,18 @@ def replan(plan: Plan, settings: Mapping[str, Any]) -> Plan:
     return build_plan(cfg)
 
 
+def _check_clip_size(plan: Plan, height: int, width: int) -> None:
+    """Refuse a clip whose frames the processor would resize to another size than the plan's, from
+    its metadata alone: by the planner's own rule (the plan's config at the clip's resolution), so
+    an 8K clip for a small plan is refused at once instead of after decoding and processing it."""
+    cfg = with_settings(plan.source_config(), {"video.resolution": f"{height}x{width}"})
+    got, want = tuple(token_layout(cfg.model, cfg.video).frame_size), tuple(plan.layout.frame_size)
+    if got != want:
+        raise PlanMismatchError(
+            f"the video's {height}x{width} frames resize to {got[0]}x{got[1]} but the plan's are {want[0]}x{want[1]}; "
+            f"re-plan with video.resolution={height}x{width} {hf_inputs.REPLAN_HINT}", setting="video.resolution")
+
+
 def plan_from_config(cfg: SpavaConfig, *, same_world: bool = False, notes: list[str] | None = None) -> Plan:
     """A plan from the planner's config: for video.path, the frames the processor samples at
     video.fps and the clip's size, as `spava-plan video.path=` plans them (one sampling rule). An
@@ -303,6 +316,8 @@ class Session:
         tokenizer = self.processing.tokenizer
         if video:
             info = probe(video)
+            if not self.may_replan:  # from the container's metadata, before a frame is decoded
+                _check_clip_size(plan, info.height, info.width)
             if info.total_frames < frames_n:
                 if not self.may_replan:
                     raise _short_clip(video, info.total_frames, frames_n)

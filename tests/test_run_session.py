@@ -100,6 +100,25 @@ def test_a_clip_shorter_than_the_plan_names_replan(plan54, tmp_path):
     assert len(line) == 1 and "re-plan with frames<=6" in line[0] and "replan=true" in line[0], p.stderr
 
 
+def test_a_clip_of_another_size_is_refused_from_its_metadata(plan54, tmp_path, monkeypatch, capsys):
+    """A 2160x3840 clip for the 112x168 plan: refused naming video.resolution before any frame is
+    decoded (issue 30: an 8K clip decoded and processed for 74 s before the mismatch was reported);
+    a clip of the plan's own size still runs."""
+    from spava_plan import session as session_mod
+    from spava_plan.run import run_emulated
+    from spava_plan.run_config import compose_entry_config
+
+    big = mf.write_video(tmp_path / "big.mp4", frames=54, height=2160, width=3840)
+    monkeypatch.setattr(session_mod, "read_frames", lambda *a, **k: pytest.fail("decoded before the size check"))
+    cfg = compose_entry_config("run", [f"plan={plan54}", *TINY, f"video={big}", "max_new_tokens=1"])
+    assert run_emulated(cfg, None) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spava-run: error: video.resolution") and "2160x3840" in err[-1], err
+    ok = mf.write_video(tmp_path / "ok.mp4", frames=54, height=112, width=168)
+    p = _run([f"plan={plan54}", *TINY, f"video={ok}", "max_new_tokens=1"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 # -- warmup=true, tune_only=true ---------------------------------------------------------------------
 def test_warmup_runs_one_untimed_pass_first(plan54, tmp_path):
     p = _run([f"plan={plan54}", *TINY, "warmup=true", "max_new_tokens=2"], tmp_path)
