@@ -101,7 +101,7 @@ class RankRunner:
         moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
                                      self.exchange, self.merge,
-                                     self.plan.video.temporal_patch)
+                                     self.plan.video.temporal_patch, inputs.pixel_grids)
 
     def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
         """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""
@@ -210,4 +210,5 @@ def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
         return inputs
     return ModelInputs(inputs.input_ids.to(device), inputs.mm_token_type_ids.to(device), inputs.pixel_values_videos,
                        inputs.video_grid_thw, inputs.second_per_grid_ts, inputs.video_token_id, inputs.frame_size,
-                       pad_tokens=inputs.pad_tokens, video_span=inputs.video_span, end_tokens=inputs.end_tokens)
+                       pad_tokens=inputs.pad_tokens, video_span=inputs.video_span, end_tokens=inputs.end_tokens,
+                       pixel_grids=inputs.pixel_grids)

@@ -42,6 +42,10 @@ class ModelInputs:
     # of video tokens (Qwen), closed by one <|vision_end|>.
     video_span: tuple[int, int] | None = None
     end_tokens: int = 1  # tokens after the video that still belong to the context
+    # The temporal grids [g0, g1) whose pixels ``pixel_values_videos`` holds; None: all of them.
+    # Single-rank mode holds only its rank's grids (a 32768-frame video's whole pixel tensor is
+    # hundreds of GB of host memory, even when allocated and never touched).
+    pixel_grids: tuple[int, int] | None = None
 
     @property
     def total_tokens(self) -> int:

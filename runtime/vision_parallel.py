@@ -64,9 +64,10 @@ def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: t
 
 def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
                           comm: Communicator, exchange: VisionExchange, merge: int,
-                          temporal_patch: int = 2) -> torch.Tensor:
+                          temporal_patch: int = 2, pixel_grids: tuple[int, int] | None = None) -> torch.Tensor:
     """This rank's local video embeddings: (local video tokens, hidden), rows in local order.
-    ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device."""
+    ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device.
+    ``pixel_grids``: the temporal grids [g0, g1) that ``pixels`` holds (None: all of them)."""
     t, h, w = (int(x) for x in grid_thw[0])
     W, rank, ex = comm.world_size, comm.rank, exchange
     check_grids(t, W, temporal_patch)
@@ -78,9 +79,13 @@ def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_th
                                 f"plan has {ex.grids[-1][1]} of {ex.tokens_per_grid}; re-plan for this video",
                                 setting="video.resolution")
     start, stop = ex.grids[rank]
-    rows = pixels.shape[0] // t  # pixel rows per grid: its patches (Qwen) or its one tile (InternVL)
+    g0, g1 = pixel_grids or (0, t)
+    if not g0 <= start <= stop <= g1:
+        raise PlanMismatchError(f"rank {rank} encodes temporal grids [{start}, {stop}) but its pixels hold grids "
+                                f"[{g0}, {g1}) only", setting="gpus")
+    rows = pixels.shape[0] // (g1 - g0)  # pixel rows per grid: its patches (Qwen) or its one tile (InternVL)
     grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
-    emb = visual_embeddings(visual, pixels[start * rows: stop * rows], grid)
+    emb = visual_embeddings(visual, pixels[(start - g0) * rows: (stop - g0) * rows], grid)
     if ex.identity(rank):
         return emb
     first = ex.span(rank)[0]
