@@ -211,7 +211,7 @@ def _measured_phases(r: dict) -> dict:
 def report(runs_path: str, out: str, commands: list[str], notes: list[str], plans_root: str,
            hold_out: list[str], preset_dir: str | None) -> int:
     """benchmarks/results/<name>.{json,md} from the measured lines: each cell against the current
-    planner (h100_sxm as planned, and h200_calibrated's rates), and an H100 fit (calibrate.py) on
+    planner (the plan's own topology, and h100_sxm's and h200_calibrated's rates), and an H100 fit (calibrate.py) on
     the cells not held out, written as <preset_dir>/h100_calibrated.yaml."""
     from calibrate import PHASES, ceilings, fit, rates_of
     from spava_plan.hydra_conf import compose_config
@@ -221,6 +221,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
     ok = [r for r in rows if "error" not in r]
     dev = ok[0]["device"] if ok else "?"
     h200 = rates_of(compose_config(["topology=h200_calibrated"]))
+    h100 = rates_of(compose_config(["topology=h100_sxm"]))
     cells = []
     for r in ok:
         plan = load_plan(Path(plans_root) / Path(r["plan"]).parent.name / "plan.json")
@@ -228,7 +229,11 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
         cell = Path(r["plan"]).parent.name
         cells.append((cell, plan, cfg, r))
         r["cell"] = cell
-        r["now"] = {"h100_sxm": _predict(cfg, r["rank"]), "h200_calibrated": _predict(plan_config(plan, **h200), r["rank"])}
+        # "as planned": the plan's own topology's rates (h100_sxm, h200, ...); then the same plan
+        # under h100_sxm's and h200_calibrated's rates, so a run on either card has its prediction
+        r["now"] = {"as planned": _predict(cfg, r["rank"]), "h100_sxm": _predict(plan_config(plan, **h100), r["rank"]),
+                    "h200_calibrated": _predict(plan_config(plan, **h200), r["rank"])}
+        r["planned_topology"] = cfg.topology.name
     train = [c for c in cells if c[0] not in hold_out]
     fitted = None
     if train and any(c[3]["measured"].get("attention_s") for c in train):
@@ -259,7 +264,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
             p["peak_error"] = p["peak_bytes"] / r["peak_bytes"] - 1
     Path(out + ".json").write_text(json.dumps({"device": dev, "commands": commands, "notes": notes, "hold_out": hold_out,
                                                "fit": fitted, "rows": rows}, indent=1) + "\n")
-    presets = ["h100_sxm", "h200_calibrated"] + (["h100_calibrated"] if fitted else [])
+    presets = ["as planned", "h100_sxm", "h200_calibrated"] + (["h100_calibrated"] if fitted else [])
     lines = [f"# Single-rank scale runs ({dev})", "",
              "One rank of each plan alone on one GPU (`spava_plan.run` single-rank mode, runtime/solo.py): its real "
              "work and buffers, its peers' data random. **Single-rank**: no communication time is included; not a "
@@ -273,7 +278,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
         if "error" in r:
             lines.append(f"| {r['plan']} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
             continue
-        p = r["now"]["h100_sxm"]
+        p = r["now"]["as planned"]
         lines.append(f"| {r['cell']} ({r['tokens']:,} tokens) | {r['rank']} ({r['local_tokens']:,}) | "
                      f"{r['peak_bytes'] / GIB:.2f} ({r['vision_peak_bytes'] / GIB:.2f} / {r['lm_peak_bytes'] / GIB:.2f}) | "
                      f"{r.get('reserved_bytes', 0) / GIB:.2f} ({alloc(r)}) | {p['peak_bytes'] / GIB:.2f} | {p['peak_error']:+.1%} | "
