@@ -66,6 +66,12 @@ class SoloComm(Communicator):
             out.narrow(0, sum(int(s) for s in out_splits[:self.rank]), mine).copy_(
                 inp.narrow(0, sum(int(s) for s in in_splits[:self.rank]), mine))
 
+    def all_reduce(self, t: torch.Tensor, tag: str = "reduce") -> None:
+        """The peers' sum arrives as one random tensor (this rank's own share is kept)."""
+        peers = torch.empty_like(t)
+        _fill(peers)
+        t.add_(peers)
+
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
         if src != self.rank:
             _fill(t)
@@ -115,7 +121,8 @@ def solo_inputs(plan: Plan, hf_config: Any, rank: int, seed: int = 0) -> ModelIn
     per_grid = rows * merge * cols * merge
     # Allocated, not touched: only this rank's grids are written (and only they are ever read).
     pixels = torch.empty((t * per_grid, 3 * tp * patch * patch), dtype=torch.float32)
-    g0, g1 = plan_vision_exchange(plan).grids[rank]
+    # dense_tp: every rank encodes every grid (with its shard of the tower)
+    g0, g1 = (0, t) if plan.method == "dense_tp" else plan_vision_exchange(plan).grids[rank]
     pixels[g0 * per_grid: g1 * per_grid].uniform_(-1.8, 2.1, generator=gen)  # the processor's normalised range
     return _inputs(ids.unsqueeze(0), pixels, grid, vid, family=plan.model.family, fps=plan.video.fps, temporal_patch=tp,
                    merge=merge, patch=patch)

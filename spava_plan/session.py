@@ -46,6 +46,7 @@ from .runtime.attention import RankAttention
 from .runtime.generate import GenerationResult, RankRunner
 from .runtime.hf_inputs import ModelInputs, Processing
 from .runtime.solo import solo_inputs
+from .runtime.tensor_parallel import TPRankRunner
 from .runtime.video_io import probe, read_frames
 from .runtime.vision_parallel import check_grids
 from .video_meta import frames_for_rate, plan_for_clip
@@ -230,6 +231,8 @@ def rank_runner(prepared: Prepared, comm: Any, backend: Any, max_tokens: int) ->
     """This rank's runner of the model under the plan's attention (KV cache room for ``max_tokens``
     new tokens and a margin)."""
     plan = prepared.plan
+    if plan.method == "dense_tp":  # the rank's shard of the model, stock attention math (runtime/tensor_parallel.py)
+        return TPRankRunner(prepared.model, plan, comm, prepared.device, decode_capacity=max_tokens + 8)
     return RankRunner(prepared.model, plan, comm,
                       lambda: RankAttention(plan, comm.rank, comm, backend, decode_capacity=max_tokens + 8),
                       prepared.device)
