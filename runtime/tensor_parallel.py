@@ -232,13 +232,15 @@ class TPAttention:
     @staticmethod
     def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """(n, Hq, D) x (m, Hkv, D) -> (n, Hq, D); causal aligns the last row with the last key."""
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # the KV heads repeated for their q heads: every SDPA backend takes that (not all take GQA)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         n, m = q.shape[0], k.shape[0]
         mask = None
-        if causal and n != m:  # bottom-right causal (decode of several tokens)
+        if causal and 1 < n != m:  # bottom-right causal (decode of several tokens; one token sees every key)
             mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and n == m,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and n == m)
         return out[0].transpose(0, 1)
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
