@@ -339,7 +339,9 @@ class Session:
         elif cfg.model.init == "random" and solo_rank is not None and tokenizer is None:
             frames = None  # single-rank: pixels of this rank's grids only (no processor pass over the video)
             source = tuple(plan.layout.frame_size)
-            notes.append(f"random pixels in rank {solo_rank}'s temporal grids only (single-rank, no video=)")
+            grids = "every temporal grid (dense_tp: each rank encodes all)" if plan.method == "dense_tp" else \
+                f"rank {solo_rank}'s temporal grids only"
+            notes.append(f"random pixels in {grids} (single-rank, no video=)")
         elif cfg.model.init == "random":
             frames = random_frames(plan, cfg.seed)
             source = frames.shape[1:3]
