@@ -128,7 +128,8 @@ def measure(runner: Any, cell: dict, method: str, plan: Any, inputs: Any, positi
             "warmup": warmup, "functional_passes": 0, "repeats": repeats,
             "ttft_us": ttft, "median_trace_ttft_us": ttft,
             "per_repeat_median_ttft_us": statistics.median(p["ttft_us"] for p in per_repeat),
-            "rank_compute_us": [statistics.median(x["compute_us"] for x in replays if x["rank"] == r) for r in range(W)],
+            "rank_compute_us": [statistics.median(x["compute_us"] for x in replays if x["rank"] == r)
+                                for r in range(W)],
             "rank_finish_us": median_finish, "exposed_comm_us": per_repeat[0]["exposed_comm_us"],
             "per_repeat": per_repeat, "replays": replays, "token": tokens[0] if tokens else None,
             # the all-reduces are not done: tokens and logits are not dense's (tests/test_dense_tp.py checks exactness)

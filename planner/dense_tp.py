@@ -107,8 +107,10 @@ def vision_us(cfg: SpavaConfig, cost: CostModel, unit: VisionUnit) -> tuple[floa
     work = work + cost.elementwise(vis.depth * p * (10.0 * h + 3.0 * svis.intermediate_size))
     per_chunk = chunk_units(unit)
     chunks, rest = divmod(unit.units, per_chunk)
-    reduce = 2 * vis.depth * (chunks * cost.links.transfer_us(ALL_REDUCE, per_chunk * p * h * cost.dt, cost.world)
-                              + (cost.links.transfer_us(ALL_REDUCE, rest * p * h * cost.dt, cost.world) if rest else 0.0))
+    def one(units: int) -> float:  # one all-reduce of a chunk's rows
+        return cost.links.transfer_us(ALL_REDUCE, units * p * h * cost.dt, cost.world)
+
+    reduce = 2 * vis.depth * (chunks * one(per_chunk) + (one(rest) if rest else 0.0))
     return unit.units * work.us + reduce, reduce
 
 

@@ -212,7 +212,8 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
                     if "global" in modes:
                         out.append(_global_candidate(len(out), base, preset, L, w, h, first_solver))
             else:
-                c = Candidate(len(out), method, w, 1 if method in ("apb", "star", "dense", "dense_tp") else 2, None, None,
+                per_gpu = 1 if method in ("apb", "star", "dense", "dense_tp") else 2
+                c = Candidate(len(out), method, w, per_gpu, None, None,
                               "fixed", _config(base, preset, w, base.solver.name))
                 passes = {"star": 0, "apb": apb_passing(L)}.get(method)
                 if method == "zigzag_ring" and w > MAX_RING_PLAN_GPUS:

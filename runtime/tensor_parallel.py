@@ -265,8 +265,8 @@ class TPRankRunner(RankRunner):
                  decode_capacity: int = 256):
         shard = tp_model(model, plan, comm.rank)
         if shard._spava_tp.shard.world != comm.world_size:
-            raise PlanMismatchError(f"the dense_tp shard is for {shard._spava_tp.shard.world} ranks but {comm.world_size} "
-                                    f"run it", setting="gpus")
+            raise PlanMismatchError(f"the dense_tp shard is for {shard._spava_tp.shard.world} ranks but "
+                                    f"{comm.world_size} run it", setting="gpus")
         shard._spava_tp.comm = comm
         super().__init__(shard, plan, comm, lambda: TPAttention(plan, comm.rank, decode_capacity), device)
 

@@ -69,7 +69,8 @@ def check_tp(num_heads: int, num_kv_heads: int, intermediate: int, world: int) -
                                   f"does not divide them; use gpus dividing {num_heads}", setting="gpus")
     if intermediate % world:
         raise InfeasiblePlanError(f"method=dense_tp shards the MLP's {intermediate} columns over the GPUs, but "
-                                  f"gpus={world} does not divide them; use gpus dividing {intermediate}", setting="gpus")
+                                  f"gpus={world} does not divide them; use gpus dividing {intermediate}",
+                                  setting="gpus")
     if num_kv_heads % world and world % num_kv_heads:
         raise InfeasiblePlanError(f"method=dense_tp shards or replicates the {num_kv_heads} KV heads, but gpus={world} "
                                   f"neither divides them nor is a multiple of them", setting="gpus")

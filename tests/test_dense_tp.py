@@ -3,8 +3,6 @@ rank (weights sliced from the real model, all-reduces through the communicator) 
 runtime's own dense path in fp64: emulated W=2 and 4, gloo W=2, tiny Qwen2-VL / Qwen2.5-VL / InternVL3."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from spava_plan.errors import InfeasiblePlanError
