@@ -106,6 +106,8 @@ TABLES: dict[str, list[Cell]] = {
     # InternVL3 resizes every frame to one 448x448 tile: the source resolution only changes the resize
     "internvl3_2b": _cells("ivl2b", (64,), "720p"),
 }
+# issue 28's two cells: the headline and Qwen2.5-VL-7B at 96 frames 1080p
+TABLES["issue28"] = _cells("3b", (64,), "1440p") + _cells("7b", (96,), "1080p")
 TABLES["all"] = (TABLES["3b_1440p"] + TABLES["3b_720p"] + TABLES["7b_1440p"][:1] + TABLES["7b_1440p"][1:]
                  + TABLES["7b_720p"])
 # Fail-fast check before the long loop: small, but every method runs on the real model.
