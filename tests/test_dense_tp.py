@@ -84,6 +84,17 @@ def test_cost_is_the_dense_layer_over_w_plus_two_all_reduces():
     assert len(set(plan.prediction.rank_us)) == 1  # every rank does the same work
 
 
+@pytest.mark.parametrize("model", ["qwen2_5vl_3b", "qwen2vl", "internvl3_2b"])
+def test_one_rank_of_dense_tp_is_dense(model):
+    """W=1: the shard is the whole model, the all-reduces cost nothing: the same prediction and memory
+    as method=dense (the TP cost, ViT and weight formulas agree with the dense ones)."""
+    over = [f"model={model}", "frames=32", "video.resolution=720p", "gpus=1"]
+    tp, dense = derive(compose_config(over + ["method=dense_tp"])), derive(compose_config(over + ["method=dense"]))
+    assert tp.prediction.makespan_us == pytest.approx(dense.prediction.makespan_us, rel=1e-12)
+    assert tp.prediction.vision_us == pytest.approx(dense.prediction.vision_us, rel=1e-12)
+    assert tp.memory[0] == dense.memory[0]
+
+
 def test_memory_holds_the_shard_and_the_whole_prompts_kv_of_its_heads():
     w = 8
     cfg = _cfg(f"gpus={w}", "method=dense_tp")
