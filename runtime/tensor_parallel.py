@@ -6,7 +6,9 @@ with their biases, o_proj's columns of those heads, the MLP's gate/up rows and d
 ViT's fused qkv (or q/k/v) by head, its output projection and MLP the same way. A row-parallel
 layer's bias is kept on rank 0 only (zeros elsewhere), so the sum adds it once. Everything else
 (embeddings, norms, LM head, patch embedding, merger / projector) is shared with the full model's
-own tensors, so W shards in one process (emulated ranks) add only the sliced weights. Forward
+own tensors, so W shards in one process (emulated ranks) add only the sliced weights. With
+model.init=random the full model is built on the meta device only, and each rank's shard gets its
+own random weights there and then (transformers' initialize_weights, RoPE buffers included). Forward
 hooks all-reduce the hidden states through the communicator after each attention and each MLP of
 every decoder layer and ViT block: the two all-reduces per layer. A ViT rank with no head (W above
 the tower's heads) contributes zeros.
@@ -21,6 +23,7 @@ shard and the tensor-parallel vision stage (every rank encodes every unit with i
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from typing import Any
 
@@ -39,6 +42,9 @@ from .kv_cache import KVCacheShard
 from .vision_parallel import vision_module, visual_embeddings
 
 _SHARDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(W, rank): shard}
+# Emulated ranks build their shards from their own threads: one at a time, so a random shard's
+# seeded init does not share the global generator with another rank's
+_BUILD = threading.Lock()
 
 
 # -- slicing --------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def _stock_copy(model: Any) -> Any:
     memo: dict[int, Any] = {}
     for m in model.modules():
         for t in list(m._parameters.values()) + list(m._buffers.values()) + list(m.__dict__.values()):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not t.is_meta:  # a meta model's copy gets its own tensors
                 memo[id(t)] = t
     shard = copy.deepcopy(model, memo)
     for m in shard.modules():
@@ -154,19 +160,22 @@ def _stock_copy(model: Any) -> Any:
     return shard
 
 
-def tp_model(model: Any, plan: Plan, rank: int) -> Any:
-    """Rank ``rank``'s shard of ``model`` under a dense_tp plan (cached per model, world and rank)."""
+def tp_model(model: Any, plan: Plan, rank: int, device: torch.device | str = "cpu") -> Any:
+    """Rank ``rank``'s shard of ``model`` under a dense_tp plan (cached per model, world and rank). A
+    model on the meta device (model.init=random) gives a shard with its own random weights on
+    ``device``, built without the full model ever existing."""
     if plan.method != "dense_tp":
         raise PlanMismatchError(f"a tensor-parallel shard needs a method=dense_tp plan, not {plan.method}",
                                 setting="method")
-    cache = _SHARDS.setdefault(model, {})
-    key = (plan.world_size, rank)
-    if key not in cache:
-        cache[key] = _build(model, plan, rank)
-    return cache[key]
+    with _BUILD:
+        cache = _SHARDS.setdefault(model, {})
+        key = (plan.world_size, rank)
+        if key not in cache:
+            cache[key] = _build(model, plan, rank, torch.device(device))
+        return cache[key]
 
 
-def _build(model: Any, plan: Plan, rank: int) -> Any:
+def _build(model: Any, plan: Plan, rank: int, device: torch.device) -> Any:
     s = model_shards(plan.model, plan.world_size)[rank]
     tc = text_config(model)
     if int(tc.num_attention_heads) != plan.model.num_heads or int(tc.intermediate_size) != plan.model.intermediate_size:
@@ -180,6 +189,12 @@ def _build(model: Any, plan: Plan, rank: int) -> Any:
     for block in blocks:
         _vit_attention(block, attn_name, s, heads)
         _vit_mlp(block.mlp, s)
+    if any(p.is_meta for p in shard.parameters()):  # model.init=random: this rank's own random shard
+        shard.to_empty(device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(rank)
+            shard.initialize_weights()  # transformers' own init (buffers such as RoPE frequencies included)
+        shard.eval()
     shard._spava_tp = _TPState(s)
     _install_reduces(shard, shard._spava_tp, blocks, attn_name)
     return shard
@@ -263,7 +278,7 @@ class TPRankRunner(RankRunner):
 
     def __init__(self, model: Any, plan: Plan, comm: Communicator, device: torch.device | str,
                  decode_capacity: int = 256):
-        shard = tp_model(model, plan, comm.rank)
+        shard = tp_model(model, plan, comm.rank, device)
         if shard._spava_tp.shard.world != comm.world_size:
             raise PlanMismatchError(f"the dense_tp shard is for {shard._spava_tp.shard.world} ranks but "
                                     f"{comm.world_size} run it", setting="gpus")

@@ -216,8 +216,12 @@ def load_model(cfg: RunConfig, checkpoint: str | None, plan: Plan, device: torch
             model = hf_model.random_from_checkpoint(checkpoint, dtype=dtype, device=device, seed=cfg.seed)
             notes.append("random weights with the checkpoint's architecture (model.init=random)")
         else:
-            model = hf_model.random_model(plan.model, dtype=dtype, device=device, seed=cfg.seed)
-            notes.append("random weights with the plan's model dims (model.init=random)")
+            # dense_tp: only the model's structure (meta); each rank builds its own random shard on its
+            # device (runtime/tensor_parallel.py), so the full model is never allocated
+            tp = plan.method == "dense_tp"
+            model = hf_model.random_model(plan.model, dtype=dtype, device="meta" if tp else device, seed=cfg.seed)
+            notes.append("random weights with the plan's model dims (model.init=random)"
+                         + ("; each rank's shard built on its own" if tp else ""))
     # The ViT's window attention as one SDPA call per window size, not transformers' per-window
     # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
     vision_attention.install(model)

@@ -242,3 +242,26 @@ def test_gloo_dense_tp_equals_dense(tiny):
             err = (out["logits"][:n] - ref_logits[:n]).abs().max().item()
             assert err <= 1e-5, f"{family} rank {rank}: max |logit diff| {err:.2e}"
             assert out["tokens"] == ref_tokens, f"{family} rank {rank}"
+
+
+def test_random_weights_build_each_shard_alone():
+    """model.init=random: the full model exists only on the meta device; each rank's shard gets its own
+    random weights of the sliced shapes, and transformers' own buffers (RoPE frequencies)."""
+    torch = pytest.importorskip("torch")
+    from spava_plan.runtime import hf_model
+    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.tensor_parallel import tp_model
+
+    plan = build_plan(compose_config(["model=tiny", "method=dense_tp", "gpus=2", "frames=8", "kernels=false",
+                                      "model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2"]))
+    meta = hf_model.random_model(plan.model, dtype=torch.float32, device="meta")
+    real = dict(hf_model.random_model(plan.model, dtype=torch.float32, device="cpu").named_buffers())
+    shards = [tp_model(meta, plan, r, "cpu") for r in range(2)]
+    for s in shards:
+        assert all(not p.is_meta and torch.isfinite(p).all() for p in s.parameters())
+        assert all(torch.equal(b, real[n]) for n, b in s.named_buffers())
+        q = language_model(s).layers[0].self_attn.q_proj
+        assert q.weight.shape == (plan.model.num_heads // 2 * plan.model.head_dim, plan.model.hidden_size)
+    assert all(p.is_meta for p in meta.parameters())  # the full model was never allocated
+    a, b = (language_model(s).layers[0].self_attn.q_proj.weight for s in shards)
+    assert not torch.equal(a, b)  # each rank's own random values
