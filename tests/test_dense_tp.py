@@ -238,9 +238,10 @@ def test_gloo_dense_tp_equals_dense(tiny):
         n = inputs.prompt_tokens
         for rank in range(2):
             out = torch.load(root / family / f"tp_W2_rank{rank}.pt")
-            # another process (other thread count and kernels, conftest.py): rounding only
+            # another process (one thread, conftest.py): the model's fp32 RMSNorm rounds the fp64 sums'
+            # last bits away, so the logits came out bit-identical here; 1e-10 is the requirement
             err = (out["logits"][:n] - ref_logits[:n]).abs().max().item()
-            assert err <= 1e-5, f"{family} rank {rank}: max |logit diff| {err:.2e}"
+            assert err <= TOL, f"{family} rank {rank}: max |logit diff| {err:.2e}"
             assert out["tokens"] == ref_tokens, f"{family} rank {rank}"
 
 
