@@ -44,6 +44,7 @@ def predicted_phases(cfg: Any) -> dict:
     prefill split into attention (the schedule's attend / select / merge ops) and the rest (qkv,
     out_mlp: projections, norms, MLP), each x layers; lm = their sum (exposed communication
     excluded: the measured phases are compute only)."""
+    from spava_plan.planner import dense_tp
     from spava_plan.planner.build import derive
     from spava_plan.planner.cost import CostModel
     from spava_plan.planner.vision import vision_unit
@@ -53,6 +54,9 @@ def predicted_phases(cfg: Any) -> dict:
     unit = vision_unit(cfg.model, d.tokens.grid_thw)
     units = [unit.units // W + (1 if r < unit.units % W else 0) for r in range(W)]
     per_unit = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, W).vision_unit(unit).us
+    if dense_tp.is_tp(cfg.method.name):  # every unit on every rank with its shard (its all-reduces are comm)
+        total, reduce = dense_tp.vision_us(cfg, dense_tp.layer_cost_model(cfg, W), unit)
+        units, per_unit = [1] * W, total - reduce
     layers = cfg.model.num_layers
     attention, rest = [], []
     for steps, timings in zip(d.steps, d.timeline.timings):

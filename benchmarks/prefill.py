@@ -10,6 +10,11 @@ Methods (the same random-weight model object for all of them, built once per pro
                 generated Triton kernels on CUDA) replays each rank's real work alone on the one GPU
                 (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
                 charged from the plan's topology. Never a measured multi-GPU time.
+  dense_tp      the dense model with Megatron-style tensor parallelism (vLLM's tensor_parallel_size):
+                every rank's shard (runtime/tensor_parallel.py) timed alone on the one GPU, TTFT = the
+                slowest rank + its all-reduces charged from the plan's topology, not done
+                (benchmarks/prefill_tp.py); on the largest GPU count <= --gpus that divides the q heads
+                and the MLP (Qwen2.5-VL-7B's 28 heads: 4 of 8 GPUs)
 Both: first token from the last prompt position only (logits_to_keep=1 / the last row); random
 uint8 pixel frames (never zeros) through the Qwen image processor; pixels start in page-locked host
 memory (the dense model copies all of them, each rank its own temporal grids, inside the timed region).
@@ -51,7 +56,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/ is on sys.path)
+from prefill_methods import DENSE, EMULATED, METHODS, TENSOR_PARALLEL  # noqa: E402  (benchmarks/ is on sys.path)
+from prefill_tp import TP_GPUS_NOTE, tp_gpus  # noqa: E402
 
 W_DEFAULT = 8
 WORLD_TIMEOUT_S = 1200.0  # an emulated rank waits this long for its peers (a slow first compile included)
@@ -100,6 +106,8 @@ TABLES: dict[str, list[Cell]] = {
     # InternVL3 resizes every frame to one 448x448 tile: the source resolution only changes the resize
     "internvl3_2b": _cells("ivl2b", (64,), "720p"),
 }
+# issue 28's two cells: the headline and Qwen2.5-VL-7B at 96 frames 1080p
+TABLES["issue28"] = _cells("3b", (64,), "1440p") + _cells("7b", (96,), "1080p")
 TABLES["all"] = (TABLES["3b_1440p"] + TABLES["3b_720p"] + TABLES["7b_1440p"][:1] + TABLES["7b_1440p"][1:]
                  + TABLES["7b_720p"])
 # Fail-fast check before the long loop: small, but every method runs on the real model.
@@ -122,8 +130,15 @@ def plan_cells(cells: list[Cell], root: Path, *, gpus: int, topology: str, kerne
         entry: dict[str, Any] = {"id": cell.id, "model": cell.model, "frames": cell.frames,
                                  "resolution": cell.resolution, "gpus": gpus, "check": cell is CHECK,
                                  "overrides": {}, "plans": {}, "predicted": {}}
-        for method in EMULATED + ("dense",):
-            overrides = cell.overrides(method, gpus, topology)
+        for method in EMULATED + TENSOR_PARALLEL + ("dense",):
+            w = gpus
+            if method in TENSOR_PARALLEL:  # the heads and the MLP must split evenly (7B's 28 heads: 4 GPUs of 8)
+                w = tp_gpus(compose_config(cell.overrides(method, gpus, topology)).model, gpus)
+                if w is None:
+                    entry.setdefault("unplannable", {})[method] = f"no GPU count <= {gpus} shards the model"
+                    continue
+                entry.setdefault("gpus_used", {})[method] = w
+            overrides = cell.overrides(method, w, topology)
             cfg = compose_config(overrides)
             entry["overrides"][method] = overrides
             names = DENSE if method == "dense" else (method,)
@@ -550,6 +565,24 @@ class Runner:
             torch.cuda.empty_cache()
         return rec
 
+    # -- tensor parallel -----------------------------------------------------------------------------
+    def tensor_parallel(self, cell: dict, method: str, inputs: Any, positions: Any, repeats: int) -> dict:
+        """dense_tp: every rank's shard of this process's model timed alone (benchmarks/prefill_tp.py)."""
+        from prefill_tp import measure
+
+        from spava_plan.plan_load import load_plan
+        from spava_plan.runtime import hf_inputs
+
+        plan = load_plan(self.root / cell["plans"][method])
+        hf_inputs.check_against_plan(plan, inputs, positions)
+        rec = measure(self, cell, method, plan, inputs, positions, repeats, self.rank_warmup)
+        rec["gpus_note"] = TP_GPUS_NOTE
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+        return rec
+
     # -- memory / sync ----------------------------------------------------------------------------
     def sync(self) -> None:
         import torch
@@ -586,6 +619,10 @@ class Runner:
                     "frame_size": list(inputs.frame_size), "grid_thw": [int(x) for x in inputs.video_grid_thw[0]]})
         logits: dict[str, Any] = {}
         for method in methods:
+            if method not in cell["predicted"]:  # dense_tp with no GPU count that shards the model
+                self.write({"kind": "skipped", "cell": cell["id"], "method": method,
+                            "reason": cell.get("unplannable", {}).get(method, "not planned")})
+                continue
             heavy = cell["predicted"][method]["makespan_us"] / 1e6 * self.factor["dense"] > self.heavy_s
             warmup = 0 if (method in DENSE and heavy) else (self.warmup if method in DENSE else 0)
             passes = warmup + repeats + (0 if method in DENSE else 1 + self.rank_warmup)
@@ -596,7 +633,9 @@ class Runner:
                 continue
             t0 = time.monotonic()
             try:
-                if method in DENSE:
+                if method in TENSOR_PARALLEL:
+                    rec = self.tensor_parallel(cell, method, inputs, positions, repeats)
+                elif method in DENSE:
                     try:
                         rec = self.dense(cell, method, inputs, positions, warmup, repeats)
                     except RuntimeError as exc:
@@ -630,7 +669,8 @@ class Runner:
                 if "dense_flash" not in logits and ref.exists():
                     logits["dense_flash"] = torch.load(ref)
             rec["wall_s"] = seconds
-            rec["check"] = logits_check(logits, method)
+            rec["check"] = ({"note": rec["exactness"]} if method in TENSOR_PARALLEL  # all-reduces charged, not done
+                            else logits_check(logits, method))
             self.write(rec)
 
 

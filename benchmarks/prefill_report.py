@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from calibrate import PARAMS, PHASES, ceilings, fit, predicted_phases, rates_of, relative_error, with_rates
-from prefill_methods import DENSE, EMULATED, METHODS
+from prefill_methods import DENSE, EMULATED, METHODS, TENSOR_PARALLEL
 
-TARGETS = {"dense_flash": 12.72, "zigzag_ring": 1.70, "apb": 1.18}  # SPAVA_SPEC.md section 9 (W=8, 64f 1440p)
+TARGETS = {"dense_flash": 12.72, "zigzag_ring": 1.70, "apb": 1.18,  # SPAVA_SPEC.md section 9 (W=8, 64f 1440p)
+           "dense_tp": 2.0}  # issue 28: what a user with 8 GPUs runs today
 HEADLINE = ("qwen2_5vl_3b", 64, "1440p")
 GIB = 2 ** 30
 
@@ -139,6 +140,8 @@ def calibrate(cells: list[dict], results: dict, summaries: dict, topology: str, 
     for c in cells:
         for m in METHODS:
             key = (c["id"], m)
+            if ("dense" if m in DENSE else m) not in configs[c["id"]]:  # dense_tp not plannable here
+                continue
             cfg = configs[c["id"]]["dense" if m in DENSE else m]
             after = predicted_phases(with_rates(cfg, rates))
             preds[key] = {"makespan_us": after["makespan_us"], "vision_us": after["vision_us"],
@@ -189,6 +192,8 @@ def attention_tflops(entry: dict, method: str, summary: dict, plans: Path) -> fl
     else:
         plan = load_plan(plans / entry["plans"][method])
         pairs = rank_pairs(plan, summary["profile"]["rank"])
+        if method in TENSOR_PARALLEL:  # a rank attends with Hq / W heads
+            pairs /= plan.world_size
     m = plan.model
     return 4.0 * m.head_dim * m.num_heads * m.num_layers * pairs / (t * 1e-6) / 1e12
 
@@ -240,7 +245,8 @@ def report(runs: list[Path], plans: Path, prefix: Path, *, preset_dir: Path | No
             before = c["predicted"][m]["makespan_us"]
             after = cal.get("predicted", {}).get(f"{c['id']}|{m}", {}).get("makespan_us")
             rows[m] = {
-                "label": rec["label"], "emulated": m in EMULATED, "ttft_ms": {k: (v / 1e3 if k != "n" else v)
+                "label": rec["label"], "emulated": m in EMULATED + TENSOR_PARALLEL, "world": rec.get("world", 1),
+                "ttft_ms": {k: (v / 1e3 if k != "n" else v)
                                                                              for k, v in s["ttft_us"].items()},
                 "warmup": rec["warmup"], "repeats": rec["repeats"],
                 "spava_speedup": (med / spava["ttft_us"]["median"]) if spava and m != "spava" else None,
@@ -348,8 +354,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
                   "| peak GiB/rank measured (planner) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m, r in c["methods"].items():
             t = r["ttft_ms"]
-            name = (f"{m} (emulated {c['world']}-rank, {r['warmup']} warm-up/rank)" if r["emulated"]
-                    else f"{m} (1 GPU, {r['warmup']} warm-up)")
+            name = (f"{m} (emulated {r['world']}-rank{' tensor parallel' if m in TENSOR_PARALLEL else ''}, "
+                    f"{r['warmup']} warm-up/rank)" if r["emulated"] else f"{m} (1 GPU, {r['warmup']} warm-up)")
             peaks, pp = r["peak_gib_per_rank"], r["predicted_peak_gib_per_rank"]
             peak = (f"{min(peaks):.1f}-{max(peaks):.1f}" if len(peaks) > 1 else f"{peaks[0]:.1f}") + \
                    f" ({max(pp):.1f})"
@@ -379,7 +385,8 @@ def markdown(data: dict, runs: list[Path]) -> str:
             lines.append(f"| {m} | " + " | ".join(cells_) + f" | {ttft:.1f} / {fl['total']:.1f} "
                          f"({_f(ttft / fl['total'] if fl['total'] > 0 else None, '{:.2f}x')}) |")
         checks = [f"{m}: rel. err {r['check']['rel_err']:.3g}, argmax {'=' if r['check']['argmax_agree'] else '!='}"
-                  for m, r in c["methods"].items() if r["check"]]
+                  for m, r in c["methods"].items() if r["check"] and "rel_err" in r["check"]]
+        checks += [f"{m}: {r['check']['note']}" for m, r in c["methods"].items() if "note" in (r["check"] or {})]
         if checks:
             lines += ["", "First-token logits vs dense_flash: " + "; ".join(checks)]
     if cal and "rates_after" in cal:

@@ -7,10 +7,12 @@
 Every method goes through the same path, so baselines are planned and costed exactly like Spava.
 Solvers apply to Spava; the baselines keep their fixed placements (zigzag_ring: rank r holds
 chunks r and 2W-1-r; apb and star: block r on rank r; dense: one rank), which is the snake order
-of ``zigzag`` with 2 or 1 hosts per rank.
+of ``zigzag`` with 2 or 1 hosts per rank. dense_tp (planner/dense_tp.py): the whole prompt on every
+rank, each with its shard of the model's heads and MLP columns (its cost model is the shard's).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement,
                              SelectionSpec, VideoSpec, split_config)
 from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
 
+from . import dense_tp
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
 from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
@@ -161,6 +164,8 @@ def _timed_collectives(colls: tuple[Collective, ...], cost: CostModel, hosts: in
     for c in colls:
         if c.kind == "select_scan":
             t = cost.scan(c.bytes_per_rank, hosts)
+        elif c.kind == "all_reduce":
+            t = cost.all_reduce(c.bytes_per_rank)
         else:
             t = cost.p2p(c.bytes_per_rank) if c.kind == "ring" else cost.all_gather(c.bytes_per_rank)
         out.append(Collective(c.name, c.kind, c.slot, c.rows_per_rank, c.bytes_per_rank, time_us=t))
@@ -218,10 +223,15 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
     world = part.world
-    check_vision_units(tokens, world, cfg.model.vision.temporal_patch)
-    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, world)
+    tp = dense_tp.is_tp(part.method)  # every rank holds the whole prompt and its shard of the model
+    if not tp:
+        check_vision_units(tokens, world, cfg.model.vision.temporal_patch)
+    cost = dense_tp.layer_cost_model(cfg, world)
     solver = cfg.solver if part.method == "spava" else FIXED_PLACEMENT
-    placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)
+    if tp:
+        placement = dense_tp.placement(host_costs(part, cost, tokens.query_tokens)[0])
+    else:
+        placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)
     layout = Layout(total_tokens=tokens.total_tokens, context_tokens=tokens.context_tokens,
                     query_tokens=tokens.query_tokens, video_tokens=tokens.video_tokens, frames=tokens.frames,
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,
@@ -245,13 +255,20 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
         tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
     exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
                                tiles)
-    exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
-    most = max(b - a for a, b in exchange.grids)
-    vision_us = most * cost.vision_unit(unit).us + exchange_us
-
-    weights = weight_bytes(cfg)
     chunking = plan_chunking(unit)
-    memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights, chunking) for r in ranks]
+    if tp:  # every rank encodes every unit with its shard of the tower; its all-reduces are the exposed part
+        vision_us, exchange_us = dense_tp.vision_us(cfg, cost, unit)
+        weights = dense_tp.weight_bytes(cfg, world)
+        stage = dense_tp.vision_stage_bytes(cfg, world, unit, chunking.vision_units)
+        shard_cfg = dataclasses.replace(cfg, model=cost.model)
+        memory = [rank_memory(shard_cfg, r, colls, world, unit, exchange, weights, chunking, vision_stage=stage)
+                  for r in ranks]
+    else:
+        exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
+        most = max(b - a for a, b in exchange.grids)
+        vision_us = most * cost.vision_unit(unit).us + exchange_us
+        weights = weight_bytes(cfg)
+        memory = [rank_memory(cfg, r, colls, world, unit, exchange, weights, chunking) for r in ranks]
     fits = fits_device(cfg, max(m["peak"] for m in memory))
     if require_fit and not fits:
         check_fits(cfg, part.method, world, memory)

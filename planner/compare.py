@@ -1,6 +1,6 @@
 """Plan every method on the same video and model, so the report compares identical work.
 
-Dense runs on one GPU, every other method on the configured W; all go through planner/build.py
+Dense runs on one GPU, every other method (dense_tp included) on the configured W; all go through planner/build.py
 with the same cost model. Baselines are planned with ``require_fit=False`` (a baseline that does
 not fit the device is reported as such, with its predicted time for a device that had room) and
 without per-op detail (only their totals are reported).
@@ -14,9 +14,10 @@ from spava_plan.config import SpavaConfig
 from spava_plan.errors import SpavaError
 
 from .build import Derived, derive
-from .cost import KERNELS, CostModel
+from .cost import KERNELS
+from .dense_tp import layer_cost_model
 
-COMPARED = ("spava", "zigzag_ring", "apb", "star", "dense")
+COMPARED = ("spava", "zigzag_ring", "apb", "star", "dense_tp", "dense")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def phases(d: Derived) -> dict[str, float]:
     p = d.prediction
     r = max(range(d.world), key=lambda i: p.rank_us[i])
     cfg = d.cfg
-    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, d.world)
+    cost = layer_cost_model(cfg, d.world)  # dense_tp: the rank's shard of the model
     n = d.ranks[r].local_tokens
     layers = cfg.model.num_layers
     per_token = layers * (cost.qkv(n).us + cost.out_mlp(n).us

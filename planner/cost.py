@@ -27,7 +27,7 @@ from typing import NamedTuple
 from spava_plan.config import ModelConfig, TopologyConfig
 from spava_plan.plan import DTYPE_BYTES
 from spava_plan.passing_scan import scan_time_us
-from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BROADCAST, P2P, Links, plan_links
+from spava_plan.links import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BROADCAST, P2P, Links, plan_links
 from spava_plan.vision_exchange import VisionExchange
 
 from .vision import VisionUnit, unit_attention_pairs, unit_gemms
@@ -183,6 +183,10 @@ class CostModel:
     # -- communication --------------------------------------------------------------------------
     def all_gather(self, bytes_per_rank: float, world: int | None = None) -> float:
         return self.links.transfer_us(ALL_GATHER, bytes_per_rank, self.world if world is None else world)
+
+    def all_reduce(self, nbytes: float) -> float:
+        """Sum of an ``nbytes`` tensor over the ranks (dense_tp's hidden states)."""
+        return self.links.transfer_us(ALL_REDUCE, nbytes, self.world)
 
     def broadcast(self, nbytes: float) -> float:
         return self.links.transfer_us(BROADCAST, nbytes, self.world)

@@ -97,6 +97,8 @@ def _comm_buffers(collectives: tuple[Collective, ...], world: int, hosts: int = 
             passing += world * c.bytes_per_rank
         elif c.kind == "ring":
             passing += 2 * c.bytes_per_rank
+        elif c.kind == "all_reduce":
+            continue  # in place (NCCL): the hidden states are counted with the activations
         else:
             gather += world * c.bytes_per_rank
     return passing, gather
@@ -123,8 +125,9 @@ def _vision_stage(cfg: SpavaConfig, unit: VisionUnit, ex: VisionExchange, rank: 
 
 def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective, ...], world: int,
                 unit: VisionUnit, exchange: VisionExchange, weights: int,
-                chunking: Chunking | None = None) -> dict[str, int]:
-    """Peak bytes of one rank with its parts (keys: PARTS and "peak")."""
+                chunking: Chunking | None = None, vision_stage: int | None = None) -> dict[str, int]:
+    """Peak bytes of one rank with its parts (keys: PARTS and "peak"). ``vision_stage``: the
+    encoder's peak when the frame-parallel one does not apply (dense_tp: planner/dense_tp.py)."""
     m, dt = cfg.model, cfg.dtype_bytes
     chunking = plan_chunking(unit) if chunking is None else chunking
     cache_tokens = sum(stop - start for start, stop in rank.cache)
@@ -136,7 +139,8 @@ def rank_memory(cfg: SpavaConfig, rank: RankPlan, collectives: tuple[Collective,
         "activations": _activations(cfg, rank, ring, chunking),
         "passing": passing,
         "gather": gather,
-        "vision_stage": _vision_stage(cfg, unit, exchange, rank.rank, chunking),
+        "vision_stage": (_vision_stage(cfg, unit, exchange, rank.rank, chunking) if vision_stage is None
+                         else vision_stage),
     }
     llm = parts["kv_cache"] + parts["activations"] + parts["passing"] + parts["gather"]
     parts["peak"] = weights + max(parts["vision_stage"], llm)

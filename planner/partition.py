@@ -183,4 +183,6 @@ def partition(layout: TokenLayout, method: MethodConfig, gpus: int) -> Partition
         return Partition(name, gpus, 2, None, chunks, "chunk", 0, None, 0, 0)
     if name == "dense":
         return Partition(name, 1, 1, None, ((0, total),), "block", 0, None, 0, 0)
+    if name == "dense_tp":  # the whole prompt on every rank (planner/dense_tp.py): one block, host 0
+        return Partition(name, gpus, 1, None, ((0, total),), "block", 0, None, 0, 0)
     raise AssertionError(f"method {name!r} passed validation but has no partition")

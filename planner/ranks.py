@@ -12,6 +12,7 @@ import bisect
 from spava_plan.passing_scan import message_bytes
 from spava_plan.plan import DTYPE_BYTES, AttnTask, Collective, KVRef, ModelSpec, RankPlan, SelectBlock
 
+from . import dense_tp
 from .partition import KVSource, Partition, host_kv
 
 QUERY_RANK = 0  # the rank that attends the query's own keys and appends decoded tokens' K/V
@@ -240,11 +241,15 @@ def rank_plans(part: Partition, host_rank: tuple[int, ...]) -> tuple[RankPlan, .
         return tuple(_ring_ranks(part, host_rank))
     if part.method == "dense":
         return tuple(_dense_ranks(part))
+    if part.method == "dense_tp":
+        return dense_tp.rank_plans(part)
     raise AssertionError(part.method)
 
 
 def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Collective, ...]:
     """Per-layer exchanges with their static sizes (bytes each rank contributes)."""
+    if part.method == "dense_tp":
+        return dense_tp.collectives(part, model.hidden_size, dtype_bytes)
     out: list[Collective] = []
     hkv, d = model.num_kv_heads, model.head_dim
     if part.keep and part.passing == "global":

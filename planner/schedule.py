@@ -47,6 +47,11 @@ def _slots(task: AttnTask) -> set[int]:
 def rank_steps(rank: RankPlan, collectives: tuple[Collective, ...], world: int, overlap: bool) -> list[Step]:
     """The untimed op order of one rank's layer, as Step tuples."""
     names = {c.name: c for c in collectives}
+    reduces = [c.name for c in collectives if c.kind == "all_reduce"]
+    if reduces:  # dense_tp: attention, then the all-reduce after o_proj; the MLP, then the one after it
+        attn, mlp = reduces
+        return [_op("qkv"), _op("attend", tasks=tuple(t.name for t in rank.tasks)), _start(attn), _wait(attn),
+                _op("out_mlp"), _start(mlp), _wait(mlp)]
     ops: list[Step] = [_op("qkv")]
     if "ring" in names:
         ops += _ring_ops(rank, world)

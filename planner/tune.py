@@ -35,7 +35,8 @@ from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
 from spava_plan.errors import ConfigError, InfeasiblePlanError, SpavaError
 
 from .build import MAX_RING_PLAN_GPUS, Derived, derive
-from .cost import CostModel, visible_pairs
+from . import dense_tp
+from .cost import visible_pairs
 from .layout import apb_passing, paper_anchor, paper_passing, token_layout
 from .memory import GIB, usable_bytes, weight_bytes
 from .partition import Partition, check_vision_units, global_anchor, global_passing, partition
@@ -211,7 +212,8 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
                     if "global" in modes:
                         out.append(_global_candidate(len(out), base, preset, L, w, h, first_solver))
             else:
-                c = Candidate(len(out), method, w, 1 if method in ("apb", "star", "dense") else 2, None, None,
+                per_gpu = 1 if method in ("apb", "star", "dense", "dense_tp") else 2
+                c = Candidate(len(out), method, w, per_gpu, None, None,
                               "fixed", _config(base, preset, w, base.solver.name))
                 passes = {"star": 0, "apb": apb_passing(L)}.get(method)
                 if method == "zigzag_ring" and w > MAX_RING_PLAN_GPUS:
@@ -279,24 +281,28 @@ def bounds(cfg: SpavaConfig) -> tuple[float, int, Partition]:
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
     w = part.world
-    check_vision_units(tokens, w, cfg.model.vision.temporal_patch)
-    cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, w)
-    m = cfg.model
+    tp = dense_tp.is_tp(part.method)  # the whole prompt on every rank, each with its shard of the model
+    if not tp:
+        check_vision_units(tokens, w, cfg.model.vision.temporal_patch)
+    cost = dense_tp.layer_cost_model(cfg, w)
+    m = cost.model
     units = tokens.grid_thw[0]
-    vision = -(-units // w) * cost.vision_unit(vision_unit(m, tokens.grid_thw)).us
+    unit = vision_unit(cfg.model, tokens.grid_thw)
+    vision = dense_tp.vision_us(cfg, cost, unit)[0] if tp else -(-units // w) * cost.vision_unit(unit).us
     # Compute ops run one after another on a rank: per-token work on its local tokens, plus at
     # least the average rank's share of the attention FLOPs (and all of the replicated ones) at
-    # the attention rate.
-    per_token = cost.layer_tokens(_local_tokens(part, tokens.total_tokens)).us
+    # the attention rate (dense_tp: all of them, with the rank's heads).
+    per_token = cost.layer_tokens(tokens.total_tokens if tp else _local_tokens(part, tokens.total_tokens)).us
     split, replicated = _attention_pairs(part)
-    attention = 4.0 * (split / w + replicated) * m.head_dim * m.num_heads / cost.attn_rate
+    attention = 4.0 * (split if tp else split / w + replicated) * m.head_dim * m.num_heads / cost.attn_rate
     time = vision + m.num_layers * (per_token + attention)
     kv_row = m.num_layers * 2 * m.num_kv_heads * m.head_dim * cfg.dtype_bytes
     # per_block: every block's selection is gathered; global: each host's own buffer of keep rows
     held = part.hosts_per_rank if part.passing == "global" else part.virtual_hosts
     passing = held * part.keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes \
         if part.method in ("spava", "apb") else 0
-    peak = weight_bytes(cfg) + tokens.total_tokens // w * kv_row + passing
+    weights = dense_tp.weight_bytes(cfg, w) if tp else weight_bytes(cfg)
+    peak = weights + tokens.total_tokens // (1 if tp else w) * kv_row + passing
     return time, peak, part
 
 
@@ -614,7 +620,7 @@ def advice(result: TuneResult, base: SpavaConfig) -> dict[str, str]:
 
     out = {}
     searched = list(dict.fromkeys(base.tune.methods))
-    for method in ("spava", "apb", "star", "zigzag_ring", "dense"):
+    for method in ("spava", "apb", "star", "zigzag_ring", "dense", "dense_tp"):
         mine = [c for c in result.candidates if c.method == method]
         allow = next((m.group(1) for c in mine for m in [re.search(r"tune\.min_passing=(\d+)", c.reason)] if m), None)
         if not mine:

@@ -21,7 +21,11 @@ from typing import Any, Protocol, Sequence
 import torch
 
 # Communication kinds as the timing model sees them (spava_plan/links.py).
-from spava_plan.links import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P  # noqa: F401
+from spava_plan.links import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P  # noqa: F401
+
+# Tags of all-reduces (dense_tp's hidden states) start with this: the emulator charges them by their
+# bytes with the all-reduce formula (the MLP and the ViT run them per chunk, not per plan collective).
+REDUCE_TAG = "reduce"
 
 
 class Handle(Protocol):
@@ -85,6 +89,14 @@ class Communicator(ABC):
         out = torch.empty((self.world_size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
         self.all_gather_into_tensor(out, one, tag=tag)
         return out
+
+    def all_reduce(self, t: torch.Tensor, tag: str = REDUCE_TAG) -> None:
+        """In place: ``t`` becomes the sum of every rank's ``t``, the same on every rank. This default
+        all-gathers and sums in rank order (so the emulated world needs nothing new); a process
+        group runs its own all-reduce (runtime/comm_dist.py). ``tag`` starts with REDUCE_TAG."""
+        assert tag.startswith(REDUCE_TAG), tag
+        every = self.all_gather(t, tag=tag)
+        torch.sum(every, dim=0, out=t)
 
     def send(self, t: torch.Tensor, dst: int, tag: str = "") -> None:
         """Blocking send; pairs with the peer's ``recv`` (implemented as a one-sided exchange)."""

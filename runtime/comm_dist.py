@@ -182,6 +182,9 @@ class TorchDistComm(Communicator):
         self._guard(f"all_to_all {tag!r}", lambda: dist.all_to_all_single(
             out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=self.group))
 
+    def all_reduce(self, t: torch.Tensor, tag: str = "reduce") -> None:
+        self._guard(f"all_reduce {tag!r}", lambda: dist.all_reduce(t, group=self.group))
+
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
         self._guard(f"broadcast {tag!r} from rank {src}", lambda: dist.broadcast(t, src, group=self.group))
 

@@ -32,7 +32,7 @@ from spava_plan.critical_path import Event
 from spava_plan.errors import DistributedError, SpavaError
 from spava_plan.links import Links
 
-from .comm import ALL_GATHER, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, Communicator, Handle
+from .comm import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, REDUCE_TAG, Communicator, Handle
 from .comm_hub import HubComm, _Hub
 from .comm_record import Clock, RecordingComm, ReplayComm, median_trace
 
@@ -130,6 +130,8 @@ class EmulatedWorld:
         return self.comms[rank]
 
     def cost_us(self, kind: str, tag: str, nbytes: int) -> float:
+        if tag.startswith(REDUCE_TAG) and self.links is not None:  # all-reduces: by their bytes (per chunk)
+            return self.links.transfer_us(ALL_REDUCE, nbytes, self.world_size)
         if tag in self.costs:
             return self.costs[tag]
         if self.links is None:

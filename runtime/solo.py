@@ -67,6 +67,12 @@ class SoloComm(Communicator):
             out.narrow(0, sum(int(s) for s in out_splits[:self.rank]), mine).copy_(
                 inp.narrow(0, sum(int(s) for s in in_splits[:self.rank]), mine))
 
+    def all_reduce(self, t: torch.Tensor, tag: str = "reduce") -> None:
+        """The peers' sum arrives as one random tensor (this rank's own share is kept)."""
+        peers = torch.empty_like(t)
+        _fill(peers)
+        t.add_(peers)
+
     def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
         if src != self.rank:
             _fill(t)
@@ -115,8 +121,9 @@ def solo_inputs(plan: Plan, hf_config: Any, rank: int, seed: int = 0) -> ModelIn
     ids[video_start + lay.video_tokens] = int(hf_config.vision_end_token_id)
     per_grid = rows * merge * cols * merge
     # Only this rank's grids (the only ones it reads): the whole video's pixels would be 92 GB of host
-    # memory at 8192 frames of 720p, and 369 GB at 32768.
-    g0, g1 = plan_vision_exchange(plan).grids[rank]
+    # memory at 8192 frames of 720p, and 369 GB at 32768. dense_tp: every rank encodes every grid
+    # (with its shard of the tower).
+    g0, g1 = (0, t) if plan.method == "dense_tp" else plan_vision_exchange(plan).grids[rank]
     pixels = torch.empty(((g1 - g0) * per_grid, 3 * tp * patch * patch), dtype=torch.float32)
     pixels.uniform_(-1.8, 2.1, generator=gen)  # the processor's normalised range
     inputs = _inputs(ids.unsqueeze(0), pixels, grid, vid, family=plan.model.family, fps=plan.video.fps,

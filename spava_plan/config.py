@@ -38,7 +38,7 @@ MODEL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "internvl3")
 # RoPE scalings the runtime reproduces exactly (transformers' rope types; runtime/rope.py): the
 # supported checkpoints use default (Qwen2-VL, Qwen2.5-VL) and dynamic NTK (InternVL3).
 ROPE_TYPES = typing.get_args(RopeType)
-METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
+METHODS = ("spava", "apb", "star", "zigzag_ring", "dense", "dense_tp")
 SOLVERS = ("zigzag", "greedy", "exact", "local_search")
 SELECTIONS = ("query_aware", "key_norm")
 # How a Spava host's passing block is formed: ``per_block`` (the paper: every earlier block passes

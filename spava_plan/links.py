@@ -10,6 +10,8 @@ runtime (runtime/comm_emulated.py) charges the communication it cannot observe w
     all_to_all: ``bytes_per_rank`` = the busiest rank's off-rank bytes (every pair moves at once),
                 as one transfer + ceil(log2 W) latencies;
     p2p:        one latency + one transfer (a ring step of ring attention);
+    all_reduce: ring reduce-scatter + all-gather of ``bytes_per_rank`` (the whole tensor):
+                2 ceil(log2 W) latencies + 2 (W - 1) / W of it through each GPU's link;
     object, barrier: ceil(log2 W) latencies (control messages).
 
 Bandwidth is the NVLink rate when the plan's ranks sit in one node and the per-GPU network rate
@@ -21,13 +23,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-CommKind = Literal["all_gather", "all_to_all", "broadcast", "p2p", "object", "barrier"]
+CommKind = Literal["all_gather", "all_to_all", "broadcast", "p2p", "object", "barrier", "all_reduce"]
 ALL_GATHER: CommKind = "all_gather"
 ALL_TO_ALL: CommKind = "all_to_all"
 BROADCAST: CommKind = "broadcast"
 P2P: CommKind = "p2p"
 OBJECT: CommKind = "object"
 BARRIER: CommKind = "barrier"
+ALL_REDUCE: CommKind = "all_reduce"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Links:
             return steps + bytes_per_rank / link
         if kind in (OBJECT, BARRIER):
             return steps
+        if kind == ALL_REDUCE:
+            return 2 * steps + 2 * (world - 1) / world * bytes_per_rank / link
         raise ValueError(f"unknown communication kind {kind!r}")
 
 

@@ -29,6 +29,9 @@ Vocabulary of the contract
 - Collective: a per-layer exchange. kind="select_all_gather": every rank sends the packed
   selection of its host in ``slot``; kind="query_all_gather": (out, lse) partials of the query;
   kind="ring": W-1 point-to-point K/V steps.
+  kind="all_reduce" (method=dense_tp): the hidden states of every token summed over the ranks
+  (after o_proj: ``reduce_attn``, after the MLP's down projection: ``reduce_mlp``); every rank
+  holds the whole sequence and its own heads and MLP columns (spava_plan/tp_shards.py).
   kind="select_scan" (method.passing=global): every host's top ``rows_per_rank`` candidates are
   combined by the prefix scan of spava_plan/passing_scan.py (rounds of sparse all-to-alls whose
   structure follows placement.host_rank), leaving host v the best rows of all hosts < v;
@@ -61,11 +64,11 @@ SegmentKind = Literal["anchor", "block", "chunk", "query"]
 KVKind = Literal["local", "passing", "remote"]
 Mask = Literal["full", "causal"]
 Merge = Literal["none", "query"]
-CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring", "select_scan"]
+CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring", "select_scan", "all_reduce"]
 OpKind = Literal["compute", "comm_start", "comm_wait"]
 Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
-Method = Literal["spava", "apb", "star", "zigzag_ring", "dense"]
+Method = Literal["spava", "apb", "star", "zigzag_ring", "dense", "dense_tp"]
 RopeType = Literal["default", "linear", "dynamic"]  # the RoPE scalings the runtime reproduces
 DType = Literal["bf16", "fp16", "fp32"]
 # The one dtype table: bytes per element of each plan dtype (config validation, cost and memory

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, get_args
 
 from .errors import PlanFormatError, SpavaError
-from .links import ALL_GATHER, P2P, plan_links
+from .links import ALL_GATHER, ALL_REDUCE, P2P, plan_links
 from .passing_scan import scan_time_us
 from .plan import SCHEMA_VERSION, ComputeOp, ModelSpec, Plan, RankPlan, content_hash, merge_config
 
@@ -329,7 +329,8 @@ def check_plan(plan: Plan) -> None:
     _need(all(x >= 1 for x in lay.grid_thw), "layout.grid_thw", "must be positive")
     # the frame-parallel vision encoder gives every rank at least one temporal grid
     # (InternVL3's video tokens also hold each frame's text, whose length varies with the frame number)
-    _need(lay.grid_thw[0] >= W and (plan.model.family == "internvl3" or lay.video_tokens % lay.grid_thw[0] == 0),
+    _need((lay.grid_thw[0] >= W or plan.method == "dense_tp")  # dense_tp: every rank encodes every grid
+          and (plan.model.family == "internvl3" or lay.video_tokens % lay.grid_thw[0] == 0),
           "layout.grid_thw",
           f"needs at least world_size={W} temporal grids that divide layout.video_tokens")
     _need(all(x >= 1 for x in lay.frame_size), "layout.frame_size", "must be positive")
@@ -380,12 +381,18 @@ def check_plan(plan: Plan) -> None:
             select_slots[c.slot] = c
         else:
             _need(c.slot == -1, f"{p}.slot", f"must be -1 for a {c.kind} collective")
-            _need(sum(x.kind == c.kind for x in plan.collectives) == 1, f"{p}.kind", f"a plan has one {c.kind}")
+            if c.kind == "all_reduce":  # dense_tp: one after o_proj, one after the MLP, of the whole prompt
+                _need(plan.method == "dense_tp" and c.name in ("reduce_attn", "reduce_mlp")
+                      and c.rows_per_rank == total, p, "all_reduce collectives are dense_tp's reduce_attn and "
+                      "reduce_mlp over every token")
+            else:
+                _need(sum(x.kind == c.kind for x in plan.collectives) == 1, f"{p}.kind", f"a plan has one {c.kind}")
     for i, c in enumerate(plan.collectives):  # timed by the one communication model
         if c.kind == "select_scan":
             want = scan_time_us(plan.links, c.bytes_per_rank, V, W)
         else:
-            want = plan.links.transfer_us(P2P if c.kind == "ring" else ALL_GATHER, c.bytes_per_rank, W)
+            kind = {"ring": P2P, "all_reduce": ALL_REDUCE}.get(c.kind, ALL_GATHER)
+            want = plan.links.transfer_us(kind, c.bytes_per_rank, W)
         _need(math.isclose(c.time_us, want, rel_tol=1e-9, abs_tol=1e-9),
               f"collectives[{i}].time_us", "must be the plan's links' time for its bytes")
     query = next((c for c in plan.collectives if c.kind == "query_all_gather"), None)

@@ -46,6 +46,7 @@ from .runtime.attention import RankAttention
 from .runtime.generate import GenerationResult, RankRunner
 from .runtime.hf_inputs import ModelInputs, Processing
 from .runtime.solo import solo_inputs
+from .runtime.tensor_parallel import TPRankRunner
 from .runtime.video_io import probe, read_frames
 from .runtime.vision_parallel import check_grids
 from .video_meta import frames_for_rate, plan_for_clip
@@ -215,8 +216,12 @@ def load_model(cfg: RunConfig, checkpoint: str | None, plan: Plan, device: torch
             model = hf_model.random_from_checkpoint(checkpoint, dtype=dtype, device=device, seed=cfg.seed)
             notes.append("random weights with the checkpoint's architecture (model.init=random)")
         else:
-            model = hf_model.random_model(plan.model, dtype=dtype, device=device, seed=cfg.seed)
-            notes.append("random weights with the plan's model dims (model.init=random)")
+            # dense_tp: only the model's structure (meta); each rank builds its own random shard on its
+            # device (runtime/tensor_parallel.py), so the full model is never allocated
+            tp = plan.method == "dense_tp"
+            model = hf_model.random_model(plan.model, dtype=dtype, device="meta" if tp else device, seed=cfg.seed)
+            notes.append("random weights with the plan's model dims (model.init=random)"
+                         + ("; each rank's shard built on its own" if tp else ""))
     # The ViT's window attention as one SDPA call per window size, not transformers' per-window
     # loop (~270K tiny launches at 64 frames 1440p); same result (tests/test_benchmark_prefill.py).
     vision_attention.install(model)
@@ -230,6 +235,8 @@ def rank_runner(prepared: Prepared, comm: Any, backend: Any, max_tokens: int) ->
     """This rank's runner of the model under the plan's attention (KV cache room for ``max_tokens``
     new tokens and a margin)."""
     plan = prepared.plan
+    if plan.method == "dense_tp":  # the rank's shard of the model, stock attention math (runtime/tensor_parallel.py)
+        return TPRankRunner(prepared.model, plan, comm, prepared.device, decode_capacity=max_tokens + 8)
     return RankRunner(prepared.model, plan, comm,
                       lambda: RankAttention(plan, comm.rank, comm, backend, decode_capacity=max_tokens + 8),
                       prepared.device)
@@ -336,7 +343,9 @@ class Session:
         elif cfg.model.init == "random" and solo_rank is not None and tokenizer is None:
             frames = None  # single-rank: pixels of this rank's grids only (no processor pass over the video)
             source = tuple(plan.layout.frame_size)
-            notes.append(f"random pixels in rank {solo_rank}'s temporal grids only (single-rank, no video=)")
+            grids = "every temporal grid (dense_tp: each rank encodes all)" if plan.method == "dense_tp" else \
+                f"rank {solo_rank}'s temporal grids only"
+            notes.append(f"random pixels in {grids} (single-rank, no video=)")
         elif cfg.model.init == "random":
             frames = random_frames(plan, cfg.seed)
             source = frames.shape[1:3]

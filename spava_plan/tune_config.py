@@ -10,7 +10,7 @@ from typing import List, Optional
 from .errors import ConfigError
 
 TUNE_TARGETS = ("latency", "memory", "throughput")
-TUNE_METHODS = ("spava", "apb", "star", "zigzag_ring", "dense")
+TUNE_METHODS = ("spava", "apb", "star", "zigzag_ring", "dense", "dense_tp")
 TUNE_SOLVERS = ("zigzag", "greedy", "local_search", "exact")
 TUNE_PASSINGS = ("per_block", "global")  # spava_plan.config.PASSINGS (that module imports this one)
 

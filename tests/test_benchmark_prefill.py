@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FP32_EXACT = 1e-5  # exact methods vs dense in fp32: rounding of 2 layers only (seen ~2e-7)
-METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "apb", "star")
+METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "apb", "star", "dense_tp")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_every_cell_measures_every_method(smoke):
             assert r["emulated"] == (m not in ("dense_flash", "dense_cudnn"))
             if r["emulated"]:
                 assert r["label"].startswith("emulated 2-rank"), r["label"]
-                assert len(r["peak_gib_per_rank"]) == 2 and r["tokens_agree"]
+                # dense_tp's all-reduces are charged, not done: its tokens are not compared
+                assert len(r["peak_gib_per_rank"]) == 2 and (r["tokens_agree"] or m == "dense_tp")
             else:
                 assert len(r["peak_gib_per_rank"]) == 1
 
