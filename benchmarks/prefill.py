@@ -334,7 +334,8 @@ class Runner:
         inputs = build_inputs(plan, proc, model, frames, question=None, seed=0)
         positions = hf_inputs.global_position_ids(model, inputs)
         hf_inputs.check_against_plan(plan, inputs, positions)
-        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch,
+                    plan.vision_parallel)
         if self.cuda:  # page-locked, as a DataLoader(pin_memory=True) hands them over: every method's
             # timed host-to-GPU copy runs at DMA speed (pageable: ~35 ms of 349 MB per rank at 64f 1440p)
             inputs = dataclasses.replace(inputs, pixel_values_videos=inputs.pixel_values_videos.pin_memory())

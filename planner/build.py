@@ -21,7 +21,7 @@ from spava_plan.errors import InfeasiblePlanError
 from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
-from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
+from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_encoders, vision_exchange
 
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
 from .layout import TokenLayout, token_layout
@@ -218,7 +218,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
     world = part.world
-    check_vision_units(tokens, world, cfg.model.vision.temporal_patch)
+    check_vision_units(tokens, world, cfg.model.vision.temporal_patch, cfg.vision.parallel)
     cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, world)
     solver = cfg.solver if part.method == "spava" else FIXED_PLACEMENT
     placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)
@@ -236,15 +236,16 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     timeline = simulate(ranks, steps, colls, durations, world, record=detail)
 
     # Frame-parallel vision encoder: rank r encodes T // W units (+1 for the first T % W ranks),
-    # then each rank receives the embeddings of its own local video tokens only (the same
-    # exchange the runtime builds from the Plan: spava_plan.vision_exchange.plan_vision_exchange).
+    # (vision.parallel=one_gpu: rank 0 encodes all T), then each rank receives the embeddings of
+    # its own local video tokens only (the same exchange the runtime builds from the Plan:
+    # spava_plan.vision_exchange.plan_vision_exchange). The slowest encoder sets the stage's time.
     unit = vision_unit(cfg.model, tokens.grid_thw)
     grids = tokens.grid_thw[0]
     tiles = None
     if cfg.model.family == "internvl3":  # frame text between the tiles: plan in embedding-row space
         tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
     exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
-                               tiles)
+                               tiles, vision_encoders(world, cfg.vision.parallel))
     exchange_us = cost.vision_exchange(exchange, cfg.model.hidden_size * cfg.dtype_bytes)
     most = max(b - a for a, b in exchange.grids)
     vision_us = most * cost.vision_unit(unit).us + exchange_us
@@ -300,7 +301,7 @@ def assemble(d: Derived) -> Plan:
                                 cap_pixels_per_frame=vision.cap_pixels_per_frame,
                                 max_video_tokens=vision.max_video_tokens),
                 links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
-                chunking=d.chunking)
+                chunking=d.chunking, vision_parallel=d.cfg.vision.parallel)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

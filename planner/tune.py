@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
 from spava_plan.errors import ConfigError, InfeasiblePlanError, SpavaError
+from spava_plan.vision_exchange import vision_encoders
 
 from .build import MAX_RING_PLAN_GPUS, Derived, derive
 from .cost import CostModel, visible_pairs
@@ -279,11 +280,11 @@ def bounds(cfg: SpavaConfig) -> tuple[float, int, Partition]:
     tokens = token_layout(cfg.model, cfg.video)
     part = partition(tokens, cfg.method, cfg.topology.gpus)
     w = part.world
-    check_vision_units(tokens, w, cfg.model.vision.temporal_patch)
+    check_vision_units(tokens, w, cfg.model.vision.temporal_patch, cfg.vision.parallel)
     cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, w)
     m = cfg.model
     units = tokens.grid_thw[0]
-    vision = -(-units // w) * cost.vision_unit(vision_unit(m, tokens.grid_thw)).us
+    vision = -(-units // vision_encoders(w, cfg.vision.parallel)) * cost.vision_unit(vision_unit(m, tokens.grid_thw)).us
     # Compute ops run one after another on a rank: per-token work on its local tokens, plus at
     # least the average rank's share of the attention FLOPs (and all of the replicated ones) at
     # the attention rate.

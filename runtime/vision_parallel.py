@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from spava_plan.errors import InputError, PlanMismatchError
-from spava_plan.vision_exchange import VisionExchange
+from spava_plan.vision_exchange import VisionExchange, vision_encoders
 
 from .chunking import takes_host_grid
 from .comm import Communicator
 
 
-def check_grids(grids: int, world: int, temporal_patch: int) -> None:
-    """Every rank encodes at least one temporal grid: a shorter video is a user error."""
-    if grids < world:
+def check_grids(grids: int, world: int, temporal_patch: int, parallel: str = "frames") -> None:
+    """Every encoding rank (every rank; vision.parallel=one_gpu: rank 0) encodes at least one
+    temporal grid: a shorter video is a user error."""
+    if grids < vision_encoders(world, parallel):
         raise InputError(f"the video gives {grids} temporal grids ({grids * temporal_patch} frames) but "
                          f"{world} ranks each encode at least one; use frames>={world * temporal_patch} "
                          f"or fewer ranks", setting="frames")
@@ -64,12 +65,14 @@ def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: t
 
 def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
                           comm: Communicator, exchange: VisionExchange, merge: int,
-                          temporal_patch: int = 2) -> torch.Tensor:
+                          temporal_patch: int = 2, hidden: int | None = None) -> torch.Tensor:
     """This rank's local video embeddings: (local video tokens, hidden), rows in local order.
-    ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device."""
+    ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device.
+    A rank the exchange gives no grids (vision.parallel=one_gpu: every rank but 0) runs no
+    encoder and only receives; it needs ``hidden``, the embeddings' width (the LLM's hidden size)."""
     t, h, w = (int(x) for x in grid_thw[0])
     W, rank, ex = comm.world_size, comm.rank, exchange
-    check_grids(t, W, temporal_patch)
+    check_grids(t, sum(1 for a, b in ex.grids if b > a), temporal_patch)
     if ex.world != W:
         raise PlanMismatchError(f"the vision exchange is planned for {ex.world} ranks but {W} run it; re-plan with "
                                 f"gpus={W}", setting="gpus")
@@ -79,8 +82,13 @@ def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_th
                                 setting="video.resolution")
     start, stop = ex.grids[rank]
     rows = pixels.shape[0] // t  # pixel rows per grid: its patches (Qwen) or its one tile (InternVL)
-    grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
-    emb = visual_embeddings(visual, pixels[start * rows: stop * rows], grid)
+    if start < stop:
+        grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
+        emb = visual_embeddings(visual, pixels[start * rows: stop * rows], grid)
+    else:  # nothing to encode: an empty block of rows in the encoder's dtype, on its device
+        assert hidden is not None, "a rank without grids needs the embeddings' width (hidden=)"
+        param = next(visual.parameters())
+        emb = torch.empty((0, hidden), dtype=param.dtype, device=param.device)
     if ex.identity(rank):
         return emb
     first = ex.span(rank)[0]
