@@ -5,7 +5,9 @@ Methods (the same random-weight model object for all of them, built once per pro
   dense_flash   the stock Hugging Face model (attn_implementation="sdpa") on one GPU inside
                 sdpa_kernel(FLASH_ATTENTION): the paper's FlashAttn
   dense_cudnn   the same inside sdpa_kernel(CUDNN_ATTENTION)
-  spava, zigzag_ring, apb, star
+  spava, zigzag_ring, zigzag_ring_one_gpu, apb, star
+                (zigzag_ring_one_gpu: zigzag_ring with vision.parallel=one_gpu, the whole ViT on rank 0
+                as the serving engines run it)
                 "emulated W-rank": the runtime (spava_plan.run's execute, EmulatedWorld.time, the
                 generated Triton kernels on CUDA) replays each rank's real work alone on the one GPU
                 (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
@@ -51,7 +53,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefill_methods import DENSE, EMULATED, METHODS  # noqa: E402  (benchmarks/ is on sys.path)
+from prefill_methods import DENSE, EMULATED, METHODS, planned_as  # noqa: E402  (benchmarks/ is on sys.path)
 
 W_DEFAULT = 8
 WORLD_TIMEOUT_S = 1200.0  # an emulated rank waits this long for its peers (a slow first compile included)
@@ -81,9 +83,10 @@ class Cell:
 
     def overrides(self, method: str, gpus: int, topology: str) -> list[str]:
         model = list(TINY_25) + ["dtype=fp32"] if self.model == "tiny_25" else [f"model={self.model}"]
+        name, extra = planned_as(method)
         return model + [f"gpus={1 if method == 'dense' else gpus}", f"frames={self.frames}",
-                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={method}",
-                        "kernels=false"]
+                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={name}",
+                        *extra, "kernels=false"]
 
 
 def _cells(model: str, frames: tuple[int, ...], res: str) -> list[Cell]:
