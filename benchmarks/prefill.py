@@ -231,6 +231,9 @@ class TimedBackend:
     def select(self, *a: Any) -> Any:
         return self.spans.call("select", lambda: self.inner.select(*a))
 
+    def select_blocks(self, *a: Any) -> Any:
+        return self.spans.call("select", lambda: self.inner.select_blocks(*a))
+
     def merge(self, outs: Any, lses: Any) -> Any:
         return self.spans.call("merge", lambda: self.inner.merge(outs, lses))
 
