@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
+from spava_plan import run
 from spava_plan.hydra_conf import compose_config, with_method
 from spava_plan.planner.build import build_plan, derive
 from spava_plan.planner.compare import COMPARED, ONE_GPU_RING, compare, row_name
@@ -163,3 +164,16 @@ def test_one_gpu_equals_frames_under_gloo(work):
         assert torch.equal(a["index"], b["index"]) and a["tokens"] == b["tokens"]
         assert (a["video"] - b["video"]).abs().max().item() <= EXACT, f"rank {r}: ViT rows"
         assert (a["logits"] - b["logits"]).abs().max().item() <= EXACT, f"rank {r}: logits"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_single_rank_mode_runs_both_sides_of_the_scatter(tmp_path, capsys, rank):
+    """spava-run rank=R (runtime/solo.py): rank 0 encodes the whole video and sends, rank 1 encodes
+    nothing and receives (its rows filled as a peer's)."""
+    plan = build_plan(compose_config(["model=tiny", "gpus=2", "frames=32", "video.resolution=224x224",
+                                      "method=zigzag_ring", "vision.parallel=one_gpu", "kernels=false"]))
+    path = plan.save(tmp_path / "plan.json")
+    rc = run.main([f"plan={path}", "model.init=random", f"rank={rank}", "max_new_tokens=2", "device=cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"timing (rank {rank}, single-rank)" in out.out
