@@ -4,7 +4,8 @@ serving engines' placement; zigzag_ring with it is their exact context paralleli
 Planner: rank 0 encodes every grid and is charged for it (time, memory), the other ranks only
 receive; a video with fewer grids than ranks plans; the default keeps every plan's bytes.
 Runtime: the embeddings and the prefill logits of every local row are those of vision.parallel=frames
-on the same inputs (fp64), emulated W=2 and 3 for both Qwen families and gloo processes at W=2;
+on the same inputs (fp64), emulated W=2 and 3 for both Qwen families, W=2 for InternVL3, and gloo
+processes at W=2;
 rank 0's rows are the single-process encoder's, bit for bit (the same call on the same pixels).
 """
 from __future__ import annotations
@@ -177,3 +178,17 @@ def test_single_rank_mode_runs_both_sides_of_the_scatter(tmp_path, capsys, rank)
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert f"timing (rank {rank}, single-rank)" in out.out
+
+
+def test_one_gpu_equals_frames_for_internvl3_emulated(tmp_path):
+    """InternVL3 (the exchange in embedding-row space, frame text between the tiles), W=2 threads."""
+    ckpt = mf.build_internvl_checkpoint(tmp_path / "ckpt")
+    inputs = mf.tiny_internvl_inputs(ckpt, mf.write_video(tmp_path / "v.mp4", frames=12, height=56, width=84), 11)
+    model = hf_attention.install(hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu"))
+    plans = {vp: mf.tiny_internvl_plan(inputs, 2, 11, "method.pass_all=true", "method.anchor_tokens=150",
+                                       f"vision.parallel={vp}") for vp in ("frames", "one_gpu")}
+    got = {vp: _emulated(p, model, inputs) for vp, p in plans.items()}
+    for r in range(2):
+        (v1, l1), (vf, lf) = got["one_gpu"][r], got["frames"][r]
+        assert v1.shape[0] > 0 and (v1 - vf).abs().max().item() <= EXACT, f"rank {r}: tile rows"
+        assert (l1 - lf).abs().max().item() <= EXACT, f"rank {r}: logits"
