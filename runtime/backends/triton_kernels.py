@@ -348,15 +348,13 @@ _ARANGE = {}
 
 
 MAX_TOP_BLOCK = 16384  # _select_top keeps a whole block's keys in registers up to this many tokens
-_SCRATCH = {}
 
 
-def _scratch(shape, device):
-    """Per-shape int32 scratch for the pooled-score keys (consumed within the same call)."""
-    key = (shape, str(device))
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(shape, dtype=torch.int32, device=device)
-    return _SCRATCH[key]
+def _keys_buffer(shape, device):
+    """int32 room for the pooled-score keys of one call, from the caching allocator (stream-ordered:
+    no host sync). Not one shared buffer per shape: an emulated world's rank threads select blocks
+    of the same size at the same time on one device, and one rank's top-k could read another's keys."""
+    return torch.empty(shape, dtype=torch.int32, device=device)
 
 
 def select_indices(q_query, k, keep, pool_window, score):
@@ -367,7 +365,7 @@ def select_indices(q_query, k, keep, pool_window, score):
         if key not in _ARANGE:
             _ARANGE[key] = torch.arange(n, dtype=torch.int32, device=k.device).repeat(hkv, 1)
         return _ARANGE[key]
-    keys = _scratch((hkv, n), k.device)
+    keys = _keys_buffer((hkv, n), k.device)
     block_j = 64 if k.is_cuda else 32  # 64 x D fp32 tiles: no register spills at 4 warps
     _select_keys[(triton.cdiv(n, block_j), hkv)](
         q_query, q_query.stride(0), q_query.stride(1), q_query.shape[0], k, k.stride(0), k.stride(1), n, keys,
@@ -480,7 +478,7 @@ def select_blocks(q_query, k, v, blocks, pool_window, score):
             table.append((lo, n, keep, key_at, idx_at))
             key_at, idx_at = key_at + hkv * n, idx_at + hkv * keep
         meta = _block_table(tuple(table), k.device)
-        keys = _scratch((key_at,), k.device)
+        keys = _keys_buffer((key_at,), k.device)
         idx = torch.empty((idx_at,), dtype=torch.int32, device=k.device)
         packed = torch.empty((idx_at // hkv, hkv, 2 * d), dtype=k.dtype, device=k.device)
         n_max, keep_max = max(b[2] for b in batch), max(b[3] for b in batch)
