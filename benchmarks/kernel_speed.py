@@ -23,7 +23,8 @@ triton.testing.do_bench (median; it flushes L2 before every repeat) on two alter
   backend/schedule     the schedule's launches as the runtime's tuned backend runs them: per launch
                        the generated kernel or cudnn_join, whichever timed faster (--no-tune: the
                        default tiles against cuDNN); the choices are in the result's autotune_backend
-  select               the rank's selections (every block it passes on) + packed gather
+  select               the rank's selections (every block it passes on) + packed gather, block by block;
+                       select/batched: all of them at once, as the runtime calls them (one launch per step)
 
 Usage:
   python benchmarks/kernel_speed.py make-plans DIR        # on a CPU machine with hydra: plan.json + kernels/
@@ -86,7 +87,7 @@ def rank_inputs(plan, rank, dtype, device, seed):
     from spava_plan.runtime.rank_inputs import random_rank_inputs
 
     r = random_rank_inputs(plan, rank, dtype, device, torch.Generator(device=device).manual_seed(seed))
-    return r.tasks, r.q_query, r.select_blocks
+    return r.tasks, r.q_query, r.select_blocks, (*r.local_kv, r.select_rows)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -365,6 +366,8 @@ def run_case(case: Path, variants: set[str], tune: bool, workers: int) -> dict:
     if "select" in variants and sets[0][2]:
         pool, score = plan.selection.pool_window, plan.selection.score
         record("select", lambda i: [backend.select(sets[i][1], kb, vb, kp, pool, score) for kb, vb, kp in sets[i][2]])
+        # what the runtime calls: every block of the rank at once (one launch per step)
+        record("select/batched", lambda i: backend.select_blocks(sets[i][1], *sets[i][3], pool, score))
         res["select_blocks"] = [[kb.shape[0], kp] for kb, _, kp in sets[0][2]]
         mod = backend.mod  # where the selection time goes: score + top-k, then the packed gather
         record("select/indices", lambda i: [mod.select_indices(sets[i][1], kb, kp, pool, score)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 STYLE = {"dense_flash": ("tab:red", "-"), "dense_cudnn": ("tab:orange", "-"), "spava": ("tab:blue", "--"),
-         "zigzag_ring": ("tab:green", "--"), "apb": ("tab:purple", "--"), "star": ("tab:brown", "--")}
+         "zigzag_ring": ("tab:green", "--"), "zigzag_ring_one_gpu": ("tab:olive", ":"), "apb": ("tab:purple", "--"), "star": ("tab:brown", "--")}
 
 
 def plot(data: dict, png: Path) -> Path:

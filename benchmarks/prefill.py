@@ -5,7 +5,9 @@ Methods (the same random-weight model object for all of them, built once per pro
   dense_flash   the stock Hugging Face model (attn_implementation="sdpa") on one GPU inside
                 sdpa_kernel(FLASH_ATTENTION): the paper's FlashAttn
   dense_cudnn   the same inside sdpa_kernel(CUDNN_ATTENTION)
-  spava, zigzag_ring, apb, star
+  spava, zigzag_ring, zigzag_ring_one_gpu, apb, star
+                (zigzag_ring_one_gpu: zigzag_ring with vision.parallel=one_gpu, the whole ViT on rank 0
+                as the serving engines run it)
                 "emulated W-rank": the runtime (spava_plan.run's execute, EmulatedWorld.time, the
                 generated Triton kernels on CUDA) replays each rank's real work alone on the one GPU
                 (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
@@ -56,7 +58,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefill_methods import DENSE, EMULATED, METHODS, TENSOR_PARALLEL  # noqa: E402  (benchmarks/ is on sys.path)
+from prefill_methods import DENSE, EMULATED, METHODS, TENSOR_PARALLEL, planned_as  # noqa: E402  (benchmarks/ is on sys.path)
 from prefill_tp import TP_GPUS_NOTE, tp_gpus  # noqa: E402
 
 W_DEFAULT = 8
@@ -87,9 +89,10 @@ class Cell:
 
     def overrides(self, method: str, gpus: int, topology: str) -> list[str]:
         model = list(TINY_25) + ["dtype=fp32"] if self.model == "tiny_25" else [f"model={self.model}"]
+        name, extra = planned_as(method)
         return model + [f"gpus={1 if method == 'dense' else gpus}", f"frames={self.frames}",
-                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={method}",
-                        "kernels=false"]
+                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={name}",
+                        *extra, "kernels=false"]
 
 
 def _cells(model: str, frames: tuple[int, ...], res: str) -> list[Cell]:
@@ -243,6 +246,9 @@ class TimedBackend:
     def select(self, *a: Any) -> Any:
         return self.spans.call("select", lambda: self.inner.select(*a))
 
+    def select_blocks(self, *a: Any) -> Any:
+        return self.spans.call("select", lambda: self.inner.select_blocks(*a))
+
     def merge(self, outs: Any, lses: Any) -> Any:
         return self.spans.call("merge", lambda: self.inner.merge(outs, lses))
 
@@ -349,7 +355,8 @@ class Runner:
         inputs = build_inputs(plan, proc, model, frames, question=None, seed=0)
         positions = hf_inputs.global_position_ids(model, inputs)
         hf_inputs.check_against_plan(plan, inputs, positions)
-        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch,
+                    plan.vision_parallel)
         if self.cuda:  # page-locked, as a DataLoader(pin_memory=True) hands them over: every method's
             # timed host-to-GPU copy runs at DMA speed (pageable: ~35 ms of 349 MB per rank at 64f 1440p)
             inputs = dataclasses.replace(inputs, pixel_values_videos=inputs.pixel_values_videos.pin_memory())

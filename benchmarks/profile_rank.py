@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = load_plan(a.plan)
     W, R = plan.world_size, a.rank
+    g0, g1 = plan_vision_exchange(plan).grids[R] if 0 <= R < W else (0, 1)
+    if g0 == g1:  # its transfer and tower sections time this rank's own grids
+        print(f"profile_rank: rank {R} encodes no temporal grids (vision.parallel={plan.vision_parallel}); "
+              f"profile --rank 0", file=sys.stderr)
+        return 2
     cfg = compose_entry_config("run", [f"plan={a.plan}", "model.init=random", f"rank={R}", "max_new_tokens=1",
                                        f"device={a.device}", "timeout=1200"])
     session = Session(cfg, W)
@@ -211,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     model = prepared.model
     visual = vision_module(model)
     dtype = next(visual.parameters()).dtype
-    g0, g1 = plan_vision_exchange(plan).grids[R]
     per_grid = pixels.shape[0] // int(prepared.inputs.video_grid_thw[0, 0])
     mine = pixels[g0 * per_grid: g1 * per_grid]
     mine_lp = mine.to(dtype) if cpu else mine.to(dtype).pin_memory()

@@ -23,7 +23,7 @@ from spava_plan.errors import InfeasiblePlanError
 from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
-from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_exchange
+from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_encoders, vision_exchange
 
 from . import dense_tp
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
@@ -225,7 +225,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     world = part.world
     tp = dense_tp.is_tp(part.method)  # every rank holds the whole prompt and its shard of the model
     if not tp:
-        check_vision_units(tokens, world, cfg.model.vision.temporal_patch)
+        check_vision_units(tokens, world, cfg.model.vision.temporal_patch, cfg.vision.parallel)
     cost = dense_tp.layer_cost_model(cfg, world)
     solver = cfg.solver if part.method == "spava" else FIXED_PLACEMENT
     if tp:
@@ -246,15 +246,16 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     timeline = simulate(ranks, steps, colls, durations, world, record=detail)
 
     # Frame-parallel vision encoder: rank r encodes T // W units (+1 for the first T % W ranks),
-    # then each rank receives the embeddings of its own local video tokens only (the same
-    # exchange the runtime builds from the Plan: spava_plan.vision_exchange.plan_vision_exchange).
+    # (vision.parallel=one_gpu: rank 0 encodes all T), then each rank receives the embeddings of
+    # its own local video tokens only (the same exchange the runtime builds from the Plan:
+    # spava_plan.vision_exchange.plan_vision_exchange). The slowest encoder sets the stage's time.
     unit = vision_unit(cfg.model, tokens.grid_thw)
     grids = tokens.grid_thw[0]
     tiles = None
     if cfg.model.family == "internvl3":  # frame text between the tiles: plan in embedding-row space
         tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
     exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
-                               tiles)
+                               tiles, vision_encoders(world, cfg.vision.parallel))
     chunking = plan_chunking(unit)
     if tp:  # every rank encodes every unit with its shard of the tower; its all-reduces are the exposed part
         vision_us, exchange_us = dense_tp.vision_us(cfg, cost, unit)
@@ -317,7 +318,7 @@ def assemble(d: Derived) -> Plan:
                                 cap_pixels_per_frame=vision.cap_pixels_per_frame,
                                 max_video_tokens=vision.max_video_tokens),
                 links=topology_links(d.cfg.topology, d.world), config=computation, deployment=deployment,
-                chunking=d.chunking)
+                chunking=d.chunking, vision_parallel=d.cfg.vision.parallel)
 
 
 def build_plan(cfg: SpavaConfig, *, require_fit: bool = True) -> Plan:

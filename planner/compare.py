@@ -17,7 +17,24 @@ from .build import Derived, derive
 from .cost import KERNELS
 from .dense_tp import layer_cost_model
 
-COMPARED = ("spava", "zigzag_ring", "apb", "star", "dense_tp", "dense")
+# zigzag_ring with the whole video's ViT on rank 0 (vision.parallel=one_gpu): the exact context
+# parallelism of the serving engines (vLLM and SGLang hand a whole video to one encoder GPU).
+ONE_GPU_RING = "zigzag_ring (one_gpu ViT)"
+COMPARED = ("spava", "zigzag_ring", ONE_GPU_RING, "apb", "star", "dense_tp", "dense")
+
+
+def row_name(cfg: SpavaConfig) -> str:
+    """The comparison row a config is: its method, marked when its ViT runs on one GPU."""
+    name = cfg.method.name
+    # dense (one GPU) and dense_tp (every rank encodes every frame with its shard) have no ViT placement
+    return f"{name} (one_gpu ViT)" if cfg.vision.parallel == "one_gpu" and name not in ("dense", "dense_tp") else name
+
+
+def row_setting(name: str) -> tuple[str, str]:
+    """(method, vision.parallel) of a row name of ``row_name``: a plain method name is its
+    frame-parallel ViT (dense runs on one GPU, where the two are the same; dense_tp shards the ViT)."""
+    method, _, mark = name.partition(" (")
+    return method, ("one_gpu" if mark == "one_gpu ViT)" else "frames")
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ def phases(d: Derived) -> dict[str, float]:
 
 def _row(d: Derived, planned: bool) -> MethodRow:
     p = d.prediction
-    return MethodRow(method=d.part.method, gpus=d.world, prefill_us=p.makespan_us, rank_us_min=min(p.rank_us),
+    return MethodRow(method=row_name(d.cfg), gpus=d.world, prefill_us=p.makespan_us, rank_us_min=min(p.rank_us),
                      rank_us_max=max(p.rank_us), exposed_comm_us=p.exposed_comm_us,
                      peak_bytes=max(p.peak_memory_bytes), fits=d.fits, gap=d.placement.gap, planned=planned,
                      phases=phases(d))
@@ -74,7 +91,8 @@ def compare(main: Derived, configs: Mapping[str, SpavaConfig],
     """Rows for the planned method (``main``) and every method in ``configs`` (COMPARED order),
     with speedups against dense and zigzag_ring where those could be planned. ``known`` maps
     repr(config) to derivations already made (by `tune`) so they are not planned twice."""
-    rows: dict[str, MethodRow] = {main.part.method: _row(main, True)}
+    mine = row_name(main.cfg)
+    rows: dict[str, MethodRow] = {mine: _row(main, True)}
     for name in COMPARED:
         if name in rows or name not in configs:
             continue
@@ -85,7 +103,7 @@ def compare(main: Derived, configs: Mapping[str, SpavaConfig],
             rows[name] = MethodRow(method=name, error=str(exc))
     dense, ring = rows.get("dense"), rows.get("zigzag_ring")
     out = []
-    for name in COMPARED:
+    for name in COMPARED if mine in COMPARED else (mine, *COMPARED):
         if name not in rows:
             continue
         row = rows[name]

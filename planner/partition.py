@@ -140,10 +140,11 @@ def global_anchor(context_tokens: int, hosts: int) -> int:
     return min(paper_anchor(context_tokens), block)
 
 
-def check_vision_units(layout: TokenLayout, world: int, temporal_patch: int) -> None:
-    """Frame-parallel vision: every rank encodes at least one temporal grid (InternVL3: frame)."""
+def check_vision_units(layout: TokenLayout, world: int, temporal_patch: int, parallel: str = "frames") -> None:
+    """Frame-parallel vision: every rank encodes at least one temporal grid (InternVL3: frame);
+    vision.parallel=one_gpu encodes them all on rank 0, so any count will do."""
     units = layout.grid_thw[0]
-    if world > 1 and units < world:
+    if parallel == "frames" and world > 1 and units < world:
         raise InfeasiblePlanError(f"the video gives {units} temporal grids but frame-parallel vision needs one per "
                                   f"rank ({world}); use frames>={world * temporal_patch} or fewer gpus",
                                   setting="frames")

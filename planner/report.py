@@ -9,7 +9,7 @@ from spava_plan.config import SpavaConfig
 from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import Plan
 
-from .compare import PHASES, MethodRow
+from .compare import PHASES, MethodRow, row_setting
 from .memory import ALLOCATOR_SLACK, GIB, PARTS, usable_bytes
 
 MAX_RANK_ROWS = 32  # report.md lists every rank up to this many, then the extremes
@@ -44,6 +44,8 @@ def method_table(rows: Sequence[MethodRow], cap_bytes: int) -> list[str]:
     return out
 
 
+VISION_PLACEMENT = {"frames": "frame-parallel", "one_gpu": "the whole video on rank 0"}
+
 # What a faster method gives up, where it is approximate in a way Spava is not (said beside any
 # recommendation to switch to it).
 QUALITY_NOTES = {
@@ -66,6 +68,13 @@ def _share(row: MethodRow) -> str:
 
 SEARCH_ADVICE = ("search every knob with `tune=latency` (which keeps to a quality floor on anchor and passing "
                  "sizes)")
+
+
+def _overrides(row: str, mine: str) -> str:
+    """The settings that turn the planned row ``mine`` into row ``row`` (planner/compare.py
+    row_setting): its method, and its vision placement where the two differ."""
+    (method, parallel), (_, planned) = row_setting(row), row_setting(mine)
+    return f"method={method}" + (f" vision.parallel={parallel}" if parallel != planned else "")
 
 
 def conclusion_lines(rows: Sequence[MethodRow], search: Mapping[str, str] | None = None) -> list[str]:
@@ -95,7 +104,7 @@ def conclusion_lines(rows: Sequence[MethodRow], search: Mapping[str, str] | None
         out.append(f"**Warning:** the planned method, {mine.method} ({_ms(mine.prefill_us)} ms"
                    f"{'' if mine.fits else ', does not fit'}), is not the fastest: {best.method} is predicted "
                    f"{mine.prefill_us / best.prefill_us:.2f}x faster on the same work, mostly in {phase} ({_ms(b)} vs "
-                   f"{_ms(a)} ms). Plan it with `method={best.method}`, or "
+                   f"{_ms(a)} ms). Plan it with `{_overrides(best.method, mine.method)}`, or "
                    f"{(search or {}).get(best.method, SEARCH_ADVICE)}{f'; note: {note}' if note else ''}.")
     return out
 
@@ -208,7 +217,8 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
     parts = pred.memory_breakdown
     lines += [
         "",
-        f"Prefill: vision encoder {_ms(pred.vision_us)} ms (frame-parallel, embedding exchange included), "
+        f"Prefill: vision encoder {_ms(pred.vision_us)} ms ({VISION_PLACEMENT[plan.vision_parallel]}, "
+        "embedding exchange included), "
         f"{m.num_layers} layers; makespan {_ms(pred.makespan_us)} ms; exposed communication on the critical "
         f"rank {_ms(pred.exposed_comm_us)} ms.",
         "",

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
 from spava_plan.errors import ConfigError, InfeasiblePlanError, SpavaError
+from spava_plan.vision_exchange import vision_encoders
 
 from .build import MAX_RING_PLAN_GPUS, Derived, derive
 from . import dense_tp
@@ -283,12 +284,13 @@ def bounds(cfg: SpavaConfig) -> tuple[float, int, Partition]:
     w = part.world
     tp = dense_tp.is_tp(part.method)  # the whole prompt on every rank, each with its shard of the model
     if not tp:
-        check_vision_units(tokens, w, cfg.model.vision.temporal_patch)
+        check_vision_units(tokens, w, cfg.model.vision.temporal_patch, cfg.vision.parallel)
     cost = dense_tp.layer_cost_model(cfg, w)
     m = cost.model
     units = tokens.grid_thw[0]
     unit = vision_unit(cfg.model, tokens.grid_thw)
-    vision = dense_tp.vision_us(cfg, cost, unit)[0] if tp else -(-units // w) * cost.vision_unit(unit).us
+    vision = dense_tp.vision_us(cfg, cost, unit)[0] if tp else \
+        -(-units // vision_encoders(w, cfg.vision.parallel)) * cost.vision_unit(unit).us
     # Compute ops run one after another on a rank: per-token work on its local tokens, plus at
     # least the average rank's share of the attention FLOPs (and all of the replicated ones) at
     # the attention rate (dense_tp: all of them, with the rank's heads).

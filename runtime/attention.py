@@ -316,9 +316,12 @@ class RankAttention:
                 candidates(scores, run.k[lo:hi], run.v[lo:hi], sel.start, keep, bufs["cand_kv"][slot],
                            bufs["cand_side"][slot])
             return
-        for slot, (lo, hi), keep in self.select_rows:
-            run.packed[slot] = self.backend.select(run.q[qa:qb], run.k[lo:hi], run.v[lo:hi], keep, self.pool_window,
-                                                   self.selection)
+        # every block of this rank at once: the backend may batch them (one launch per step)
+        packed = self.backend.select_blocks(run.q[qa:qb], run.k, run.v, [(lo, hi, keep) for _, (lo, hi), keep
+                                                                          in self.select_rows],
+                                            self.pool_window, self.selection)
+        for (slot, _, _), sel in zip(self.select_rows, packed):
+            run.packed[slot] = sel
 
     def _start(self, op: Any, run: _Run, bufs: dict[str, torch.Tensor]) -> None:
         name = (op.collective, op.step)

@@ -1,6 +1,6 @@
 """Prefill and greedy decode of one rank under a plan (SPAVA_SPEC.md sections 2, 6, 7).
 
-    vision   frame-parallel ViT, then each rank receives the visual embeddings of its own local
+    vision   frame-parallel ViT (vision.parallel=one_gpu: the whole ViT on rank 0), then each rank receives the visual embeddings of its own local
              video tokens only (broadcasts of the rows every rank holds + one all_to_all_single)
     prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
              layers, Spava attention via the attention interface (hf_attention.py), exact global
@@ -101,7 +101,8 @@ class RankRunner:
         moves only its own temporal grids to the device."""
         return encode_video_parallel(self.visual, inputs.pixel_values_videos, inputs.video_grid_thw, self.comm,
                                      self.exchange, self.merge,
-                                     self.plan.video.temporal_patch, inputs.pixel_grids)
+                                     self.plan.video.temporal_patch, hidden=self.plan.model.hidden_size,
+                                     pixel_grids=inputs.pixel_grids)
 
     def embed(self, inputs: ModelInputs, video_embeds: torch.Tensor) -> torch.Tensor:
         """(n_local, hidden) input embeddings of this rank's local rows (text + its video rows)."""

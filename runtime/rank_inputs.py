@@ -22,6 +22,10 @@ class RankInputs:
     tasks: dict[str, TaskInput]  # by task name
     q_query: torch.Tensor | None  # the query task's rows (None when this rank holds no query)
     select_blocks: list[tuple[torch.Tensor, torch.Tensor, int]]  # (k, v, keep) per selection block
+    # the same blocks as the runtime hands them to backend.select_blocks: the local K, V and
+    # (first local row, stop row, keep) per block
+    local_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    select_rows: list[tuple[int, int, int]] | None = None
 
 
 def random_rank_inputs(plan: Plan, rank: int, dtype: torch.dtype, device: torch.device | str,
@@ -60,8 +64,9 @@ def random_rank_inputs(plan: Plan, rank: int, dtype: torch.dtype, device: torch.
         a = rp.local_offset(t.q_start)
         tasks[t.name] = TaskInput(t.name, q[a:a + t.rows], tuple(segment(r) for r in t.kv))
     query = next((t for t in rp.tasks if t.merge == "query"), None)
-    blocks = []
+    blocks, rows = [], []
     for _slot, start, stop, kp in rp.select:
         a = rp.local_offset(start)
         blocks.append((k[a:a + stop - start], v[a:a + stop - start], kp))
-    return RankInputs(tasks, tasks[query.name].q if query else None, blocks)
+        rows.append((a, a + stop - start, kp))
+    return RankInputs(tasks, tasks[query.name].q if query else None, blocks, (k, v), rows)

@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from spava_plan.errors import InputError, PlanMismatchError
-from spava_plan.vision_exchange import VisionExchange
+from spava_plan.vision_exchange import VisionExchange, vision_encoders
 
 from .chunking import takes_host_grid
 from .comm import Communicator
 
 
-def check_grids(grids: int, world: int, temporal_patch: int) -> None:
-    """Every rank encodes at least one temporal grid: a shorter video is a user error."""
-    if grids < world:
+def check_grids(grids: int, world: int, temporal_patch: int, parallel: str = "frames") -> None:
+    """Every encoding rank (every rank; vision.parallel=one_gpu: rank 0) encodes at least one
+    temporal grid: a shorter video is a user error."""
+    if grids < vision_encoders(world, parallel):
         raise InputError(f"the video gives {grids} temporal grids ({grids * temporal_patch} frames) but "
                          f"{world} ranks each encode at least one; use frames>={world * temporal_patch} "
                          f"or fewer ranks", setting="frames")
@@ -64,13 +65,16 @@ def visual_embeddings(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: t
 
 def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
                           comm: Communicator, exchange: VisionExchange, merge: int,
-                          temporal_patch: int = 2, pixel_grids: tuple[int, int] | None = None) -> torch.Tensor:
+                          temporal_patch: int = 2, hidden: int | None = None,
+                          pixel_grids: tuple[int, int] | None = None) -> torch.Tensor:
     """This rank's local video embeddings: (local video tokens, hidden), rows in local order.
     ``pixels`` may stay on the host: only this rank's grids are moved to the encoder's device.
+    A rank the exchange gives no grids (vision.parallel=one_gpu: every rank but 0) runs no
+    encoder and only receives; it needs ``hidden``, the embeddings' width (the LLM's hidden size).
     ``pixel_grids``: the temporal grids [g0, g1) that ``pixels`` holds (None: all of them)."""
     t, h, w = (int(x) for x in grid_thw[0])
     W, rank, ex = comm.world_size, comm.rank, exchange
-    check_grids(t, W, temporal_patch)
+    check_grids(t, sum(1 for a, b in ex.grids if b > a), temporal_patch)
     if ex.world != W:
         raise PlanMismatchError(f"the vision exchange is planned for {ex.world} ranks but {W} run it; re-plan with "
                                 f"gpus={W}", setting="gpus")
@@ -79,13 +83,18 @@ def encode_video_parallel(visual: torch.nn.Module, pixels: torch.Tensor, grid_th
                                 f"plan has {ex.grids[-1][1]} of {ex.tokens_per_grid}; re-plan for this video",
                                 setting="video.resolution")
     start, stop = ex.grids[rank]
-    g0, g1 = pixel_grids or (0, t)
-    if not g0 <= start <= stop <= g1:
-        raise PlanMismatchError(f"rank {rank} encodes temporal grids [{start}, {stop}) but its pixels hold grids "
-                                f"[{g0}, {g1}) only", setting="gpus")
-    rows = pixels.shape[0] // (g1 - g0)  # pixel rows per grid: its patches (Qwen) or its one tile (InternVL)
-    grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
-    emb = visual_embeddings(visual, pixels[(start - g0) * rows: (stop - g0) * rows], grid)
+    if start < stop:
+        g0, g1 = pixel_grids or (0, t)
+        if not g0 <= start < stop <= g1:
+            raise PlanMismatchError(f"rank {rank} encodes temporal grids [{start}, {stop}) but its pixels hold grids "
+                                    f"[{g0}, {g1}) only", setting="gpus")
+        rows = pixels.shape[0] // (g1 - g0)  # pixel rows per grid: its patches (Qwen) or its one tile (InternVL)
+        grid = torch.tensor([[stop - start, h, w]], dtype=grid_thw.dtype, device=grid_thw.device)
+        emb = visual_embeddings(visual, pixels[(start - g0) * rows: (stop - g0) * rows], grid)
+    else:  # nothing to encode: an empty block of rows in the encoder's dtype, on its device
+        assert hidden is not None, "a rank without grids needs the embeddings' width (hidden=)"
+        param = next(visual.parameters())
+        emb = torch.empty((0, hidden), dtype=param.dtype, device=param.device)
     if ex.identity(rank):
         return emb
     first = ex.span(rank)[0]

@@ -132,7 +132,7 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
     from .config import to_config
     from .hydra_conf import with_method
     from .planner.build import assemble, derive
-    from .planner.compare import COMPARED, compare
+    from .planner.compare import COMPARED, compare, row_name
 
     cfg = to_config(task_cfg)
     if cfg.video.path:  # plan for that clip: frames and resolution from its metadata (PyAV, no decode)
@@ -157,7 +157,7 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
         cfg = chosen_config(tuned)
         LAST_SEARCH_ADVICE.update(advice(tuned, base))
     main = derive(cfg)  # raises a SpavaError (bad size, does not fit) before anything is written
-    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != main.part.method}, known)
+    rows = compare(main, {m: with_method(cfg, m) for m in COMPARED if m != row_name(cfg)}, known)
     known.clear()
     plan = assemble(main)
     out_dir.mkdir(parents=True, exist_ok=True)

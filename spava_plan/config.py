@@ -45,6 +45,10 @@ SELECTIONS = ("query_aware", "key_norm")
 # its own top k, so host v attends v*k keys) or ``global`` (host v receives the P best keys of all
 # earlier hosts, ranked together: a budget that does not grow with the hosts; SPAVA_SPEC.md s. 11).
 PASSINGS = ("per_block", "global")
+# Where the vision tower runs: "frames" (SPAVA_SPEC.md section 2: every rank encodes its share of the
+# temporal grids) or "one_gpu" (rank 0 encodes the whole video and scatters the embeddings, as vLLM
+# and SGLang hand a whole video to one encoder GPU: zigzag_ring with it is their context parallelism).
+VISION_PARALLELS = ("frames", "one_gpu")
 DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
@@ -411,6 +415,18 @@ class MethodConfig:
 
 
 @dataclass
+class VisionParallelConfig:
+    """How the vision encoder is spread over the ranks (the tower's shape is model.vision)."""
+
+    parallel: str = "frames"  # one of VISION_PARALLELS
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "vision.")
+        _require(self.parallel in VISION_PARALLELS, "vision.parallel",
+                 f"must be one of {', '.join(VISION_PARALLELS)}, got {self.parallel!r}")
+
+
+@dataclass
 class SolverConfig:
     """How virtual hosts are placed on ranks."""
 
@@ -441,6 +457,7 @@ class SpavaConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # `tune=latency`: let the planner choose the knobs
+    vision: VisionParallelConfig = field(default_factory=VisionParallelConfig)  # vision.parallel=frames|one_gpu
     dtype: str = "bf16"  # activation / KV dtype of the run
     kernels: bool = True  # render the plan's Triton kernels next to plan.json
 

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .config import CommandLineConfig, MethodConfig, SpavaConfig, to_config
+from .config import CommandLineConfig, MethodConfig, SpavaConfig, VisionParallelConfig, to_config
 from .errors import ConfigError
+from .planner.compare import row_setting
 
 CONFIG_MODULE = "spava_plan.conf"
 CONFIG_NAME = "config"
@@ -124,11 +125,13 @@ def method_preset(name: str) -> MethodConfig:
 
 
 def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
-    """``cfg`` with its method group replaced by method ``name``'s preset (model, topology, video
-    and solver unchanged)."""
+    """``cfg`` with its method group replaced by the preset of comparison row ``name``'s method
+    and its vision placement by the row's (planner/compare.py row_setting: a plain method name is
+    the frame-parallel ViT; model, topology, video and solver unchanged)."""
     import dataclasses
 
-    return dataclasses.replace(cfg, method=method_preset(name))
+    method, parallel = row_setting(name)
+    return dataclasses.replace(cfg, method=method_preset(method), vision=VisionParallelConfig(parallel=parallel))
 
 
 def remove_empty_dirs(out_dir: str | Path | None) -> None:

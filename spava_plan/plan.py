@@ -77,6 +77,8 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 assert tuple(DTYPE_BYTES) == get_args(DType)
 Family = Literal["qwen2_vl", "qwen2_5_vl", "internvl3"]
 Selection = Literal["query_aware", "key_norm"]
+# Where the vision tower runs (config vision.parallel): every rank its grids, or rank 0 the whole video.
+VisionParallel = Literal["frames", "one_gpu"]
 
 SEGMENT_KINDS = get_args(SegmentKind)
 KV_KINDS = get_args(KVKind)
@@ -442,13 +444,23 @@ class Plan:
     config: Mapping[str, Any]  # the resolved config minus DEPLOYMENT_SETTINGS (for humans and re-planning)
     schema_version: int = SCHEMA_VERSION
     chunking: Chunking = field(default_factory=Chunking)  # activation chunk sizes (planner/memory.py)
+    # who runs the vision tower (spava_plan/vision_exchange.py): "frames" is left out of plan.json
+    # and its hash, so the plans written before this field keep their bytes (see _hashed)
+    vision_parallel: VisionParallel = "frames"
     # DEPLOYMENT_SETTINGS of the config the plan was made from: stored, but neither hashed nor
     # compared (two plans that compute the same thing are equal and share a hash).
     deployment: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     # -- serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def _hashed(self) -> dict:
+        """The plan as plain data, fields added after the first plans left out at their defaults."""
         data = _plain(dataclasses.asdict(self))
+        if data["vision_parallel"] == "frames":
+            del data["vision_parallel"]
+        return data
+
+    def to_dict(self) -> dict:
+        data = self._hashed()
         data["hash"] = content_hash(data)
         self.__dict__.setdefault("hash", data["hash"])  # fill the cached ``hash`` (the same value)
         return data
@@ -460,7 +472,7 @@ class Plan:
     def hash(self) -> str:
         """Content hash of the computation (computed once: a Plan is immutable, and every consumer
         asks for it). ``deployment`` is not part of it."""
-        return content_hash(_plain(dataclasses.asdict(self)))
+        return content_hash(self._hashed())
 
     def resolved_config(self) -> dict:
         """The full resolved config the plan was made from (``config`` plus ``deployment``), for
@@ -536,11 +548,14 @@ def split_config(resolved: Mapping[str, Any]) -> tuple[dict, dict]:
     # Settings added after plans were first written, left out at their defaults so that a plan of
     # the default computation keeps its exact bytes and hash (stored plans, plan-store families and
     # kernel caches stay valid); a config without them reads back as the default.
-    for part, dotted, default in ((computation, "method.passing", "per_block"), (deployment, "tune.passing", None)):
+    for part, dotted, default in ((computation, "method.passing", "per_block"), (deployment, "tune.passing", None),
+                                  (computation, "vision.parallel", "frames")):
         group, leaf = dotted.split(".")
         node = part.get(group)
         if isinstance(node, dict) and leaf in node and node[leaf] == default:
             del node[leaf]
+            if not node and group == "vision":  # a group that holds only settings added later
+                del part[group]
     return computation, deployment
 
 

@@ -579,6 +579,8 @@ def _check_config(plan: Plan) -> None:
     _need(("select_scan" not in kinds or cfg.method.passing == "global")
           and ("select_all_gather" not in kinds or cfg.method.passing == "per_block"), "collectives",
           f"must match config.method.passing ({cfg.method.passing!r})")
+    _need(cfg.vision.parallel == plan.vision_parallel, "vision_parallel",
+          f"must match config.vision.parallel ({cfg.vision.parallel!r})")
     v, vis, pv = cfg.video, cfg.model.vision, plan.video
     _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, vis.spatial_merge, vis.temporal_patch,
            vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens,

@@ -379,7 +379,8 @@ class Session:
                          f"to {plan.video.max_question_tokens} (video.max_question_tokens)")
         if replanned:
             notes.append("re-planned for this input: " + " ".join(replanned))
-        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch)
+        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch,
+                    plan.vision_parallel)
         torch.manual_seed(cfg.seed)
         plan_dir = Path(cfg.plan).resolve().parent if cfg.plan else Path(self.out_dir or ".").resolve()
         return Prepared(plan, plan_dir, self.model, self.processing, inputs, positions, self.device, self.eos,
@@ -481,7 +482,8 @@ class Session:
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
         # the plan's own ranks: a short clip's plan may run on fewer than the server's (emulated)
-        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch)
+        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch,
+                    plan.vision_parallel)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed, decode_s=self.last_decode_s)
 

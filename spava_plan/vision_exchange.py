@@ -11,6 +11,9 @@ embedding to every rank. A rank only needs the video tokens of its own local seq
 - every other needed row goes through ONE ``all_to_all_single`` with uneven splits: rank s sends
   rank d the rows of s's grids that lie in d's local sequence, ascending (``sends`` / ``recvs``).
 
+With vision.parallel=one_gpu rank 0 encodes every grid and the other ranks none (``grid_ranges``
+with one encoder): the same two steps then scatter each rank its rows from rank 0.
+
 Every size is a static function of the plan, shared here by the planner (memory, cost) and the
 runtime (the collectives), so the two cannot disagree. Each rank ends with its local video rows in
 local order. Pure Python, no torch.
@@ -32,15 +35,23 @@ Span = tuple[int, int]
 Piece = tuple[int, int, int]
 
 
-def grid_ranges(grids: int, world: int) -> list[Span]:
-    """Rank r encodes temporal grids [start, stop): grids // W each, one more for the first grids % W."""
-    base, extra = divmod(grids, world)
+def grid_ranges(grids: int, world: int, encoders: int | None = None) -> list[Span]:
+    """Rank r encodes temporal grids [start, stop): over the first ``encoders`` ranks (default: all
+    W), grids // encoders each, one more for the first grids % encoders; the ranks after them encode
+    nothing (vision.parallel=one_gpu: encoders=1, rank 0 encodes the whole video)."""
+    encoders = world if encoders is None else encoders
+    base, extra = divmod(grids, encoders)
     out, pos = [], 0
     for r in range(world):
-        n = base + (1 if r < extra else 0)
+        n = base + (1 if r < extra else 0) if r < encoders else 0
         out.append((pos, pos + n))
         pos += n
     return out
+
+
+def vision_encoders(world: int, parallel: str) -> int:
+    """Ranks that run the vision tower: every rank (``frames``) or rank 0 alone (``one_gpu``)."""
+    return 1 if parallel == "one_gpu" else world
 
 
 # -- InternVL3 frame text -------------------------------------------------------------------------
@@ -209,19 +220,23 @@ class VisionExchange:
 
 
 def vision_exchange(world: int, grids: int, tokens_per_grid: int, video_start: int,
-                    locals_: Sequence[Sequence[Span]], tiles: Sequence[Span] | None = None) -> VisionExchange:
+                    locals_: Sequence[Sequence[Span]], tiles: Sequence[Span] | None = None,
+                    encoders: int | None = None) -> VisionExchange:
     """The exchange for ``grids`` temporal grids of ``tokens_per_grid`` video tokens starting at
-    global token ``video_start``, split over ``world`` ranks whose local sequences are ``locals_``.
-    With ``tiles`` (InternVL3: each grid's image-token span, text between them) the exchange is
-    planned in embedding-row space: row g*tokens_per_grid + j is grid g's j-th image token."""
+    global token ``video_start``, encoded by the first ``encoders`` of ``world`` ranks (default:
+    all) whose local sequences are ``locals_``. With one encoder the same broadcasts and all-to-all
+    are rank 0 scattering every rank its rows. With ``tiles`` (InternVL3: each grid's image-token
+    span, text between them) the exchange is planned in embedding-row space: row g*tokens_per_grid
+    + j is grid g's j-th image token."""
     if tiles is not None:
         assert len(tiles) == grids and all(b - a == tokens_per_grid for a, b in tiles), (grids, tokens_per_grid)
         locals_ = [_to_rows(spans, tiles) for spans in locals_]
         video_start = 0
-    assert len(locals_) == world and grids >= world, (len(locals_), world, grids)
+    encoders = world if encoders is None else encoders
+    assert len(locals_) == world and 1 <= encoders <= world and grids >= encoders, (len(locals_), world, grids)
     video = (video_start, video_start + grids * tokens_per_grid)
-    ranges = grid_ranges(grids, world)
-    starts = [video[0] + g0 * tokens_per_grid for g0, _ in ranges]  # first token of each rank's rows
+    ranges = grid_ranges(grids, world, encoders)
+    starts = [video[0] + g0 * tokens_per_grid for g0, _ in ranges[:encoders]]  # first token of each encoder's rows
 
     def by_source(span: Span) -> list[Piece]:
         out, a = [], span[0]
@@ -259,4 +274,5 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     tiles = None
     if plan.model.family == "internvl3":
         tiles = frame_tile_spans(start, grids, tpg, plan.video.frame_text_tokens)
-    return vision_exchange(plan.world_size, grids, tpg, start, [r.local for r in plan.ranks], tiles)
+    return vision_exchange(plan.world_size, grids, tpg, start, [r.local for r in plan.ranks], tiles,
+                           vision_encoders(plan.world_size, plan.vision_parallel))

@@ -148,3 +148,29 @@ def test_all_equal_scores_take_the_earliest_tokens(backend):
     k = torch.full((200, 2, 16), -0.5)
     idx = backend.mod.select_indices(q, k, 77, 5, "query_aware")
     assert torch.equal(idx, torch.arange(77, dtype=torch.int32).repeat(2, 1))
+
+
+@pytest.mark.parametrize("score,pool", [("query_aware", 5), ("key_norm", 3)])
+def test_blocks_in_one_launch_equal_each_block_alone(backend, score, pool, monkeypatch):
+    """A rank's blocks selected together (one launch per step, blocks of different lengths and
+    keeps at different rows of one K/V) pick exactly the tokens of each block selected alone and of
+    the fp64 reference; blocks kept whole or not at all and a lone long block take their own path."""
+    from spava_plan.runtime.backends import triton_kernels
+    from spava_plan.runtime.backends.torch_ref import TorchBackend
+
+    gen = torch.Generator().manual_seed(7 + pool)
+    q, k, v = ints(gen, 4, 4, 16), ints(gen, 900, 2, 16), torch.randn(900, 2, 16, generator=gen)
+    blocks = [(10, 311, 128), (400, 656, 96), (656, 700, 44), (700, 720, 0), (720, 900, 37)]
+    packed = backend.select_blocks(q, k, v, blocks, pool, score)
+    ref = TorchBackend().select_blocks(q, k, v, blocks, pool, score)
+    assert [p.shape[0] for p in packed] == [keep for _, _, keep in blocks]
+    for (lo, hi, keep), got, want in zip(blocks, packed, ref):
+        assert torch.equal(got, backend.select(q, k[lo:hi], v[lo:hi], keep, pool, score)), (lo, hi)
+        assert torch.equal(got, want), (lo, hi)
+        if 0 < keep < hi - lo:
+            idx = ref_indices(q, k[lo:hi], keep, pool, score)
+            assert torch.equal(got[:, :, :16], torch.stack([k[lo:hi][idx[h], h] for h in range(2)], 1))
+    # the batch needs two scored blocks: with one of them too long for _select_top, each goes alone
+    monkeypatch.setattr(triton_kernels, "MAX_TOP_BLOCK", 256)
+    alone = backend.select_blocks(q, k, v, blocks[:2], pool, score)
+    assert all(torch.equal(a, b) for a, b in zip(alone, packed[:2]))

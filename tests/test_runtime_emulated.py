@@ -90,6 +90,35 @@ def test_zigzag_ring_on_the_generated_kernels_equals_dense(tmp_path):
         assert out.dtype == torch.float32 and (out.double() - want).abs().max() < 1e-4, f"rank {r}"
 
 
+def test_spava_selection_batched_on_the_generated_kernels_equals_block_by_block(tmp_path):
+    """Real top-k selection (LARGE: keep = 128 of 136-272 tokens) of both blocks of every rank in
+    one launch per step through the triton backend gives the prefill of selecting each block alone,
+    bit for bit (the kernels' own selection is checked against the fp64 reference in
+    test_kernels_select.py)."""
+    pytest.importorskip("triton")
+    from spava_plan.codegen import render_kernels
+    from spava_plan.runtime.backends.triton_gen import TritonBackend
+
+    from test_question_range import _Locked
+
+    class BlockByBlock(_Locked):
+        def select_blocks(self, q, k, v, blocks, pool_window, score):
+            return [self.select(q, k[lo:hi], v[lo:hi], keep, pool_window, score) for lo, hi, keep in blocks]
+
+    plan = plan_for(*LARGE, "gpus=2")
+    assert all(len(r.select) == 2 and all(s.keep < s.stop - s.start for s in r.select) for r in plan.ranks)
+    render_kernels(plan, tmp_path)
+    triton = TritonBackend(tmp_path, plan_hash=plan.hash, render=functools.partial(render_kernels, plan), tune=False)
+    q, k, v = (x.float() for x in inputs(plan.layout.total_tokens))
+    outs = []
+    for backend in (_Locked(triton), BlockByBlock(triton)):
+        world = EmulatedWorld.for_plan(plan, timeout_s=300)
+        attns = [RankAttention(plan, r, world.comm(r), backend) for r in range(plan.world_size)]
+        outs.append(world.run(lambda r: attns[r].prefill(0, *local_rows(plan, r, q, k, v))))
+    for r in range(plan.world_size):
+        assert torch.equal(outs[0][r], outs[1][r]), f"rank {r}"
+
+
 def test_any_placement_the_plan_describes_is_followed():
     """Hosts placed off the zigzag snake: passing blocks read non-contiguous rank runs of a slot."""
     import dataclasses

@@ -57,6 +57,13 @@ class KernelBackend(Protocol):
         """
         ...
 
+    def select_blocks(self, q_query: "Tensor", k: "Tensor", v: "Tensor", blocks: Sequence[tuple[int, int, int]],
+                      pool_window: int, score: str) -> list["Tensor"]:
+        """``select`` of each block (lo, hi, keep) of rows k/v[lo:hi], in block order: one rank's
+        passing blocks of a layer, which a backend may run together (the triton one: one launch
+        per step for all of them)."""
+        ...
+
     def attention(self, tasks: Sequence[TaskInput], scale: float) -> list[tuple["Tensor", "Tensor"]]:
         """Run several attention tasks (one fused launch where the backend can), returns
         [(out (M, Hq, D) in q's dtype, lse (M, Hq) fp32, fp64 for fp64 inputs)] in task order."""

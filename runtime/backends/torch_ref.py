@@ -70,6 +70,10 @@ class TorchBackend:
         packed[..., d:] = torch.gather(v_block, 0, idx)
         return packed
 
+    def select_blocks(self, q_query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      blocks: Sequence[tuple[int, int, int]], pool_window: int, score: str) -> list[torch.Tensor]:
+        return [self.select(q_query, k[lo:hi], v[lo:hi], keep, pool_window, score) for lo, hi, keep in blocks]
+
     # -- attention -------------------------------------------------------------------------------
     def _segment(self, q: torch.Tensor, seg: KVSegment, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial over one segment: q (M, Hkv, G, D) in the accumulation dtype -> out, lse."""

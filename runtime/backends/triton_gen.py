@@ -439,18 +439,32 @@ class TritonBackend:
         return final
 
     # -- selection and merge -----------------------------------------------------------------------
-    def select(self, q_query: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, keep: int,
-               pool_window: int, score: str) -> torch.Tensor:
-        n = k_block.shape[0]
+    @staticmethod
+    def _check_select(n: int, keep: int, pool_window: int, score: str) -> None:
         if not 0 <= keep <= n:
             raise InputError(f"cannot keep {keep} of a {n}-token block", setting="method.passing_tokens")
         if score not in ("query_aware", "key_norm"):
             raise InputError(f"unknown selection score {score!r}", setting="method.selection")
         if pool_window < 1 or pool_window % 2 == 0:
             raise InputError(f"pool window must be odd and >= 1, got {pool_window}", setting="method.pool_window")
+
+    def select(self, q_query: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, keep: int,
+               pool_window: int, score: str) -> torch.Tensor:
+        self._check_select(k_block.shape[0], keep, pool_window, score)
         args = (_dense_last(q_query), _dense_last(k_block), _dense_last(v_block), keep, pool_window, score)
         with _on_device(k_block):
             return self.mod.select(*args)
+
+    def select_blocks(self, q_query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      blocks: Sequence[tuple[int, int, int]], pool_window: int, score: str) -> list[torch.Tensor]:
+        """Every block's selection, the scored ones in one launch per step (triton_kernels.select_blocks)."""
+        for lo, hi, keep in blocks:
+            if not 0 <= lo <= hi <= k.shape[0]:
+                raise InputError(f"block rows [{lo}, {hi}) outside the {k.shape[0]} local rows", setting="plan")
+            self._check_select(hi - lo, keep, pool_window, score)
+        with _on_device(k):
+            return self.mod.select_blocks(_dense_last(q_query), _dense_last(k), _dense_last(v), list(blocks),
+                                          pool_window, score)
 
     def merge_parts(self, outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:

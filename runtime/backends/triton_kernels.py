@@ -248,6 +248,14 @@ def _select_keys(q_ptr, sq_t, sq_h, Lq, k_ptr, sk_t, sk_h, n, key_ptr,
     Max-pool (window POOL, stride 1, -inf outside the block) recomputes the POOL//2 halo keys so
     that programs stay independent.
     """
+    _select_keys_body(q_ptr, sq_t, sq_h, Lq, k_ptr, sk_t, sk_h, n, key_ptr, G, D, POOL, NORM, BLOCK_J, BLOCK_R)
+
+
+@triton.jit
+def _select_keys_body(q_ptr, sq_t, sq_h, Lq, k_ptr, sk_t, sk_h, n, key_ptr,
+                      G: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, NORM: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_select_keys' work for program (key tile program_id(0), KV head program_id(1))."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.arange(0, D)
@@ -287,6 +295,12 @@ def _select_top(key_ptr, n, keep, idx_ptr, BLOCK: tl.constexpr):
     over the chosen flags gives each chosen index its slot, so the output is already in token
     order (no sort).
     """
+    _select_top_body(key_ptr, n, keep, idx_ptr, BLOCK)
+
+
+@triton.jit
+def _select_top_body(key_ptr, n, keep, idx_ptr, BLOCK: tl.constexpr):
+    """_select_top's work for KV head program_id(0)."""
     h = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     inside = j < n
@@ -311,6 +325,13 @@ def _select_top(key_ptr, n, keep, idx_ptr, BLOCK: tl.constexpr):
 def _gather_kv(idx_ptr, keep, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, out_ptr, so_t, so_h,
                D: tl.constexpr, BLOCK_R: tl.constexpr):
     """out[r, h] = k[idx[h, r], h] | v[idx[h, r], h]: the packed (keep, Hkv, 2D) send buffer."""
+    _gather_kv_body(idx_ptr, keep, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, out_ptr, so_t, so_h, D, BLOCK_R)
+
+
+@triton.jit
+def _gather_kv_body(idx_ptr, keep, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, out_ptr, so_t, so_h,
+                    D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_gather_kv's work for program (row tile program_id(0), KV head program_id(1))."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = tl.program_id(1)
     ok = r < keep
@@ -327,15 +348,13 @@ _ARANGE = {}
 
 
 MAX_TOP_BLOCK = 16384  # _select_top keeps a whole block's keys in registers up to this many tokens
-_SCRATCH = {}
 
 
-def _scratch(shape, device):
-    """Per-shape int32 scratch for the pooled-score keys (consumed within the same call)."""
-    key = (shape, str(device))
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(shape, dtype=torch.int32, device=device)
-    return _SCRATCH[key]
+def _keys_buffer(shape, device):
+    """int32 room for the pooled-score keys of one call, from the caching allocator (stream-ordered:
+    no host sync). Not one shared buffer per shape: an emulated world's rank threads select blocks
+    of the same size at the same time on one device, and one rank's top-k could read another's keys."""
+    return torch.empty(shape, dtype=torch.int32, device=device)
 
 
 def select_indices(q_query, k, keep, pool_window, score):
@@ -346,7 +365,7 @@ def select_indices(q_query, k, keep, pool_window, score):
         if key not in _ARANGE:
             _ARANGE[key] = torch.arange(n, dtype=torch.int32, device=k.device).repeat(hkv, 1)
         return _ARANGE[key]
-    keys = _scratch((hkv, n), k.device)
+    keys = _keys_buffer((hkv, n), k.device)
     block_j = 64 if k.is_cuda else 32  # 64 x D fp32 tiles: no register spills at 4 warps
     _select_keys[(triton.cdiv(n, block_j), hkv)](
         q_query, q_query.stride(0), q_query.stride(1), q_query.shape[0], k, k.stride(0), k.stride(1), n, keys,
@@ -382,6 +401,104 @@ def select(q_query, k, v, keep, pool_window, score, out=None):
     if keep == 0:
         return torch.empty((0, k.shape[1], 2 * k.shape[2]), dtype=k.dtype, device=k.device) if out is None else out
     return gather(select_indices(q_query, k, keep, pool_window, score), k, v, out)
+
+
+# ---- selection of several blocks in one launch per step -----------------------------------------
+# A rank selects from each of its passing blocks (2 per rank with ZigZag pairs) every layer. The
+# top-k runs one program per KV head (2 at Qwen2.5-VL-3B), so one block's launch is latency-bound
+# on 2 CTAs: the blocks' programs go into ONE launch of each step instead (program axis b = block),
+# each program doing exactly the single-block kernel's work on its block (same results, bit for
+# bit). Blocks are row ranges [lo, lo + n) of one K/V; BLOCKS holds (lo, n, keep, key offset,
+# index offset) per block (int64) and every block shares the grid of the largest.
+@triton.jit
+def _select_keys_blocks(q_ptr, sq_t, sq_h, Lq, k_ptr, sk_t, sk_h, blocks_ptr, key_ptr,
+                        G: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, NORM: tl.constexpr,
+                        BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_select_keys on block program_id(2): its keys k[lo:lo+n] into key_ptr[key offset:]."""
+    b = tl.program_id(2)
+    lo = tl.load(blocks_ptr + b * 5)
+    n = tl.load(blocks_ptr + b * 5 + 1)
+    key_off = tl.load(blocks_ptr + b * 5 + 3)
+    _select_keys_body(q_ptr, sq_t, sq_h, Lq, k_ptr + lo * sk_t, sk_t, sk_h, n, key_ptr + key_off,
+                      G, D, POOL, NORM, BLOCK_J, BLOCK_R)
+
+
+@triton.jit
+def _select_top_blocks(key_ptr, blocks_ptr, idx_ptr, BLOCK: tl.constexpr):
+    """_select_top on block program_id(1): (Hkv, keep) indices at idx_ptr[index offset:]."""
+    b = tl.program_id(1)
+    n = tl.load(blocks_ptr + b * 5 + 1).to(tl.int32)
+    keep = tl.load(blocks_ptr + b * 5 + 2).to(tl.int32)
+    key_off = tl.load(blocks_ptr + b * 5 + 3)
+    idx_off = tl.load(blocks_ptr + b * 5 + 4)
+    _select_top_body(key_ptr + key_off, n, keep, idx_ptr + idx_off, BLOCK)
+
+
+@triton.jit
+def _gather_kv_blocks(idx_ptr, blocks_ptr, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, out_ptr, so_t, so_h,
+                      D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_gather_kv on block program_id(2): rows of k/v[lo:] into its packed rows of ``out``, which
+    holds the blocks' packed selections one after the other (row offset = index offset / Hkv)."""
+    b = tl.program_id(2)
+    lo = tl.load(blocks_ptr + b * 5)
+    keep = tl.load(blocks_ptr + b * 5 + 2).to(tl.int32)
+    idx_off = tl.load(blocks_ptr + b * 5 + 4)
+    hkv = tl.num_programs(1)
+    _gather_kv_body(idx_ptr + idx_off, keep, k_ptr + lo * sk_t, sk_t, sk_h, v_ptr + lo * sv_t, sv_t, sv_h,
+                    out_ptr + (idx_off // hkv) * so_t, so_t, so_h, D, BLOCK_R)
+
+
+def _batchable(keep: int, n: int) -> bool:
+    """A block the batched kernels take: scored (0 < keep < n) and short enough for _select_top."""
+    return 0 < keep < n and triton.next_power_of_2(n) <= MAX_TOP_BLOCK
+
+
+_BLOCK_TABLES = {}
+
+
+def _block_table(rows, device):
+    """The (lo, n, keep, key offset, index offset) table of ``rows`` on the device, made once per
+    set of blocks (a plan's are the same every layer: no host-to-device copy per call)."""
+    key = (rows, str(device))
+    if key not in _BLOCK_TABLES:
+        _BLOCK_TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return _BLOCK_TABLES[key]
+
+
+def select_blocks(q_query, k, v, blocks, pool_window, score):
+    """``select`` of every block (lo, hi, keep) of k/v rows [lo, hi), packed selections in block
+    order. The scored blocks run in one launch per step (score, top-k, gather); a block kept whole
+    or not at all, or too long for _select_top, goes through ``select`` alone."""
+    hkv, d = k.shape[1], k.shape[2]
+    batch = [(i, lo, hi - lo, keep) for i, (lo, hi, keep) in enumerate(blocks) if _batchable(keep, hi - lo)]
+    outs = [None] * len(blocks)
+    if len(batch) > 1:
+        table, key_at, idx_at = [], 0, 0
+        for _, lo, n, keep in batch:
+            table.append((lo, n, keep, key_at, idx_at))
+            key_at, idx_at = key_at + hkv * n, idx_at + hkv * keep
+        meta = _block_table(tuple(table), k.device)
+        keys = _keys_buffer((key_at,), k.device)
+        idx = torch.empty((idx_at,), dtype=torch.int32, device=k.device)
+        packed = torch.empty((idx_at // hkv, hkv, 2 * d), dtype=k.dtype, device=k.device)
+        n_max, keep_max = max(b[2] for b in batch), max(b[3] for b in batch)
+        block_j = 64 if k.is_cuda else 32
+        _select_keys_blocks[(triton.cdiv(n_max, block_j), hkv, len(batch))](
+            q_query, q_query.stride(0), q_query.stride(1), q_query.shape[0], k, k.stride(0), k.stride(1), meta, keys,
+            G=q_query.shape[1] // hkv, D=d, POOL=pool_window, NORM=(score == "key_norm"), BLOCK_J=block_j,
+            BLOCK_R=32, num_warps=4)
+        block = triton.next_power_of_2(n_max)
+        _select_top_blocks[(hkv, len(batch))](keys, meta, idx, BLOCK=block, num_warps=16 if block >= 8192 else 4)
+        block_r = 64 if k.is_cuda else 32
+        _gather_kv_blocks[(triton.cdiv(keep_max, block_r), hkv, len(batch))](
+            idx, meta, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), packed, packed.stride(0),
+            packed.stride(1), D=d, BLOCK_R=block_r, num_warps=4)
+        for (i, _, _, keep), (_, _, _, _, at) in zip(batch, table):
+            outs[i] = packed[at // hkv: at // hkv + keep]
+    for i, (lo, hi, keep) in enumerate(blocks):
+        if outs[i] is None:
+            outs[i] = select(q_query, k[lo:hi], v[lo:hi], keep, pool_window, score)
+    return outs
 
 
 # ---- LSE merge of partial outputs -------------------------------------------------------------
