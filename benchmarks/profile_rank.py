@@ -216,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     model = prepared.model
     visual = vision_module(model)
     dtype = next(visual.parameters()).dtype
-    per_grid = pixels.shape[0] // int(prepared.inputs.video_grid_thw[0, 0])
-    mine = pixels[g0 * per_grid: g1 * per_grid]
+    # the pixels hold the grids [p0, p1) (single-rank mode: this rank's own only, ModelInputs.pixel_grids)
+    p0, p1 = prepared.inputs.pixel_grids or (0, int(prepared.inputs.video_grid_thw[0, 0]))
+    per_grid = pixels.shape[0] // (p1 - p0)
+    mine = pixels[(g0 - p0) * per_grid: (g1 - p0) * per_grid]
     mine_lp = mine.to(dtype) if cpu else mine.to(dtype).pin_memory()
     transfer = {
         "one call .to(device, dtype) [before]": lambda: mine.to(device=dev, dtype=dtype),

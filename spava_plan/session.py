@@ -179,6 +179,12 @@ def replan(plan: Plan, settings: Mapping[str, Any]) -> Plan:
     return build_plan(cfg)
 
 
+def _grid_ranks(plan: Plan, world: int) -> int:
+    """Ranks that each need a temporal grid of their own: all of them when the frames are split
+    among the ranks; one for dense_tp, whose every rank encodes every grid with its shard."""
+    return 1 if plan.method == "dense_tp" else world
+
+
 def _check_clip_size(plan: Plan, height: int, width: int) -> None:
     """Refuse a clip whose frames the processor would resize to another size than the plan's, from
     its metadata alone: by the planner's own rule (the plan's config at the clip's resolution), so
@@ -379,7 +385,7 @@ class Session:
                          f"to {plan.video.max_question_tokens} (video.max_question_tokens)")
         if replanned:
             notes.append("re-planned for this input: " + " ".join(replanned))
-        check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch,
+        check_grids(int(inputs.video_grid_thw[0, 0]), _grid_ranks(plan, self.world_size), plan.video.temporal_patch,
                     plan.vision_parallel)
         torch.manual_seed(cfg.seed)
         plan_dir = Path(cfg.plan).resolve().parent if cfg.plan else Path(self.out_dir or ".").resolve()
@@ -482,7 +488,7 @@ class Session:
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
         # the plan's own ranks: a short clip's plan may run on fewer than the server's (emulated)
-        check_grids(int(inputs.video_grid_thw[0, 0]), plan.world_size, plan.video.temporal_patch,
+        check_grids(int(inputs.video_grid_thw[0, 0]), _grid_ranks(plan, plan.world_size), plan.video.temporal_patch,
                     plan.vision_parallel)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed, decode_s=self.last_decode_s)

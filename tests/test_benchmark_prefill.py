@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from prefill_methods import EMULATED, TENSOR_PARALLEL  # noqa: E402  (benchmarks/ is on sys.path)
 
 FP32_EXACT = 1e-5  # exact methods vs dense in fp32: rounding of 2 layers only (seen ~2e-7)
 METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "zigzag_ring_one_gpu", "apb", "star", "dense_tp")
@@ -76,7 +77,7 @@ def test_emulated_attention_runs_through_the_plan_backend(smoke):
     out, _ = smoke
     recs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     emulated = [r for r in recs if r["kind"] == "emulated"]
-    assert len(emulated) == 3 * 5  # 3 cells x the emulated methods
+    assert len(emulated) == 3 * (len(EMULATED) + len(TENSOR_PARALLEL))  # 3 cells x the methods run on W ranks
     for r in emulated:
         assert len(r["per_repeat"]) == 2 and all(p["ttft_us"] > 0 for p in r["per_repeat"])
         assert {x["rank"] for x in r["replays"]} == {0, 1}

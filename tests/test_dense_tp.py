@@ -266,3 +266,23 @@ def test_random_weights_build_each_shard_alone():
     assert all(p.is_meta for p in meta.parameters())  # the full model was never allocated
     a, b = (language_model(s).layers[0].self_attn.q_proj.weight for s in shards)
     assert not torch.equal(a, b)  # each rank's own random values
+
+
+def test_a_video_of_fewer_grids_than_ranks_runs_under_dense_tp(tmp_path):
+    """dense_tp's every rank encodes every temporal grid with its shard of the tower: one grid on 4
+    ranks is a valid input (frame-parallel methods need a grid per rank and refuse it naming frames)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    plan = build_plan(compose_config(["model=tiny", "gpus=4", "frames=2", "video.resolution=112x168", "kernels=false",
+                                      "method=dense_tp"]))
+    plan.save(tmp_path / "plan.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    p = subprocess.run([sys.executable, "-m", "spava_plan.run", f"plan={tmp_path / 'plan.json'}", "model=tiny",
+                        "model.init=random", "device=cpu", "max_new_tokens=2"], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "answer: token ids" in p.stdout, p.stdout
