@@ -85,13 +85,23 @@ def parse_clip(text: str) -> ClipSpec:
     return spec
 
 
-def make_clip(spec: ClipSpec, directory: Path) -> Path:
-    """The clip's file in ``directory``, encoded once (an existing file of the same name is reused)."""
+# libx264 as the clips are encoded: a keyframe every 2 s, 2 B-frames (x264's fastest preset otherwise).
+SERVE_X264 = {"preset": "ultrafast", "bf": "2", "crf": "28"}
+# A web / phone clip as x264 encodes it by default (keyframes up to 250 frames apart, 3 B-frames with
+# a reference pyramid, CABAC, deblocking), at a fast preset; benchmarks/decode_speed.py's second kind.
+WEB_X264 = {"preset": "veryfast"}
+
+
+def make_clip(spec: ClipSpec, directory: Path, x264: dict[str, str] | None = None) -> Path:
+    """The clip's file in ``directory``, encoded once (an existing file of the same name is reused).
+    ``x264``: libx264 options in place of SERVE_X264 (and its 2 s keyframe interval); the file name
+    then carries their tag, so clips of both kinds sit side by side."""
     import av
     import numpy as np
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{spec.name}-{spec.width}x{spec.height}-{spec.frames}f.mp4"
+    tag = "" if x264 is None else "-" + "-".join(f"{k}{v}" for k, v in sorted(x264.items()))
+    path = directory / f"{spec.name}-{spec.width}x{spec.height}-{spec.frames}f{tag}.mp4"
     if path.is_file() and path.stat().st_size > 0:
         return path
     tmp = path.with_suffix(".part.mp4")
@@ -103,7 +113,7 @@ def make_clip(spec: ClipSpec, directory: Path) -> Path:
     with av.open(str(tmp), mode="w") as container:
         stream = container.add_stream("libx264", rate=spec.fps)
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": str(2 * spec.fps), "bf": "2", "crf": "28"}
+        stream.options = dict(SERVE_X264, g=str(2 * spec.fps)) if x264 is None else dict(x264)
         stream.thread_type = "AUTO"
         for i in range(spec.frames):
             img = np.roll(noise, i * 3, axis=1)
