@@ -116,20 +116,22 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
     return read_frames(path, n)
 
 
-def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
+def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None, *,
+                stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, VideoInfo]:
     """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info:
     only the sampled frames are decoded (``decode_frames``), into one buffer (pinned when CUDA is available).
 
     ``size``: (height, width) to scale each sampled frame to while converting it (FFmpeg's
     scaler), e.g. a plan family's frame size for a clip of another resolution
     (plan_store.StoredPlan.frame_size); None keeps the clip's size.
+    ``stop``: asked between frames (decode_frames); True ends the decode with DecodeCancelled.
     Raises InputError when the file is missing, unreadable, or has fewer frames than asked for.
     """
     info = probe(path)
     if info.total_frames < num_frames:
         raise InputError(f"{path!r} has {info.total_frames} frames but the plan samples {num_frames}; use a "
                          f"longer video or re-plan with frames<={info.total_frames}", setting="video")
-    frames = decode_frames(path, sample_indices(info.total_frames, num_frames), size)
+    frames = decode_frames(path, sample_indices(info.total_frames, num_frames), size, stop=stop)
     if len(frames) < num_frames:
         # The container over-reported its frame count: count by decoding and sample again.
         counted = _count_frames(path)
@@ -137,7 +139,7 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None)
         if counted < num_frames:
             raise InputError(f"{path!r} decodes to {counted} frames but the plan samples {num_frames}; use a "
                              f"longer video or re-plan with frames<={counted}", setting="video")
-        frames = decode_frames(path, sample_indices(counted, num_frames), size)
+        frames = decode_frames(path, sample_indices(counted, num_frames), size, stop=stop)
     return frames, info
 
 

@@ -34,7 +34,7 @@ the largest object by all_gather_object), small next to the frames' activations.
 Between requests rank 0 pings the others every ``heartbeat`` seconds, so a rank that dies or hangs
 makes every rank exit with one line naming it within the process-group ``timeout``. A client that
 disconnects (streaming or not) or a request past ``request_timeout`` (HTTP 504) is cancelled at
-the worker's next stage boundary (fetch chunk, prepare, each token).
+the worker's next stage boundary (fetch chunk, each decoded frame of every decoder, prepare, each token).
 
 Start: /health answers 503 {"status": "warming up"} until the plans it serves are loaded, their
 backends built and run once (serve_warmup.py). Shutdown: SIGTERM or SIGINT makes rank 0 stop
@@ -59,6 +59,7 @@ from typing import Any, Sequence
 from .errors import DistributedError, InputError, SpavaError
 from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
 from .launching import agree, fail, hydra_main, launch_mode
+from .runtime.video_io import DecodeCancelled
 from .serve_jobs import Job, Metrics
 from .session import Sampling, Session
 from .serve_warmup import plan_of, synthetic_request, warm_keys
@@ -184,8 +185,8 @@ class Worker:
             check_clip(media.path, self.cfg)
             if job.stopped():
                 raise _Stopped
-            prepared = self.engine.prepare(media.path, req.question)
-        except _Stopped:
+            prepared = self.engine.prepare(media.path, req.question, stop=job.stopped)
+        except (_Stopped, DecodeCancelled):  # cancelled between stages, or between two decoded frames
             media.close()
             self._abandon(job)
             return None

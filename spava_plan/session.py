@@ -428,24 +428,27 @@ class Session:
         return len(ids) - (video + 2) - hf_inputs.suffix_tokens(self.base)  # after <|video_pad|><|vision_end|>
 
     def _request_inputs(self, video: str, question: str, plan: Plan, frames_n: int,
-                        size: tuple[int, int] | None) -> ModelInputs:
+                        size: tuple[int, int] | None, stop: Callable[[], bool] | None = None) -> ModelInputs:
         """The request's model inputs for ``plan``: ``frames_n`` frames spread evenly over the clip
-        (repeated when the plan samples more than the clip has), scaled to ``size``."""
+        (repeated when the plan samples more than the clip has), scaled to ``size``; ``stop`` is
+        asked between decoded frames (video_io.DecodeCancelled when it says True)."""
         total = probe(video).total_frames
         t0 = time.perf_counter()
         with progress.step(f"decoding {frames_n} frames of {video}"):
             if total >= frames_n:
-                frames, info = read_frames(video, frames_n, size)
+                frames, info = read_frames(video, frames_n, size, stop=stop)
             else:  # every frame, each repeated as the uniform indices repeat it
-                every, info = read_frames(video, total, size)
+                every, info = read_frames(video, total, size, stop=stop)
                 frames = every[[int(i * info.total_frames / frames_n) for i in range(frames_n)]]
         # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as prepare_run does).
         fps = info.sampled_fps(frames_n) if info.fps > 0 else plan.video.fps
         self.last_decode_s = time.perf_counter() - t0
         return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps)
 
-    def prepare(self, video_path: str, question: str) -> Prepared:
-        """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request)."""
+    def prepare(self, video_path: str, question: str, stop: Callable[[], bool] | None = None) -> Prepared:
+        """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request).
+        ``stop``: the request's cancellation check, asked between decoded frames: True ends the
+        decode with video_io.DecodeCancelled (a client gone or past request_timeout)."""
         t0 = time.perf_counter()
         q = self.question_tokens(question)
         if q > self.max_question:
@@ -456,7 +459,7 @@ class Session:
         if self.fixed is not None:  # plan= first, when the clip fits it
             lay = self.fixed.layout
             try:
-                inputs = self._request_inputs(video_path, question, self.fixed, lay.frames, tuple(lay.frame_size))
+                inputs = self._request_inputs(video_path, question, self.fixed, lay.frames, tuple(lay.frame_size), stop)
                 positions = hf_inputs.global_position_ids(self.model, inputs)
                 hf_inputs.check_against_plan(self.fixed, inputs, positions)
                 plan = self.fixed
@@ -467,7 +470,7 @@ class Session:
         if plan is None:
             stored = self.store.choose_for_clip(video_path, max(1, q))
             plan = stored.plan
-            inputs = self._request_inputs(video_path, question, plan, stored.frames, tuple(stored.frame_size))
+            inputs = self._request_inputs(video_path, question, plan, stored.frames, tuple(stored.frame_size), stop)
             positions = hf_inputs.global_position_ids(self.model, inputs)
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
