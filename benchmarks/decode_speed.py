@@ -9,6 +9,12 @@ every 2 s, 2 B-frames), ``--kind web`` x264's defaults at a fast preset (keyfram
 apart, 3 B-frames with a reference pyramid), as a web or phone clip comes. ``--clip-file`` adds any
 existing file.
 
+``--ranks W`` (W > 1) also times what one torchrun rank decodes with ``video_decode=own``: the sampled
+frames of its own temporal grids (grids of ``--temporal-patch`` frames split as the plan splits
+them, spava_plan.vision_exchange.grid_ranges), each rank alone on the machine, one line per rank
+(``rank``, ``own``): against the whole decode, which every rank does with ``video_decode=all`` (and
+which rank 0 would do before broadcasting the frames).
+
 For each clip and decoder count it decodes the processor's ``--frames`` sampled frames
 ``--repeat`` times (the best time is kept: the first pass also pays the page cache) and prints one
 JSON line: seconds, sampled frames per second, the frames the decoders produced, the packets they
@@ -32,11 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import WEB_X264, make_clip, parse_clip  # noqa: E402
 
 from spava_plan.runtime import video_io  # noqa: E402
+from spava_plan.vision_exchange import grid_ranges  # noqa: E402
 
 
-def measure(path: str, frames: int, workers: int, repeat: int, skip_nonref: bool) -> dict:
+def measure(path: str, frames: int, workers: int, repeat: int, skip_nonref: bool,
+            own: tuple[int, int] | None = None) -> dict:
     info = video_io.probe(path)
     indices = video_io.sample_indices(info.total_frames, frames)
+    if own is not None:
+        indices = indices[own[0]:own[1]]
     best, stats = None, {}
     for _ in range(repeat):
         run: dict = {}
@@ -49,7 +59,7 @@ def measure(path: str, frames: int, workers: int, repeat: int, skip_nonref: bool
             "sampled": len(indices), "workers": workers, "skip_nonref": skip_nonref, "seconds": round(best, 4),
             "sampled_per_s": round(len(indices) / best, 2), "decoded": stats.get("decoded"),
             "packets": stats.get("packets"), "seeks": stats.get("seeks"), "path": stats.get("path"),
-            "shape": list(out.shape)}
+            "shape": list(out.shape), **({} if own is None else {"own": list(own)})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-nonref", choices=("on", "off", "both"), default="both")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--check", action="store_true", help="assert the bytes equal a full decode's")
+    p.add_argument("--ranks", type=int, default=1, help="W > 1: also each rank's own frames (video_decode=own)")
+    p.add_argument("--temporal-patch", type=int, default=2, help="frames per temporal grid (Qwen2-VL: 2)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
     if any(k not in ("serve", "web") for k in kinds):
@@ -83,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         for workers in (int(w) for w in args.workers.split(",") if w.strip()):
             for skip in skips:
                 print(json.dumps(measure(path, args.frames, workers, args.repeat, skip)), flush=True)
+                if args.ranks > 1:
+                    tp = args.temporal_patch
+                    for rank, (g0, g1) in enumerate(grid_ranges(args.frames // tp, args.ranks)):
+                        print(json.dumps({"rank": rank, **measure(path, args.frames, workers, args.repeat, skip,
+                                                                  (g0 * tp, g1 * tp))}), flush=True)
     return 0
 
 

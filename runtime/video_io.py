@@ -117,7 +117,8 @@ def read_clip(path: str, *, fps: float, min_frames: int = 4, max_frames: int = 7
 
 
 def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None, *,
-                stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, VideoInfo]:
+                stop: Callable[[], bool] | None = None,
+                only: tuple[int, int] | None = None) -> tuple[np.ndarray, VideoInfo]:
     """``num_frames`` uniformly sampled frames as uint8 (num_frames, H, W, 3) RGB, plus file info:
     only the sampled frames are decoded (``decode_frames``), into one buffer (pinned when CUDA is available).
 
@@ -125,12 +126,18 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None,
     scaler), e.g. a plan family's frame size for a clip of another resolution
     (plan_store.StoredPlan.frame_size); None keeps the clip's size.
     ``stop``: asked between frames (decode_frames); True ends the decode with DecodeCancelled.
+    ``only`` = (first, last): decode only the sampled frames [first, last) (one rank's temporal grids
+    under torchrun, video_decode=own); the other rows of the buffer are zero. The container's frame
+    count is trusted then (every rank samples by it without a word to the others): a clip that
+    decodes to fewer frames is refused, naming video_decode.
     Raises InputError when the file is missing, unreadable, or has fewer frames than asked for.
     """
     info = probe(path)
     if info.total_frames < num_frames:
         raise InputError(f"{path!r} has {info.total_frames} frames but the plan samples {num_frames}; use a "
                          f"longer video or re-plan with frames<={info.total_frames}", setting="video")
+    if only is not None:
+        return _read_own(path, info, num_frames, size, stop, only), info
     frames = decode_frames(path, sample_indices(info.total_frames, num_frames), size, stop=stop)
     if len(frames) < num_frames:
         # The container over-reported its frame count: count by decoding and sample again.
@@ -141,6 +148,25 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None,
                              f"longer video or re-plan with frames<={counted}", setting="video")
         frames = decode_frames(path, sample_indices(counted, num_frames), size, stop=stop)
     return frames, info
+
+
+def _read_own(path: str, info: VideoInfo, num_frames: int, size: tuple[int, int] | None,
+              stop: Callable[[], bool] | None, only: tuple[int, int]) -> np.ndarray:
+    """The sampled frames [first, last) decoded into their rows of a zeroed (num_frames, H, W, 3) buffer."""
+    first, last = int(only[0]), int(only[1])
+    if not 0 <= first <= last <= num_frames:
+        raise ValueError(f"frames {first}..{last} are not within the {num_frames} sampled")
+    h, w = (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
+    out = frame_buffer(num_frames, h, w)
+    out[:first] = 0
+    out[last:] = 0
+    if last > first:
+        got = decode_frames(path, sample_indices(info.total_frames, num_frames)[first:last], size, stop=stop)
+        if got.shape[0] != last - first or got.shape[1:3] != (h, w):
+            raise InputError(f"{path!r} decodes to fewer frames than its container states ({info.total_frames}), "
+                             f"so the ranks cannot each decode their own; use video_decode=all", setting="video_decode")
+        out[first:last] = got
+    return out
 
 
 def check_clip(path: str, *, max_frames: int | None = None, max_pixels: int | None = None,

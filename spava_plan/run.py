@@ -117,7 +117,8 @@ def run_distributed(cfg: RunConfig, out_dir: str | None) -> int:
         if comm.rank != 0:  # one progress bar per launch, not one per rank
             hf_logging.disable_progress_bar()
         try:
-            session = Session(cfg, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)), out_dir=out_dir)
+            session = Session(cfg, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)), out_dir=out_dir,
+                              rank=comm.rank)
             prepared = session.prepare_run()
         except SpavaError as exc:
             error = exc

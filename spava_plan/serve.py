@@ -470,7 +470,7 @@ def serve(cfg: Any) -> int:
         error: SpavaError | None = None
         engine = None
         try:
-            engine = Session(cfg, world, local)
+            engine = Session(cfg, world, local, rank=rank if comm is not None else None)
         except SpavaError as exc:
             error = exc
         if comm is not None:

@@ -49,6 +49,7 @@ from .runtime.solo import solo_inputs
 from .runtime.video_io import probe, read_frames
 from .runtime.vision_parallel import check_grids
 from .video_meta import frames_for_rate, plan_for_clip
+from .vision_exchange import plan_vision_exchange
 
 OnToken = Callable[[list[int]], bool]
 
@@ -264,7 +265,7 @@ class Session:
     dims differ from it is re-planned for (replan=true, no plan=, or a server), else refused."""
 
     def __init__(self, cfg: RunConfig, world_size: int, local_rank: int | None = None, *,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, rank: int | None = None):
         self.cfg = cfg
         self.world_size = world_size
         self.out_dir = out_dir
@@ -280,6 +281,7 @@ class Session:
             self.world_size = world_size = base.world_size
         base.check_world(world_size)
         self.local_rank = local_rank
+        self.rank = rank  # the global rank under torchrun (None: emulated ranks in this one process)
         self.last_decode_s = 0.0  # the latest _request_inputs' video decode (Prepared.decode_s)
         self.device = select_device(cfg.device, local_rank)
         self.notes: list[str] = list(fit_notes)
@@ -314,6 +316,7 @@ class Session:
         t0 = time.perf_counter()
         frames_n, clip_fps, video = plan.video.frames, plan.video.fps, cfg.video.path
         tokenizer = self.processing.tokenizer
+        own = None  # this rank's sampled frames when it decodes only those (_own_frames)
         if video:
             info = probe(video)
             if not self.may_replan:  # from the container's metadata, before a frame is decoded
@@ -324,8 +327,10 @@ class Session:
                 frames_n = self._frames_for_clip(plan, info.total_frames, info.fps)
                 plan = replan(plan, {"video.frames": frames_n})
                 replanned.append(f"frames={frames_n}")
-            with progress.step(f"decoding {frames_n} frames of {video}"):
-                frames, info = read_frames(video, frames_n)
+            own = self._own_frames(plan, frames_n)
+            with progress.step(f"decoding {frames_n} frames of {video}" if own is None else
+                               f"decoding this rank's frames {own[0]}..{own[1] - 1} of {frames_n} of {video}"):
+                frames, info = read_frames(video, frames_n, only=own)
             source = (info.height, info.width)
             if info.fps > 0:
                 # Qwen2.5-VL's temporal positions follow the frames' real rate (as the processor's
@@ -370,11 +375,27 @@ class Session:
                          f"to {plan.video.max_question_tokens} (video.max_question_tokens)")
         if replanned:
             notes.append("re-planned for this input: " + " ".join(replanned))
+        if own is not None and self._own_frames(plan, frames_n) != own:
+            raise SpavaError(f"rank {self.rank}: the plan made for this input splits the frames otherwise than the "
+                             f"one they were decoded for; use video_decode=all", setting="video_decode")
         check_grids(int(inputs.video_grid_thw[0, 0]), self.world_size, plan.video.temporal_patch)
         torch.manual_seed(cfg.seed)
         plan_dir = Path(cfg.plan).resolve().parent if cfg.plan else Path(self.out_dir or ".").resolve()
         return Prepared(plan, plan_dir, self.model, self.processing, inputs, positions, self.device, self.eos,
                         notes, time.perf_counter() - t0, bool(replanned), self.load_s)
+
+    def _own_frames(self, plan: Plan, frames_n: int) -> tuple[int, int] | None:
+        """The sampled frames [first, last) of this rank's temporal grids, when this rank decodes only
+        those (under torchrun, video_decode=own, several ranks): its vision encodes only its grids'
+        pixel rows (runtime/vision_parallel.py), so the other frames are never read. None: every frame."""
+        if self.rank is None or self.cfg.video_decode != "own" or plan.world_size <= 1:
+            return None
+        grids = int(plan.layout.grid_thw[0])
+        if grids <= 0 or frames_n % grids:
+            return None
+        per = frames_n // grids
+        first, last = plan_vision_exchange(plan).grids[self.rank]
+        return first * per, last * per
 
     @staticmethod
     def _frames_for_clip(plan: Plan, total: int, clip_fps: float) -> int:
@@ -436,7 +457,7 @@ class Session:
         t0 = time.perf_counter()
         with progress.step(f"decoding {frames_n} frames of {video}"):
             if total >= frames_n:
-                frames, info = read_frames(video, frames_n, size, stop=stop)
+                frames, info = read_frames(video, frames_n, size, stop=stop, only=self._own_frames(plan, frames_n))
             else:  # every frame, each repeated as the uniform indices repeat it
                 every, info = read_frames(video, total, size, stop=stop)
                 frames = every[[int(i * info.total_frames / frames_n) for i in range(frames_n)]]
