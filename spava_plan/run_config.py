@@ -77,8 +77,8 @@ class RunConfig(CommandLineConfig):
     device: str = "auto"  # auto | cpu | cuda
     comm: str = "auto"  # auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout: float = 300.0  # seconds a rank waits for its peers before failing (process-group timeout)
-    # Under torchrun: each rank decodes only the sampled frames of its own temporal grids (own: 1/W of
-    # the decode, the rest of its frame buffer zero, never read) or every sampled frame (all).
+    # Under torchrun: each rank decodes and preprocesses only the sampled frames of its own temporal
+    # grids (own: 1/W of the decode and processor; no rank reads another's pixels) or every frame (all).
     # Emulated ranks share one process and always decode every frame (its parallel decoders split them).
     video_decode: str = "own"
     seed: int = 0  # random weights / pixels / synthetic prompts (model.init=random)

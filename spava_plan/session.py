@@ -138,15 +138,20 @@ def random_frames(plan: Plan, seed: int) -> np.ndarray:
 
 
 def build_inputs(plan: Plan, processing: Processing, model: Any, frames: np.ndarray, *, question: str | None,
-                 seed: int, fps: float | None = None) -> ModelInputs:
+                 seed: int, fps: float | None = None, own: tuple[int, int] | None = None) -> ModelInputs:
     """The model inputs of ``frames`` and ``question`` under the plan's processor settings.
     ``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid); None: the
-    plan's video.fps (random frames). Without a tokenizer (random weights): synthetic prompt ids."""
+    plan's video.fps (random frames). Without a tokenizer (random weights): synthetic prompt ids.
+    ``own``: this rank's frames (Session._own_frames), the only ones the processor needs to see
+    (hf_inputs.video_pixels' only_frames; every frame with the per-frame pixel cap, whose size
+    follows the frame count)."""
     v = plan.video
+    only = None if own is None or v.cap_pixels_per_frame else own
     common = dict(family=plan.model.family, min_pixels=v.min_pixels, max_pixels=v.max_pixels,
                   temporal_patch=v.temporal_patch, merge=v.spatial_merge, fps=v.fps if fps is None else fps,
                   tile_size=v.tile_size, tile_tokens=v.tile_tokens,  # InternVL3
-                  cap_pixels_per_frame=v.cap_pixels_per_frame, max_video_tokens=v.max_video_tokens)  # frame-size rule
+                  cap_pixels_per_frame=v.cap_pixels_per_frame, max_video_tokens=v.max_video_tokens,  # frame-size rule
+                  only_frames=only)
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v.system_tokens,
                                           question_tokens=v.max_question_tokens, seed=seed,
@@ -356,7 +361,7 @@ class Session:
             inputs = solo_inputs(plan, self.model.config, solo_rank, cfg.seed)
         else:
             inputs = build_inputs(plan, self.processing, self.model, frames, question=cfg.question, seed=cfg.seed,
-                                  fps=clip_fps)
+                                  fps=clip_fps, own=own)
         positions = hf_inputs.global_position_ids(self.model, inputs)
         try:
             hf_inputs.check_against_plan(plan, inputs, positions)
@@ -388,7 +393,8 @@ class Session:
         """The sampled frames [first, last) of this rank's temporal grids, when this rank decodes only
         those (under torchrun, video_decode=own, several ranks): its vision encodes only its grids'
         pixel rows (runtime/vision_parallel.py), so the other frames are never read. None: every frame."""
-        if self.rank is None or self.cfg.video_decode != "own" or plan.world_size <= 1:
+        if (self.rank is None or self.cfg.video_decode != "own" or plan.world_size <= 1
+                or plan.model.family == "internvl3"):  # InternVL3's frames are tiles with text between: not tried
             return None
         grids = int(plan.layout.grid_thw[0])
         if grids <= 0 or frames_n % grids:
@@ -455,16 +461,18 @@ class Session:
         asked between decoded frames (video_io.DecodeCancelled when it says True)."""
         total = probe(video).total_frames
         t0 = time.perf_counter()
+        own = self._own_frames(plan, frames_n) if total >= frames_n else None
         with progress.step(f"decoding {frames_n} frames of {video}"):
             if total >= frames_n:
-                frames, info = read_frames(video, frames_n, size, stop=stop, only=self._own_frames(plan, frames_n))
+                frames, info = read_frames(video, frames_n, size, stop=stop, only=own)
             else:  # every frame, each repeated as the uniform indices repeat it
                 every, info = read_frames(video, total, size, stop=stop)
                 frames = every[[int(i * info.total_frames / frames_n) for i in range(frames_n)]]
         # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as prepare_run does).
         fps = info.sampled_fps(frames_n) if info.fps > 0 else plan.video.fps
         self.last_decode_s = time.perf_counter() - t0
-        return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps)
+        return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps,
+                            own=own)
 
     def prepare(self, video_path: str, question: str, stop: Callable[[], bool] | None = None) -> Prepared:
         """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request).
