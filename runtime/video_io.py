@@ -13,7 +13,11 @@ Decoding only what is sampled (``decode_frames``): the frames are indexed first,
 container's own index when it lists every frame (mp4: read from the header, no packet read) or else
 from the demuxed packets' timestamps (``_Index``), then for each sampled frame the decoder seeks to
 the nearest keyframe at or before it and decodes forward to it; sampled
-frames that follow each other inside one group of pictures share one forward pass. Decoding is
+frames that follow each other inside one group of pictures share one forward pass. The packets are
+given to the decoder one by one, each known by its presentation timestamp: those up to the pass's
+last sampled frame only (then the decoder is drained), and those whose frame is not sampled with
+``skip_frame = "NONREF"``, so a frame nothing refers to (x264's non-reference B-frames) is never
+decoded. A ``stop()`` callable is asked between packets (DecodeCancelled). Decoding is
 threaded (FFmpeg's frame + slice threads, ``thread_type = "AUTO"``). Each frame is converted once,
 straight into its slot of one preallocated uint8 buffer (page-locked when CUDA is available, so the
 copy to the GPU is a DMA). The frames are the ones the decode-everything path returns, bit for bit:
