@@ -19,7 +19,8 @@ Per request it records the client's wall-clock TTFT (request sent -> first conte
 stream), total time, completion tokens and decode tokens/s (tokens after the first over the time
 after the first), and the server's own per-request stage timings when it reports them: a
 ``timings`` object in the final stream chunk, stage -> milliseconds (``fetch_ms``, ``decode_ms``
-(the video), ``preprocess_ms``, ``vision_ms``, ``prefill_ms``, ``first_token_ms``, ``generate_ms``
+(the video), ``preprocess_ms``, ``peers_prepare_ms`` (under torchrun: the other ranks' decode and
+processor of their own frames, after rank 0's), ``vision_ms``, ``prefill_ms``, ``first_token_ms``, ``generate_ms``
 (the token loop); ``*_s`` values are converted), and for sequential runs the change of every Prometheus
 ``*_seconds_sum`` series of ``/metrics`` over the request (a stage the response does not report).
 
@@ -54,7 +55,9 @@ PRESETS = {  # name: (seconds, height, width, fps)
 # video's decode (the issue's per-request list: fetch, decode, preprocess, vision, prefill, first
 # token), the token loop is "generate" (or "decode_tokens").
 GPU_STAGES = ("vision", "prefill", "generate", "decode_tokens", "token_decode")
-PREPROCESS_STAGES = ("decode", "video_decode", "decode_video", "preprocess")  # decode + processor, as the issue counts it
+# decode + processor, as the issue counts it; peers_prepare: under torchrun, the other ranks' own
+# decode + processor after rank 0 sent them the request
+PREPROCESS_STAGES = ("decode", "video_decode", "decode_video", "preprocess", "peers_prepare")
 QUESTION = "What happens in this video? Answer in one sentence."
 
 

@@ -308,6 +308,7 @@ class Worker:
                 state["finish"] = state["finish"] or "cancelled"
             return state["finish"] is None
 
+        self.peers_prepare_s = 0.0
         try:
             if self.comm is None:
                 result = self._run_emulated(prepared, backend, req.sampling, on_token)
@@ -329,9 +330,13 @@ class Worker:
         # Per-request stages in ms (what a user waits for, as benchmarks/serve_load.py reads them):
         # queue = prepared, waiting for the GPUs; first_token = request admitted -> first token.
         queued = run_started - (job.prepared_at if job.prepared_at is not None else run_started)
-        stages = {**job.stages, "queue": queued,
+        # Under torchrun the other ranks decode and preprocess their frames after rank 0 sent them the
+        # request (peers_prepare, part of the preprocessing a user waits for; not GPU time).
+        peers = {"peers_prepare": self.peers_prepare_s} if self.comm is not None else {}
+        stages = {**job.stages, **peers, "queue": queued,
                   "vision": t.vision_s, "prefill": t.prefill_s,
-                  "first_token": (state["first"] or done) - started, "generate": done - run_started}
+                  "first_token": (state["first"] or done) - started,
+                  "generate": done - run_started - self.peers_prepare_s}
         timings = {f"{k}_ms": round(v * 1e3, 3) for k, v in stages.items()}
         if t.decode_tokens_per_s > 0:
             self.metrics.decode.observe(t.decode_tokens_per_s)
@@ -349,8 +354,10 @@ class Worker:
         return run_emulated(self.engine, prepared, backend, sampling, on_token, self.cfg.timeout)
 
     def _run_dist(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any, request: dict) -> Any:
+        started = time.perf_counter()
         self.comm.all_gather_object(request)
         agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
+        self.peers_prepare_s = time.perf_counter() - started  # their decode + processor, before any GPU work
         return self.engine.generate(prepared, self.comm, backend, sampling, on_token)
 
 
