@@ -216,12 +216,17 @@ class DecodeCancelled(Exception):
 
 def decode_workers() -> int:
     """Decoders run at once for one clip: half the cores this process may use, at most 8 (each also
-    runs FFmpeg's own frame threads). One on a 2-core machine: the serial path."""
+    runs FFmpeg's own frame threads), shared by the torchrun ranks of this node (LOCAL_WORLD_SIZE:
+    they decode at the same time, each its own frames). One on a 2-core machine: the serial path."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores // 2))
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, min(8, cores // 2 // ranks))
 
 
 def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None,

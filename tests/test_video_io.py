@@ -200,3 +200,13 @@ def test_a_stopped_decode_ends_between_frames(tmp_path, workers):
     with pytest.raises(video_io.DecodeCancelled):
         video_io.decode_sequential(path, indices, stop=lambda: True)
     assert video_io.decode_frames(path, indices, workers=workers, stop=lambda: False).shape[0] == 30
+
+
+def test_decoders_are_shared_by_the_ranks_of_a_node(monkeypatch):
+    """Half the cores, at most 8, divided among the torchrun ranks of the node (they decode at once)."""
+    monkeypatch.setattr(video_io.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert video_io.decode_workers() == 8
+    for ranks, workers in (("2", 4), ("8", 1), ("16", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert video_io.decode_workers() == workers
