@@ -124,6 +124,12 @@ def run_distributed(cfg: RunConfig, out_dir: str | None) -> int:
             error = exc
         agree(comm, error)
         assert session is not None and prepared is not None
+        # Every rank decodes and preprocesses (its own frames: video_decode=own) before the GPUs start:
+        # the slowest one is what the run waits for, so rank 0's report names it.
+        inputs = comm.all_gather_object(prepared.input_s)
+        slowest = max(range(len(inputs)), key=lambda r: inputs[r])
+        prepared.notes.append(f"input on every rank (video_decode={cfg.video_decode}): slowest {inputs[slowest]:.3f} s "
+                              f"(rank {slowest}), rank 0 {inputs[0]:.3f} s")
         # Rank 0 first: it renders the plan's kernels (triton) that the other ranks then load, so no
         # two processes write the kernel directory at once.
         for turn in (True, False):
