@@ -156,14 +156,15 @@ def read_frames(path: str, num_frames: int, size: tuple[int, int] | None = None,
 
 def _read_own(path: str, info: VideoInfo, num_frames: int, size: tuple[int, int] | None,
               stop: Callable[[], bool] | None, only: tuple[int, int]) -> np.ndarray:
-    """The sampled frames [first, last) decoded into their rows of a zeroed (num_frames, H, W, 3) buffer."""
+    """The sampled frames [first, last) decoded into their rows of a zeroed (num_frames, H, W, 3) buffer.
+    np.zeros, not the pinned frame_buffer: the OS hands out zero pages lazily, so the other ranks'
+    rows cost neither time nor memory unless something reads them (only the processor of InternVL3
+    or the per-frame pixel cap does; the own frames' copy to the GPU is 1/W of the clip)."""
     first, last = int(only[0]), int(only[1])
     if not 0 <= first <= last <= num_frames:
         raise ValueError(f"frames {first}..{last} are not within the {num_frames} sampled")
     h, w = (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
-    out = frame_buffer(num_frames, h, w)
-    out[:first] = 0
-    out[last:] = 0
+    out = np.zeros((num_frames, h, w, 3), dtype=np.uint8)
     if last > first:
         got = decode_frames(path, sample_indices(info.total_frames, num_frames)[first:last], size, stop=stop)
         if got.shape[0] != last - first or got.shape[1:3] != (h, w):
