@@ -18,8 +18,9 @@ which rank 0 would do before broadcasting the frames).
 For each clip and decoder count it decodes the processor's ``--frames`` sampled frames
 ``--repeat`` times (the best time is kept: the first pass also pays the page cache) and prints one
 JSON line: seconds (wall clock), cpu_s (CPU time of every thread of the process: the decode's work,
-which a machine shared with other jobs does not inflate as it does the wall clock), sampled frames per second, the frames the decoders produced, the packets they
-were given, the seeks, and the path taken. ``--skip-nonref off`` decodes every packet between a
+which a machine shared with other jobs does not inflate as it does the wall clock), sampled frames
+per second, the frames the decoders produced, the packets they were given, the seeks, and the path
+taken. ``--skip-nonref off`` decodes every packet between a
 seek's keyframe and its sampled frame (video_io's behaviour before non-reference frames were
 skipped), for the before / after comparison. ``--check`` also decodes the whole stream once and
 asserts the sampled frames' bytes are the same.
