@@ -19,7 +19,8 @@ Per request it records the client's wall-clock TTFT (request sent -> first conte
 stream), total time, completion tokens and decode tokens/s (tokens after the first over the time
 after the first), and the server's own per-request stage timings when it reports them: a
 ``timings`` object in the final stream chunk, stage -> milliseconds (``fetch_ms``, ``decode_ms``
-(the video), ``preprocess_ms``, ``vision_ms``, ``prefill_ms``, ``first_token_ms``, ``generate_ms``
+(the video), ``preprocess_ms``, ``peers_prepare_ms`` (under torchrun: the other ranks' decode and
+processor of their own frames, after rank 0's), ``vision_ms``, ``prefill_ms``, ``first_token_ms``, ``generate_ms``
 (the token loop); ``*_s`` values are converted), and for sequential runs the change of every Prometheus
 ``*_seconds_sum`` series of ``/metrics`` over the request (a stage the response does not report).
 
@@ -54,7 +55,9 @@ PRESETS = {  # name: (seconds, height, width, fps)
 # video's decode (the issue's per-request list: fetch, decode, preprocess, vision, prefill, first
 # token), the token loop is "generate" (or "decode_tokens").
 GPU_STAGES = ("vision", "prefill", "generate", "decode_tokens", "token_decode")
-PREPROCESS_STAGES = ("decode", "video_decode", "decode_video", "preprocess")  # decode + processor, as the issue counts it
+# decode + processor, as the issue counts it; peers_prepare: under torchrun, the other ranks' own
+# decode + processor after rank 0 sent them the request
+PREPROCESS_STAGES = ("decode", "video_decode", "decode_video", "preprocess", "peers_prepare")
 QUESTION = "What happens in this video? Answer in one sentence."
 
 
@@ -85,13 +88,23 @@ def parse_clip(text: str) -> ClipSpec:
     return spec
 
 
-def make_clip(spec: ClipSpec, directory: Path) -> Path:
-    """The clip's file in ``directory``, encoded once (an existing file of the same name is reused)."""
+# libx264 as the clips are encoded: a keyframe every 2 s, 2 B-frames (x264's fastest preset otherwise).
+SERVE_X264 = {"preset": "ultrafast", "bf": "2", "crf": "28"}
+# A web / phone clip as x264 encodes it by default (keyframes up to 250 frames apart, 3 B-frames with
+# a reference pyramid, CABAC, deblocking), at a fast preset; benchmarks/decode_speed.py's second kind.
+WEB_X264 = {"preset": "veryfast"}
+
+
+def make_clip(spec: ClipSpec, directory: Path, x264: dict[str, str] | None = None) -> Path:
+    """The clip's file in ``directory``, encoded once (an existing file of the same name is reused).
+    ``x264``: libx264 options in place of SERVE_X264 (and its 2 s keyframe interval); the file name
+    then carries their tag, so clips of both kinds sit side by side."""
     import av
     import numpy as np
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{spec.name}-{spec.width}x{spec.height}-{spec.frames}f.mp4"
+    tag = "" if x264 is None else "-" + "-".join(f"{k}{v}" for k, v in sorted(x264.items()))
+    path = directory / f"{spec.name}-{spec.width}x{spec.height}-{spec.frames}f{tag}.mp4"
     if path.is_file() and path.stat().st_size > 0:
         return path
     tmp = path.with_suffix(".part.mp4")
@@ -103,7 +116,7 @@ def make_clip(spec: ClipSpec, directory: Path) -> Path:
     with av.open(str(tmp), mode="w") as container:
         stream = container.add_stream("libx264", rate=spec.fps)
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": str(2 * spec.fps), "bf": "2", "crf": "28"}
+        stream.options = dict(SERVE_X264, g=str(2 * spec.fps)) if x264 is None else dict(x264)
         stream.thread_type = "AUTO"
         for i in range(spec.frames):
             img = np.roll(noise, i * 3, axis=1)

@@ -162,9 +162,21 @@ def prompt_text(processing: Processing, question: str) -> str:
 
 def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int, max_pixels: int,
                  temporal_patch: int, cap_pixels_per_frame: bool = False,
-                 max_video_tokens: int = 128000) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_video_tokens: int = 128000,
+                 only_frames: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values_videos, video_grid_thw) for uint8 frames (F, H, W, 3): pixels float32 on the
-    processing device, the grid on the host."""
+    processing device, the grid on the host.
+
+    ``only_frames`` = (first, last), whole temporal grids: only those frames go through the processor
+    (one torchrun rank's grids, video_decode=own); their rows land in their place of the video's
+    pixel tensor, whose other rows are allocated, never written (no rank reads another's grids:
+    runtime/vision_parallel.py), and the grid is the whole video's. Each temporal grid's pixels
+    depend on its own frames only (the same resize for every frame of the clip), so the rows are
+    the whole video's; not with the per-frame pixel cap, whose size follows the frame count."""
+    if only_frames is not None:
+        return _grid_pixels(processing, frames, only_frames, min_pixels=min_pixels, max_pixels=max_pixels,
+                            temporal_patch=temporal_patch, cap_pixels_per_frame=cap_pixels_per_frame,
+                            max_video_tokens=max_video_tokens)
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     if processing.video_processor is not None:
         vp = processing.video_processor
@@ -181,6 +193,21 @@ def video_pixels(processing: Processing, frames: np.ndarray, *, min_pixels: int,
         raise InputError("the per-frame pixel cap needs transformers' video processor (torchvision); re-plan with "
                          "model.vision.cap_pixels_per_frame=false", setting="model.vision.cap_pixels_per_frame")
     return frames_to_video_patches(processing.image_processor, frames, size=size, temporal_patch=temporal_patch)
+
+
+def _grid_pixels(processing: Processing, frames: np.ndarray, only: tuple[int, int], *, temporal_patch: int,
+                 cap_pixels_per_frame: bool, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """video_pixels of the frames [first, last) only, placed in the whole video's pixel tensor."""
+    first, last = int(only[0]), int(only[1])
+    f, tp = int(frames.shape[0]), int(temporal_patch)
+    if cap_pixels_per_frame or f % tp or first % tp or last % tp or not 0 <= first < last <= f:
+        raise ValueError(f"frames {first}..{last} of {f} are not whole temporal grids of {tp} frames "
+                         f"(or the per-frame pixel cap is on)")
+    part, grid = video_pixels(processing, frames[first:last], temporal_patch=tp, cap_pixels_per_frame=False, **kw)
+    per = part.shape[0] // int(grid[0, 0])  # pixel rows per temporal grid
+    full = part.new_empty((f // tp * per, part.shape[1]))
+    full[first // tp * per: last // tp * per] = part
+    return full, torch.tensor([[f // tp, int(grid[0, 1]), int(grid[0, 2])]], dtype=grid.dtype)
 
 
 def cap_keyword(video_processor: Any, cap_pixels_per_frame: bool, max_video_tokens: int = 128000) -> dict[str, Any]:
@@ -237,8 +264,10 @@ def frames_to_video_patches(image_processor: Any, frames: np.ndarray, *, size: d
 def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, family: str, min_pixels: int,
                  max_pixels: int, temporal_patch: int, merge: int, fps: float,
                  video_token_id: int | None = None, tile_size: int = 448, tile_tokens: int = 256,
-                 cap_pixels_per_frame: bool = False, max_video_tokens: int = 128000) -> ModelInputs:
-    """Prompt ids + pixels for one video and one question, as the model's processor builds them."""
+                 cap_pixels_per_frame: bool = False, max_video_tokens: int = 128000,
+                 only_frames: tuple[int, int] | None = None) -> ModelInputs:
+    """Prompt ids + pixels for one video and one question, as the model's processor builds them
+    (``only_frames``: the pixels of those frames only, video_pixels)."""
     if family == "internvl3":
         from .internvl_inputs import build_internvl_inputs
 
@@ -246,7 +275,7 @@ def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, f
                                      image_token_id=video_token_id)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
                                 temporal_patch=temporal_patch, cap_pixels_per_frame=cap_pixels_per_frame,
-                                max_video_tokens=max_video_tokens)
+                                max_video_tokens=max_video_tokens, only_frames=only_frames)
     n_video = int(grid.prod()) // (merge * merge)
     tok = processing.tokenizer
     text = prompt_text(processing, question).replace(VIDEO_PAD, VIDEO_PAD * n_video)
@@ -262,8 +291,9 @@ def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: A
                      question_tokens: int, family: str, min_pixels: int, max_pixels: int, temporal_patch: int,
                      merge: int, fps: float, seed: int = 0, tile_size: int = 448, tile_tokens: int = 256,
                      frame_text_tokens: int = 6, cap_pixels_per_frame: bool = False,
-                     max_video_tokens: int = 128000) -> ModelInputs:
-    """For a random-weight model with no tokenizer: the Qwen layout with random text ids.
+                     max_video_tokens: int = 128000, only_frames: tuple[int, int] | None = None) -> ModelInputs:
+    """For a random-weight model with no tokenizer: the Qwen layout with random text ids
+    (``only_frames``: the pixels of those frames only, video_pixels).
 
     [random system ids | <|vision_start|> | video | <|vision_end|> | random question ids | 5 suffix ids]
     """
@@ -275,7 +305,7 @@ def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: A
                                          tile_tokens=tile_tokens, frame_text_tokens=frame_text_tokens, seed=seed)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
                                 temporal_patch=temporal_patch, cap_pixels_per_frame=cap_pixels_per_frame,
-                                max_video_tokens=max_video_tokens)
+                                max_video_tokens=max_video_tokens, only_frames=only_frames)
     n_video = int(grid.prod()) // (merge * merge)
     specials = {int(getattr(hf_config, k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                      "vision_end_token_id") if getattr(hf_config, k, None) is not None}

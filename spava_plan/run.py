@@ -117,12 +117,19 @@ def run_distributed(cfg: RunConfig, out_dir: str | None) -> int:
         if comm.rank != 0:  # one progress bar per launch, not one per rank
             hf_logging.disable_progress_bar()
         try:
-            session = Session(cfg, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)), out_dir=out_dir)
+            session = Session(cfg, comm.world_size, int(os.environ.get("LOCAL_RANK", rank)), out_dir=out_dir,
+                              rank=comm.rank)
             prepared = session.prepare_run()
         except SpavaError as exc:
             error = exc
         agree(comm, error)
         assert session is not None and prepared is not None
+        # Every rank decodes and preprocesses (its own frames: video_decode=own) before the GPUs start:
+        # the slowest one is what the run waits for, so rank 0's report names it.
+        inputs = comm.all_gather_object(prepared.input_s)
+        slowest = max(range(len(inputs)), key=lambda r: inputs[r])
+        prepared.notes.append(f"input on every rank (video_decode={cfg.video_decode}): slowest {inputs[slowest]:.3f} s "
+                              f"(rank {slowest}), rank 0 {inputs[0]:.3f} s")
         # Rank 0 first: it renders the plan's kernels (triton) that the other ranks then load, so no
         # two processes write the kernel directory at once.
         for turn in (True, False):

@@ -43,6 +43,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("plan", "bf16", "fp16", "fp32", "fp64"),
     "comm": ("auto", "dist", "emulated"),
+    "video_decode": ("own", "all"),
 }
 # Ceilings: beyond these a value is a typo, not a workload (DESIGN.md: bound every knob that drives
 # time or size). The decode KV cache is allocated for max_new_tokens up front, so an unbounded value
@@ -76,6 +77,10 @@ class RunConfig(CommandLineConfig):
     device: str = "auto"  # auto | cpu | cuda
     comm: str = "auto"  # auto (torchrun -> torch.distributed, else emulated) | dist | emulated
     timeout: float = 300.0  # seconds a rank waits for its peers before failing (process-group timeout)
+    # Under torchrun: each rank decodes and preprocesses only the sampled frames of its own temporal
+    # grids (own: 1/W of the decode and processor; no rank reads another's pixels) or every frame (all).
+    # Emulated ranks share one process and always decode every frame (its parallel decoders split them).
+    video_decode: str = "own"
     seed: int = 0  # random weights / pixels / synthetic prompts (model.init=random)
     emulated_timing: bool = False  # one process: also report the emulated W-rank time to first token
     rank: Optional[int] = None  # single-rank mode: run only rank R of the plan here (runtime/solo.py)

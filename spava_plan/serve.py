@@ -34,7 +34,7 @@ the largest object by all_gather_object), small next to the frames' activations.
 Between requests rank 0 pings the others every ``heartbeat`` seconds, so a rank that dies or hangs
 makes every rank exit with one line naming it within the process-group ``timeout``. A client that
 disconnects (streaming or not) or a request past ``request_timeout`` (HTTP 504) is cancelled at
-the worker's next stage boundary (fetch chunk, prepare, each token).
+the worker's next stage boundary (fetch chunk, each decoded frame of every decoder, prepare, each token).
 
 Start: /health answers 503 {"status": "warming up"} until the plans it serves are loaded, their
 backends built and run once (serve_warmup.py). Shutdown: SIGTERM or SIGINT makes rank 0 stop
@@ -59,6 +59,7 @@ from typing import Any, Sequence
 from .errors import DistributedError, InputError, SpavaError
 from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
 from .launching import agree, fail, hydra_main, launch_mode
+from .runtime.video_io import DecodeCancelled
 from .serve_jobs import Job, Metrics
 from .session import Sampling, Session
 from .serve_warmup import plan_of, synthetic_request, warm_keys
@@ -184,8 +185,8 @@ class Worker:
             check_clip(media.path, self.cfg)
             if job.stopped():
                 raise _Stopped
-            prepared = self.engine.prepare(media.path, req.question)
-        except _Stopped:
+            prepared = self.engine.prepare(media.path, req.question, stop=job.stopped)
+        except (_Stopped, DecodeCancelled):  # cancelled between stages, or between two decoded frames
             media.close()
             self._abandon(job)
             return None
@@ -307,6 +308,7 @@ class Worker:
                 state["finish"] = state["finish"] or "cancelled"
             return state["finish"] is None
 
+        self.peers_prepare_s = 0.0
         try:
             if self.comm is None:
                 result = self._run_emulated(prepared, backend, req.sampling, on_token)
@@ -328,9 +330,13 @@ class Worker:
         # Per-request stages in ms (what a user waits for, as benchmarks/serve_load.py reads them):
         # queue = prepared, waiting for the GPUs; first_token = request admitted -> first token.
         queued = run_started - (job.prepared_at if job.prepared_at is not None else run_started)
-        stages = {**job.stages, "queue": queued,
+        # Under torchrun the other ranks decode and preprocess their frames after rank 0 sent them the
+        # request (peers_prepare, part of the preprocessing a user waits for; not GPU time).
+        peers = {"peers_prepare": self.peers_prepare_s} if self.comm is not None else {}
+        stages = {**job.stages, **peers, "queue": queued,
                   "vision": t.vision_s, "prefill": t.prefill_s,
-                  "first_token": (state["first"] or done) - started, "generate": done - run_started}
+                  "first_token": (state["first"] or done) - started,
+                  "generate": done - run_started - self.peers_prepare_s}
         timings = {f"{k}_ms": round(v * 1e3, 3) for k, v in stages.items()}
         if t.decode_tokens_per_s > 0:
             self.metrics.decode.observe(t.decode_tokens_per_s)
@@ -348,8 +354,10 @@ class Worker:
         return run_emulated(self.engine, prepared, backend, sampling, on_token, self.cfg.timeout)
 
     def _run_dist(self, prepared: Any, backend: Any, sampling: Sampling, on_token: Any, request: dict) -> Any:
+        started = time.perf_counter()
         self.comm.all_gather_object(request)
         agree(self.comm, None)  # the other ranks prepare the same request; one failing fails it
+        self.peers_prepare_s = time.perf_counter() - started  # their decode + processor, before any GPU work
         return self.engine.generate(prepared, self.comm, backend, sampling, on_token)
 
 
@@ -469,7 +477,7 @@ def serve(cfg: Any) -> int:
         error: SpavaError | None = None
         engine = None
         try:
-            engine = Session(cfg, world, local)
+            engine = Session(cfg, world, local, rank=rank if comm is not None else None)
         except SpavaError as exc:
             error = exc
         if comm is not None:

@@ -2,7 +2,7 @@
 
 A Job carries its deadline (request_timeout from admission): the HTTP side stops waiting at the
 deadline and answers 504, and the worker checks ``job.stopped()`` between its stages (fetch,
-probe, prepare, each generated token), so the work behind a timed-out or abandoned request ends at
+probe, each decoded frame of the video's decoders, prepare, each generated token), so the work behind a timed-out or abandoned request ends at
 the next stage boundary instead of running on.
 """
 from __future__ import annotations

@@ -50,6 +50,7 @@ from .runtime.tensor_parallel import TPRankRunner
 from .runtime.video_io import probe, read_frames
 from .runtime.vision_parallel import check_grids
 from .video_meta import frames_for_rate, plan_for_clip
+from .vision_exchange import plan_vision_exchange
 
 OnToken = Callable[[list[int]], bool]
 
@@ -138,15 +139,20 @@ def random_frames(plan: Plan, seed: int) -> np.ndarray:
 
 
 def build_inputs(plan: Plan, processing: Processing, model: Any, frames: np.ndarray, *, question: str | None,
-                 seed: int, fps: float | None = None) -> ModelInputs:
+                 seed: int, fps: float | None = None, own: tuple[int, int] | None = None) -> ModelInputs:
     """The model inputs of ``frames`` and ``question`` under the plan's processor settings.
     ``fps``: the real rate of the sampled frames (Qwen2.5-VL's seconds per temporal grid); None: the
-    plan's video.fps (random frames). Without a tokenizer (random weights): synthetic prompt ids."""
+    plan's video.fps (random frames). Without a tokenizer (random weights): synthetic prompt ids.
+    ``own``: this rank's frames (Session._own_frames), the only ones the processor needs to see
+    (hf_inputs.video_pixels' only_frames; every frame with the per-frame pixel cap, whose size
+    follows the frame count)."""
     v = plan.video
+    only = None if own is None or v.cap_pixels_per_frame else own
     common = dict(family=plan.model.family, min_pixels=v.min_pixels, max_pixels=v.max_pixels,
                   temporal_patch=v.temporal_patch, merge=v.spatial_merge, fps=v.fps if fps is None else fps,
                   tile_size=v.tile_size, tile_tokens=v.tile_tokens,  # InternVL3
-                  cap_pixels_per_frame=v.cap_pixels_per_frame, max_video_tokens=v.max_video_tokens)  # frame-size rule
+                  cap_pixels_per_frame=v.cap_pixels_per_frame, max_video_tokens=v.max_video_tokens,  # frame-size rule
+                  only_frames=only)
     if processing.tokenizer is None:
         return hf_inputs.synthetic_inputs(processing, frames, hf_config=model.config, system_tokens=v.system_tokens,
                                           question_tokens=v.max_question_tokens, seed=seed,
@@ -277,7 +283,7 @@ class Session:
     dims differ from it is re-planned for (replan=true, no plan=, or a server), else refused."""
 
     def __init__(self, cfg: RunConfig, world_size: int, local_rank: int | None = None, *,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, rank: int | None = None):
         self.cfg = cfg
         self.world_size = world_size
         self.out_dir = out_dir
@@ -293,6 +299,7 @@ class Session:
             self.world_size = world_size = base.world_size
         base.check_world(world_size)
         self.local_rank = local_rank
+        self.rank = rank  # the global rank under torchrun (None: emulated ranks in this one process)
         self.last_decode_s = 0.0  # the latest _request_inputs' video decode (Prepared.decode_s)
         self.device = select_device(cfg.device, local_rank)
         self.notes: list[str] = list(fit_notes)
@@ -327,6 +334,7 @@ class Session:
         t0 = time.perf_counter()
         frames_n, clip_fps, video = plan.video.frames, plan.video.fps, cfg.video.path
         tokenizer = self.processing.tokenizer
+        own = None  # this rank's sampled frames when it decodes only those (_own_frames)
         if video:
             info = probe(video)
             if not self.may_replan:  # from the container's metadata, before a frame is decoded
@@ -337,8 +345,10 @@ class Session:
                 frames_n = self._frames_for_clip(plan, info.total_frames, info.fps)
                 plan = replan(plan, {"video.frames": frames_n})
                 replanned.append(f"frames={frames_n}")
-            with progress.step(f"decoding {frames_n} frames of {video}"):
-                frames, info = read_frames(video, frames_n)
+            own = self._own_frames(plan, frames_n)
+            with progress.step(f"decoding {frames_n} frames of {video}" if own is None else
+                               f"decoding this rank's frames {own[0]}..{own[1] - 1} of {frames_n} of {video}"):
+                frames, info = read_frames(video, frames_n, only=own)
             source = (info.height, info.width)
             if info.fps > 0:
                 # Qwen2.5-VL's temporal positions follow the frames' real rate (as the processor's
@@ -366,7 +376,7 @@ class Session:
             inputs = solo_inputs(plan, self.model.config, solo_rank, cfg.seed)
         else:
             inputs = build_inputs(plan, self.processing, self.model, frames, question=cfg.question, seed=cfg.seed,
-                                  fps=clip_fps)
+                                  fps=clip_fps, own=own)
         positions = hf_inputs.global_position_ids(self.model, inputs)
         try:
             hf_inputs.check_against_plan(plan, inputs, positions)
@@ -385,12 +395,31 @@ class Session:
                          f"to {plan.video.max_question_tokens} (video.max_question_tokens)")
         if replanned:
             notes.append("re-planned for this input: " + " ".join(replanned))
+        if own is not None and self._own_frames(plan, frames_n) != own:
+            raise SpavaError(f"rank {self.rank}: the plan made for this input splits the frames otherwise than the "
+                             f"one they were decoded for; use video_decode=all", setting="video_decode")
         check_grids(int(inputs.video_grid_thw[0, 0]), _grid_ranks(plan, self.world_size), plan.video.temporal_patch,
                     plan.vision_parallel)
         torch.manual_seed(cfg.seed)
         plan_dir = Path(cfg.plan).resolve().parent if cfg.plan else Path(self.out_dir or ".").resolve()
         return Prepared(plan, plan_dir, self.model, self.processing, inputs, positions, self.device, self.eos,
                         notes, time.perf_counter() - t0, bool(replanned), self.load_s)
+
+    def _own_frames(self, plan: Plan, frames_n: int) -> tuple[int, int] | None:
+        """The sampled frames [first, last) of this rank's temporal grids, when this rank decodes only
+        those (under torchrun, video_decode=own, several ranks): its vision encodes only its grids'
+        pixel rows (runtime/vision_parallel.py), so the other frames are never read. None: every frame."""
+        if (self.rank is None or self.cfg.video_decode != "own" or plan.world_size <= 1
+                or plan.model.family == "internvl3"  # InternVL3's frames are tiles with text between: not tried
+                or plan.method == "dense_tp"  # every rank encodes every grid with its shard of the tower
+                or plan.vision_parallel == "one_gpu"):  # rank 0 encodes all; the others' empty share: not tried
+            return None
+        grids = int(plan.layout.grid_thw[0])
+        if grids <= 0 or frames_n % grids:
+            return None
+        per = frames_n // grids
+        first, last = plan_vision_exchange(plan).grids[self.rank]
+        return first * per, last * per
 
     @staticmethod
     def _frames_for_clip(plan: Plan, total: int, clip_fps: float) -> int:
@@ -444,24 +473,29 @@ class Session:
         return len(ids) - (video + 2) - hf_inputs.suffix_tokens(self.base)  # after <|video_pad|><|vision_end|>
 
     def _request_inputs(self, video: str, question: str, plan: Plan, frames_n: int,
-                        size: tuple[int, int] | None) -> ModelInputs:
+                        size: tuple[int, int] | None, stop: Callable[[], bool] | None = None) -> ModelInputs:
         """The request's model inputs for ``plan``: ``frames_n`` frames spread evenly over the clip
-        (repeated when the plan samples more than the clip has), scaled to ``size``."""
+        (repeated when the plan samples more than the clip has), scaled to ``size``; ``stop`` is
+        asked between decoded frames (video_io.DecodeCancelled when it says True)."""
         total = probe(video).total_frames
         t0 = time.perf_counter()
+        own = self._own_frames(plan, frames_n) if total >= frames_n else None
         with progress.step(f"decoding {frames_n} frames of {video}"):
             if total >= frames_n:
-                frames, info = read_frames(video, frames_n, size)
+                frames, info = read_frames(video, frames_n, size, stop=stop, only=own)
             else:  # every frame, each repeated as the uniform indices repeat it
-                every, info = read_frames(video, total, size)
+                every, info = read_frames(video, total, size, stop=stop)
                 frames = every[[int(i * info.total_frames / frames_n) for i in range(frames_n)]]
         # Qwen2.5-VL's temporal positions follow the sampled frames' real rate (as prepare_run does).
         fps = info.sampled_fps(frames_n) if info.fps > 0 else plan.video.fps
         self.last_decode_s = time.perf_counter() - t0
-        return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps)
+        return build_inputs(plan, self.processing, self.model, frames, question=question, seed=self.cfg.seed, fps=fps,
+                            own=own)
 
-    def prepare(self, video_path: str, question: str) -> Prepared:
-        """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request)."""
+    def prepare(self, video_path: str, question: str, stop: Callable[[], bool] | None = None) -> Prepared:
+        """Decode the video, build the prompt, pick the plan (a SpavaError here is a bad request).
+        ``stop``: the request's cancellation check, asked between decoded frames: True ends the
+        decode with video_io.DecodeCancelled (a client gone or past request_timeout)."""
         t0 = time.perf_counter()
         q = self.question_tokens(question)
         if q > self.max_question:
@@ -472,7 +506,7 @@ class Session:
         if self.fixed is not None:  # plan= first, when the clip fits it
             lay = self.fixed.layout
             try:
-                inputs = self._request_inputs(video_path, question, self.fixed, lay.frames, tuple(lay.frame_size))
+                inputs = self._request_inputs(video_path, question, self.fixed, lay.frames, tuple(lay.frame_size), stop)
                 positions = hf_inputs.global_position_ids(self.model, inputs)
                 hf_inputs.check_against_plan(self.fixed, inputs, positions)
                 plan = self.fixed
@@ -483,7 +517,7 @@ class Session:
         if plan is None:
             stored = self.store.choose_for_clip(video_path, max(1, q))
             plan = stored.plan
-            inputs = self._request_inputs(video_path, question, plan, stored.frames, tuple(stored.frame_size))
+            inputs = self._request_inputs(video_path, question, plan, stored.frames, tuple(stored.frame_size), stop)
             positions = hf_inputs.global_position_ids(self.model, inputs)
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)

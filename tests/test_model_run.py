@@ -64,6 +64,8 @@ def test_default_budget_gloo_run_completes_and_matches_the_emulated_run(setup):
     answer, n = _answer(out0)
     assert 1 <= n <= 5 and answer.isprintable()
     assert "gloo 2-rank" in out0 and re.search(r"vision [\d.]+ s \| prefill [\d.]+ s \| first token", out0)
+    # each rank decoded its own frames (the default), and the slowest rank's input time is reported
+    assert re.search(r"note: input on every rank \(video_decode=own\): slowest [\d.]+ s \(rank [01]\)", out0), out0
     # The same plan emulated in one process (threads + in-process communicator) gives the same text.
     rc, out, err = _single(setup)
     assert rc == 0, err[-3000:]

@@ -156,7 +156,10 @@ def test_gloo_server_answers_like_the_emulated_one_and_a_dead_rank_stops_it(serv
     expected = _ask(server, root / "media" / "clip.mp4").choices[0].message.content
     srv = Server(root, "timeout=20", "heartbeat=1", ranks=2)
     try:
-        assert _ask(srv, root / "media" / "clip.mp4").choices[0].message.content == expected
+        answer = _ask(srv, root / "media" / "clip.mp4")  # each rank decodes its own frames (video_decode=own)
+        assert answer.choices[0].message.content == expected
+        timings = answer.model_extra["timings"]  # rank 1's decode + processor is a stage of its own
+        assert timings["peers_prepare_ms"] > 0 and timings["decode_ms"] > 0, timings
         srv.procs[1].kill()  # rank 1 dies while the server idles
         try:
             srv.procs[0].wait(timeout=90)

@@ -139,3 +139,74 @@ def test_the_buffer_is_pinned_with_cuda():
     buf = video_io.frame_buffer(2, 4, 6)
     assert buf.shape == (2, 4, 6, 3) and buf.dtype == np.uint8
     assert torch.from_numpy(buf).is_pinned() == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("suffix,index", [("mp4", "container index"), ("mkv", "packets")])
+def test_skipping_unsampled_nonref_frames_keeps_the_bytes(tmp_path, suffix, index):
+    """Packets whose frame is not sampled are decoded with skip_frame=NONREF: x264's non-reference
+    B-frames (3 B-frames, a reference pyramid) are never decoded, the sampled frames (B-frames among
+    them) are the decode-everything path's bytes, and fewer frames come out than packets go in."""
+    path = write_clip(tmp_path / f"clip.{suffix}", 120, 48, 64, codec="libx264", gop=30, bframes=3)
+    rng = np.random.default_rng(7)
+    cases = [video_io.sample_indices(120, 8), sorted(rng.choice(120, 20, replace=False).tolist()),
+             [29, 31, 58, 59, 61, 119], list(range(0, 120, 3))]
+    for indices in cases:
+        on: dict = {}
+        off: dict = {}
+        got = video_io.decode_frames(path, indices, stats=on, workers=1)
+        assert on["path"] == "seek" and on["index"] == index
+        assert np.array_equal(got, video_io.decode_sequential(path, indices))
+        assert np.array_equal(video_io.decode_frames(path, indices, stats=off, workers=1, skip_nonref=False), got)
+        assert on["packets"] == off["packets"] == off["decoded"]  # the same packets; all decoded without skipping
+        assert on["decoded"] < on["packets"]  # some non-reference frames were skipped
+        assert on["decoded"] >= len(set(indices))
+    for workers in (2, 3):
+        stats: dict = {}
+        indices = video_io.sample_indices(120, 16)
+        assert np.array_equal(video_io.decode_frames(path, indices, stats=stats, workers=workers),
+                              video_io.decode_sequential(path, indices))
+        assert stats["path"] == "parallel" and stats["decoded"] < stats["packets"]
+
+
+def test_decoding_stops_after_the_last_sampled_frame(tmp_path):
+    """One group of pictures of 60 frames: frames 2 and 5 cost the packets up to frame 5's (in decode
+    order), not the group's."""
+    path = write_clip(tmp_path / "clip.mp4", 60, 32, 48, codec="libx264", gop=60, bframes=2)
+    stats: dict = {}
+    got = video_io.decode_frames(path, [2, 5], stats=stats, workers=1)
+    assert np.array_equal(got, video_io.decode_sequential(path, [2, 5]))
+    assert stats["seeks"] == 1 and stats["packets"] <= 8
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_stopped_decode_ends_between_frames(tmp_path, workers):
+    """stop() is asked between frames by every decoder: once it says True, DecodeCancelled comes
+    within a frame per decoder, not after the clip (the server's cancelled requests)."""
+    import threading
+
+    path = write_clip(tmp_path / "clip.mp4", 150, 32, 48, codec="libx264", gop=50, bframes=2)
+    asked = []
+    lock = threading.Lock()
+
+    def stop() -> bool:
+        with lock:
+            asked.append(1)
+            return len(asked) > 4
+
+    indices = video_io.sample_indices(150, 30)
+    with pytest.raises(video_io.DecodeCancelled):
+        video_io.decode_frames(path, indices, workers=workers, stop=stop)
+    assert len(asked) <= 4 + workers  # each decoder asks once more at most, then ends
+    with pytest.raises(video_io.DecodeCancelled):
+        video_io.decode_sequential(path, indices, stop=lambda: True)
+    assert video_io.decode_frames(path, indices, workers=workers, stop=lambda: False).shape[0] == 30
+
+
+def test_decoders_are_shared_by_the_ranks_of_a_node(monkeypatch):
+    """Half the cores, at most 8, divided among the torchrun ranks of the node (they decode at once)."""
+    monkeypatch.setattr(video_io.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert video_io.decode_workers() == 8
+    for ranks, workers in (("2", 4), ("8", 1), ("16", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert video_io.decode_workers() == workers
