@@ -23,7 +23,7 @@ from spava_plan.errors import InfeasiblePlanError
 from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import (Chunking, Collective, Layout, ModelSpec, Placement, Plan, Prediction, RankPlan, Segment,
                              SelectionSpec, VideoSpec, split_config)
-from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, vision_encoders, vision_exchange
+from spava_plan.vision_exchange import VisionExchange, frame_tile_spans, plan_encoders, vision_exchange
 
 from . import dense_tp
 from .cost import KERNELS, ZERO, CostModel, Work, topology_links
@@ -255,7 +255,7 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     if cfg.model.family == "internvl3":  # frame text between the tiles: plan in embedding-row space
         tiles = frame_tile_spans(tokens.video_start, grids, tokens.tokens_per_grid, cfg.model.vision.frame_text_tokens)
     exchange = vision_exchange(world, grids, tokens.tokens_per_grid, tokens.video_start, [r.local for r in ranks],
-                               tiles, vision_encoders(world, cfg.vision.parallel))
+                               tiles, plan_encoders(world, cfg.vision.parallel, part.method))
     chunking = plan_chunking(unit)
     if tp:  # every rank encodes every unit with its shard of the tower; its all-reduces are the exposed part
         vision_us, exchange_us = dense_tp.vision_us(cfg, cost, unit)

@@ -54,6 +54,13 @@ def vision_encoders(world: int, parallel: str) -> int:
     return 1 if parallel == "one_gpu" else world
 
 
+def plan_encoders(world: int, parallel: str, method: str) -> int:
+    """The encoders of a plan's exchange. dense_tp: one, since every rank encodes every grid with its
+    shard of the tower and hands no rows on; its exchange (which its runtime never runs) is written as
+    rank 0 holding them all, so a video of fewer grids than ranks is no error there."""
+    return 1 if method == "dense_tp" else vision_encoders(world, parallel)
+
+
 # -- InternVL3 frame text -------------------------------------------------------------------------
 # The processor writes each frame as "Frame{i}: <img>" + tile_tokens x <IMG_CONTEXT> + "</img>" and
 # joins frames with "\n"; the chat template's "<video>\n" adds the last frame's "\n". With a Qwen2
@@ -275,4 +282,4 @@ def plan_vision_exchange(plan: Any) -> VisionExchange:
     if plan.model.family == "internvl3":
         tiles = frame_tile_spans(start, grids, tpg, plan.video.frame_text_tokens)
     return vision_exchange(plan.world_size, grids, tpg, start, [r.local for r in plan.ranks], tiles,
-                           vision_encoders(plan.world_size, plan.vision_parallel))
+                           plan_encoders(plan.world_size, plan.vision_parallel, plan.method))
