@@ -120,7 +120,7 @@ class StoredPlan:
 
 def compat_key(config: SpavaConfig | Mapping[str, Any]) -> str:
     """Hash of a config's computation (deployment settings and the video's shape left out): plans
-    with equal keys form one family. ``plan.config`` is already the computation part."""
+    with equal keys form one family (a stored plan's key: compat_key(plan.source_config())."""
     if isinstance(config, SpavaConfig):
         config = split_config(config_to_dict(config))[0]
     data = json.loads(json.dumps(dict(config)))
@@ -145,13 +145,13 @@ def entry_for(plan: Plan, directory: str | Path, root: str | Path | None = None,
             path = str(directory.relative_to(Path(root).resolve()))
         except ValueError:
             pass
-    lay, video = plan.layout, plan.video
+    lay, video, source = plan.layout, plan.video, plan.source_config()
     return PlanEntry(hash=plan.hash, path=path, model=plan.model.name, method=plan.method,
                      world_size=plan.world_size, dtype=plan.dtype, frames=lay.frames,
-                     resolution=str(plan.config["video"]["resolution"]), source_size=tuple(video.source_size),
+                     resolution=str(source.video.resolution), source_size=tuple(video.source_size),
                      frame_size=tuple(lay.frame_size), total_tokens=lay.total_tokens,
                      max_question_tokens=video.max_question_tokens, system_tokens=video.system_tokens,
-                     compat=family or compat_key(plan.config), predicted_us=float(plan.prediction.makespan_us),
+                     compat=family or compat_key(source), predicted_us=float(plan.prediction.makespan_us),
                      cached=cached)
 
 

@@ -11,7 +11,6 @@ READS_CONFIG = re.compile(r"\bplan\)?\.config\b|\bplan\.resolved_config\b|\bbase
 FRONT_END = {
     "plan.py": "defines it",
     "plan_load.py": "checks that the stored config agrees with the plan's typed fields",
-    "plan_store.py": "groups stored plans into families by their configs",
 }
 
 
