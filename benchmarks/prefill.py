@@ -402,7 +402,7 @@ class Runner:
         from torch.nn.attention import sdpa_kernel
 
         from spava_plan.runtime.hf_attention import language_model, text_config
-        from spava_plan.runtime.vision_parallel import vision_bounds
+        from spava_plan.runtime.vision_tower import vision_bounds
 
         model, dev = self.model, self.device
         vis_first, vis_last = vision_bounds(model)  # the modules the stock forward enters / leaves the ViT by

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from spava_plan.run_config import compose_entry_config
     from spava_plan.runtime import chunking
     from spava_plan.runtime.solo import SoloComm
-    from spava_plan.runtime.vision_parallel import to_device, vision_module, visual_embeddings
+    from spava_plan.runtime.vision_parallel import to_device, visual_embeddings
+    from spava_plan.runtime.vision_tower import vision_module
     from spava_plan.session import Session, rank_runner
     from spava_plan.vision_exchange import plan_vision_exchange
 

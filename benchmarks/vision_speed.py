@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from spava_plan.runtime import hf_model, vision_attention, vision_fused
-    from spava_plan.runtime.vision_parallel import vision_module, visual_embeddings
+    from spava_plan.runtime.vision_parallel import visual_embeddings
+    from spava_plan.runtime.vision_tower import vision_module
 
     dev = torch.device("cuda")
     model = hf_model.random_model(model_cfg(a.model), dtype=torch.bfloat16, device=dev, seed=0)

@@ -31,6 +31,8 @@ import torch
 from spava_plan.plan import Chunking
 
 from . import vision_static
+from .hf_attention import language_model
+from .vision_tower import vision_module
 
 _MARK = "_spava_chunk_forward"  # the stock forward, kept on a wrapped module
 
@@ -115,8 +117,6 @@ def takes_host_grid(visual: Any) -> bool:
 
 def _qwen_vision(model: Any) -> torch.nn.Module | None:
     """The Qwen2-VL / Qwen2.5-VL tower (forward(pixels, grid_thw) over temporal grids), else None."""
-    from .vision_parallel import vision_module
-
     try:
         visual = vision_module(model)
     except AttributeError:
@@ -125,8 +125,6 @@ def _qwen_vision(model: Any) -> torch.nn.Module | None:
 
 
 def _decoder_layers(model: Any) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-    from .hf_attention import language_model
-
     lm = language_model(model)
     return lm, list(lm.layers)
 

@@ -32,7 +32,8 @@ from spava_plan.critical_path import Event
 from spava_plan.errors import DistributedError, SpavaError
 from spava_plan.links import Links
 
-from .comm import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, REDUCE_TAG, Communicator, Handle
+from .comm import (ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BARRIER, BROADCAST, OBJECT, P2P, REDUCE_TAG, Communicator, Handle,
+                   plan_comm_costs)
 from .comm_hub import HubComm, _Hub
 from .comm_record import Clock, RecordingComm, ReplayComm, median_trace
 
@@ -122,8 +123,6 @@ class EmulatedWorld:
 
     @classmethod
     def for_plan(cls, plan: Any, *, timeout_s: float = 60.0) -> "EmulatedWorld":
-        from .comm import plan_comm_costs
-
         return cls(plan.world_size, timeout_s=timeout_s, costs=plan_comm_costs(plan), links=plan.links)
 
     def comm(self, rank: int) -> EmulatedComm:

@@ -27,7 +27,8 @@ from . import chunking, rope
 from .comm import Communicator
 from .hf_attention import SpavaCall, install, language_model
 from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
-from .vision_parallel import encode_video_parallel, vision_module
+from .vision_parallel import encode_video_parallel
+from .vision_tower import vision_module
 
 
 @dataclass

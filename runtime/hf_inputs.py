@@ -36,6 +36,8 @@ from spava_plan.errors import InputError, PlanMismatchError
 from spava_plan.plan import Plan, RankPlan
 
 # The family-neutral parts (InternVL3's builder uses them too); callers reach them as hf_inputs.*.
+from .internvl_inputs import (build_internvl_inputs, internvl_image_processor, internvl_video_processor,
+                              synthetic_internvl_inputs)
 from .model_inputs import ModelInputs, Processing, chat_prompt, check_question  # noqa: F401
 
 VIDEO_PAD = "<|video_pad|>"
@@ -120,8 +122,6 @@ def default_processing(tokenizer: Any = None, family: str = "qwen2_vl", tile_siz
     dev = processing_device(device)
     fast = fast_processors_available()
     if family == "internvl3":
-        from .internvl_inputs import internvl_image_processor, internvl_video_processor
-
         video = internvl_video_processor(tile_size) if fast else None
         return Processing(tokenizer, internvl_image_processor(tile_size, fast=fast), video, None, "default", dev)
     if fast:
@@ -269,8 +269,6 @@ def build_inputs(processing: Processing, frames: np.ndarray, question: str, *, f
     """Prompt ids + pixels for one video and one question, as the model's processor builds them
     (``only_frames``: the pixels of those frames only, video_pixels)."""
     if family == "internvl3":
-        from .internvl_inputs import build_internvl_inputs
-
         return build_internvl_inputs(processing, frames, question, tile_size=tile_size, tile_tokens=tile_tokens,
                                      image_token_id=video_token_id)
     pixels, grid = video_pixels(processing, frames, min_pixels=min_pixels, max_pixels=max_pixels,
@@ -298,8 +296,6 @@ def synthetic_inputs(processing: Processing, frames: np.ndarray, *, hf_config: A
     [random system ids | <|vision_start|> | video | <|vision_end|> | random question ids | 5 suffix ids]
     """
     if family == "internvl3":
-        from .internvl_inputs import synthetic_internvl_inputs
-
         return synthetic_internvl_inputs(processing, frames, hf_config=hf_config, system_tokens=system_tokens,
                                          question_tokens=question_tokens, tile_size=tile_size,
                                          tile_tokens=tile_tokens, frame_text_tokens=frame_text_tokens, seed=seed)

@@ -26,6 +26,7 @@ import torch
 from spava_plan.errors import InputError
 from spava_plan.vision_exchange import frame_tile_spans, frame_video_tokens
 
+from .hf_model import internvl_special_ids
 from .model_inputs import ModelInputs, Processing, chat_prompt, check_question
 
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
@@ -135,8 +136,6 @@ def synthetic_internvl_inputs(processing: Processing, frames: np.ndarray, *, hf_
     [random system ids | per frame: random "Frame{i}: " ids, <img>, tile, </img>, "\\n" |
      random question ids | 5 suffix ids]
     """
-    from .hf_model import internvl_special_ids
-
     pixels = frame_pixels(processing, frames, tile_size)
     f = int(frames.shape[0])
     vocab = int(hf_config.text_config.vocab_size)

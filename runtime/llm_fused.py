@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from . import vision_fused as vf
+from .hf_attention import language_model
 
 # The names the stock attention forwards call their rotary function by (transformers 5.x): the
 # decoder attention looks it up in its modeling module's globals at every call, so replacing the
@@ -108,8 +109,6 @@ def _is_fusable_layer(layer: torch.nn.Module) -> bool:
 
 
 def _decoder(model: Any) -> torch.nn.Module:
-    from .hf_attention import language_model
-
     return language_model(model)
 
 

@@ -39,7 +39,8 @@ from .generate import RankRunner
 from .hf_attention import language_model, text_config
 from .hf_inputs import ModelInputs
 from .kv_cache import KVCacheShard
-from .vision_parallel import vision_module, visual_embeddings
+from .vision_parallel import visual_embeddings
+from .vision_tower import vision_module
 
 _SHARDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(W, rank): shard}
 # Emulated ranks build their shards from their own threads: one at a time, so a random shard's

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import vision_window
+from .vision_tower import vision_module
+
 ATTN_NAME = "spava_vit_flash_batched"  # must contain "flash": the ViT's varlen code path keys on it
 _CACHE_SIZE = 8  # distinct cu_seqlens seen recently (window and full layers of a few videos)
 
@@ -90,8 +93,6 @@ def batched_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     groups = _grouping(cu_seq_lens_q, query.device).groups
     longest = max((length for length, _, _ in groups), default=0)
     if getattr(module, "_spava_window_kernel", False) and query.is_cuda:
-        from . import vision_window
-
         if longest <= vision_window.MAX_WINDOW:  # window layers: one Triton launch, no gather/scatter
             out = vision_window.window_attention(q, k, v, cu_seq_lens_q, longest, scaling)
             return out.unsqueeze(0), None
@@ -119,8 +120,6 @@ def register() -> None:
 
 def install(model: Any) -> Any:
     """Route ``model``'s vision tower through the batched function (idempotent); returns the model."""
-    from .vision_parallel import vision_module
-
     if getattr(model.config, "model_type", None) == "internvl":
         return model  # InternViT attends over one whole tile: transformers' sdpa call is already one launch
     register()
@@ -130,7 +129,5 @@ def install(model: Any) -> Any:
 
 def uninstall(model: Any, implementation: str = "sdpa") -> Any:
     """Back to transformers' own implementation (the per-piece loop for sdpa)."""
-    from .vision_parallel import vision_module
-
     vision_module(model).config._attn_implementation = implementation
     return model

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .vision_tower import vision_module
+
 _ROWS = 4  # rows per program for the row-wise kernels
 _ALIGN = 64  # the MLP's intermediate size is padded to a multiple of this (see _pad_mlp)
 
@@ -314,8 +316,6 @@ def _pad_mlp(mlp: torch.nn.Module) -> None:
 def install(model: Any) -> Any:
     """Fuse the vision tower's elementwise steps (idempotent); returns the model. The language model
     is left alone."""
-    from .vision_parallel import vision_module
-
     if getattr(model.config, "model_type", None) == "internvl":
         return model  # InternViT (LayerNorm, GELU MLP) has none of the Qwen ViT steps fused here
     visual = vision_module(model)
@@ -350,8 +350,6 @@ def install(model: Any) -> Any:
 def uninstall(model: Any) -> Any:
     """Back to transformers' own forward functions (the weights stay views into the padded storage:
     same values)."""
-    from .vision_parallel import vision_module
-
     visual = vision_module(model)
     if not getattr(visual, "_spava_fused", False):
         return model

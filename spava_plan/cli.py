@@ -25,12 +25,39 @@ import pickle
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+import hydra
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
-from .errors import InfeasiblePlanError, SpavaError
+from .codegen.render import render_kernels
+from .config import to_config
+from .errors import ConfigError, InfeasiblePlanError, SpavaError
+from .hydra_conf import (CONFIG_MODULE, CONFIG_NAME, check_config_dirs, compose_config, hydra_error, method_preset,
+                         register_schema, remove_empty_dirs, with_method)
+from .plan_store import INDEX_NAME, entry_for, write_index
+from .planner import timeline
+from .planner import tune as tuning
+from .planner.build import assemble, derive
+from .planner.compare import COMPARED, compare, row_name
+from .planner.fit import fit_config
+from .planner.graph import build_graph, graph_json
+from .planner.report import (SUMMARY_COLUMNS, failed_row, report_markdown, schedule_json, summary_markdown, summary_row,
+                             summary_table, warning_line)
+from .planner.sweep import render_sweep, sweep_plot_data, with_swept_columns
+from .planner.timeline import predicted_trace
+from .planner.tune import advice, chosen_config, tune
+from .video_meta import plan_for_clip
 
 ARTIFACTS = ("plan.json", "report.md", "graph.json", "schedule.json", "timeline.png", "trace.json")
 KERNEL_ARTIFACTS = ("kernels",)  # kernels=true
@@ -67,8 +94,6 @@ class TimelineWorker:
     @staticmethod
     def _child(read: int) -> int:
         try:
-            from .planner import timeline
-
             timeline.preload()
             with os.fdopen(read, "rb") as pipe:
                 payload = pipe.read()
@@ -81,8 +106,6 @@ class TimelineWorker:
 
     def render(self, plan: Any, path: Path) -> None:
         """Draw (or hand to the child) timeline.png; ``wait`` must follow before it is used."""
-        from .planner import timeline
-
         data = timeline.timeline_data(plan)
         self._path = path
         if self._pipe < 0:
@@ -102,8 +125,6 @@ class TimelineWorker:
         if self.pid:
             self.close()
             if self._status != 0 and getattr(self, "_data", None) is not None:
-                from .planner import timeline
-
                 timeline.render(self._data, self._path)
 
     def close(self) -> None:
@@ -129,18 +150,11 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
 
     Returns (plan, cfg, method rows, plan hash); after a search, the advice for the warning is in
     ``LAST_SEARCH_ADVICE``."""
-    from .config import to_config
-    from .hydra_conf import with_method
-    from .planner.build import assemble, derive
-    from .planner.compare import COMPARED, compare, row_name
-
     cfg = to_config(task_cfg)
     if cfg.video.path:  # plan for that clip: frames and resolution from its metadata (PyAV, no decode)
-        from .video_meta import plan_for_clip
 
         cfg = plan_for_clip(cfg)
         if cfg.tune.target is None:  # a clip too short for the method gets one that holds it (planner/fit.py)
-            from .planner.fit import fit_config
 
             cfg, fit_notes = fit_config(cfg)
             for note in fit_notes:
@@ -148,10 +162,7 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
     tuned, known = None, {}
     LAST_SEARCH_ADVICE.clear()
     if cfg.tune.target is not None:  # `tune=...`: the planner chooses the knobs (planner/tune.py)
-        from .hydra_conf import method_preset
-        from .planner.tune import chosen_config, tune
 
-        from .planner.tune import advice
 
         base, tuned = cfg, tune(cfg, method_preset, known)
         cfg = chosen_config(tuned)
@@ -166,8 +177,6 @@ def plan_job(task_cfg: Any, out_dir: Path, worker: TimelineWorker | None = None,
         plan_hash = _write_artifacts(plan, cfg, rows, tmp, worker or TimelineWorker(enabled=False),
                                      LAST_SEARCH_ADVICE or None)
         if tuned is not None:
-            from .planner import tune as tuning
-
             (tmp / "tuning.csv").write_text(tuning.tuning_csv(tuned))
             (tmp / "tuning.md").write_text(tuning.tuning_markdown(tuned, base, given))
             with open(tmp / "report.md", "a") as report:
@@ -198,22 +207,16 @@ def _write_artifacts(plan: Any, cfg: Any, rows: list, tmp: Path, worker: Timelin
 
 
 def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path, search: dict | None = None) -> str:
-    from .planner.graph import build_graph, graph_json
-    from .planner.report import report_markdown, schedule_json
-
     data = plan.to_dict()  # computes the content hash once; same text as Plan.to_json()
     plan_hash = data["hash"]
     (tmp / "plan.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     del data
     (tmp / "schedule.json").write_text(schedule_json(plan))
-    from .planner.timeline import predicted_trace
 
     (tmp / "trace.json").write_text(predicted_trace(plan))
     (tmp / "graph.json").write_text(graph_json(build_graph(plan, plan_hash)))
     (tmp / "report.md").write_text(report_markdown(plan, cfg, rows, plan_hash, search))
     if cfg.kernels:
-        from .codegen.render import render_kernels
-
         render_kernels(plan, tmp / "kernels")
     return plan_hash
 
@@ -221,8 +224,6 @@ def _write_rest(plan: Any, cfg: Any, rows: list, tmp: Path, search: dict | None 
 def _discard_job_dir(out_dir: Path, hydra_subdir: str | None) -> None:
     """Remove what Hydra wrote for a failed job (its config snapshot) and the job directory and
     its parents up to the working directory while they are empty."""
-    from .hydra_conf import remove_empty_dirs
-
     if hydra_subdir:
         shutil.rmtree(out_dir / hydra_subdir, ignore_errors=True)
     remove_empty_dirs(out_dir)
@@ -230,14 +231,10 @@ def _discard_job_dir(out_dir: Path, hydra_subdir: str | None) -> None:
 
 def _task(task_cfg: Any) -> dict:
     """The Hydra task function: plan, write, print; a SpavaError becomes one line on stderr."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = str(hc.job.num) if multirun else "0"
-    from omegaconf import OmegaConf
 
     # unresolved: an override may itself hold an interpolation that fails (model.name=${oc.env:NOPE})
     task_overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
@@ -258,31 +255,26 @@ def _task(task_cfg: Any) -> dict:
         line = f"spava-plan: {'not planned' if multirun else 'error'}: {where}{exc}{hint}"
         print(line, file=sys.stderr, flush=True)
         _FAILURES.append(line)
-        from .planner.report import failed_row
 
         return {**failed_row(job, overrides, str(exc), _config_or_none(task_cfg)),
                 "_overrides": _override_values(task_overrides)}
     except Exception as exc:  # a bug; in a sweep the other jobs and the summary still run
         if not multirun:
             raise
-        import traceback
 
         _discard_job_dir(out_dir, hc.output_subdir)
         traceback.print_exc()
         line = f"spava-plan: internal error: {where}{type(exc).__name__}: {exc}"
         print(line, file=sys.stderr, flush=True)
         _CRASHES.append(line)
-        from .planner.report import failed_row
 
         return {**failed_row(job, overrides, f"internal error: {type(exc).__name__}", _config_or_none(task_cfg)),
                 "_overrides": _override_values(task_overrides)}
-    from .planner.report import summary_row, summary_table
 
     mine = next(r for r in rows if r.planned)
     _PLANNED.append(job)  # read by main() of this same module, like _FAILURES
     if multirun:
         from . import cli as canonical  # under `python -m spava_plan.cli` this module is __main__, the callback's is not
-        from .plan_store import entry_for
 
         canonical._INDEX.append(entry_for(plan, out_dir, hc.sweep.dir))
         print(f"#{job} {overrides}: {plan.method} {mine.prefill_us / 1e3:,.1f} ms predicted prefill -> {out_dir}")
@@ -291,7 +283,6 @@ def _task(task_cfg: Any) -> dict:
         print(f"{cfg.model.name}: {lay.total_tokens:,} tokens ({lay.frames} frames, {lay.virtual_hosts} blocks) "
               f"on {plan.world_size} x {cfg.topology.name}; plan {plan_hash[:12]}")
         print(summary_table(rows))
-        from .planner.report import warning_line
 
         warning = warning_line(rows, LAST_SEARCH_ADVICE or None)
         if warning:
@@ -306,8 +297,6 @@ def _task(task_cfg: Any) -> dict:
 def _config_or_none(task_cfg: Any) -> Any:
     """The job's validated config, for the coordinates of a failed sweep cell (None when the
     config itself is what failed)."""
-    from .config import to_config
-
     try:
         return to_config(task_cfg)
     except Exception:  # noqa: BLE001 - the row then shows the overrides as typed
@@ -316,8 +305,6 @@ def _config_or_none(task_cfg: Any) -> Any:
 
 def _override_values(overrides: Any) -> dict[str, str]:
     """key -> value of a job's command-line overrides (for the sweep's per-key columns)."""
-    from omegaconf import OmegaConf
-
     out = {}
     # unresolved, as _task reads them: an override may hold an interpolation that fails
     items = OmegaConf.to_container(overrides, resolve=False) if OmegaConf.is_config(overrides) else overrides
@@ -340,8 +327,6 @@ def capped_notes(plan: Any, cfg: Any) -> list[str]:
 
 
 def output_dir_error(exc: OSError, setting: str) -> SpavaError:
-    from .errors import ConfigError
-
     where = f" {exc.filename}" if exc.filename else ""
     return ConfigError(f"cannot write the output directory{where}: {exc.strerror or exc}", setting=setting)
 
@@ -362,9 +347,6 @@ class SweepSummary(Callback):
             self.rows.append(value)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from .planner.report import SUMMARY_COLUMNS, summary_markdown
-        from .planner.sweep import render_sweep, sweep_plot_data, with_swept_columns
-
         if not self.rows:
             return
         root = Path(str(config.hydra.sweep.dir)).resolve()
@@ -379,7 +361,6 @@ class SweepSummary(Callback):
         md = summary_markdown(rows, columns)
         _atomic_write(root / "summary.md", md)
         if _INDEX:  # the sweep is a plan family: spava_plan.plan_store.PlanStore(root, ...) serves from it
-            from .plan_store import INDEX_NAME, write_index
 
             write_index(root, _INDEX)
             print(f"plan index: {root / INDEX_NAME} ({len(_INDEX)} plans)")
@@ -405,11 +386,6 @@ def _is_multirun(args: list[str]) -> bool:
 def _prevalidate_sweep(args: list[str]) -> None:
     """Compose every job of a sweep before any runs, so a bad value in a sweep list fails the
     whole command up front instead of after earlier jobs wrote their artifacts."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .hydra_conf import compose_config
-
     overrides = [a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -422,14 +398,6 @@ def _prevalidate_sweep(args: list[str]) -> None:
 
 def main() -> None:
     """Console script `spava-plan`."""
-    import hydra
-    from omegaconf.errors import OmegaConfBaseException
-
-    from hydra.errors import MissingConfigException
-    from yaml import YAMLError
-
-    from .hydra_conf import CONFIG_MODULE, CONFIG_NAME, check_config_dirs, hydra_error, register_schema
-
     args = sys.argv[1:]
     # Let Hydra's exceptions reach this function instead of being printed with a stack trace.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -452,7 +420,6 @@ def main() -> None:
         print(f"spava-plan: error: {hydra_error(exc)}", file=sys.stderr)
         sys.exit(2)
     except YAMLError as exc:  # a YAML file check_config_dirs did not see (e.g. hydra.searchpath)
-        from .errors import ConfigError
 
         print(f"spava-plan: error: {ConfigError(f'malformed YAML: {str(exc).splitlines()[0]}', 'overrides')}",
               file=sys.stderr)
@@ -465,8 +432,6 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(2)
     except (OmegaConfBaseException, Exception) as exc:
-        from hydra.errors import HydraException
-
         if not isinstance(exc, (HydraException, OmegaConfBaseException)):
             raise  # a bug, not a user error: keep the traceback
         print(f"spava-plan: error: {hydra_error(exc)}", file=sys.stderr)

@@ -31,6 +31,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, get_args
 
+from .config import to_config
 from .errors import PlanFormatError, SpavaError
 from .links import ALL_GATHER, ALL_REDUCE, P2P, plan_links
 from .passing_scan import scan_time_us
@@ -550,8 +551,6 @@ def check_plan(plan: Plan) -> None:
 
 def _check_config(plan: Plan) -> None:
     """The stored config is a valid config of this version, and it agrees with the plan."""
-    from .config import to_config
-
     if not isinstance(plan.deployment, dict):
         _fail("deployment", "must be an object")
     try:

@@ -68,14 +68,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import plan_index
+from .codegen.render import render_kernels
 from .config import SpavaConfig, config_to_dict
 from .errors import ConfigError, InputError, PlanFormatError, SpavaError
+from .hydra_conf import compose_config
 from .plan import Plan, split_config
 from .plan_index import CACHE_DIR, INDEX_NAME, INDEX_VERSION, PlanEntry, locked, read_index, write_index
 from .plan_load import load_plan
 from .planner.build import build_plan
 from .planner.fit import fit_config
 from .planner.layout import smart_resize, token_layout
+from .video_meta import frames_for_rate, probe_clip
 
 __all__ = ["BUCKET_STEP", "CACHE_DIR", "INDEX_NAME", "INDEX_VERSION", "NoPlanFitsError", "PlanEntry", "PlanStore",
            "StoredPlan", "bucket_frames", "compat_key", "entry_for", "read_index", "write_index"]
@@ -174,8 +177,6 @@ class PlanStore:
                  plan_on_the_fly: bool = True, max_cached_plans: int = MAX_CACHED_PLANS,
                  max_plan_tokens: int = MAX_PLAN_TOKENS, same_world: bool = False):
         if not isinstance(base_config, SpavaConfig):
-            from .hydra_conf import compose_config
-
             base_config = compose_config(list(base_config))
         for name, value, low in (("max_cached_plans", max_cached_plans, 0), ("max_plan_tokens", max_plan_tokens, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -269,8 +270,6 @@ class PlanStore:
         A clip shorter than one temporal patch (a single frame) is one frame, padded to the patch
         by repeating it as the processor pads. A missing or unreadable file is an InputError
         naming ``video``."""
-        from .video_meta import frames_for_rate, probe_clip
-
         info = probe_clip(path, setting="video")
         video = self.base.video
         frames = frames_for_rate(info.total_frames, info.fps, video.fps, min_frames=video.min_frames,
@@ -352,8 +351,6 @@ class PlanStore:
         try:
             plan.save(tmp / "plan.json")
             if cfg.kernels:
-                from .codegen.render import render_kernels
-
                 render_kernels(plan, tmp / "kernels")
             if target.exists():
                 shutil.rmtree(target)  # an incomplete folder without plan.json

@@ -51,18 +51,27 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Any, Sequence
 
-from .errors import DistributedError, InputError, SpavaError
-from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
+from . import process_env  # noqa: F401, I001 - first: the environment torch's OpenMP reads as it loads
+
+import torch  # noqa: E402
+
+from .errors import DistributedError, InputError, SpavaError  # noqa: E402
 from .launching import agree, fail, hydra_main, launch_mode
+from .media import MediaError, MediaPolicy, fetch_media, media_from_bytes
+from .plan_load import load_plan
+from .runtime.comm_dist import TorchDistComm
+from .runtime.comm_emulated import EmulatedWorld
 from .runtime.video_io import DecodeCancelled
+from .serve_http import build_app, uvicorn_config
 from .serve_jobs import Job, Metrics
-from .session import Sampling, Session
 from .serve_warmup import plan_of, synthetic_request, warm_keys
+from .session import Sampling, Session
 from .video_meta import probe_clip
 
 log = logging.getLogger("spava_plan.serve")
@@ -251,8 +260,6 @@ class Worker:
         """Give a finished request's memory back (its activations, KV cache and frames)."""
         gc.collect()
         if getattr(self.engine.device, "type", "cpu") == "cuda":
-            import torch
-
             torch.cuda.empty_cache()
 
     def _warmup(self) -> None:
@@ -367,8 +374,6 @@ class _Stopped(Exception):
 
 def run_emulated(engine: Session, prepared: Any, backend: Any, sampling: Sampling, on_token: Any,
                  timeout: float) -> Any:
-    from .runtime.comm_emulated import EmulatedWorld
-
     world = EmulatedWorld.for_plan(prepared.plan, timeout_s=timeout)
     results = world.run(lambda rank: engine.generate(prepared, world.comm(rank), backend, sampling,
                                                      on_token if rank == 0 else _always))
@@ -460,8 +465,6 @@ def serve(cfg: Any) -> int:
     comm = None
     rank = 0
     if mode == "dist":
-        from .runtime.comm_dist import TorchDistComm
-
         comm = TorchDistComm.from_env(timeout_s=cfg.timeout)
         rank = comm.rank
         world = comm.world_size
@@ -500,8 +503,6 @@ def serve(cfg: Any) -> int:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
@@ -513,8 +514,6 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _plan_world(path: str) -> int:
-    from .plan_load import load_plan
-
     return load_plan(path).world_size
 
 
@@ -526,7 +525,6 @@ def _serve_http(engine: Session, cfg: Any, comm: Any) -> int:
     except ImportError as exc:
         raise InputError(f"the HTTP side is not installed ({exc.name}); pip install 'spava-plan[serve]'",
                          setting="serve") from None
-    from .serve_http import build_app, uvicorn_config
 
     metrics = Metrics()
     worker = Worker(engine, cfg, comm, metrics)

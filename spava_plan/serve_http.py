@@ -24,7 +24,9 @@ import logging
 import time
 from typing import Any
 
+from .run_config import MAX_NEW_TOKENS
 from .serve_api import RequestError, parse_body
+from .serve_jobs import Job
 
 log = logging.getLogger("spava_plan.serve")
 
@@ -157,9 +159,6 @@ def build_app(worker: Any, model_name: str, cfg: Any) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from .run_config import MAX_NEW_TOKENS
-    from .serve_jobs import Job
 
     app = FastAPI(title="spava-serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = worker.metrics

@@ -136,7 +136,8 @@ def test_batched_vision_attention_equals_the_stock_per_window_loop():
     from spava_plan.hydra_conf import compose_config
     from spava_plan.runtime import vision_attention
     from spava_plan.runtime.hf_model import random_model
-    from spava_plan.runtime.vision_parallel import vision_module, visual_embeddings
+    from spava_plan.runtime.vision_parallel import visual_embeddings
+    from spava_plan.runtime.vision_tower import vision_module
 
     cfg = ModelSpec.from_config(compose_config(["model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25",
                                                 "model.tokens_per_second=2"]).model)

@@ -21,7 +21,8 @@ from spava_plan.runtime import hf_model
 from spava_plan.runtime.comm_emulated import EmulatedWorld
 from spava_plan.critical_path import Sync
 from spava_plan.runtime.hf_inputs import local_indices
-from spava_plan.runtime.vision_parallel import check_grids, encode_video, encode_video_parallel, vision_module
+from spava_plan.runtime.vision_parallel import check_grids, encode_video, encode_video_parallel
+from spava_plan.runtime.vision_tower import vision_module
 from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision_exchange
 
 # 112x112 gives 4x4 merged tokens per grid (several Qwen2.5-VL attention windows per grid); 10

@@ -13,7 +13,8 @@ from spava_plan.plan_load import load_plan  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
 from spava_plan.runtime import chunking, hf_model  # noqa: E402
 from spava_plan.runtime.hf_attention import language_model  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video, vision_module  # noqa: E402
+from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
 
 TINY_25 = ("model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
 # fp64, one process, one thread count: the chunked and stock paths differ only where the GEMM

@@ -16,7 +16,8 @@ import model_fixtures as mf  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25  # noqa: E402
 
 from spava_plan.runtime import hf_model, vision_attention, vision_fused  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video, vision_module  # noqa: E402
+from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -31,7 +31,8 @@ from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.backends.torch_ref import TorchBackend
 from spava_plan.runtime.comm_emulated import EmulatedWorld
 from spava_plan.runtime.generate import RankRunner
-from spava_plan.runtime.vision_parallel import encode_video, vision_module
+from spava_plan.runtime.vision_parallel import encode_video
+from spava_plan.runtime.vision_tower import vision_module
 from spava_plan.vision_exchange import plan_vision_exchange
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

@@ -14,7 +14,8 @@ from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.plan import Chunking  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
 from spava_plan.runtime import chunking, hf_model, vision_attention, vision_static  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video, vision_module  # noqa: E402
+from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
 
 TINY_25 = ("model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
 TOL = dict(rtol=1e-10, atol=1e-12)  # fp64, one process: the same arithmetic in the same order
