@@ -66,9 +66,10 @@ class SoloComm(Communicator):
             out.narrow(0, sum(int(s) for s in out_splits[:self.rank]), mine).copy_(
                 inp.narrow(0, sum(int(s) for s in in_splits[:self.rank]), mine))
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
         if src != self.rank:
             _fill(t)
+        return DoneHandle() if async_op else None
 
     def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: str = "") -> Handle:
         if src == self.rank:

@@ -45,6 +45,11 @@ SELECTIONS = ("query_aware", "key_norm")
 # its own top k, so host v attends v*k keys) or ``global`` (host v receives the P best keys of all
 # earlier hosts, ranked together: a budget that does not grow with the hosts; SPAVA_SPEC.md s. 11).
 PASSINGS = ("per_block", "global")
+# method.anchor: how the ranks other than rank 0 get the anchor's K/V (methods with an anchor:
+# spava, apb, star). recompute: every rank runs the anchor rows through every layer itself;
+# broadcast: rank 0, which holds the anchor as its first rows, sends their K/V every layer.
+ANCHOR_MODES = ("broadcast", "recompute")
+ANCHOR_METHODS = ("spava", "apb", "star")  # the methods with an anchor (dense and zigzag_ring ignore it)
 DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
@@ -382,6 +387,9 @@ class MethodConfig:
     pool_window: int = 5  # max-pool window over selection scores (odd; 1 disables smoothing)
     selection: str = "query_aware"  # "query_aware" (Spava) or "key_norm" (APB stand-in, query-unaware)
     overlap: bool = True  # hide the selection all-gathers behind host-1 attention
+    # one of ANCHOR_MODES; ignored by the methods without an anchor (dense, zigzag_ring), like the
+    # other Spava-only fields
+    anchor: str = "broadcast"
 
     def __post_init__(self) -> None:
         _check_fields(self, "method.")
@@ -399,6 +407,8 @@ class MethodConfig:
                  f"selection tile away), got {self.pool_window!r}")
         _require(self.selection in SELECTIONS, "method.selection",
                  f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        _require(self.anchor in ANCHOR_MODES, "method.anchor",
+                 f"must be one of {', '.join(ANCHOR_MODES)}, got {self.anchor!r}")
         _require(self.passing in PASSINGS, "method.passing",
                  f"must be one of {', '.join(PASSINGS)}, got {self.passing!r}")
         if self.passing == "global":
