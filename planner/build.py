@@ -72,16 +72,19 @@ def host_costs(part: Partition, cost: CostModel, query_tokens: int) -> list[floa
     return out
 
 
+def shared_anchor_rows(part: Partition) -> int:
+    """Rows of the anchor every rank attends (0: none): spava / apb's anchor, Star's block 0."""
+    if part.anchor:
+        return part.anchor[1] - part.anchor[0]
+    if part.method == "star" and part.world > 1:
+        return part.blocks[0][1] - part.blocks[0][0]  # Star's anchor is block 0
+    return 0
+
+
 def anchor_work(part: Partition, cost: CostModel) -> Work:
     """Per-layer work of the anchor's own rows (their causal attention and per-token work): what
     method.anchor=broadcast leaves to rank 0 alone, and what every other rank then saves."""
-    if part.anchor:
-        a = part.anchor[1] - part.anchor[0]
-    elif part.method == "star" and part.world > 1:
-        a = part.blocks[0][1] - part.blocks[0][0]  # Star's anchor is block 0
-    else:
-        return ZERO
-    return cost.attention(a, ((a, True),)) + cost.layer_tokens(a)
+    return cost.anchor(shared_anchor_rows(part))
 
 
 def rank_base(part: Partition, cost: CostModel) -> tuple[float, ...]:

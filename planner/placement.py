@@ -186,4 +186,4 @@ def place(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solve
     # The exact solver proves optimality: its makespan is the tightest lower bound there is.
     bound = span if solver.name == "exact" else lower_bound(costs, world, hosts_per_rank, base)
     return Placement(solver=solver.name, host_rank=tuple(host_rank), host_cost=tuple(float(c) for c in costs),
-                     makespan=span, lower_bound=min(bound, span))
+                     rank_base=tuple(float(b) for b in base), makespan=span, lower_bound=min(bound, span))

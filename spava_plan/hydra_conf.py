@@ -125,10 +125,11 @@ def method_preset(name: str) -> MethodConfig:
 
 def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
     """``cfg`` with its method group replaced by method ``name``'s preset (model, topology, video
-    and solver unchanged)."""
+    and solver unchanged). ``method.anchor`` carries over, so every method with an anchor is
+    compared with the same anchor mode."""
     import dataclasses
 
-    return dataclasses.replace(cfg, method=method_preset(name))
+    return dataclasses.replace(cfg, method=dataclasses.replace(method_preset(name), anchor=cfg.method.anchor))
 
 
 def remove_empty_dirs(out_dir: str | Path | None) -> None:

@@ -266,6 +266,9 @@ class Placement:
     solver: str
     host_rank: tuple[int, ...]  # rank of every virtual host
     host_cost: tuple[float, ...] = ()  # work of every virtual host as the solver saw it
+    # work of every rank outside its hosts as the solver saw it (method.anchor=broadcast: rank 0's
+    # anchor); empty: none. A rank's load is its base plus its hosts' costs.
+    rank_base: tuple[float, ...] = ()
     makespan: float = 0.0
     lower_bound: float = 0.0
 

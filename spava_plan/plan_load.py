@@ -365,6 +365,7 @@ def check_plan(plan: Plan) -> None:
     _need(len(pl.host_rank) == V and all(0 <= r < W for r in pl.host_rank), "placement.host_rank",
           f"must give each of the {V} virtual hosts a rank in 0..{W - 1}")
     _need(len(pl.host_cost) in (0, V), "placement.host_cost", f"must have {V} entries")
+    _need(len(pl.rank_base) in (0, W), "placement.rank_base", f"must have {W} entries")
 
     _need(len(plan.ranks) == W, "ranks", f"must hold world_size={W} ranks, got {len(plan.ranks)}")
     _need(len(plan.schedule) == W, "schedule", f"must hold world_size={W} ranks, got {len(plan.schedule)}")
@@ -556,7 +557,7 @@ def check_plan(plan: Plan) -> None:
           f"rank_us and peak_memory_bytes must have world_size={W} entries")
     _need(all(x >= 0 for x in pred.rank_us + pred.peak_memory_bytes + tuple(pred.memory_breakdown.values()))
           and min(pred.makespan_us, pred.vision_us, pred.exposed_comm_us) >= 0, "prediction", "must be >= 0")
-    _need(all(x >= 0 for x in pl.host_cost) and pl.makespan >= 0 and pl.lower_bound >= 0, "placement",
+    _need(all(x >= 0 for x in pl.host_cost + pl.rank_base) and pl.makespan >= 0 and pl.lower_bound >= 0, "placement",
           "costs must be >= 0")
 
 
