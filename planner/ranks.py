@@ -120,7 +120,8 @@ def _receives_anchor(part: Partition, rank: int) -> bool:
 
 
 def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
-    """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
+    """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers; with a
+    broadcast anchor only ANCHOR_RANK holds the anchor, the others read its K/V as "anchor" sources."""
     W = part.world
     per_rank, slot = host_slots(host_rank, W)
     if part.passing == "global":  # one buffer per host: the scan's result in its slot, keep rows
@@ -164,7 +165,8 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
 
 
 def _star_ranks(part: Partition) -> list[RankPlan]:
-    """Star: block 0 is the anchor, prepended on ranks > 0; no communication in the context pass."""
+    """Star: block 0 is the anchor, prepended on ranks > 0 (broadcast: its K/V sent by rank 0 instead);
+    no other communication in the context pass."""
     W = part.world
     assert part.query is not None
     first = part.blocks[0]

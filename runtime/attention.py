@@ -16,7 +16,9 @@ best keys of all earlier hosts.
 
 Every size comes from the plan: the selection and query buffers are allocated once (per dtype and
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
-local K/V, of the gathered selections, or of the ring buffer; nothing is concatenated.
+local K/V, of the gathered selections, of the ring buffer or of the broadcast anchor's buffer
+(method.anchor=broadcast: rank 0 packs its anchor rows' K|V there after its qkv and sends them; the
+other ranks hold no anchor row and read it from there); nothing is concatenated.
 
 Questions shorter than the plan's capacity (``plan.video.max_question_tokens``): the caller pads the
 query segment at its end (the prompt then has ``plan.layout.total_tokens`` rows as always) and

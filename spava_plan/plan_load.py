@@ -365,10 +365,10 @@ def check_plan(plan: Plan) -> None:
     _need(len(pl.host_rank) == V and all(0 <= r < W for r in pl.host_rank), "placement.host_rank",
           f"must give each of the {V} virtual hosts a rank in 0..{W - 1}")
     _need(len(pl.host_cost) in (0, V), "placement.host_cost", f"must have {V} entries")
-    _need(len(pl.rank_base) in (0, W), "placement.rank_base", f"must have {W} entries")
 
     _need(len(plan.ranks) == W, "ranks", f"must hold world_size={W} ranks, got {len(plan.ranks)}")
     _need(len(plan.schedule) == W, "schedule", f"must hold world_size={W} ranks, got {len(plan.schedule)}")
+    _need(len(pl.rank_base) in (0, W), "placement.rank_base", f"must have {W} entries")
 
     colls: dict[str, Any] = {}
     select_slots: dict[int, Any] = {}
