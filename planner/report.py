@@ -177,8 +177,20 @@ def anchor_lines(plan: Plan, cfg: SpavaConfig) -> list[str]:
     return [f"- anchor: broadcast (method.anchor=broadcast): rank 0 runs the anchor's {a:,} rows as its first rows "
             f"and sends their K/V every layer ({sent.bytes_per_rank / 2**20:,.2f} MiB, {sent.time_us:,.1f} us "
             f"predicted, received behind the others' selection); the other {W - 1} ranks run none of them, "
-            f"{per_rank_ms:,.1f} ms of LLM work each (and the anchor's video rows in the vision exchange), and the "
-            f"placement balances the hosts around rank 0's extra work."]
+            f"{per_rank_ms:,.1f} ms of LLM work each (and the anchor's video rows in the vision exchange); "
+            f"{_anchor_placement(plan)}."]
+
+
+def _anchor_placement(plan: Plan) -> str:
+    """Whether the placement could weigh rank 0's anchor work."""
+    if plan.method == "star":
+        return "block 0 is rank 0's own block, so rank 0 does no extra work"
+    if plan.method != "spava":
+        return f"{plan.method}'s fixed placement (block r on rank r) cannot move work off rank 0"
+    if plan.placement.solver == "zigzag":
+        return ("the zigzag placement does not weigh rank 0's extra work (solver=greedy, local_search or exact "
+                "balance the hosts around it)")
+    return f"solver {plan.placement.solver} balances the hosts around rank 0's extra work"
 
 
 def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str,
