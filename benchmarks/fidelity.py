@@ -202,7 +202,7 @@ def visible_needles(plan: Plan, data: Synthetic, backend: TorchBackend,
             rows = torch.arange(lo, hi).unsqueeze(1)  # (rows, 1)
             vis = torch.zeros(hkv, hi - lo, len(needles), dtype=torch.bool)
             for ref in task.kv:
-                if ref.kind in ("local", "remote"):
+                if ref.kind in ("local", "remote", "anchor"):
                     inside = (needles >= ref.start) & (needles < ref.stop)
                     ok = inside & ((needles <= rows) if ref.mask == "causal" else True)
                     vis |= ok.unsqueeze(0)

@@ -58,7 +58,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefill_methods import DENSE, EMULATED, METHODS, TENSOR_PARALLEL, planned_as  # noqa: E402  (benchmarks/ is on sys.path)
+from prefill_methods import (DEFAULT_METHODS, DENSE, EMULATED, METHODS, TENSOR_PARALLEL,  # noqa: E402  (benchmarks/ on sys.path)
+                             method_overrides)
 from prefill_tp import TP_GPUS_NOTE, tp_gpus  # noqa: E402
 
 W_DEFAULT = 8
@@ -89,10 +90,9 @@ class Cell:
 
     def overrides(self, method: str, gpus: int, topology: str) -> list[str]:
         model = list(TINY_25) + ["dtype=fp32"] if self.model == "tiny_25" else [f"model={self.model}"]
-        name, extra = planned_as(method)
         return model + [f"gpus={1 if method == 'dense' else gpus}", f"frames={self.frames}",
-                        f"video.resolution={self.resolution}", f"topology={topology}", f"method={name}",
-                        *extra, "kernels=false"]
+                        f"video.resolution={self.resolution}", f"topology={topology}", *method_overrides(method),
+                        "kernels=false"]
 
 
 def _cells(model: str, frames: tuple[int, ...], res: str) -> list[Cell]:
@@ -856,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="fused: runtime/vision_fused's Triton RMSNorm/rotary/SiLU-gate kernels in the ViT (GPU)")
         p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
         p.add_argument("--cells", default=None, help="comma-separated cell ids (default: all in the manifest)")
-        p.add_argument("--methods", default=",".join(METHODS))
+        p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                       help=f"comma-separated, of: {', '.join(METHODS)} (the *_recompute ones: method.anchor=recompute)")
         p.add_argument("--no-check", action="store_true", help="skip the manifest's fail-fast check cell")
         p.add_argument("--llm-kernels", choices=("fused", "stock"), default="fused",
                        help="fused: runtime/llm_fused's RMSNorm and gate|up GEMM + SiLU-gate kernels in the LLM (GPU)")

@@ -31,7 +31,7 @@ from .layout import TokenLayout, token_layout
 from .memory import check_fits, fits_device, plan_chunking, rank_memory, weight_bytes
 from .partition import Partition, check_vision_units, host_kv, partition
 from .placement import place
-from .ranks import RingSources, collectives, rank_plans
+from .ranks import ANCHOR_RANK, RingSources, collectives, rank_plans
 from .schedule import Step, Timeline, rank_schedules, rank_steps, simulate
 from .vision import vision_unit
 
@@ -73,6 +73,30 @@ def host_costs(part: Partition, cost: CostModel, query_tokens: int) -> list[floa
                 work = work + cost.scan_merge(part.keep).times(scan_rounds(part.virtual_hosts))
         out.append(work.us)
     return out
+
+
+def shared_anchor_rows(part: Partition) -> int:
+    """Rows of the anchor every rank attends (0: none): spava / apb's anchor, Star's block 0."""
+    if part.anchor:
+        return part.anchor[1] - part.anchor[0]
+    if part.method == "star" and part.world > 1:
+        return part.blocks[0][1] - part.blocks[0][0]  # Star's anchor is block 0
+    return 0
+
+
+def anchor_work(part: Partition, cost: CostModel) -> Work:
+    """Per-layer work of the anchor's own rows (their causal attention and per-token work): what
+    method.anchor=broadcast leaves to rank 0 alone, and what every other rank then saves."""
+    return cost.anchor(shared_anchor_rows(part))
+
+
+def rank_base(part: Partition, cost: CostModel) -> tuple[float, ...]:
+    """Per-layer work of each rank outside its hosts, as the placement balances it: with a
+    broadcast anchor, rank 0 alone runs the anchor (under recompute every rank does, which moves
+    no host). Star's rank 0 runs block 0 as its own host, so it has no extra work."""
+    if not part.broadcast_anchor or part.anchor is None:
+        return ()
+    return tuple(anchor_work(part, cost).us if r == ANCHOR_RANK else 0.0 for r in range(part.world))
 
 
 def _task_sources(rank: RankPlan) -> dict[str, dict[int, tuple[tuple[int, bool], ...]]]:
@@ -166,6 +190,8 @@ def _timed_collectives(colls: tuple[Collective, ...], cost: CostModel, hosts: in
             t = cost.scan(c.bytes_per_rank, hosts)
         elif c.kind == "all_reduce":
             t = cost.all_reduce(c.bytes_per_rank)
+        elif c.kind == "anchor_broadcast":
+            t = cost.broadcast(c.bytes_per_rank)
         else:
             t = cost.p2p(c.bytes_per_rank) if c.kind == "ring" else cost.all_gather(c.bytes_per_rank)
         out.append(Collective(c.name, c.kind, c.slot, c.rows_per_rank, c.bytes_per_rank, time_us=t))
@@ -231,7 +257,8 @@ def _derive(cfg: SpavaConfig, *, require_fit: bool, detail: bool) -> Derived:
     if tp:
         placement = dense_tp.placement(host_costs(part, cost, tokens.query_tokens)[0])
     else:
-        placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver)
+        placement = place(host_costs(part, cost, tokens.query_tokens), world, part.hosts_per_rank, solver,
+                          rank_base(part, cost))
     layout = Layout(total_tokens=tokens.total_tokens, context_tokens=tokens.context_tokens,
                     query_tokens=tokens.query_tokens, video_tokens=tokens.video_tokens, frames=tokens.frames,
                     grid_thw=tokens.grid_thw, frame_size=tokens.frame_size, anchor_tokens=part.anchor_tokens,

@@ -149,6 +149,11 @@ class CostModel:
         return self.qkv(tokens) + self.out_mlp(tokens)
 
     # -- selection and merging ------------------------------------------------------------------
+    def anchor(self, rows: int) -> Work:
+        """One layer of the anchor's own rows: their causal self-attention and per-token work (what
+        a rank saves per layer when the anchor's K/V are broadcast to it instead)."""
+        return self.attention(rows, ((rows, True),)) + self.layer_tokens(rows) if rows else ZERO
+
     def select(self, block: int, keep: int, query_rows: int) -> Work:
         """Score, pool, top-k and pack one block (keep == block: a plain copy of K|V)."""
         m = self.model

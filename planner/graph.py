@@ -79,7 +79,9 @@ def build_graph(plan: Plan, plan_hash: str = "") -> nx.DiGraph:
                     local_seg = covering(ref.start, ref.stop)
                     local[local_seg] = local.get(local_seg, 0.0) + n * 2 * kv_row
                 else:
-                    if ref.kind != "passing":
+                    if ref.kind == "anchor":  # the broadcast anchor's K/V from rank 0
+                        coll = "anchor"
+                    elif ref.kind != "passing":
                         coll = "ring"
                     else:  # global passing fills every slot's buffer through the one scan
                         coll = "scan" if "scan" in by_name else f"select{ref.slot}"
@@ -90,9 +92,12 @@ def build_graph(plan: Plan, plan_hash: str = "") -> nx.DiGraph:
             for seg, nbytes in local.items():
                 _link(g, f"seg:{seg}", node, "kv_local", nbytes)
             for coll, nbytes in moved.items():
-                _link(g, f"coll:{coll}", node, "passing" if coll != "ring" else "remote", nbytes)
+                _link(g, f"coll:{coll}", node, {"ring": "remote", "anchor": "anchor"}.get(coll, "passing"), nbytes)
             if task.merge == "query" and "query" in by_name:
                 _link(g, node, "coll:query", "partial", float(task.rows * m.num_heads * (m.head_dim + 1) * LSE_BYTES))
+    if "anchor" in by_name:  # rank 0 sends the anchor's K/V (method.anchor=broadcast)
+        c = by_name["anchor"]
+        _link(g, f"seg:{covering(0, c.rows_per_rank)}", "coll:anchor", "send", float(c.bytes_per_rank))
     if "ring" in by_name:  # every chunk's K/V enters the ring once
         for seg in plan.layout.segments:
             if seg.kind == "chunk":

@@ -7,7 +7,8 @@ A rank's memory has two phases that never overlap:
   embeddings of its OWN local video tokens (not every rank's), so the stage grows with the
   rank's share of the video, not with the whole video;
 - LLM stage: the KV cache shard (complete at the last layer), one layer's activations, the
-  passing buffers (selection all-gathers, or the ring's K/V buffers) and the query all-gather.
+  passing buffers (selection all-gathers, or the ring's K/V buffers, and a broadcast anchor's
+  receive buffer) and the query all-gather.
 Weights (LLM and vision tower, in the run dtype) are resident throughout, so
 
     peak = weights + max(vision_stage, kv_cache + activations + passing + gather)
@@ -87,7 +88,8 @@ def _comm_buffers(collectives: tuple[Collective, ...], world: int, hosts: int = 
     """(passing, gather) bytes: all-gather outputs hold ``world`` contributions; the ring keeps
     the K/V block it sends and the one it receives; the global-passing scan keeps, per host, its
     candidates, its state (the passing buffer at the end), a send and a receive slot of one message
-    each, plus one merge's 2-message concatenation (runtime/passing_scan.py)."""
+    each, plus one merge's 2-message concatenation (runtime/passing_scan.py); a broadcast anchor
+    one buffer of its packed K|V on every rank (rank 0 packs what it sends, the others receive)."""
     passing = gather = 0
     for c in collectives:
         if c.kind == "select_scan":
@@ -99,6 +101,8 @@ def _comm_buffers(collectives: tuple[Collective, ...], world: int, hosts: int = 
             passing += 2 * c.bytes_per_rank
         elif c.kind == "all_reduce":
             continue  # in place (NCCL): the hidden states are counted with the activations
+        elif c.kind == "anchor_broadcast":
+            passing += c.bytes_per_rank
         else:
             gather += world * c.bytes_per_rank
     return passing, gather

@@ -41,6 +41,14 @@ class Partition:
     # "global": host v reads one buffer of the ``keep`` best keys of all hosts < v (the scan of
     # spava_plan/passing_scan.py), so its passing block does not grow with v.
     passing: str = "per_block"
+    # method.anchor where the anchor is shared by several ranks (spava / apb with an anchor, star
+    # on more than one GPU), else "recompute": "broadcast" leaves the anchor's rows on rank 0 only,
+    # which sends their K/V every layer (ranks.py, the anchor_broadcast collective).
+    anchor_mode: str = "recompute"
+
+    @property
+    def broadcast_anchor(self) -> bool:
+        return self.anchor_mode == "broadcast"
 
     @property
     def virtual_hosts(self) -> int:
@@ -168,14 +176,16 @@ def partition(layout: TokenLayout, method: MethodConfig, gpus: int) -> Partition
         else:
             passing = paper_passing(L) if name == "spava" else apb_passing(L)
         anchor, blocks, keep = _blocks_for(layout, method, gpus, hosts, anchor, passing)
+        mode = method.anchor if anchor > 0 and gpus > 1 else "recompute"
         return Partition(name, gpus, hosts, (0, anchor) if anchor > 0 else None, blocks, "block", keep, query,
-                         anchor, passing, method.passing)
+                         anchor, passing, method.passing, mode)
     if name == "star":
         if L < gpus:
             raise InfeasiblePlanError(f"star needs one context token per GPU but L={L} < gpus={gpus}", setting="gpus")
         blocks = tuple(balanced_split(0, L, gpus))
         # Star's anchor is the first block itself, prepended on every other rank.
-        return Partition(name, gpus, 1, None, blocks, "block", 0, query, blocks[0][1], 0)
+        return Partition(name, gpus, 1, None, blocks, "block", 0, query, blocks[0][1], 0,
+                         anchor_mode=method.anchor if gpus > 1 else "recompute")
     if name == "zigzag_ring":
         if total < 2 * gpus:
             raise InfeasiblePlanError(f"zigzag_ring needs 2 tokens per GPU but the prompt has {total} for "

@@ -15,7 +15,9 @@ bound and the gap between them.
   Deterministic for a given ``solver.seed``.
 
 Host costs are the cost model's per-layer time of each host (attention, selection and the
-per-token work of its rows), so makespans are microseconds per layer.
+per-token work of its rows), so makespans are microseconds per layer. ``base`` is work a rank has
+whatever hosts it runs (method.anchor=broadcast: rank 0 runs the anchor for every rank); every
+solver starts the ranks at these loads, so the hosts balance around it.
 """
 from __future__ import annotations
 
@@ -38,32 +40,42 @@ def zigzag_assignment(hosts: int, world: int) -> list[int]:
     return ranks
 
 
-def makespan(costs: Sequence[float], host_rank: Sequence[int], world: int) -> float:
-    loads = [0.0] * world
+Base = Sequence[float]  # per-rank work before any host (empty: none)
+
+
+def _start_loads(world: int, base: Base = ()) -> list[float]:
+    return [float(base[r]) if base else 0.0 for r in range(world)]
+
+
+def makespan(costs: Sequence[float], host_rank: Sequence[int], world: int, base: Base = ()) -> float:
+    loads = _start_loads(world, base)
     for cost, rank in zip(costs, host_rank):
         loads[rank] += cost
     return max(loads)
 
 
-def lower_bound(costs: Sequence[float], world: int, hosts_per_rank: int) -> float:
+def lower_bound(costs: Sequence[float], world: int, hosts_per_rank: int, base: Base = ()) -> float:
     """No assignment of ``hosts_per_rank`` hosts per rank beats this makespan.
 
     The average load, and the sum of the k largest hosts' share: some rank holds the largest host
-    plus hosts_per_rank-1 others, at least the smallest ones.
+    plus hosts_per_rank-1 others, at least the smallest ones; and the busiest base plus its rank's
+    hosts_per_rank smallest hosts.
     """
     ordered = sorted(costs)
-    average = sum(costs) / world
-    cardinality = ordered[-1] + sum(ordered[: hosts_per_rank - 1])
-    return max(average, cardinality)
+    start = _start_loads(world, base)
+    average = (sum(costs) + sum(start)) / world
+    cardinality = ordered[-1] + sum(ordered[: hosts_per_rank - 1]) + min(start)
+    return max(average, cardinality, max(start) + sum(ordered[:hosts_per_rank]))
 
 
-def _zigzag(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig) -> list[int]:
+def _zigzag(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig, base: Base = ()) -> list[int]:
     return zigzag_assignment(len(costs), world)
 
 
-def _greedy(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig) -> list[int]:
+def _greedy(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig, base: Base = ()) -> list[int]:
     """LPT with exactly ``hosts_per_rank`` hosts per rank (ties -> lowest rank, deterministic)."""
-    heap = [(0.0, r) for r in range(world)]  # (load, rank) of the ranks that still have room
+    heap = [(load, r) for r, load in enumerate(_start_loads(world, base))]  # (load, rank) of ranks with room
+    heapq.heapify(heap)
     count = [0] * world
     host_rank = [0] * len(costs)
     for v in sorted(range(len(costs)), key=lambda v: (-costs[v], v)):
@@ -75,7 +87,7 @@ def _greedy(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Sol
     return host_rank
 
 
-def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig) -> list[int]:
+def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig, base: Base = ()) -> list[int]:
     """Branch and bound: hosts in decreasing cost, each to a rank with room; ranks in the same
     (load, count) state are interchangeable, so only the first of them is tried."""
     n = len(costs)
@@ -84,10 +96,10 @@ def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solv
                           f"hosts but this plan has {n}; use solver=local_search or solver=greedy",
                           setting="solver")
     order = sorted(range(n), key=lambda v: (-costs[v], v))
-    best_ranks = _greedy(costs, world, hosts_per_rank, solver)
-    best = [makespan(costs, best_ranks, world)]
-    bound = lower_bound(costs, world, hosts_per_rank)
-    loads = [0.0] * world
+    best_ranks = _greedy(costs, world, hosts_per_rank, solver, base)
+    best = [makespan(costs, best_ranks, world, base)]
+    bound = lower_bound(costs, world, hosts_per_rank, base)
+    loads = _start_loads(world, base)
     count = [0] * world
     current = [0] * n
 
@@ -112,7 +124,7 @@ def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solv
             loads[r] -= costs[v]
             count[r] -= 1
 
-    search(0, 0.0)
+    search(0, max(loads))
     return list(best_ranks)
 
 
@@ -120,14 +132,15 @@ def _objective(loads: Sequence[float]) -> tuple[float, float]:
     return max(loads), sum(x * x for x in loads)
 
 
-def _local_search(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig) -> list[int]:
+def _local_search(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig,
+                  base: Base = ()) -> list[int]:
     """Seeded swaps: a host of the busiest rank against a host of a random other rank."""
-    starts = [zigzag_assignment(len(costs), world), _greedy(costs, world, hosts_per_rank, solver)]
-    host_rank = min(starts, key=lambda hr: (makespan(costs, hr, world), starts.index(hr)))[:]
+    starts = [zigzag_assignment(len(costs), world), _greedy(costs, world, hosts_per_rank, solver, base)]
+    host_rank = min(starts, key=lambda hr: (makespan(costs, hr, world, base), starts.index(hr)))[:]
     if world == 1:
         return host_rank
     rng = random.Random(solver.seed)
-    loads = [0.0] * world
+    loads = _start_loads(world, base)
     members: list[list[int]] = [[] for _ in range(world)]
     for v, r in enumerate(host_rank):
         loads[r] += costs[v]
@@ -154,7 +167,7 @@ def _local_search(costs: Sequence[float], world: int, hosts_per_rank: int, solve
     return host_rank
 
 
-SOLVERS: dict[str, Callable[[Sequence[float], int, int, SolverConfig], list[int]]] = {
+SOLVERS: dict[str, Callable[[Sequence[float], int, int, SolverConfig, Base], list[int]]] = {
     "zigzag": _zigzag,
     "greedy": _greedy,
     "exact": _exact,
@@ -162,12 +175,15 @@ SOLVERS: dict[str, Callable[[Sequence[float], int, int, SolverConfig], list[int]
 }
 
 
-def place(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig) -> Placement:
+def place(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig,
+          base: Base = ()) -> Placement:
+    """``base``: per-rank work before any host (empty, or one value per rank)."""
     assert len(costs) == world * hosts_per_rank, (len(costs), world, hosts_per_rank)
-    host_rank = SOLVERS[solver.name](costs, world, hosts_per_rank, solver)
+    assert not base or len(base) == world, (len(base), world)
+    host_rank = SOLVERS[solver.name](costs, world, hosts_per_rank, solver, base)
     assert sorted(host_rank) == sorted(r for r in range(world) for _ in range(hosts_per_rank)), host_rank
-    span = makespan(costs, host_rank, world)
+    span = makespan(costs, host_rank, world, base)
     # The exact solver proves optimality: its makespan is the tightest lower bound there is.
-    bound = span if solver.name == "exact" else lower_bound(costs, world, hosts_per_rank)
+    bound = span if solver.name == "exact" else lower_bound(costs, world, hosts_per_rank, base)
     return Placement(solver=solver.name, host_rank=tuple(host_rank), host_cost=tuple(float(c) for c in costs),
-                     makespan=span, lower_bound=min(bound, span))
+                     rank_base=tuple(float(b) for b in base), makespan=span, lower_bound=min(bound, span))

@@ -16,6 +16,9 @@ from . import dense_tp
 from .partition import KVSource, Partition, host_kv
 
 QUERY_RANK = 0  # the rank that attends the query's own keys and appends decoded tokens' K/V
+# method.anchor=broadcast: the rank that computes the anchor (its first local rows, as under
+# recompute) and sends the anchor's K/V to every other rank each layer; the others hold no anchor row.
+ANCHOR_RANK = 0
 
 
 def _runs(sorted_ranks: list[int]) -> list[tuple[int, int]]:
@@ -97,14 +100,29 @@ def _local(a: int, b: int, mask: str = "full") -> KVRef:
     return KVRef(kind="local", mask=mask, start=a, stop=b)
 
 
-def _span_ref(src: KVSource) -> KVRef:
-    """A span source this rank holds (the anchor, its own block, the query, star's block 0)."""
+def _span_ref(src: KVSource, anchor: tuple[int, int] | None = None) -> KVRef:
+    """A span source this rank holds (the anchor, its own block, the query, star's block 0).
+    ``anchor``: the span a broadcast anchor covers on a rank that receives it (not ANCHOR_RANK)."""
     assert src.kind == "span"
-    return _local(src.start, src.stop, "causal" if src.causal else "full")
+    mask = "causal" if src.causal else "full"
+    if anchor is not None and anchor[0] <= src.start and src.stop <= anchor[1]:
+        return _anchor_ref(src.start, src.stop, mask)
+    return _local(src.start, src.stop, mask)
+
+
+def _anchor_ref(a: int, b: int, mask: str = "full") -> KVRef:
+    """Anchor tokens [a, b) whose K/V arrive from ANCHOR_RANK (method.anchor=broadcast)."""
+    return KVRef(kind="anchor", mask=mask, start=a, stop=b, owner=ANCHOR_RANK)
+
+
+def _receives_anchor(part: Partition, rank: int) -> bool:
+    """This rank reads the anchor's K/V from the broadcast instead of running its rows."""
+    return part.broadcast_anchor and rank != ANCHOR_RANK
 
 
 def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[RankPlan]:
-    """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers."""
+    """spava and apb: [anchor | own blocks | query] per rank, passing blocks via all-gathers; with a
+    broadcast anchor only ANCHOR_RANK holds the anchor, the others read its K/V as "anchor" sources."""
     W = part.world
     per_rank, slot = host_slots(host_rank, W)
     if part.passing == "global":  # one buffer per host: the scan's result in its slot, keep rows
@@ -118,7 +136,8 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
         hosts = per_rank[r]
         local: list[tuple[int, int]] = []
         tasks: list[AttnTask] = []
-        if part.anchor:
+        received = part.anchor if _receives_anchor(part, r) else None  # anchor K/V from ANCHOR_RANK
+        if part.anchor and received is None:
             local.append(part.anchor)
             tasks.append(AttnTask("anchor", *part.anchor, kv=(_local(*part.anchor, "causal"),)))
         for v in hosts:
@@ -129,12 +148,12 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
             a, b = part.blocks[v]
             # the passing block arrives by all-gathers (its runs of rows); every span is local
             kv = [ref for src in host_kv(part, v)
-                  for ref in (passing[v] if src.kind == "passing" else (_span_ref(src),))]
+                  for ref in (passing[v] if src.kind == "passing" else (_span_ref(src, received),))]
             tasks.append(AttnTask(f"host{v}", a, b, kv=tuple(kv)))
         qkv: list[KVRef] = []
         share = _anchor_slice(part.anchor, r, W) if part.anchor else None
         if share:
-            qkv.append(_local(*share))
+            qkv.append(_anchor_ref(*share) if received else _local(*share))
         qkv.extend(_local(*part.blocks[v]) for v in hosts)
         if r == QUERY_RANK:
             qkv.append(_local(*part.query, "causal"))
@@ -147,15 +166,17 @@ def _anchor_pass_ranks(part: Partition, host_rank: tuple[int, ...]) -> list[Rank
 
 
 def _star_ranks(part: Partition) -> list[RankPlan]:
-    """Star: block 0 is the anchor, prepended on ranks > 0; no communication in the context pass."""
+    """Star: block 0 is the anchor, prepended on ranks > 0 (broadcast: its K/V sent by rank 0 instead);
+    no other communication in the context pass."""
     W = part.world
     assert part.query is not None
     first = part.blocks[0]
     ranks = []
     for r in range(W):
         own = part.blocks[r]
-        host = AttnTask(f"host{r}", *own, kv=tuple(_span_ref(src) for src in host_kv(part, r)))
-        if r == 0:
+        received = first if _receives_anchor(part, r) else None  # block 0's K/V from ANCHOR_RANK
+        host = AttnTask(f"host{r}", *own, kv=tuple(_span_ref(src, received) for src in host_kv(part, r)))
+        if r == 0 or received:
             local = (own, part.query)
             tasks = [host]
         else:
@@ -266,6 +287,10 @@ def collectives(part: Partition, model: ModelSpec, dtype_bytes: int) -> tuple[Co
         # (out, lse) partials travel in fp32 so the merge is exact to fp32 rounding
         out.append(Collective("query", "query_all_gather", rows_per_rank=lq,
                               bytes_per_rank=lq * model.num_heads * (d + 1) * DTYPE_BYTES["fp32"]))
+    if part.broadcast_anchor:
+        # the anchor's packed K|V rows, sent by ANCHOR_RANK every layer (star: block 0 is the anchor)
+        a = part.anchor[1] - part.anchor[0] if part.anchor else part.blocks[0][1] - part.blocks[0][0]
+        out.append(Collective("anchor", "anchor_broadcast", rows_per_rank=a, bytes_per_rank=a * hkv * 2 * d * dtype_bytes))
     if part.method == "zigzag_ring" and part.world > 1:
         chunk = max(b - a for a, b in part.blocks)
         out.append(Collective("ring", "ring", rows_per_rank=2 * chunk,

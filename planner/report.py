@@ -10,6 +10,7 @@ from spava_plan.passing_scan import scan_rounds
 from spava_plan.plan import Plan
 
 from .compare import PHASES, MethodRow, row_setting
+from .cost import CostModel
 from .memory import ALLOCATOR_SLACK, GIB, PARTS, usable_bytes
 
 MAX_RANK_ROWS = 32  # report.md lists every rank up to this many, then the extremes
@@ -158,6 +159,49 @@ def global_passing_lines(plan: Plan) -> list[str]:
             f"measured in benchmarks/results/2026-12-04-cpu-fidelity-global.md."]
 
 
+def _anchor_rows(plan: Plan) -> int:
+    """Rows of the anchor every rank attends (spava / apb's anchor, Star's block 0), 0 when none."""
+    sent = next((c for c in plan.collectives if c.kind == "anchor_broadcast"), None)
+    if sent is not None:
+        return sent.rows_per_rank
+    if plan.world_size < 2 or plan.method not in ("spava", "apb", "star"):
+        return 0
+    names = {s.name: s for s in plan.layout.segments}
+    seg = names.get("anchor") or (names.get("block0") if plan.method == "star" else None)
+    return seg.length if seg is not None else 0
+
+
+def anchor_lines(plan: Plan, cfg: SpavaConfig) -> list[str]:
+    """method.anchor: who runs the anchor's rows, and what the broadcast saves (or would save)."""
+    a = _anchor_rows(plan)
+    if not a:
+        return []
+    W, layers = plan.world_size, plan.model.num_layers
+    per_rank_ms = layers * CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, W).anchor(a).us / 1e3
+    sent = next((c for c in plan.collectives if c.kind == "anchor_broadcast"), None)
+    if sent is None:
+        return [f"- anchor: recompute (method.anchor=recompute): every rank runs the anchor's {a:,} rows through all "
+                f"{layers} layers ({per_rank_ms:,.1f} ms of each rank's prefill predicted); method.anchor=broadcast "
+                f"would leave them to rank 0, which sends their K/V every layer."]
+    return [f"- anchor: broadcast (method.anchor=broadcast): rank 0 runs the anchor's {a:,} rows as its first rows "
+            f"and sends their K/V every layer ({sent.bytes_per_rank / 2**20:,.2f} MiB, {sent.time_us:,.1f} us "
+            f"predicted, received behind the others' selection); the other {W - 1} ranks run none of them, "
+            f"{per_rank_ms:,.1f} ms of LLM work each (and the anchor's video rows in the vision exchange); "
+            f"{_anchor_placement(plan)}."]
+
+
+def _anchor_placement(plan: Plan) -> str:
+    """Whether the placement could weigh rank 0's anchor work."""
+    if plan.method == "star":
+        return "block 0 is rank 0's own block, so rank 0 does no extra work"
+    if plan.method != "spava":
+        return f"{plan.method}'s fixed placement (block r on rank r) cannot move work off rank 0"
+    if plan.placement.solver == "zigzag":
+        return ("the zigzag placement does not weigh rank 0's extra work (solver=greedy, local_search or exact "
+                "balance the hosts around it)")
+    return f"solver {plan.placement.solver} balances the hosts around rank 0's extra work"
+
+
 def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], plan_hash: str,
                     search: Mapping[str, str] | None = None) -> str:
     lay, pred, pl, m = plan.layout, plan.prediction, plan.placement, plan.model
@@ -187,6 +231,7 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         f"- anchor a = {lay.anchor_tokens:,}; passing budget p = {lay.passing_tokens:,}; "
         f"passed per block k = {blocks[0].keep if blocks else 0:,}",
         *global_passing_lines(plan),
+        *anchor_lines(plan, cfg),
         f"- {lay.virtual_hosts} {'chunks' if blocks and blocks[0].kind == 'chunk' else 'virtual hosts'} of "
         f"{' / '.join(f'{s:,}' for s in sizes)} tokens",
         "",
@@ -199,7 +244,8 @@ def report_markdown(plan: Plan, cfg: SpavaConfig, rows: Sequence[MethodRow], pla
         "",
         "## Placement",
         "",
-        f"solver `{pl.solver}`: makespan {pl.makespan:,.1f} us/layer of host work, lower bound "
+        f"solver `{pl.solver}`: makespan {pl.makespan:,.1f} us/layer of host work"
+        f"{f' (rank 0 also runs the anchor: {pl.rank_base[0]:,.1f} us)' if pl.rank_base else ''}, lower bound "
         f"{pl.lower_bound:,.1f} us, gap {pl.gap:.3%}.",
         "",
         "## Per rank (one layer, then the whole prefill)",

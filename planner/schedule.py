@@ -44,6 +44,10 @@ def _slots(task: AttnTask) -> set[int]:
     return {ref.slot for ref in task.kv if ref.kind == "passing"}
 
 
+def _reads_anchor(task: AttnTask) -> bool:
+    return any(ref.kind == "anchor" for ref in task.kv)
+
+
 def rank_steps(rank: RankPlan, collectives: tuple[Collective, ...], world: int, overlap: bool) -> list[Step]:
     """The untimed op order of one rank's layer, as Step tuples."""
     names = {c.name: c for c in collectives}
@@ -56,9 +60,36 @@ def rank_steps(rank: RankPlan, collectives: tuple[Collective, ...], world: int, 
     if "ring" in names:
         ops += _ring_ops(rank, world)
     else:
-        ops += _anchor_pass_ops(rank, names, overlap)
+        anchor = [n for n, c in names.items() if c.kind == "anchor_broadcast"]
+        names = {n: c for n, c in names.items() if c.kind != "anchor_broadcast"}
+        body = _anchor_pass_ops(rank, names, overlap)
+        if anchor:
+            body = _anchor_broadcast_ops(rank, anchor[0], body)
+        ops += body
     ops.append(_op("out_mlp"))
     return ops
+
+
+def _anchor_broadcast_ops(rank: RankPlan, name: str, body: list[Step]) -> list[Step]:
+    """method.anchor=broadcast: every rank starts the anchor broadcast right after its qkv (the
+    first collective of the layer on every rank, so the collective order agrees). Rank 0 has the
+    anchor's K/V then, as its first rows, and sends them at once; a receiving rank waits just
+    before its first launch that reads them, so the selection (spava, apb) runs while they arrive.
+    Rank 0 waits last (its send completes in the background while it attends). Why per layer
+    and not rank 0's whole anchor pass first: the selection and query all-gathers synchronise
+    every rank every layer, so the others could not run ahead of rank 0 anyway, and an anchor
+    pass first would hold all of them at layer 0 for its whole duration."""
+    readers = {t.name for t in rank.tasks if _reads_anchor(t)}
+    out = [_start(name)]
+    waited = False
+    for s in body:
+        if not waited and s.name == "attend" and readers & set(s.tasks):
+            out.append(_wait(name))
+            waited = True
+        out.append(s)
+    if not waited:
+        out.append(_wait(name))
+    return out
 
 
 def rank_ops(rank: RankPlan, collectives: tuple[Collective, ...], world: int, overlap: bool) -> tuple[Op, ...]:

@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from spava_plan.config import MethodConfig, SolverConfig, SpavaConfig
+from spava_plan.config import ANCHOR_METHODS, MethodConfig, SolverConfig, SpavaConfig
 from spava_plan.errors import ConfigError, InfeasiblePlanError, SpavaError
 from spava_plan.vision_exchange import vision_encoders
 
@@ -104,6 +104,8 @@ class Candidate:
                     f"method.passing_tokens={self.passing_tokens}", f"solver={self.solver}"]
             if self.passing == "global":
                 out.append("method.passing=global")
+        if self.cfg is not None and self.method in ANCHOR_METHODS and self.cfg.method.anchor != "broadcast":
+            out.append(f"method.anchor={self.cfg.method.anchor}")
         return " ".join(out)
 
 
@@ -198,7 +200,9 @@ def candidates(base: SpavaConfig, presets: Callable[[str], MethodConfig]) -> tup
     out: list[Candidate] = []
     first_solver = t.solvers[0]
     for method in methods:
-        preset = presets(method)
+        # the anchor mode is not searched: broadcast computes what recompute does, in less time
+        # (planner/build.py rank_base); every candidate keeps the config's
+        preset = dataclasses.replace(presets(method), anchor=base.method.anchor)
         for w in ([1] if method == "dense" else gpu_counts(base.topology.gpus)):
             if method == "spava":
                 modes = [preset.passing] if t.passing is None else list(t.passing)
@@ -248,7 +252,8 @@ def _global_candidate(index: int, base: SpavaConfig, preset: MethodConfig, L: in
 def _attention_pairs(part: Partition) -> tuple[float, float]:
     """(pairs split over the ranks, pairs every rank computes): scores of every context task of a
     partition, each computed on exactly one rank, plus the query's pairs over the whole context
-    (split over the ranks); the anchor's own causal attention is recomputed on every rank."""
+    (split over the ranks); the anchor's own causal attention is recomputed on every rank, or run
+    once on rank 0 with method.anchor=broadcast (then it is split like the rest)."""
     anchor = part.anchor_tokens if part.anchor else 0
     total = 0.0
     for v, (a, b) in enumerate(part.blocks):
@@ -264,15 +269,18 @@ def _attention_pairs(part: Partition) -> tuple[float, float]:
         lq = part.query[1] - part.query[0]
         total += lq * part.query[0] + visible_pairs(lq, lq, True)
     replicated = visible_pairs(anchor, anchor, True) if anchor and part.method in ("spava", "apb") else 0.0
+    if part.broadcast_anchor:
+        return total + replicated, 0.0
     return total, replicated
 
 
 def _local_tokens(part: Partition, total_tokens: int) -> int:
-    """At least this many tokens on every rank: spava / apb hold the anchor, their blocks and the
-    query (the spec's local sequence); otherwise an even share of the prompt."""
+    """At least this many tokens on every rank: spava / apb hold the anchor (with
+    method.anchor=broadcast only rank 0 does), their blocks and the query (the spec's local
+    sequence); otherwise an even share of the prompt."""
     if part.method in ("spava", "apb") and part.blocks:
         least = min(b - a for a, b in part.blocks)
-        return (part.anchor_tokens if part.anchor else 0) + part.hosts_per_rank * least
+        return (part.anchor_tokens if part.anchor and not part.broadcast_anchor else 0) + part.hosts_per_rank * least
     return total_tokens // part.world
 
 

@@ -16,7 +16,9 @@ best keys of all earlier hosts.
 
 Every size comes from the plan: the selection and query buffers are allocated once (per dtype and
 device) and reused by every layer; no size is negotiated at run time. KV sources are views of the
-local K/V, of the gathered selections, or of the ring buffer; nothing is concatenated.
+local K/V, of the gathered selections, of the ring buffer or of the broadcast anchor's buffer
+(method.anchor=broadcast: rank 0 packs its anchor rows' K|V there after its qkv and sends them; the
+other ranks hold no anchor row and read it from there); nothing is concatenated.
 
 Questions shorter than the plan's capacity (``plan.video.max_question_tokens``): the caller pads the
 query segment at its end (the prompt then has ``plan.layout.total_tokens`` rows as always) and
@@ -58,7 +60,9 @@ _SCORER = TorchBackend()  # global passing scores with torch ops (the selection'
 class _Source:
     """A KV source resolved to rows of one buffer."""
 
-    kind: str  # "local" (this rank's K/V) | "passing" (slot's gathered selections) | "remote" (ring buffer)
+    # "local" (this rank's K/V) | "passing" (slot's gathered selections) | "remote" (ring buffer) |
+    # "anchor" (the broadcast anchor's receive buffer, rows = global tokens of the anchor)
+    kind: str
     mask: str
     lo: int
     hi: int
@@ -118,6 +122,9 @@ class RankAttention:
         if scan is not None:
             self.slot_collective = {s: f"scan{s}" for s in range(len(self.rp.hosts))}
         self._scan_bufs: dict[str, torch.Tensor] | None = None
+        # method.anchor=broadcast: rank 0 packs its anchor rows' K|V into the buffer and sends it;
+        # every other rank receives it there and reads its "anchor" sources from it
+        self.anchor = next((c for c in plan.collectives if c.kind == "anchor_broadcast"), None)
         self.n_local = self.rp.local_tokens
         self.query_rows = self._query_rows()
         self.select_rows = [(sel.slot, self._rows(sel.start, sel.stop), sel.keep) for sel in self.rp.select]
@@ -141,7 +148,9 @@ class RankAttention:
                                     setting="video.max_question_tokens")
         self.prompt_tokens = n
         self.tasks = {t.name: self._resolve(t.name, t.q_start, t.q_stop, t.kv, t.merge) for t in self.rp.tasks}
-        self.cache_rows = [self._rows(a, min(b, n)) for a, b in self.rp.cache]
+        # (source, lo, hi) of every cache part: local rows, or rows of the received anchor
+        self.cache_rows = [("anchor", a, min(b, n)) if self._received(a, b) else ("local", *self._rows(a, min(b, n)))
+                           for a, b in self.rp.cache]
         self.query_select_rows = None
         if self.query_rows is not None:
             qa, qb = self.query_rows
@@ -149,6 +158,11 @@ class RankAttention:
             self.query_select_rows = (qa, qa + min(qb - qa, n - start))
 
     # -- static resolution of the plan -------------------------------------------------------------
+    def _received(self, start: int, stop: int) -> bool:
+        """Tokens [start, stop) are anchor rows this rank receives rather than holds."""
+        return (self.anchor is not None and self.rank != 0 and stop <= self.anchor.rows_per_rank
+                and start < stop)
+
     def _rows(self, start: int, stop: int, rank_plan: RankPlan | None = None) -> tuple[int, int]:
         """Local rows [lo, hi) of global tokens [start, stop) on ``rank_plan`` (default: this rank)."""
         rp = rank_plan or self.rp
@@ -190,6 +204,12 @@ class RankAttention:
             elif ref.kind == "remote":
                 lo, hi = self._rows(ref.start, self._key_stop(ref, stop), self.plan.ranks[ref.owner])
                 sources.append(_Source("remote", ref.mask, lo, hi, owner=ref.owner))
+            elif ref.kind == "anchor":  # the anchor starts the prompt: buffer row = global token
+                if not self._received(ref.start, ref.stop):
+                    raise PlanMismatchError(f"plan inconsistency: task {name} of rank {self.rank} reads anchor "
+                                            f"tokens [{ref.start}, {ref.stop}) that the anchor broadcast does not "
+                                            f"bring", setting="plan")
+                sources.append(_Source("anchor", ref.mask, ref.start, self._key_stop(ref, stop), owner=ref.owner))
             else:
                 raise PlanMismatchError(f"unknown KV source kind {ref.kind!r} in task {name}", setting="plan")
         lo, hi = self._rows(start, stop)
@@ -226,6 +246,8 @@ class RankAttention:
             elif c.kind == "ring":
                 for name in ("ring_own", "ring_recv"):
                     bufs[name] = torch.zeros((c.rows_per_rank, hkv, 2 * d), dtype=dtype, device=device)
+            elif c.kind == "anchor_broadcast":
+                bufs["anchor"] = torch.empty((c.rows_per_rank, hkv, 2 * d), dtype=dtype, device=device)
             elif c.kind == "select_scan":
                 assert self.scan is not None
                 scan = self.scan.buffers(hkv, 2 * d, dtype, device)
@@ -283,7 +305,7 @@ class RankAttention:
             for op in self.ops:
                 self._execute(op, run, bufs)
             self._finish_query(run, bufs)
-            self._store_cache(layer, k, v)
+            self._store_cache(layer, k, v, bufs)
             return run.out
         except BaseException as exc:
             self.comm.report_failure(exc)
@@ -338,6 +360,17 @@ class RankAttention:
             send[..., d] = lse
             run.handles[name] = self.comm.all_gather_into_tensor(bufs["query_recv"], send, async_op=True,
                                                                  tag=coll.name)
+        elif coll.kind == "anchor_broadcast":
+            # Rank 0 sends its anchor rows' K/V as soon as its qkv is done (the first op of the
+            # layer); the others post the receive now and wait just before the first launch that
+            # reads it (planner/schedule.py says why the anchor goes per layer).
+            buf = bufs["anchor"]
+            if self.rank == 0:
+                d, a = self.model.head_dim, coll.rows_per_rank
+                lo, _ = self._rows(0, a)
+                buf[..., :d] = run.k[lo:lo + a]
+                buf[..., d:] = run.v[lo:lo + a]
+            run.handles[name] = self.comm.broadcast(buf, src=0, tag=coll.name, async_op=True)
         elif coll.kind == "select_scan":
             assert self.scan is not None
             self.scan.run(self.comm, bufs)  # its rounds merge between transfers: run to the end here
@@ -372,6 +405,9 @@ class RankAttention:
             elif s.kind == "remote":
                 assert run.ring_cur is not None
                 buf = run.ring_cur[s.lo:s.hi]
+                segs.append(KVSegment(buf[..., :d], buf[..., d:], s.mask))
+            elif s.kind == "anchor":
+                buf = bufs["anchor"][s.lo:s.hi]
                 segs.append(KVSegment(buf[..., :d], buf[..., d:], s.mask))
         return segs
 
@@ -419,8 +455,11 @@ class RankAttention:
             run.out[qa:qb] = run.query_partial[0]
         assert not run.handles, f"schedule left communication in flight: {sorted(run.handles)}"
 
-    def _store_cache(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        parts = [(k[lo:hi], v[lo:hi]) for lo, hi in self.cache_rows]
+    def _store_cache(self, layer: int, k: torch.Tensor, v: torch.Tensor, bufs: dict[str, torch.Tensor]) -> None:
+        d = self.model.head_dim
+        anchor = bufs.get("anchor")
+        parts = [(k[lo:hi], v[lo:hi]) if src == "local" else (anchor[lo:hi, :, :d], anchor[lo:hi, :, d:])  # type: ignore[index]
+                 for src, lo, hi in self.cache_rows]
         self.caches[layer] = KVCacheShard(parts, self.decode_capacity if self.rp.decode_appends else 0)
 
     # -- decode ------------------------------------------------------------------------------------

@@ -63,8 +63,9 @@ class Communicator(ABC):
         in_splits[d] on rank s must equal out_splits[s] on rank d (the plan fixes both)."""
 
     @abstractmethod
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
-        """In place: every rank's ``t`` becomes rank ``src``'s."""
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
+        """In place: every rank's ``t`` becomes rank ``src``'s. With async_op a handle is returned:
+        ``t`` holds rank ``src``'s data after ``handle.wait()`` (on ``src``: must not change before it)."""
 
     @abstractmethod
     def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: str = "") -> Handle:

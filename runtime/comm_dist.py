@@ -185,8 +185,12 @@ class TorchDistComm(Communicator):
     def all_reduce(self, t: torch.Tensor, tag: str = "reduce") -> None:
         self._guard(f"all_reduce {tag!r}", lambda: dist.all_reduce(t, group=self.group))
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
-        self._guard(f"broadcast {tag!r} from rank {src}", lambda: dist.broadcast(t, src, group=self.group))
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
+        what = f"broadcast {tag!r} from rank {src}"
+        work = self._guard(what, lambda: dist.broadcast(t, src, group=self.group, async_op=async_op))
+        if async_op:
+            return _DistHandle(self, [work], what)
+        return None
 
     def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: str = "") -> Handle:
         if self.world_size == 1:

@@ -60,8 +60,8 @@ class EmulatedComm(Communicator):
                           in_splits: Sequence[int], tag: str = "") -> None:
         self.active.all_to_all_single(out, inp, out_splits, in_splits, tag=tag)
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
-        self.active.broadcast(t, src, tag=tag)
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
+        return self.active.broadcast(t, src, tag=tag, async_op=async_op)
 
     def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: str = "") -> Handle:
         return self.active.exchange(send, dst, recv, src, tag=tag)

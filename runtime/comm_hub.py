@@ -205,10 +205,18 @@ class HubComm(Communicator):
             at += outs[s]
         return [list(s_ins) for s_ins, _ in items]
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
-        mine = t.detach().clone() if self.rank == src else None
-        items = self.hub.collective(self._index(), self.rank, BROADCAST, tag, (_sig(t), src), mine, root=src)
-        t.copy_(items[src])
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
+        index = self._index()
+        mine = t.detach().clone() if self.rank == src else None  # issued now, as a real collective is
+        self.hub.deposit(index, self.rank, BROADCAST, tag, (_sig(t), src), mine)
+
+        def land() -> None:
+            t.copy_(self.hub.gather(index, self.rank, root=src)[src])
+
+        if async_op:
+            return Pending(land)
+        land()
+        return None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return list(self.hub.collective(self._index(), self.rank, OBJECT, "", None, obj))

@@ -99,9 +99,18 @@ class RecordingComm(Communicator):
         ins, outs = [int(n) for n in in_splits], [int(n) for n in out_splits]
         self._entry(ALL_TO_ALL, tag, _a2a_sig(out, inp, ins, outs)).data = (out.detach().clone(), splits)
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
-        self.inner.broadcast(t, src, tag)
-        self._entry(BROADCAST, tag, (_sig(t), src)).data = t.detach().clone()
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
+        handle = self.inner.broadcast(t, src, tag, async_op=True)
+        entry = self._entry(BROADCAST, tag, (_sig(t), src))
+
+        def land() -> None:
+            handle.wait()  # type: ignore[union-attr]
+            entry.data = t.detach().clone()
+
+        if async_op:
+            return Pending(land)
+        land()
+        return None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         got = self.inner.all_gather_object(obj)
@@ -225,11 +234,15 @@ class ReplayComm(Communicator):
         self._sync(key, self._everyone(), self.cost(ALL_TO_ALL, tag, busiest_link_bytes(splits, row_bytes(inp))),
                    enter)
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
         entry = self._next(BROADCAST, tag, (_sig(t), src))
+        if async_op:
+            return self._start(self._coll_key(), self._everyone(), self.cost(BROADCAST, tag, tensor_bytes([t])),
+                               lambda: t.copy_(entry.data))
         key, enter = self._coll_key(), self.clock.mark()
         t.copy_(entry.data)
         self._sync(key, self._everyone(), self.cost(BROADCAST, tag, tensor_bytes([t])), enter)
+        return None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         entry = self._next(OBJECT, "", None)

@@ -51,7 +51,7 @@ def random_rank_inputs(plan: Plan, rank: int, dtype: torch.dtype, device: torch.
         if ref.kind == "local":
             a = rp.local_offset(ref.start)
             return KVSegment(k[a:a + ref.length], v[a:a + ref.length], ref.mask)
-        if ref.kind == "remote":  # a ring step's K/V from rank ref.owner: packed K|V rows, as received
+        if ref.kind in ("remote", "anchor"):  # a ring step's / the broadcast anchor's packed K|V rows, as received
             rows = rand(ref.length, hkv, 2 * D)
             return KVSegment(rows[..., :D], rows[..., D:], ref.mask)
         if ref.kind != "passing":

@@ -73,9 +73,10 @@ class SoloComm(Communicator):
         _fill(peers)
         t.add_(peers)
 
-    def broadcast(self, t: torch.Tensor, src: int, tag: str = "") -> None:
+    def broadcast(self, t: torch.Tensor, src: int, tag: str = "", async_op: bool = False) -> Handle | None:
         if src != self.rank:
             _fill(t)
+        return DoneHandle() if async_op else None
 
     def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: str = "") -> Handle:
         if src == self.rank:

@@ -49,6 +49,11 @@ PASSINGS = ("per_block", "global")
 # temporal grids) or "one_gpu" (rank 0 encodes the whole video and scatters the embeddings, as vLLM
 # and SGLang hand a whole video to one encoder GPU: zigzag_ring with it is their context parallelism).
 VISION_PARALLELS = ("frames", "one_gpu")
+# method.anchor: how the ranks other than rank 0 get the anchor's K/V (methods with an anchor:
+# spava, apb, star). recompute: every rank runs the anchor rows through every layer itself;
+# broadcast: rank 0, which holds the anchor as its first rows, sends their K/V every layer.
+ANCHOR_MODES = ("broadcast", "recompute")
+ANCHOR_METHODS = ("spava", "apb", "star")  # the methods with an anchor (dense and zigzag_ring ignore it)
 DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
@@ -386,6 +391,9 @@ class MethodConfig:
     pool_window: int = 5  # max-pool window over selection scores (odd; 1 disables smoothing)
     selection: str = "query_aware"  # "query_aware" (Spava) or "key_norm" (APB stand-in, query-unaware)
     overlap: bool = True  # hide the selection all-gathers behind host-1 attention
+    # one of ANCHOR_MODES; ignored by the methods without an anchor (dense, zigzag_ring), like the
+    # other Spava-only fields
+    anchor: str = "broadcast"
 
     def __post_init__(self) -> None:
         _check_fields(self, "method.")
@@ -403,6 +411,8 @@ class MethodConfig:
                  f"selection tile away), got {self.pool_window!r}")
         _require(self.selection in SELECTIONS, "method.selection",
                  f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        _require(self.anchor in ANCHOR_MODES, "method.anchor",
+                 f"must be one of {', '.join(ANCHOR_MODES)}, got {self.anchor!r}")
         _require(self.passing in PASSINGS, "method.passing",
                  f"must be one of {', '.join(PASSINGS)}, got {self.passing!r}")
         if self.passing == "global":

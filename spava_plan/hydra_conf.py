@@ -127,11 +127,13 @@ def method_preset(name: str) -> MethodConfig:
 def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
     """``cfg`` with its method group replaced by the preset of comparison row ``name``'s method
     and its vision placement by the row's (planner/compare.py row_setting: a plain method name is
-    the frame-parallel ViT; model, topology, video and solver unchanged)."""
+    the frame-parallel ViT; model, topology, video and solver unchanged). ``method.anchor`` carries
+    over, so every method with an anchor is compared with the same anchor mode."""
     import dataclasses
 
     method, parallel = row_setting(name)
-    return dataclasses.replace(cfg, method=method_preset(method), vision=VisionParallelConfig(parallel=parallel))
+    return dataclasses.replace(cfg, method=dataclasses.replace(method_preset(method), anchor=cfg.method.anchor),
+                               vision=VisionParallelConfig(parallel=parallel))
 
 
 def remove_empty_dirs(out_dir: str | Path | None) -> None:

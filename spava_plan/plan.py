@@ -20,6 +20,9 @@ Vocabulary of the contract
                     With a select_scan collective (method.passing=global) ``slot`` is the host's
                     slot on this rank and [0, 1) names the one buffer of its ``keep`` best rows.
     kind="remote":  tokens [start, stop) whose K/V live on rank ``owner`` (ring attention).
+    kind="anchor":  tokens [start, stop) of the anchor, which this rank does not run: their K/V
+                    arrive every layer through the ``anchor_broadcast`` collective from rank 0
+                    (method.anchor=broadcast), into a receive buffer of the anchor's rows.
   mask="full": every query row sees every key. mask="causal": causal with the LAST query row
   aligned to the LAST key (bottom-right); for a query span equal to the key span this is the usual
   causal mask.
@@ -36,6 +39,9 @@ Vocabulary of the contract
   combined by the prefix scan of spava_plan/passing_scan.py (rounds of sparse all-to-alls whose
   structure follows placement.host_rank), leaving host v the best rows of all hosts < v;
   ``bytes_per_rank`` is the most one rank sends in a round, ``time_us`` the whole scan.
+  kind="anchor_broadcast" (method.anchor=broadcast): rank 0 computes the anchor's ``rows_per_rank``
+  rows as its own first rows and broadcasts their packed K|V every layer (``bytes_per_rank``: what
+  it sends); the other ranks hold no anchor rows and read the K/V as "anchor" sources.
 """
 from __future__ import annotations
 
@@ -57,14 +63,17 @@ if TYPE_CHECKING:  # config.py imports this module: only the type checker sees t
 # the vision tower (ModelSpec.vision): a random-weight model is built from the plan alone.
 # 4: ModelSpec.rope_scaling (RoPE type, factor, original max positions): every rank rotates with
 # the whole prompt's frequencies (runtime/rope.py).
-SCHEMA_VERSION = 4
+# 5: method.anchor=broadcast: the "anchor" KV source kind and the "anchor_broadcast" collective
+# (the other ranks no longer hold the anchor's rows).
+SCHEMA_VERSION = 5
 
 # The closed vocabularies of the contract (plan_load checks every value against them).
 SegmentKind = Literal["anchor", "block", "chunk", "query"]
-KVKind = Literal["local", "passing", "remote"]
+KVKind = Literal["local", "passing", "remote", "anchor"]
 Mask = Literal["full", "causal"]
 Merge = Literal["none", "query"]
-CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring", "select_scan", "all_reduce"]
+CollectiveKind = Literal["select_all_gather", "query_all_gather", "ring", "select_scan", "all_reduce",
+                         "anchor_broadcast"]
 OpKind = Literal["compute", "comm_start", "comm_wait"]
 Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
@@ -123,7 +132,7 @@ class KVRef:
     rank_start: int = 0  # passing: rows sent by ranks [rank_start, rank_stop) through that slot
     rank_stop: int = 0
     keep: int = 0  # passing: rows per rank in that slot
-    owner: int = -1  # remote: the rank that holds these tokens
+    owner: int = -1  # remote: the rank that holds these tokens (anchor: the rank that sends them, 0)
 
     @property
     def length(self) -> int:
@@ -263,6 +272,9 @@ class Placement:
     solver: str
     host_rank: tuple[int, ...]  # rank of every virtual host
     host_cost: tuple[float, ...] = ()  # work of every virtual host as the solver saw it
+    # work of every rank outside its hosts as the solver saw it (method.anchor=broadcast: rank 0's
+    # anchor); empty: none. A rank's load is its base plus its hosts' costs.
+    rank_base: tuple[float, ...] = ()
     makespan: float = 0.0
     lower_bound: float = 0.0
 
@@ -450,6 +462,12 @@ class Plan:
     # DEPLOYMENT_SETTINGS of the config the plan was made from: stored, but neither hashed nor
     # compared (two plans that compute the same thing are equal and share a hash).
     deployment: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def anchor_mode(self) -> str:
+        """"broadcast" when rank 0 sends the anchor's K/V (an anchor_broadcast collective), else
+        "recompute" (every rank with an anchor runs it; also methods without one)."""
+        return "broadcast" if any(c.kind == "anchor_broadcast" for c in self.collectives) else "recompute"
 
     # -- serialisation -------------------------------------------------------------------------
     def _hashed(self) -> dict:

@@ -33,9 +33,9 @@ from typing import Any, Mapping, get_args
 
 from .config import to_config
 from .errors import PlanFormatError, SpavaError
-from .links import ALL_GATHER, ALL_REDUCE, P2P, plan_links
+from .links import ALL_GATHER, ALL_REDUCE, BROADCAST, P2P, plan_links
 from .passing_scan import scan_time_us
-from .plan import SCHEMA_VERSION, ComputeOp, ModelSpec, Plan, RankPlan, content_hash, merge_config
+from .plan import DTYPE_BYTES, SCHEMA_VERSION, ComputeOp, ModelSpec, Plan, RankPlan, content_hash, merge_config
 
 # plan.json of the largest plans the planner accepts (a 1024-GPU ring) is tens of MB.
 MAX_PLAN_BYTES = 512 << 20
@@ -302,6 +302,7 @@ _UNUSED = {
     "local": {"slot": -1, "rank_start": 0, "rank_stop": 0, "keep": 0, "owner": -1},
     "passing": {"start": 0, "stop": 0, "owner": -1},
     "remote": {"slot": -1, "rank_start": 0, "rank_stop": 0, "keep": 0},
+    "anchor": {"slot": -1, "rank_start": 0, "rank_stop": 0, "keep": 0, "owner": 0},
 }
 
 
@@ -369,6 +370,7 @@ def check_plan(plan: Plan) -> None:
 
     _need(len(plan.ranks) == W, "ranks", f"must hold world_size={W} ranks, got {len(plan.ranks)}")
     _need(len(plan.schedule) == W, "schedule", f"must hold world_size={W} ranks, got {len(plan.schedule)}")
+    _need(len(pl.rank_base) in (0, W), "placement.rank_base", f"must have {W} entries")
 
     colls: dict[str, Any] = {}
     select_slots: dict[int, Any] = {}
@@ -391,6 +393,8 @@ def check_plan(plan: Plan) -> None:
     for i, c in enumerate(plan.collectives):  # timed by the one communication model
         if c.kind == "select_scan":
             want = scan_time_us(plan.links, c.bytes_per_rank, V, W)
+        elif c.kind == "anchor_broadcast":
+            want = plan.links.transfer_us(BROADCAST, c.bytes_per_rank, W)
         else:
             kind = {"ring": P2P, "all_reduce": ALL_REDUCE}.get(c.kind, ALL_GATHER)
             want = plan.links.transfer_us(kind, c.bytes_per_rank, W)
@@ -399,6 +403,17 @@ def check_plan(plan: Plan) -> None:
     query = next((c for c in plan.collectives if c.kind == "query_all_gather"), None)
     ring = next((c for c in plan.collectives if c.kind == "ring"), None)
     scan = next((c for c in plan.collectives if c.kind == "select_scan"), None)
+    anchor = next((c for c in plan.collectives if c.kind == "anchor_broadcast"), None)
+    if anchor is not None:  # the anchor is the prompt's first tokens, held whole by rank 0
+        _need(W > 1 and 1 <= anchor.rows_per_rank <= lay.context_tokens, "collectives.anchor.rows_per_rank",
+              "a broadcast anchor needs several ranks and lies within the context")
+        _need(anchor.bytes_per_rank == anchor.rows_per_rank * m.num_kv_heads * 2 * m.head_dim * DTYPE_BYTES[plan.dtype],
+              "collectives.anchor.bytes_per_rank", "must be the anchor's packed K|V rows")
+        _contiguous(plan.ranks[0], 0, anchor.rows_per_rank, "collectives.anchor")
+    anchor_span = (0, anchor.rows_per_rank) if anchor is not None else (0, 0)
+
+    def in_anchor(span: tuple[int, int]) -> bool:
+        return anchor_span[0] <= span[0] <= span[1] <= anchor_span[1] and anchor_span[1] > 0
     _need(scan is None or not select_slots, "collectives", "a plan passes per block or through one scan, not both")
     if query is not None:
         _need(query_seg is not None and query.rows_per_rank == query_seg.length, "collectives.query.rows_per_rank",
@@ -422,7 +437,7 @@ def check_plan(plan: Plan) -> None:
                   f"must hold rank {r}'s {n_local} local tokens")
         for j, span in enumerate(rp.cache):
             _span(span, 0, total, f"{p}.cache[{j}]", empty=True)
-            if span[0] < span[1]:
+            if span[0] < span[1] and not (r != 0 and in_anchor(span)):  # received anchor rows are cached too
                 _contiguous(rp, *span, f"{p}.cache[{j}]")
         # global passing: every host slot of the rank feeds the one scan
         slot_colls = select_slots if scan is None else {s: scan for s in range(len(rp.hosts))}
@@ -465,6 +480,11 @@ def check_plan(plan: Plan) -> None:
                 elif ref.kind == "local":
                     _span((ref.start, ref.stop), 0, total, s)
                     _contiguous(rp, ref.start, ref.stop, s)
+                elif ref.kind == "anchor":
+                    _need(anchor is not None and r != 0, s,
+                          "an anchor source needs an anchor_broadcast collective, on a rank other than 0")
+                    _need(ref.start < ref.stop and in_anchor((ref.start, ref.stop)), s,
+                          f"must lie within the broadcast anchor [0, {anchor_span[1]})")
                 else:
                     _need(ring is not None, s, "a remote source needs a ring collective")
                     _need(0 <= ref.owner < W, f"{s}.owner", f"must be a rank in 0..{W - 1}")
@@ -545,7 +565,7 @@ def check_plan(plan: Plan) -> None:
           f"rank_us and peak_memory_bytes must have world_size={W} entries")
     _need(all(x >= 0 for x in pred.rank_us + pred.peak_memory_bytes + tuple(pred.memory_breakdown.values()))
           and min(pred.makespan_us, pred.vision_us, pred.exposed_comm_us) >= 0, "prediction", "must be >= 0")
-    _need(all(x >= 0 for x in pl.host_cost) and pl.makespan >= 0 and pl.lower_bound >= 0, "placement",
+    _need(all(x >= 0 for x in pl.host_cost + pl.rank_base) and pl.makespan >= 0 and pl.lower_bound >= 0, "placement",
           "costs must be >= 0")
 
 
@@ -580,6 +600,8 @@ def _check_config(plan: Plan) -> None:
           f"must match config.method.passing ({cfg.method.passing!r})")
     _need(cfg.vision.parallel == plan.vision_parallel, "vision_parallel",
           f"must match config.vision.parallel ({cfg.vision.parallel!r})")
+    _need("anchor_broadcast" not in kinds or cfg.method.anchor == "broadcast", "collectives",
+          f"an anchor_broadcast collective must match config.method.anchor ({cfg.method.anchor!r})")
     v, vis, pv = cfg.video, cfg.model.vision, plan.video
     _need((v.frames, v.size, v.system_tokens, v.max_question_tokens, vis.spatial_merge, vis.temporal_patch,
            vis.min_pixels, vis.max_pixels, vis.tile_size, vis.tile_tokens, vis.frame_text_tokens,

@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from prefill_methods import EMULATED, TENSOR_PARALLEL  # noqa: E402  (benchmarks/ is on sys.path)
 
 FP32_EXACT = 1e-5  # exact methods vs dense in fp32: rounding of 2 layers only (seen ~2e-7)
-METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "zigzag_ring_one_gpu", "apb", "star", "dense_tp")
+METHODS = ("dense_flash", "dense_cudnn", "spava", "zigzag_ring", "zigzag_ring_one_gpu", "apb", "star", "dense_tp",
+           "spava_recompute", "apb_recompute", "star_recompute")  # the smoke measures every method, both anchor modes
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,9 @@ def test_exact_methods_reproduce_dense_first_token_logits(smoke):
             assert chk["rel_err"] < FP32_EXACT and chk["argmax_agree"], (c["id"], m, chk)
         for m in ("spava", "apb"):  # approximate, but the same model on the same input
             assert c["methods"][m]["check"]["rel_err"] < 0.5, (c["id"], m)
+        for m in ("spava", "apb", "star"):  # the broadcast anchor computes what recompute does
+            b, r = c["methods"][m]["check"], c["methods"][m + "_recompute"]["check"]
+            assert abs(b["rel_err"] - r["rel_err"]) < FP32_EXACT and b["argmax_agree"] == r["argmax_agree"], (c["id"], m)
 
 
 def test_emulated_attention_runs_through_the_plan_backend(smoke):

@@ -46,10 +46,12 @@ def work(tmp_path_factory):
         inputs = mf.tiny_inputs(ckpt, video, 12, family)
         torch.save(inputs, d / "inputs.pt")
         for W in (2, 3):
-            # the anchor holds the first video tokens: the ViT exchange broadcasts them and
-            # all-to-alls the rest
-            mf.tiny_plan(inputs, family, W, 12, "56x84", "method.pass_all=true",
-                         "method.anchor_tokens=20").save(d / f"plan_W{W}.json")
+            # the anchor holds the first video tokens. W=2 recomputes it on every rank: the ViT
+            # exchange broadcasts its rows and all-to-alls the rest; W=3 broadcasts its K/V from
+            # rank 0 every layer (method.anchor=broadcast, the default), the other ranks never see its rows
+            mode = "recompute" if W == 2 else "broadcast"
+            mf.tiny_plan(inputs, family, W, 12, "56x84", "method.pass_all=true", "method.anchor_tokens=20",
+                         f"method.anchor={mode}").save(d / f"plan_W{W}.json")
         stock = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
         kw = dict(input_ids=inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
                   pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
@@ -71,7 +73,9 @@ def _emulated_vision(root, family, W):
     inputs = torch.load(root / family / "inputs.pt", weights_only=False)
     visual = vision_module(hf_model.load_checkpoint(str(root / family / "ckpt"), dtype=torch.float64, device="cpu"))
     world, exchange = EmulatedWorld(W, timeout_s=60), plan_vision_exchange(plan)
-    assert exchange.shared and any(exchange.send_rows(r) for r in range(W))  # both kinds of exchange run
+    assert plan.anchor_mode == ("recompute" if W == 2 else "broadcast")
+    # recompute: both kinds of exchange run; broadcast: rank 0 alone holds the anchor's rows
+    assert bool(exchange.shared) == (W == 2) and any(exchange.send_rows(r) for r in range(W))
     with torch.inference_mode():
         return inputs, world.run(lambda r: encode_video_parallel(visual, inputs.pixel_values_videos,
                                                                  inputs.video_grid_thw, world.comm(r), exchange, 2))

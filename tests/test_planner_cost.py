@@ -64,7 +64,9 @@ def test_collectives_latency_plus_bandwidth_and_nodes():
 
 
 def test_vision_exchange_time_is_the_broadcasts_plus_the_all_to_all():
-    cfg = compose_config(["model=qwen2_5vl_3b", "gpus=8", "frames=64", "video.resolution=1440p"])
+    # method.anchor=recompute: every rank holds the anchor, so its video rows are broadcast
+    cfg = compose_config(["model=qwen2_5vl_3b", "gpus=8", "frames=64", "video.resolution=1440p",
+                          "method.anchor=recompute"])
     d = derive(cfg)
     ex, row = d.exchange, cfg.model.hidden_size * cfg.dtype_bytes
     cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, 8)
@@ -79,6 +81,11 @@ def test_vision_exchange_time_is_the_broadcasts_plus_the_all_to_all():
     assert busiest < 2 * 18564
     unit = vision_unit(cfg.model, d.tokens.grid_thw)
     assert d.prediction.vision_us == pytest.approx(4 * cost.vision_unit(unit).us + want, rel=1e-12)
+    # the default broadcast anchor lives on rank 0 alone: no video row is broadcast, only the all-to-all
+    b = derive(compose_config(["model=qwen2_5vl_3b", "gpus=8", "frames=64", "video.resolution=1440p"]))
+    assert not b.exchange.shared
+    assert cost.vision_exchange(b.exchange, row) == pytest.approx(2 * latency * 3 / 2 + b.exchange.busiest_rows() * row / link,
+                                                                  rel=1e-12)
 
 
 @pytest.mark.parametrize("name, published", [

@@ -40,8 +40,10 @@ def test_passing_buffers_are_the_all_gather_outputs():
     d = derive(cfg)
     m = cfg.model
     keep = d.layout.blocks[0].keep
-    expected = 2 * d.world * keep * m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes  # two slots
-    assert all(mem["passing"] == expected for mem in d.memory)
+    row = m.num_kv_heads * 2 * m.head_dim * cfg.dtype_bytes  # one token's packed K|V
+    # two slots, and the broadcast anchor's buffer (rank 0 packs what it sends, the others receive)
+    expected = 2 * d.world * keep * row + d.layout.anchor_tokens * row
+    assert d.layout.anchor_tokens > 0 and all(mem["passing"] == expected for mem in d.memory)
 
 
 def _vision_stage_parts(d, r):

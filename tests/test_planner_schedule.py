@@ -15,15 +15,21 @@ def _plan(*overrides):
     return build_plan(compose_config(list(overrides)))
 
 
-def test_spava_order_hides_host2_passing_behind_host1_attention():
-    plan = _plan(*SMALL)
+@pytest.mark.parametrize("anchor", ["broadcast", "recompute"])
+def test_spava_order_hides_host2_passing_behind_host1_attention(anchor):
+    plan = _plan(*SMALL, f"method.anchor={anchor}")
     V = plan.layout.virtual_hosts
     for sched in plan.schedule:
         r = sched.rank
         names = [(op.name, op.tasks) for op in sched.ops]
-        first = ("query", "anchor", "host0") if r == 0 else ("query", "anchor")
-        head = [("qkv", ()), ("select", ()), ("start:select0", ()), ("start:select1", ()), ("attend", first),
-                ("start:query", ())]
+        # broadcast: ranks other than 0 run no anchor task; they wait for its K/V just before
+        # their first launch, rank 0 (which sends it) at the end of its attention
+        has_anchor = r == 0 or anchor == "recompute"
+        first = ("query", "anchor", "host0") if r == 0 else ("query", "anchor") if has_anchor else ("query",)
+        start = [("start:anchor", ())] if anchor == "broadcast" else []
+        wait = [("wait:anchor", ())] if anchor == "broadcast" else []
+        head = [("qkv", ()), *start, ("select", ()), ("start:select0", ()), ("start:select1", ()),
+                *(wait if r else []), ("attend", first), ("start:query", ())]
         if r == 0:  # host 0 has no passing block: it joins the first launch
             middle = [("wait:select0", ()), ("wait:select1", ()), ("attend", (f"host{V - 1}",))]
         elif r == V // 2 - 1:  # host V/2 reads only slot 0 (hosts 0..V/2-1): one launch for both
@@ -31,15 +37,25 @@ def test_spava_order_hides_host2_passing_behind_host1_attention():
         else:
             middle = [("wait:select0", ()), ("attend", (f"host{r}",)), ("wait:select1", ()),
                       ("attend", (f"host{V - 1 - r}",))]
-        assert names == head + middle + [("wait:query", ()), ("merge", ()), ("out_mlp", ())], r
+        end = [("wait:query", ()), ("merge", ()), *(wait if r == 0 else []), ("out_mlp", ())]
+        assert names == head + middle + end, r
 
 
 def test_headline_passing_is_fully_hidden():
-    plan = _plan(*HEADLINE)
+    plan = _plan(*HEADLINE, "method.anchor=recompute")
     for sched in plan.schedule:
         stalls = {op.name: op.end_us - op.start_us for op in sched.ops if op.kind == "comm_wait"}
         # host-2's passing all-gather finishes during host-1 attention (milliseconds vs ~0.1 ms)
         assert stalls["wait:select1"] == 0.0 and stalls["wait:select0"] == 0.0, (sched.rank, stalls)
+
+
+def test_headline_broadcast_anchor_costs_the_others_little_waiting():
+    """With the anchor broadcast, rank 0 reaches its first collectives later than the others (its
+    qkv includes the anchor's rows): they wait for it, but for well under 1% of a layer."""
+    plan = _plan(*HEADLINE)
+    for sched in plan.schedule:
+        stalls = {op.name: op.end_us - op.start_us for op in sched.ops if op.kind == "comm_wait"}
+        assert stalls["wait:select1"] == 0.0 and sum(stalls.values()) < 0.01 * sched.layer_us, (sched.rank, stalls)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -73,7 +89,8 @@ def test_collective_times_come_from_the_cost_model():
     plan = build_plan(cfg)
     cost = CostModel(cfg.model, cfg.topology, cfg.dtype_bytes, plan.world_size)
     for c in plan.collectives:
-        assert c.time_us == pytest.approx(cost.all_gather(c.bytes_per_rank)) and c.time_us > 0
+        want = cost.broadcast(c.bytes_per_rank) if c.kind == "anchor_broadcast" else cost.all_gather(c.bytes_per_rank)
+        assert c.time_us == pytest.approx(want) and c.time_us > 0
 
 
 def test_overlap_never_exposes_more_communication():

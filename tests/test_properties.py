@@ -74,14 +74,16 @@ def _check_placement(plan):
     pl, W = plan.placement, plan.world_size
     per = len(plan.ranks[0].hosts)
     assert set(Counter(pl.host_rank).values()) == {per} and len(pl.host_rank) == W * per
-    loads = [sum(pl.host_cost[v] for v in rank.hosts) for rank in plan.ranks]
+    base = pl.rank_base or (0.0,) * W  # method.anchor=broadcast: rank 0's anchor work
+    assert not pl.rank_base or (pl.rank_base[0] > 0 and not any(pl.rank_base[1:]))
+    loads = [base[rank.rank] + sum(pl.host_cost[v] for v in rank.hosts) for rank in plan.ranks]
     assert max(loads) == pytest.approx(pl.makespan, rel=1e-12)
     assert sum(loads) / W <= pl.lower_bound * (1 + 1e-12) and pl.lower_bound <= pl.makespan * (1 + 1e-12)
     # balanced within the reported gap: the busiest rank is at most (1 + gap) x the lower bound
     assert max(loads) <= pl.lower_bound * (1 + pl.gap) * (1 + 1e-9) + 1e-9
     if len(pl.host_cost) <= 6:  # the lower bound never exceeds the true optimum
         slots = [r for r in range(W) for _ in range(per)]
-        opt = min(makespan(pl.host_cost, p, W) for p in set(itertools.permutations(slots)))
+        opt = min(makespan(pl.host_cost, p, W, pl.rank_base) for p in set(itertools.permutations(slots)))
         assert pl.lower_bound <= opt * (1 + 1e-12)
 
 

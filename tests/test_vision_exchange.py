@@ -15,15 +15,18 @@ def _tokens(pieces):
     return [t for _, a, b in pieces for t in range(a, b)]
 
 
+@pytest.mark.parametrize("anchor", ["broadcast", "recompute"])
 @pytest.mark.parametrize("method", ["spava", "spava_pass_all", "zigzag_ring", "star", "apb", "dense"])
-def test_every_local_video_token_arrives_once_from_its_encoder(method):
+def test_every_local_video_token_arrives_once_from_its_encoder(method, anchor):
     extra = ["method=spava", "method.pass_all=true"] if method == "spava_pass_all" else [f"method={method}"]
-    d = derive(compose_config(SMALL + extra))
+    d = derive(compose_config(SMALL + extra + [f"method.anchor={anchor}"]))
     ex, W = d.exchange, d.world
     vs, ve = ex.video
     assert (vs, ve) == (d.tokens.video_start, d.tokens.video_stop)
     segment = {s.name: (max(s.start, vs), min(s.stop, ve)) for s in d.layout.segments}
-    shared = {"spava": "anchor", "spava_pass_all": "anchor", "apb": "anchor", "star": "block0"}.get(method)
+    # a broadcast anchor is on rank 0 alone: then no rows are held by every rank
+    shared = None if anchor == "broadcast" else {"spava": "anchor", "spava_pass_all": "anchor", "apb": "anchor",
+                                                 "star": "block0"}.get(method)
     if W == 1:  # dense: one rank keeps what it encodes
         assert ex.identity(0) and ex.local_rows(0) == ve - vs
         return
