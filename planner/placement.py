@@ -87,9 +87,23 @@ def _greedy(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Sol
     return host_rank
 
 
+# Branch-and-bound nodes solver=exact may visit. With equal ranks the search meets the lower bound
+# almost at once; rank 0's anchor work (method.anchor=broadcast) makes the ranks unequal, the bound
+# unreachable and the proof exhaustive (16 hosts on 8 ranks: ~1e8 nodes, minutes of Python). Past
+# the budget the best assignment found stands, and the plan's gap (makespan against the lower bound)
+# says how far from proven it is.
+EXACT_NODE_BUDGET = 200_000
+
+
+class _Assignment(list):
+    """host -> rank, and whether the solver proved it optimal (solver=exact within its budget)."""
+    proven = False
+
+
 def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: SolverConfig, base: Base = ()) -> list[int]:
     """Branch and bound: hosts in decreasing cost, each to a rank with room; ranks in the same
-    (load, count) state are interchangeable, so only the first of them is tried."""
+    (load, count) state are interchangeable, so only the first of them is tried. Optimal when the
+    search ends within EXACT_NODE_BUDGET nodes (always with equal ranks at the sizes it takes)."""
     n = len(costs)
     if n > solver.exact_max_hosts:
         raise ConfigError(f"solver=exact handles at most solver.exact_max_hosts={solver.exact_max_hosts} virtual "
@@ -102,10 +116,17 @@ def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solv
     loads = _start_loads(world, base)
     count = [0] * world
     current = [0] * n
+    # every host still to place costs at least this; with every slot taken (n = world * hosts_per_rank,
+    # as the partition makes it) each rank's free slots are all filled
+    smallest = costs[order[-1]] if n and n == world * hosts_per_rank else 0.0
+    nodes = [0]
 
     def search(i: int, peak: float) -> None:
-        if peak >= best[0] or best[0] <= bound:
-            return  # cannot improve, or the incumbent is already proven optimal
+        nodes[0] += 1
+        if peak >= best[0] or best[0] <= bound or nodes[0] > EXACT_NODE_BUDGET:
+            return  # cannot improve, the incumbent is already proven optimal, or the budget is spent
+        if max(loads[r] + (hosts_per_rank - count[r]) * smallest for r in range(world)) >= best[0]:
+            return  # every rank still fills its free slots, each with at least the smallest host
         if i == n:
             best[0] = peak
             best_ranks[:] = current
@@ -125,7 +146,9 @@ def _exact(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solv
             count[r] -= 1
 
     search(0, max(loads))
-    return list(best_ranks)
+    out = _Assignment(best_ranks)
+    out.proven = nodes[0] <= EXACT_NODE_BUDGET
+    return out
 
 
 def _objective(loads: Sequence[float]) -> tuple[float, float]:
@@ -183,7 +206,8 @@ def place(costs: Sequence[float], world: int, hosts_per_rank: int, solver: Solve
     host_rank = SOLVERS[solver.name](costs, world, hosts_per_rank, solver, base)
     assert sorted(host_rank) == sorted(r for r in range(world) for _ in range(hosts_per_rank)), host_rank
     span = makespan(costs, host_rank, world, base)
-    # The exact solver proves optimality: its makespan is the tightest lower bound there is.
-    bound = span if solver.name == "exact" else lower_bound(costs, world, hosts_per_rank, base)
+    # An assignment proven optimal (solver=exact within its budget): its makespan is the tightest
+    # lower bound there is.
+    bound = span if getattr(host_rank, "proven", False) else lower_bound(costs, world, hosts_per_rank, base)
     return Placement(solver=solver.name, host_rank=tuple(host_rank), host_cost=tuple(float(c) for c in costs),
                      rank_base=tuple(float(b) for b in base), makespan=span, lower_bound=min(bound, span))
