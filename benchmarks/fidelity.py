@@ -49,7 +49,7 @@ from spava_plan.plan import Plan
 from spava_plan.planner.build import build_plan
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.backends.torch_ref import TorchBackend
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.reference import assemble, dense_attention, local_rows
 
 # A small Qwen2-VL-shaped model with a realistic head dim (tiny has D=16).

@@ -43,7 +43,7 @@ FRAMES = (2048, 16384, 131072)
 
 def _command() -> list[str]:
     exe = shutil.which("spava-plan")
-    return [exe] if exe else [sys.executable, "-m", "spava_plan.cli"]
+    return [exe] if exe else [sys.executable, "-m", "spava_plan.entry.cli"]
 
 
 def time_cli(args: list[str], repeats: int) -> dict:

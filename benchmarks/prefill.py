@@ -8,7 +8,7 @@ Methods (the same random-weight model object for all of them, built once per pro
   spava, zigzag_ring, zigzag_ring_one_gpu, apb, star
                 (zigzag_ring_one_gpu: zigzag_ring with vision.parallel=one_gpu, the whole ViT on rank 0
                 as the serving engines run it)
-                "emulated W-rank": the runtime (spava_plan.run's execute, EmulatedWorld.time, the
+                "emulated W-rank": the runtime (spava_plan.entry.run's execute, EmulatedWorld.time, the
                 generated Triton kernels on CUDA) replays each rank's real work alone on the one GPU
                 (CUDA events); TTFT = the slowest rank + the communication its schedule cannot hide,
                 charged from the plan's topology. Never a measured multi-GPU time.
@@ -21,8 +21,8 @@ Both: first token from the last prompt position only (logits_to_keep=1 / the las
 uint8 pixel frames (never zeros) through the Qwen image processor; pixels start in page-locked host
 memory (the dense model copies all of them, each rank its own temporal grids, inside the timed region).
 The vision tower runs its attention as one SDPA call per window size for every method
-(runtime/vision_attention.py; ``--vision-attn stock`` keeps transformers' per-window loop) and, on a
-GPU, its elementwise steps as fused Triton kernels (runtime/vision_fused.py; ``--vision-kernels stock``
+(runtime/vision/attention.py; ``--vision-attn stock`` keeps transformers' per-window loop) and, on a
+GPU, its elementwise steps as fused Triton kernels (runtime/vision/fused.py; ``--vision-kernels stock``
 keeps transformers' own).
 
 Steps (each a subcommand; ``run`` does all three, ``smoke`` does them on a CPU with a tiny model):
@@ -204,7 +204,7 @@ class Spans:
     def __init__(self, cuda: bool):
         import torch
 
-        from spava_plan.runtime.comm_emulated import Clock
+        from spava_plan.runtime.comm.emulated import Clock
 
         self.cuda, self.recording = cuda, False
         self.clock = Clock(torch.device("cuda" if cuda else "cpu"))
@@ -319,7 +319,9 @@ class Runner:
     def get_model(self, name: str, plan: Any) -> Any:
         import torch
 
-        from spava_plan.runtime import hf_model, llm_fused, vision_attention, vision_fused
+        from spava_plan.runtime.hf import model as hf_model
+        from spava_plan.runtime import llm_fused
+        from spava_plan.runtime.vision import attention as vision_attention, fused as vision_fused
 
         if self.model_name == name:
             return self.model
@@ -343,9 +345,9 @@ class Runner:
         return self.model
 
     def inputs(self, plan: Any, model: Any) -> tuple[Any, Any, Any, float]:
-        from spava_plan.runtime import hf_inputs
-        from spava_plan.runtime.vision_parallel import check_grids
-        from spava_plan.session import build_inputs, random_frames
+        from spava_plan.runtime.hf import inputs as hf_inputs
+        from spava_plan.runtime.vision.parallel import check_grids
+        from spava_plan.entry.session import build_inputs, random_frames
 
         t0 = time.perf_counter()
         # device="cpu": the timed prefill includes the pixels' host-to-GPU copy (pinned below)
@@ -401,8 +403,8 @@ class Runner:
         import torch
         from torch.nn.attention import sdpa_kernel
 
-        from spava_plan.runtime.hf_attention import language_model, text_config
-        from spava_plan.runtime.vision_tower import vision_bounds
+        from spava_plan.runtime.hf.attention import language_model, text_config
+        from spava_plan.runtime.vision.tower import vision_bounds
 
         model, dev = self.model, self.device
         vis_first, vis_last = vision_bounds(model)  # the modules the stock forward enters / leaves the ViT by
@@ -488,10 +490,10 @@ class Runner:
         import torch
 
         from spava_plan.plan_load import load_plan
-        from spava_plan.runtime import hf_inputs
-        from spava_plan.runtime.comm_emulated import EmulatedWorld
+        from spava_plan.runtime.hf import inputs as hf_inputs
+        from spava_plan.runtime.comm.emulated import EmulatedWorld
         from spava_plan.critical_path import Compute, simulate
-        from spava_plan.session import Prepared, Sampling, generate
+        from spava_plan.entry.session import Prepared, Sampling, generate
 
         path = self.root / cell["plans"][method]
         plan = load_plan(path)
@@ -578,7 +580,7 @@ class Runner:
         from prefill_tp import measure
 
         from spava_plan.plan_load import load_plan
-        from spava_plan.runtime import hf_inputs
+        from spava_plan.runtime.hf import inputs as hf_inputs
 
         plan = load_plan(self.root / cell["plans"][method])
         hf_inputs.check_against_plan(plan, inputs, positions)
@@ -932,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         report([runs], args.plans, out, preset_dir=HERE.parent / "conf" / "topology" if args.write_preset else None)
         return rc
     # smoke: the whole pipeline on CPU with the tiny model (W=2, fp32, torch backend)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # emulated ranks are threads (see spava_plan.run)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # emulated ranks are threads (see spava_plan.entry.run)
     plans = args.out / "plans"
     plan_cells(SMOKE, plans, gpus=2, topology="h200", kernels=False, check=False)
     runs = args.out / "runs.jsonl"

@@ -134,7 +134,7 @@ def rotary_check(model: Any, plan: Any, dev: Any) -> dict | None:
     import torch
 
     from spava_plan.runtime import llm_fused
-    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.hf.attention import language_model
 
     name = getattr(language_model(model), "_spava_rotary_module", None)
     if name is None:
@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.run_config import compose_entry_config
-    from spava_plan.runtime import chunking
+    from spava_plan.entry.run_config import compose_entry_config
+    from spava_plan.runtime.vision import chunking
     from spava_plan.runtime.solo import SoloComm
-    from spava_plan.runtime.vision_parallel import to_device, visual_embeddings
-    from spava_plan.runtime.vision_tower import vision_module
-    from spava_plan.session import Session, rank_runner
+    from spava_plan.runtime.vision.parallel import to_device, visual_embeddings
+    from spava_plan.runtime.vision.tower import vision_module
+    from spava_plan.entry.session import Session, rank_runner
     from spava_plan.vision_exchange import plan_vision_exchange
 
     plan = load_plan(a.plan)

@@ -1,6 +1,6 @@
 """Single-rank scale measurements: one rank of a large plan alone on one GPU, against its plan.
 
-For each plan: the rank with the largest predicted peak memory runs alone (spava_plan.run's
+For each plan: the rank with the largest predicted peak memory runs alone (spava_plan.entry.run's
 single-rank mode, runtime/solo.py: its peers' data are random tensors of the real shapes) with
 real-size random weights, in a fresh process (a clean GPU). Recorded per plan: time of each phase
 (vision, prefill, first token) of a warm run (the first run compiles the Triton kernels; the
@@ -36,11 +36,11 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     import torch
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.run_config import compose_entry_config
+    from spava_plan.entry.run_config import compose_entry_config
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.generate import RankRunner
     from spava_plan.runtime.solo import SoloComm
-    from spava_plan.session import Session
+    from spava_plan.entry.session import Session
 
     extra = list(extra or [])
     plan = load_plan(plan_path)
@@ -79,7 +79,7 @@ def measure_one(plan_path: str, repeats: int, rank: int | None, extra: list[str]
     runner.vision = vision
     # Peaks of the last layer's attention and MLP phases (its KV cache is then complete): the
     # pieces planner/memory.py models as activations.
-    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.hf.attention import language_model
 
     last = language_model(prepared.model).layers[-1]
 
@@ -266,7 +266,7 @@ def report(runs_path: str, out: str, commands: list[str], notes: list[str], plan
                                                "fit": fitted, "rows": rows}, indent=1) + "\n")
     presets = ["as planned", "h100_sxm", "h200_calibrated"] + (["h100_calibrated"] if fitted else [])
     lines = [f"# Single-rank scale runs ({dev})", "",
-             "One rank of each plan alone on one GPU (`spava_plan.run` single-rank mode, runtime/solo.py): its real "
+             "One rank of each plan alone on one GPU (`spava_plan.entry.run` single-rank mode, runtime/solo.py): its real "
              "work and buffers, its peers' data random. **Single-rank**: no communication time is included; not a "
              "W-GPU time. Real-size random weights, bf16, random pixels in the rank's own grids, Triton kernels. "
              "The rank is the plan's busiest by predicted peak memory.", "",
@@ -325,7 +325,7 @@ def main() -> int:
     o.add_argument("plan")
     o.add_argument("--repeats", type=int, default=2)
     o.add_argument("--rank", type=int, default=None)
-    o.add_argument("--run-arg", action="append", default=[], help="extra spava_plan.run key=value (smoke: device=cpu)")
+    o.add_argument("--run-arg", action="append", default=[], help="extra spava_plan.entry.run key=value (smoke: device=cpu)")
     a = ap.parse_args()
     if a.cmd == "report":
         return report(a.runs, a.out, a.command, a.note, a.plans_root, a.hold_out, a.preset_dir)

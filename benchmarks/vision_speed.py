@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print("vision_speed: needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    from spava_plan.runtime import hf_model, vision_attention, vision_fused
-    from spava_plan.runtime.vision_parallel import visual_embeddings
-    from spava_plan.runtime.vision_tower import vision_module
+    from spava_plan.runtime.hf import model as hf_model
+    from spava_plan.runtime.vision import attention as vision_attention, fused as vision_fused
+    from spava_plan.runtime.vision.parallel import visual_embeddings
+    from spava_plan.runtime.vision.tower import vision_module
 
     dev = torch.device("cuda")
     model = hf_model.random_model(model_cfg(a.model), dtype=torch.bfloat16, device=dev, seed=0)

@@ -86,7 +86,7 @@ def collectives(part: Partition, hidden_size: int, dtype_bytes: int) -> tuple[Co
 
 def vision_us(cfg: SpavaConfig, cost: CostModel, unit: VisionUnit) -> tuple[float, float]:
     """(encoder us, of which all-reduce us) of one rank: every unit with its shard of the tower,
-    chunk by chunk as the runtime runs it (runtime/chunking.py), two all-reduces per block."""
+    chunk by chunk as the runtime runs it (runtime/vision/chunking.py), two all-reduces per block."""
     full, shard = cfg.model, cost.model
     vis, svis = full.vision, shard.vision
     work = Work()

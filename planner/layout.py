@@ -4,7 +4,7 @@ The counts follow the models' own processors:
 - Qwen2-VL / Qwen2.5-VL: each frame is resized so both sides are multiples of
   patch x merge (28), rounding to the nearest multiple, within [min_pixels, max_pixels] (with
   model.vision.cap_pixels_per_frame, max_pixels is also bounded by an even share of the video's
-  pixel budget: ``frame_max_pixels``; the plan records the rule, runtime/hf_inputs.py passes it to
+  pixel budget: ``frame_max_pixels``; the plan records the rule, runtime/hf/inputs.py passes it to
   the processor); frames are padded to a multiple of the temporal patch (2) by repeating the last
   one; every temporal grid gives (H/28)*(W/28) tokens.
 - InternVL3: one 448x448 tile per frame, 256 tokens per tile, plus the frame's text tokens

@@ -24,7 +24,7 @@ input (held by the loop while the layer runs):
   down-projection output and three chunk intermediates (act(gate), up and their product): 5nh +
   ch + 3cI.
 The runtime runs the MLP and the RMSNorms in chunks of ``Plan.chunking.mlp_tokens`` tokens and
-the vision tower in chunks of ``Plan.chunking.vision_units`` whole units (runtime/chunking.py):
+the vision tower in chunks of ``Plan.chunking.vision_units`` whole units (runtime/vision/chunking.py):
 without chunking a single 1M-token MLP intermediate alone would exceed any GPU, and every RMSNorm
 would add two full-sequence fp32 copies. The sum is conservative: passing buffers are counted
 during the MLP phase too. These terms were checked against torch.cuda.max_memory_allocated of
@@ -41,7 +41,7 @@ from .cost import LSE_BYTES
 from .vision import VisionUnit, chunk_activation_elements, chunk_units, unit_pixel_elements, vision_params
 
 MLP_CHUNK_TOKENS = 16384
-# The caching allocator reserves more than it hands out. With expandable segments (spava_plan.run
+# The caching allocator reserves more than it hands out. With expandable segments (spava_plan.entry.run
 # sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless told otherwise) single ranks on an
 # H100 reserved 4-6% above their max_memory_allocated (12-18% with the default allocator), so a
 # plan fits when its peak plus this slack fits the usable memory.

@@ -17,7 +17,7 @@ import torch
 from spava_plan.plan import Plan
 
 from .attention import RankAttention
-from .comm_emulated import EmulatedTiming, EmulatedWorld
+from .comm.emulated import EmulatedTiming, EmulatedWorld
 from .reference import local_rows
 
 

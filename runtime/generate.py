@@ -3,7 +3,7 @@
     vision   frame-parallel ViT (vision.parallel=one_gpu: the whole ViT on rank 0), then each rank receives the visual embeddings of its own local
              video tokens only (broadcasts of the rows every rank holds + one all_to_all_single)
     prefill  the rank's local sequence [anchor | its blocks | query] through the stock decoder
-             layers, Spava attention via the attention interface (hf_attention.py), exact global
+             layers, Spava attention via the attention interface (runtime/hf/attention.py), exact global
              M-RoPE ids (InternVL3: 1-D ids); the query rows come out identical on every rank
     token 1  lm_head on the LAST query row only, greedy argmax on rank 0, broadcast
     decode   each new token is replicated on every rank; per layer RankAttention.decode attends the
@@ -23,12 +23,13 @@ import torch
 from spava_plan.plan import Plan
 from spava_plan.vision_exchange import plan_vision_exchange
 
-from . import chunking, rope
+from .vision import chunking
+from . import rope
 from .comm import Communicator
-from .hf_attention import SpavaCall, install, language_model
-from .hf_inputs import ModelInputs, local_embeddings, local_indices, slice_positions
-from .vision_parallel import encode_video_parallel
-from .vision_tower import vision_module
+from .hf.attention import SpavaCall, install, language_model
+from .hf.inputs import ModelInputs, local_embeddings, local_indices, slice_positions
+from .vision.parallel import encode_video_parallel
+from .vision.tower import vision_module
 
 
 @dataclass

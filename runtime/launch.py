@@ -5,7 +5,7 @@
 ``fn(comm, *args)`` runs in each spawned process with a ``TorchDistComm``; it must be a
 module-level function (spawn pickles it by name). Results travel back through files (torch.save),
 not through shared memory, so a rank that exits early cannot corrupt them. A rank that raises
-reports its error to its peers (see comm_dist.py) before exiting; a rank still alive after the
+reports its error to its peers (see runtime/comm/dist.py) before exiting; a rank still alive after the
 join deadline is killed and reported as hung. Used by the tests and for small local runs; real
 multi-GPU runs go through torchrun and ``TorchDistComm.from_env``.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .comm_dist import TorchDistComm, free_port
+from .comm.dist import TorchDistComm, free_port
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import vision_fused as vf
-from .hf_attention import language_model
+from .vision import fused as vf
+from .hf.attention import language_model
 
 # The names the stock attention forwards call their rotary function by (transformers 5.x): the
 # decoder attention looks it up in its modeling module's globals at every call, so replacing the

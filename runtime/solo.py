@@ -28,7 +28,7 @@ from spava_plan.plan import Plan
 from spava_plan.vision_exchange import plan_vision_exchange
 
 from .comm import Communicator, DoneHandle, Handle
-from .hf_inputs import ModelInputs, _inputs
+from .hf.inputs import ModelInputs, _inputs
 
 
 def _fill(t: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ the tower's heads) contributes zeros.
 
 The shard runs transformers' stock modules (the fused elementwise kernels of vision_fused /
 llm_fused are not installed on it: their fused residual GEMMs would hide the points the
-all-reduces need); chunking (runtime/chunking.py) applies as for every method. ``TPAttention`` is the
+all-reduces need); chunking (runtime/vision/chunking.py) applies as for every method. ``TPAttention`` is the
 rank's attention: exact causal SDPA over the whole prompt with its heads (whatever backend an outer
 ``sdpa_kernel`` selects), its heads' KV cache for decode. ``TPRankRunner`` is RankRunner with the
 shard and the tensor-parallel vision stage (every rank encodes every unit with its shard).
@@ -36,11 +36,11 @@ from spava_plan.tp_shards import TPShard, model_shards
 
 from .comm import Communicator
 from .generate import RankRunner
-from .hf_attention import language_model, text_config
-from .hf_inputs import ModelInputs
+from .hf.attention import language_model, text_config
+from .hf.inputs import ModelInputs
 from .kv_cache import KVCacheShard
-from .vision_parallel import visual_embeddings
-from .vision_tower import vision_module
+from .vision.parallel import visual_embeddings
+from .vision.tower import vision_module
 
 _SHARDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(W, rank): shard}
 # Emulated ranks build their shards from their own threads: one at a time, so a random shard's

@@ -73,7 +73,7 @@ COMMAND_RE = re.compile(r"^\s*(\$ )?([A-Z_][A-Z0-9_]*=(\$\([^)]*\)|\S+) )*"  # p
 EXITS_RE = re.compile(r"#\s*exits\s+(\d+)\b(?::\s*names\s+([\w.]+))?")
 FENCE_RE = re.compile(r"^(\s*)(```+|~~~+)\s*([^`]*)$")
 LINK_RE = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
-ENTRY_POINTS = {"spava-plan": "spava_plan.cli", "spava-run": "spava_plan.run", "spava-serve": "spava_plan.serve"}
+ENTRY_POINTS = {"spava-plan": "spava_plan.entry.cli", "spava-run": "spava_plan.entry.run", "spava-serve": "spava_plan.server.serve"}
 
 
 @dataclass

@@ -33,7 +33,7 @@ python3 "$ROOT/benchmarks/serve_load.py" --make-clips-only --clips "$clips" --cl
 clipper=$!
 start=$(date +%s.%N)
 cd /tmp  # not the checkout: see the GPU tests above
-python3 -m spava_plan.serve plan="$plan" model.init=random device=cuda comm=emulated port=8000 \
+python3 -m spava_plan.server.serve plan="$plan" model.init=random device=cuda comm=emulated port=8000 \
   allowed_local_media_path=$media max_video_bytes=1073741824 "$@" > "$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

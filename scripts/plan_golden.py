@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from spava_plan.cli import TimelineWorker, plan_job
+from spava_plan.entry.cli import TimelineWorker, plan_job
 from spava_plan.config import METHODS
 from spava_plan.errors import SpavaError
 from spava_plan.hydra_conf import compose_config

@@ -1,7 +1,7 @@
 """The one model of communication time: how long a collective takes on the plan's links.
 
 The planner (planner/cost.py) times every collective of the plan with it, and the emulated
-runtime (runtime/comm_emulated.py) charges the communication it cannot observe with the same
+runtime (runtime/comm/emulated.py) charges the communication it cannot observe with the same
 ``Links`` that the plan carries, so the prediction and the emulated timing cannot disagree.
 
     all_gather: ceil(log2 W) latencies (NCCL's tree/PAT algorithms) + (W - 1) shares of

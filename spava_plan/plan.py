@@ -315,7 +315,7 @@ class RopeScalingSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """Every model field the runtime reads: the language model's dims, its RoPE and its vision
-    tower (a random-weight model is built from this alone: runtime/hf_model.py)."""
+    tower (a random-weight model is built from this alone: runtime/hf/model.py)."""
 
     name: str
     family: Family

@@ -1,7 +1,7 @@
 """Chrome / Perfetto trace files (trace.json) of a per-rank timeline, predicted or measured.
 
 One writer for both: the planner's predicted schedule (planner/timeline.py) and an emulated
-run's measured timeline (spava_plan/critical_path.py via spava_plan.run) become the same kind
+run's measured timeline (spava_plan/critical_path.py via spava_plan.entry.run) become the same kind
 of file, so both open side by side in https://ui.perfetto.dev or chrome://tracing. Pure Python,
 no torch: it lives in the core, which planner and runtime may both import.
 

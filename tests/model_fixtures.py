@@ -161,7 +161,7 @@ QUESTION = "What happens in this video?"
 def tiny_inputs(checkpoint: str | Path, video: str | Path, frames: int, family: str, question: str = QUESTION,
                 fps: float = 2.0):
     """Processor inputs for the tiny checkpoint (plan-independent: default tiny pixel bounds)."""
-    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.hf import inputs as hf_inputs
     from spava_plan.runtime.video_io import read_frames
 
     pixels, _ = read_frames(str(video), frames)
@@ -223,7 +223,7 @@ def launch(argv_for_rank, world: int, cwd: str | Path, timeout: float = 180.0) -
     import subprocess
     import sys
 
-    from spava_plan.runtime.comm_dist import free_port
+    from spava_plan.runtime.comm.dist import free_port
 
     port = free_port()
     # -X faulthandler: a worker killed by a signal (an abort in native code) prints every thread's
@@ -251,10 +251,10 @@ def exactness_worker(work: str, families: str, max_new_tokens: int, backend: str
     import torch
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_attention, hf_inputs, hf_model
+    from spava_plan.runtime.hf import attention as hf_attention, inputs as hf_inputs, model as hf_model
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.backends.torch_ref import TorchBackend
-    from spava_plan.runtime.comm_dist import TorchDistComm
+    from spava_plan.runtime.comm.dist import TorchDistComm
     from spava_plan.runtime.generate import RankRunner
 
     comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
@@ -374,7 +374,7 @@ def build_internvl_checkpoint(path: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from spava_plan.runtime.internvl_inputs import internvl_image_processor
+    from spava_plan.runtime.hf.internvl_inputs import internvl_image_processor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -392,7 +392,7 @@ def build_internvl_checkpoint(path: str | Path, seed: int = 0) -> Path:
 
 def tiny_internvl_inputs(checkpoint: str | Path, video: str | Path, frames: int, question: str = QUESTION):
     """Processor inputs (one 140x140 tile per frame) for the tiny InternVL checkpoint."""
-    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.hf import inputs as hf_inputs
     from spava_plan.runtime.video_io import read_frames
 
     pixels, _ = read_frames(str(video), frames)

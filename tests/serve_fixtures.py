@@ -31,10 +31,10 @@ class Server:
 
     def __init__(self, root, *extra: str, ranks: int = 0, start_timeout: float = 180.0, api_key: str = "none",
                  local: bool = True):
-        from spava_plan.runtime.comm_dist import free_port
+        from spava_plan.runtime.comm.dist import free_port
 
         self.port = free_port()
-        args = ["-m", "spava_plan.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
+        args = ["-m", "spava_plan.server.serve", *COMMON, f"model.checkpoint={root / 'ckpt'}", f"port={self.port}",
                 f"plan_dir={root / 'plans'}", *extra]
         if local:  # file:// under root/media (off otherwise, as by default)
             args.append(f"allowed_local_media_path={root / 'media'}")

@@ -138,10 +138,10 @@ def test_batched_vision_attention_equals_the_stock_per_window_loop():
 
     from spava_plan.plan import ModelSpec
     from spava_plan.hydra_conf import compose_config
-    from spava_plan.runtime import vision_attention
-    from spava_plan.runtime.hf_model import random_model
-    from spava_plan.runtime.vision_parallel import visual_embeddings
-    from spava_plan.runtime.vision_tower import vision_module
+    from spava_plan.runtime.vision import attention as vision_attention
+    from spava_plan.runtime.hf.model import random_model
+    from spava_plan.runtime.vision.parallel import visual_embeddings
+    from spava_plan.runtime.vision.tower import vision_module
 
     cfg = ModelSpec.from_config(compose_config(["model=tiny", "model.family=qwen2_5_vl", "model.name=tiny_25",
                                                 "model.tokens_per_second=2"]).model)
@@ -163,7 +163,7 @@ def test_threaded_image_processing_equals_one_call():
     import torch
 
     from prefill import ThreadedImages
-    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.hf import inputs as hf_inputs
 
     frames = np.random.default_rng(0).integers(0, 256, size=(6, 60, 90, 3), dtype=np.uint8)
     proc = hf_inputs.default_processing()

@@ -14,7 +14,7 @@ SMALL = ["model=qwen2vl_2b", "frames=64", "video.resolution=360p"]
 
 
 def spava_plan(args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spava_plan.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -85,7 +85,7 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
 
 def test_runs_started_together_get_their_own_directories(tmp_path):
     """Two runs in the same second (the default run dir has microseconds and the process id)."""
-    args = [sys.executable, "-m", "spava_plan.cli", *SMALL, "gpus=2", "kernels=false"]
+    args = [sys.executable, "-m", "spava_plan.entry.cli", *SMALL, "gpus=2", "kernels=false"]
     procs = [subprocess.Popen(args + [f"frames={f}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for f in (32, 64)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -154,7 +154,7 @@ def test_bad_value_in_a_sweep_fails_before_any_job(tmp_path):
 
 
 def test_timeline_worker_draws_in_a_child(tmp_path):
-    from spava_plan.cli import TimelineWorker
+    from spava_plan.entry.cli import TimelineWorker
     from spava_plan.hydra_conf import compose_config
     from spava_plan.planner.build import build_plan
 

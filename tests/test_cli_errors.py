@@ -14,7 +14,7 @@ from spava_plan.hydra_conf import MAX_YAML_NODES, expanded_nodes
 
 
 def spava_plan(args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spava_plan.cli", *args, "hydra.run.dir=out"], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *args, "hydra.run.dir=out"], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -123,7 +123,7 @@ def test_a_searchpath_folder_is_checked_too(tmp_path):
     assert line.startswith("hydra.searchpath: model/mine.yaml: its aliases expand"), line
 
 
-@pytest.mark.parametrize("module", ["spava_plan.run", "spava_plan.serve"])
+@pytest.mark.parametrize("module", ["spava_plan.entry.run", "spava_plan.server.serve"])
 def test_spava_run_and_serve_check_a_config_dir_too(tmp_path, module):
     cd = config_dir(tmp_path, BOMB)
     res = subprocess.run([sys.executable, "-m", module, "--config-dir", str(cd), "model=mine"], cwd=tmp_path,

@@ -2,13 +2,13 @@
 import subprocess
 import sys
 
-from spava_plan.cli import ARTIFACTS, KERNEL_ARTIFACTS, SWEEP_ARTIFACTS, TUNE_ARTIFACTS
+from spava_plan.entry.cli import ARTIFACTS, KERNEL_ARTIFACTS, SWEEP_ARTIFACTS, TUNE_ARTIFACTS
 
 SMALL = ["model=qwen2vl_2b", "frames=32", "video.resolution=360p", "gpus=2"]
 
 
 def spava_plan(args, cwd):
-    return subprocess.run([sys.executable, "-m", "spava_plan.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -17,12 +17,12 @@ pytest.importorskip("av")
 pytest.importorskip("prometheus_client")
 
 import model_fixtures as mf  # noqa: E402
-from spava_plan.run_config import compose_entry_config  # noqa: E402
+from spava_plan.entry.run_config import compose_entry_config  # noqa: E402
 from spava_plan.runtime import video_io  # noqa: E402
-from spava_plan.serve import Worker  # noqa: E402
-from spava_plan.serve_api import ChatRequest  # noqa: E402
-from spava_plan.serve_jobs import Job, Metrics  # noqa: E402
-from spava_plan.session import Sampling, Session  # noqa: E402
+from spava_plan.server.serve import Worker  # noqa: E402
+from spava_plan.server.api import ChatRequest  # noqa: E402
+from spava_plan.server.jobs import Job, Metrics  # noqa: E402
+from spava_plan.entry.session import Sampling, Session  # noqa: E402
 
 FRAMES = 200  # the clip's; the plan samples 16 of them, spread over every group of pictures
 

@@ -19,10 +19,10 @@ import model_fixtures as mf  # noqa: E402
 WORKER = """
 import json, sys
 import numpy as np, torch
-from spava_plan.run_config import compose_entry_config
+from spava_plan.entry.run_config import compose_entry_config
 from spava_plan.runtime import video_io
-from spava_plan.runtime.comm_dist import TorchDistComm
-from spava_plan.session import Session
+from spava_plan.runtime.comm.dist import TorchDistComm
+from spava_plan.entry.session import Session
 
 clip, out = sys.argv[1], sys.argv[2]
 comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
@@ -67,8 +67,8 @@ def test_each_rank_decodes_its_own_frames_on_gloo(tmp_path):
 
 def test_emulated_ranks_and_single_rank_worlds_decode_every_frame(tmp_path):
     from spava_plan.errors import ConfigError
-    from spava_plan.run_config import compose_entry_config
-    from spava_plan.session import Session
+    from spava_plan.entry.run_config import compose_entry_config
+    from spava_plan.entry.session import Session
 
     clip = mf.write_video(tmp_path / "clip.mp4", frames=40, height=56, width=84, fps=10)
     cfg = compose_entry_config("run", ["model=tiny", "model.init=random", "gpus=2", "frames=8",

@@ -143,9 +143,9 @@ def tiny(tmp_path_factory):
     pytest.importorskip("av")
     import tp_fixtures as tf
 
-    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
     from spava_plan.runtime.attention import RankAttention
-    from spava_plan.runtime.comm_emulated import EmulatedWorld
+    from spava_plan.runtime.comm.emulated import EmulatedWorld
     from spava_plan.runtime.generate import RankRunner
 
     root = tmp_path_factory.mktemp("dense_tp")
@@ -173,8 +173,8 @@ def test_emulated_dense_tp_equals_dense(tiny, family, w):
     import tp_fixtures as tf
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_inputs, hf_model
-    from spava_plan.runtime.comm_emulated import EmulatedWorld
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
+    from spava_plan.runtime.comm.emulated import EmulatedWorld
     from spava_plan.runtime.tensor_parallel import TPRankRunner, tp_model
 
     root, refs = tiny
@@ -193,7 +193,7 @@ def test_emulated_dense_tp_equals_dense(tiny, family, w):
         assert tokens == ref_tokens, f"{family} W={w} rank {rank}"
     # the ranks really hold shards: rank 1's q projection has its heads' rows only
     shard = tp_model(model, plan, 1)
-    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.hf.attention import language_model
 
     q = language_model(shard).layers[0].self_attn.q_proj
     assert q.out_features == plan.model.num_heads // w * plan.model.head_dim
@@ -209,7 +209,7 @@ def test_solo_rank_runs_its_shard_with_random_peer_shares(tiny):
     import tp_fixtures as tf
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
     from spava_plan.runtime.solo import SoloComm
     from spava_plan.runtime.tensor_parallel import TPRankRunner
 
@@ -249,8 +249,8 @@ def test_random_weights_build_each_shard_alone():
     """model.init=random: the full model exists only on the meta device; each rank's shard gets its own
     random weights of the sliced shapes, and transformers' own buffers (RoPE frequencies)."""
     torch = pytest.importorskip("torch")
-    from spava_plan.runtime import hf_model
-    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.hf import model as hf_model
+    from spava_plan.runtime.hf.attention import language_model
     from spava_plan.runtime.tensor_parallel import tp_model
 
     plan = build_plan(compose_config(["model=tiny", "method=dense_tp", "gpus=2", "frames=8", "kernels=false",
@@ -281,7 +281,7 @@ def test_a_video_of_fewer_grids_than_ranks_runs_under_dense_tp(tmp_path):
     plan.save(tmp_path / "plan.json")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    p = subprocess.run([sys.executable, "-m", "spava_plan.run", f"plan={tmp_path / 'plan.json'}", "model=tiny",
+    p = subprocess.run([sys.executable, "-m", "spava_plan.entry.run", f"plan={tmp_path / 'plan.json'}", "model=tiny",
                         "model.init=random", "device=cpu", "max_new_tokens=2"], cwd=str(tmp_path), env=env,
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]

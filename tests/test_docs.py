@@ -96,8 +96,8 @@ def test_a_server_block_serves_and_client_blocks_talk_to_it(tmp_path, monkeypatc
 
 
 def test_a_marked_command_is_parsed_and_its_config_composed(tmp_path, monkeypatch):
-    text = (f"{FENCE}bash gpu\ntorchrun --nproc-per-node 8 -m spava_plan.run plan=p.json gpus=8\n"
-            f"torchrun --nproc-per-node 8 -m spava_plan.run plan=p.json gpuz=8\n"
+    text = (f"{FENCE}bash gpu\ntorchrun --nproc-per-node 8 -m spava_plan.entry.run plan=p.json gpus=8\n"
+            f"torchrun --nproc-per-node 8 -m spava_plan.entry.run plan=p.json gpuz=8\n"
             f"python benchmarks/no_such_script.py --x\nif then fi\n{FENCE}\n"
             f"{FENCE}bash pending\nspava-serve not_built_yet=1\n{FENCE}\n")
     res = _check(tmp_path, monkeypatch, text)

@@ -1,5 +1,5 @@
 """transformers' fast video / image processors (torchvision) as the runtime builds inputs with them
-(runtime/hf_inputs.py, runtime/internvl_inputs.py): built from their defaults with no checkpoint,
+(runtime/hf/inputs.py, runtime/hf/internvl_inputs.py): built from their defaults with no checkpoint,
 run with ``device=``, their pixels against the PIL image processor path (a different resize
 library: within two uint8 levels after normalisation, 2 / (255 x 0.26) = 0.030, and 1e-3 on
 average; 1e-5 where no resampling happens), their grids against the plan's layout for Qwen2-VL,
@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from spava_plan.errors import PlanMismatchError  # noqa: E402
-from spava_plan.runtime import hf_inputs  # noqa: E402
-from spava_plan.runtime.model_inputs import Processing  # noqa: E402
+from spava_plan.runtime.hf import inputs as hf_inputs  # noqa: E402
+from spava_plan.runtime.hf.model_inputs import Processing  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hf_inputs.fast_processors_available(),
                                 reason="needs torchvision built for this torch (scripts/test.sh installs the pair)")
@@ -43,7 +43,7 @@ def pil_qwen() -> Processing:
 
 
 def pil_internvl(tile: int) -> Processing:
-    from spava_plan.runtime.internvl_inputs import internvl_image_processor
+    from spava_plan.runtime.hf.internvl_inputs import internvl_image_processor
 
     return Processing(None, internvl_image_processor(tile, fast=False), None, None, "default", "cpu")
 
@@ -80,7 +80,7 @@ def test_qwen_fast_video_pixels_equal_the_pil_path(shape, max_tol, mean_tol):
 @pytest.mark.parametrize("shape,max_tol,mean_tol", [((3, 56, 56), EXACT_TOL, EXACT_TOL), ((4, 90, 120), TWO_LEVELS,
                                                                                            MEAN_TOL)])
 def test_internvl_fast_tiles_equal_the_pil_path(shape, max_tol, mean_tol):
-    from spava_plan.runtime.internvl_inputs import frame_pixels
+    from spava_plan.runtime.hf.internvl_inputs import frame_pixels
 
     clip = frames(*shape)
     fast = hf_inputs.default_processing(family="internvl3", tile_size=56, device="cpu")
@@ -102,7 +102,7 @@ def processor_grid(plan, clip: np.ndarray) -> tuple[int, int, int]:
     """The fast processor's grid for ``clip`` with the plan's settings, in merged LLM tokens."""
     v = plan.video
     if plan.model.family == "internvl3":
-        from spava_plan.runtime.internvl_inputs import frame_pixels
+        from spava_plan.runtime.hf.internvl_inputs import frame_pixels
 
         proc = hf_inputs.default_processing(family="internvl3", tile_size=v.tile_size, device="cpu")
         pixels = frame_pixels(proc, clip, v.tile_size)
@@ -159,7 +159,7 @@ def test_a_processor_without_the_cap_keyword_is_refused_for_a_plan_it_cannot_fol
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["qwen2_vl", "internvl3"])
 def test_gpu_preprocessing_equals_the_cpu_processor(family):
-    from spava_plan.runtime.internvl_inputs import frame_pixels
+    from spava_plan.runtime.hf.internvl_inputs import frame_pixels
     from spava_plan.runtime.video_io import frame_buffer
 
     clip = frame_buffer(6, 100, 150)  # pinned, as decoded

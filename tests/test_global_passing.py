@@ -21,7 +21,7 @@ import torch
 from spava_plan.passing_scan import rank_round, round_messages, scan_rounds
 from spava_plan.plan_load import plan_from_dict
 from spava_plan.runtime.attention import RankAttention
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.launch import results_or_raise, run_local_world
 from spava_plan.runtime.reference import local_rows
 
@@ -309,7 +309,7 @@ def test_load_refuses_an_inconsistent_global_plan(edit, field):
 def test_single_rank_mode_and_the_emulated_timing_pass_run_a_global_plan(tmp_path, capsys):
     """The paths the GPU measurements take: one rank alone (runtime/solo.py fills the scan's
     messages with random rows) through the whole model, and the emulated timing replay."""
-    from spava_plan import run
+    from spava_plan.entry import run
     from spava_plan.hydra_conf import compose_config
     from spava_plan.planner.build import build_plan
 

@@ -244,7 +244,7 @@ def test_spava_run_refuses_a_tampered_plan_folder_in_one_line(plan, tmp_path):
     module.write_text(module.read_text() + _payload(marker))
     _rehash(kdir)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-m", "spava_plan.run", f"plan={tmp_path / 'plan.json'}", "model.init=random",
+    p = subprocess.run([sys.executable, "-m", "spava_plan.entry.run", f"plan={tmp_path / 'plan.json'}", "model.init=random",
                         "backend=triton", "max_new_tokens=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     errors = [line for line in p.stderr.splitlines() if "error:" in line]

@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from spava_plan.runtime import hf_model, llm_fused  # noqa: E402
-from spava_plan.runtime.hf_attention import language_model  # noqa: E402
+from spava_plan.runtime.hf import model as hf_model
+from spava_plan.runtime import llm_fused  # noqa: E402
+from spava_plan.runtime.hf.attention import language_model  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_ROUNDING = 1e-5  # fp32 over 2 decoder layers, summation order only (seen ~1e-7)
@@ -107,7 +108,7 @@ def test_fused_layers_under_the_runtime_chunking(monkeypatch):
     """runtime/chunking wraps the fused MLP (installed after it, as RankRunner does): the residual
     folded into the down GEMM is chunked with the MLP's rows."""
     from spava_plan.plan import Chunking
-    from spava_plan.runtime import chunking
+    from spava_plan.runtime.vision import chunking
 
     model = _tiny_model()
     lm = language_model(model)

@@ -11,7 +11,7 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 from spava_plan.errors import InputError, PlanMismatchError
-from spava_plan.runtime import hf_inputs, hf_model
+from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
 from spava_plan.runtime.video_io import read_frames, sample_indices
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

@@ -1,6 +1,6 @@
 """InternVL3 end to end on a tiny model: the prompt layout against the processor's template logic,
 the planner's layout against the tokenized prompt, Spava across real gloo processes (W = 2, 3)
-against the stock single-process transformers model, and a plan -> spava_plan.run round trip.
+against the stock single-process transformers model, and a plan -> spava_plan.entry.run round trip.
 
 What is compared with what (no network here, so no real InternVL3 tokenizer):
 - the video text is InternVLProcessor.replace_video_token's own output (its method, called with
@@ -21,8 +21,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
-from spava_plan.runtime import hf_inputs, hf_model
-from spava_plan.runtime.internvl_inputs import IMG_CONTEXT, IMG_END, IMG_START, video_text
+from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
+from spava_plan.runtime.hf.internvl_inputs import IMG_CONTEXT, IMG_END, IMG_START, video_text
 
 NEW_TOKENS = 6
 # The stock Qwen2 RMSNorm normalises in fp32, so fp64 rounding-order differences (rows batched
@@ -59,7 +59,7 @@ def test_planner_layout_equals_the_tokenized_prompt(tokenizer, frames):
     from spava_plan.vision_exchange import frame_tile_spans
 
     proc = hf_inputs.Processing(tokenizer, None, None, mf.INTERNVL_CHAT_TEMPLATE, "parts")
-    from spava_plan.runtime.internvl_inputs import prompt_text
+    from spava_plan.runtime.hf.internvl_inputs import prompt_text
 
     prompt = prompt_text(proc, mf.QUESTION)
     system = len(tokenizer(prompt[:prompt.index("<video>")])["input_ids"])
@@ -179,17 +179,17 @@ def test_random_init_builds_the_real_size_model(name, billions):
 
 
 def test_plan_then_run_with_random_weights_answers(tmp_path):
-    """spava-plan model=tiny_internvl3 gpus=2 frames=8, then spava_plan.run model.init=random."""
+    """spava-plan model=tiny_internvl3 gpus=2 frames=8, then spava_plan.entry.run model.init=random."""
     import re
     import subprocess
     import sys
 
     env = {k: v for k, v in mf.dist_env(0, 1, 0).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.run([sys.executable, "-m", "spava_plan.cli", "model=tiny_internvl3", "gpus=2", "frames=8",
+    p = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", "model=tiny_internvl3", "gpus=2", "frames=8",
                         f"hydra.run.dir={tmp_path}"], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run([sys.executable, "-m", "spava_plan.run", f"plan={tmp_path / 'plan.json'}", "model.init=random",
+    p = subprocess.run([sys.executable, "-m", "spava_plan.entry.run", f"plan={tmp_path / 'plan.json'}", "model.init=random",
                         "max_new_tokens=3"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"^answer: token ids( \d+){3}$", p.stdout, re.M), p.stdout

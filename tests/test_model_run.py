@@ -1,4 +1,4 @@
-"""``python -m spava_plan.run`` end to end: a real (tiny) checkpoint, a real video file, the default
+"""``python -m spava_plan.entry.run`` end to end: a real (tiny) checkpoint, a real video file, the default
 Spava budget, W ranks as gloo processes (launched the way torchrun launches them) or emulated in
 one process; and every bad input ending with one clear line and exit code 2 on every rank."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 
-RUN = ["-m", "spava_plan.run"]
+RUN = ["-m", "spava_plan.entry.run"]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_random_init_builds_the_real_size_model(name, billions):
 
     from spava_plan.hydra_conf import compose_config
     from spava_plan.plan import ModelSpec
-    from spava_plan.runtime.hf_model import random_model
+    from spava_plan.runtime.hf.model import random_model
 
     cfg = ModelSpec.from_config(compose_config([f"model={name}"]).model)
     model = random_model(cfg, dtype=torch.bfloat16, device="meta")
@@ -176,7 +176,7 @@ def test_random_init_builds_the_real_size_model(name, billions):
 
 def test_model_mismatch_is_reported_and_replan_fixes_it(setup, tmp_path):
     from spava_plan.plan_load import load_plan
-    from spava_plan.session import replan
+    from spava_plan.entry.session import replan
 
     other = replan(load_plan(setup / "plan.json"), {"model.num_layers": 3, "model.name": "tiny3"})
     other.save(tmp_path / "plan.json")
@@ -193,7 +193,7 @@ def test_pass_all_run_answers_exactly_like_the_stock_model(setup, tmp_path):
     (Stock attention on each rank's local rows alone, a past bug, answers differently.)"""
     import torch
 
-    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
 
     inputs = mf.tiny_inputs(setup / "ckpt", setup / "v.mp4", 54, "qwen2_vl")
     mf.tiny_plan(inputs, "qwen2_vl", 2, 54, "112x168", "method.pass_all=true").save(tmp_path / "plan.json")
@@ -226,14 +226,14 @@ def test_pass_all_run_answers_exactly_like_the_stock_model(setup, tmp_path):
 ])
 def test_run_options_are_refused_in_one_line(override, match):
     from spava_plan.errors import ConfigError
-    from spava_plan.run_config import compose_entry_config
+    from spava_plan.entry.run_config import compose_entry_config
 
     with pytest.raises(ConfigError, match=match):
         compose_entry_config("run", ["model=tiny", override])
 
 
 def test_run_options_compose_like_the_planner_config():
-    from spava_plan.run_config import compose_entry_config
+    from spava_plan.entry.run_config import compose_entry_config
 
     cfg = compose_entry_config("run", ["model=tiny", "gpus=2", "frames=8", "replan=yes", "video=/x/clip.mp4",
                                        "question=What?", "timeout=12.5"])
@@ -272,7 +272,7 @@ def test_a_rank_aborted_from_native_code_prints_its_python_stack():
     import os
     import subprocess
 
-    code = ("from spava_plan.launching import prepare_process\n"
+    code = ("from spava_plan.entry.launching import prepare_process\n"
             "def inside_a_collective():\n"
             "    import os, signal; os.kill(os.getpid(), signal.SIGABRT)\n"
             "prepare_process('auto')\n"

@@ -18,10 +18,10 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 from spava_plan.plan_load import load_plan
-from spava_plan.runtime import hf_model
-from spava_plan.runtime.comm_emulated import EmulatedWorld
-from spava_plan.runtime.vision_parallel import encode_video_parallel
-from spava_plan.runtime.vision_tower import vision_module
+from spava_plan.runtime.hf import model as hf_model
+from spava_plan.runtime.comm.emulated import EmulatedWorld
+from spava_plan.runtime.vision.parallel import encode_video_parallel
+from spava_plan.runtime.vision.tower import vision_module
 from spava_plan.vision_exchange import plan_vision_exchange
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

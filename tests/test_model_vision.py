@@ -2,7 +2,7 @@
 model's own single-process encoder: every rank must end with exactly the rows of its local video
 tokens, in local order.
 
-Here the ranks are emulated as threads (runtime/comm_emulated.py); tests/test_model_spava.py
+Here the ranks are emulated as threads (runtime/comm/emulated.py); tests/test_model_spava.py
 repeats the comparison across real gloo processes and checks that both agree bit for bit."""
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from spava_plan.errors import InputError
 from spava_plan.hydra_conf import compose_config
 from spava_plan.planner.build import assemble, derive
 from spava_plan.planner.cost import CostModel
-from spava_plan.runtime import hf_model
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.hf import model as hf_model
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.critical_path import Sync
-from spava_plan.runtime.hf_inputs import local_indices
-from spava_plan.runtime.vision_parallel import check_grids, encode_video, encode_video_parallel
-from spava_plan.runtime.vision_tower import vision_module
+from spava_plan.runtime.hf.inputs import local_indices
+from spava_plan.runtime.vision.parallel import check_grids, encode_video, encode_video_parallel
+from spava_plan.runtime.vision.tower import vision_module
 from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision_exchange
 
 # 112x112 gives 4x4 merged tokens per grid (several Qwen2.5-VL attention windows per grid); 10
@@ -92,7 +92,7 @@ def test_each_rank_gets_exactly_its_local_video_rows(tmp_path, family):
 
 def test_emulated_exchange_is_charged_what_the_planner_predicts(tmp_path):
     """The vision exchange's communication time: the planner's prediction (CostModel) and the
-    emulated run's charge (runtime/comm.py's formula on the bytes actually moved) agree."""
+    emulated run's charge (runtime/comm/__init__.py's formula on the bytes actually moved) agree."""
     inputs, _, visual = _setup(tmp_path, "qwen2_vl", dtype=torch.float32)  # the plan's dtype: same bytes
     cfg = compose_config(mf.tiny_overrides(inputs, "qwen2_vl", 3, FRAMES, RESOLUTION, *EXTRA))
     d = derive(cfg)

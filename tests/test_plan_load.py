@@ -16,7 +16,7 @@ from spava_plan.plan import content_hash
 from spava_plan.plan_load import MAX_PLAN_BYTES, load_plan, plan_from_dict
 from spava_plan.planner.build import build_plan
 from spava_plan.runtime.attention import RankAttention
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.vision_exchange import plan_vision_exchange
 
 TINY = ["model=tiny", "gpus=2", "frames=8", "video.resolution=360p", "method.anchor_tokens=64"]

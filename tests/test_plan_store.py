@@ -13,7 +13,7 @@ import pytest
 
 from spava_plan.errors import InputError
 from spava_plan.plan_load import load_plan
-from spava_plan.plan_store import NoPlanFitsError, PlanStore, compat_key, read_index
+from spava_plan.entry.plan_store import NoPlanFitsError, PlanStore, compat_key, read_index
 
 BASE = ["model=tiny", "gpus=2", "kernels=false", "method.pass_all=true", "method.anchor_tokens=8"]
 
@@ -21,7 +21,7 @@ BASE = ["model=tiny", "gpus=2", "kernels=false", "method.pass_all=true", "method
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("family")
-    res = subprocess.run([sys.executable, "-m", "spava_plan.cli", "-m", *BASE, "frames=16,32",
+    res = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", "-m", *BASE, "frames=16,32",
                           "video.resolution=56x84,112x168", "hydra.sweep.dir=sweep"], cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

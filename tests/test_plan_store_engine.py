@@ -1,6 +1,6 @@
 """The server's request path answers every clip length (issue 24 item 3): a 1-frame, a 4 s and a
 24 s clip at 168x112 on the tiny model (random weights) with gpus=2, through the object spava-serve
-drives (spava_plan.session.Session: prepare -> backend -> generate on emulated ranks, as serve.py's
+drives (spava_plan.entry.session.Session: prepare -> backend -> generate on emulated ranks, as serve.py's
 worker runs it). Each gets a plan from the store, named by its method, that runs on its own rank
 count; the two short clips get an exact method (planner/fit.py). The tokens themselves are the
 runtime's business (tests/test_model_*.py compare each method with a reference); here every clip
@@ -15,9 +15,9 @@ pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
 from spava_plan.config import METHODS  # noqa: E402
-from spava_plan.session import Sampling, Session  # noqa: E402
-from spava_plan.run_config import compose_entry_config  # noqa: E402
-from spava_plan.runtime.comm_emulated import EmulatedWorld  # noqa: E402
+from spava_plan.entry.session import Sampling, Session  # noqa: E402
+from spava_plan.entry.run_config import compose_entry_config  # noqa: E402
+from spava_plan.runtime.comm.emulated import EmulatedWorld  # noqa: E402
 
 H, W = 112, 168
 CLIPS = {"1 frame": (1, 25), "4 s": (40, 10), "24 s": (240, 10)}

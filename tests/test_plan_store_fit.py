@@ -6,7 +6,7 @@
 - Plan-family poisoning: a large clip's plan never serves a small clip (bucket step), also after
   a restart; the small clip gets exactly the plan a fresh store gives it.
 - The cache caps (max_cached_plans with least-recently-used eviction and pinning, max_plan_tokens)
-  and the operator CLI (python -m spava_plan.plan_store).
+  and the operator CLI (python -m spava_plan.entry.plan_store).
 - `spava-plan video.path=<4 s clip>` plans, with a note saying what it chose.
 Everything runs the real planner (planning a tiny plan takes milliseconds).
 """
@@ -27,7 +27,7 @@ from spava_plan.config import METHODS, MethodConfig  # noqa: E402
 from spava_plan.errors import InfeasiblePlanError  # noqa: E402
 from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.plan_load import load_plan  # noqa: E402
-from spava_plan.plan_store import NoPlanFitsError, PlanStore, bucket_frames, read_index  # noqa: E402
+from spava_plan.entry.plan_store import NoPlanFitsError, PlanStore, bucket_frames, read_index  # noqa: E402
 from spava_plan.planner.build import derive  # noqa: E402
 from spava_plan.planner.fit import fit_config  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_a_large_clip_never_poisons_the_family_for_small_ones(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spava_plan.plan_store", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spava_plan.entry.plan_store", *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -183,7 +183,7 @@ def test_an_index_of_version_1_is_still_read(tmp_path):
 
 @pytest.mark.parametrize("clip", ["4 s", "1 frame"])
 def test_spava_plan_plans_a_short_clip_with_a_note(clips, clip, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "spava_plan.cli", *BASE, f"video.path={clips[clip]}",
+    res = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *BASE, f"video.path={clips[clip]}",
                           "hydra.run.dir=out"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     notes = [line for line in res.stdout.splitlines() if line.startswith("note: ")]
@@ -209,7 +209,7 @@ def test_bad_store_settings_name_the_setting(tmp_path):
 
 WORKER = """
 import sys
-from spava_plan.plan_store import PlanStore
+from spava_plan.entry.plan_store import PlanStore
 store = PlanStore(sys.argv[1], {base!r})
 for frames in [int(f) for f in sys.argv[2].split(",")]:
     for _ in range(3):  # planned once, then held (each use rewrites the index under the lock)

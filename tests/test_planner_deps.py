@@ -1,6 +1,6 @@
 """The dependency rule (DESIGN.md): planner, codegen and runtime depend on the spava_plan core only,
-never on each other; only the entry points (spava_plan/cli.py, spava_plan/run.py, and
-spava_plan/plan_store.py, which plans on the fly for the server) wire stages together, so none of
+never on each other; only the entry points (spava_plan/entry/cli.py, spava_plan/entry/run.py, and
+spava_plan/entry/plan_store.py, which plans on the fly for the server) wire stages together, so none of
 them is in CORE; and planning never imports torch (it runs on a laptop with the light dependencies)."""
 import ast
 import subprocess
@@ -60,8 +60,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('planning must not import ' + name)
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
-import spava_plan, spava_plan.config, spava_plan.plan, spava_plan.errors, spava_plan.hydra_conf, spava_plan.cli
-import spava_plan.plan_store, spava_plan.video_meta  # plan_store: entry-point level (it calls the planner), and torch-free like planning
+import spava_plan, spava_plan.config, spava_plan.plan, spava_plan.errors, spava_plan.hydra_conf, spava_plan.entry.cli
+import spava_plan.entry.plan_store, spava_plan.video_meta  # plan_store: entry-point level (it calls the planner), and torch-free like planning
 import spava_plan.planner
 for mod in pkgutil.iter_modules(spava_plan.planner.__path__):
     importlib.import_module('spava_plan.planner.' + mod.name)

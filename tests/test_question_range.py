@@ -16,7 +16,7 @@ import torch
 
 from spava_plan.errors import PlanMismatchError
 from spava_plan.runtime.attention import RankAttention
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.reference import dense_attention, local_rows
 
 TOL = 1e-10  # fp64 end to end: only the order of the LSE merges differs between the two plans
@@ -188,7 +188,7 @@ def test_model_questions_of_several_lengths_on_one_plan(tmp_path, family):
     pytest.importorskip("av")
     import model_fixtures as mf
 
-    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
     from spava_plan.runtime.generate import RankRunner
 
     ckpt = mf.build_checkpoint(tmp_path / "ckpt", family)

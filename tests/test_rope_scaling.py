@@ -27,7 +27,8 @@ pytest.importorskip("av")
 import model_fixtures as mf  # noqa: E402
 from spava_plan.errors import ConfigError, PlanMismatchError  # noqa: E402
 from spava_plan.plan import RopeScalingSpec  # noqa: E402
-from spava_plan.runtime import hf_model, rope  # noqa: E402
+from spava_plan.runtime.hf import model as hf_model
+from spava_plan.runtime import rope  # noqa: E402
 
 # a fifth of the InternVL3 prompt (1,200 tokens); a quarter of the tiny Qwen2-VL's largest M-RoPE
 # position (29: its 36 video tokens take 6 temporal positions)
@@ -49,7 +50,7 @@ def build_dynamic(path: Path, family: str, seed: int = 0) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     if family == "internvl3":
-        from spava_plan.runtime.internvl_inputs import internvl_image_processor
+        from spava_plan.runtime.hf.internvl_inputs import internvl_image_processor
 
         tokenizer = mf.build_internvl_tokenizer()
         config, processor = mf.tiny_internvl_config(tokenizer), internvl_image_processor(mf.TINY_INTERNVL_TILE)
@@ -77,7 +78,7 @@ def rank_answer(plan, inputs, model, comm, max_new_tokens: int) -> dict:
     """One rank's answer to the short question padded to the plan's capacity (as spava-run pads
     it): the greedy tokens, then again step by step the fp64 logits of every local row and of each
     decode step (runner.logits rounds to fp32)."""
-    from spava_plan.runtime import hf_inputs
+    from spava_plan.runtime.hf import inputs as hf_inputs
     from spava_plan.runtime.attention import RankAttention
     from spava_plan.runtime.backends.torch_ref import TorchBackend
     from spava_plan.runtime.generate import RankRunner
@@ -97,7 +98,7 @@ def rank_answer(plan, inputs, model, comm, max_new_tokens: int) -> dict:
 
 def _load(root: Path, name: str):
     from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_attention
+    from spava_plan.runtime.hf import attention as hf_attention
 
     plan = load_plan(root / f"{name}.json")
     inputs = torch.load(root / "inputs.pt", weights_only=False)
@@ -108,7 +109,7 @@ def _load(root: Path, name: str):
 
 def rope_worker(work: str, name: str, max_new_tokens: int) -> None:
     """One gloo rank: rank_answer, saved for the parent."""
-    from spava_plan.runtime.comm_dist import TorchDistComm
+    from spava_plan.runtime.comm.dist import TorchDistComm
 
     comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
     root = Path(work)
@@ -211,7 +212,7 @@ def test_dynamic_rope_equals_stock_model_under_gloo(work, family, name):
 def test_ranks_as_threads_sharing_one_model(work):
     """W = 3 ranks emulated as threads over ONE model (the stock rotary module would be shared
     state): the same answers."""
-    from spava_plan.runtime.comm_emulated import EmulatedWorld
+    from spava_plan.runtime.comm.emulated import EmulatedWorld
 
     root, inputs, ref = work("internvl3")
     plan, inputs, model = _load(root, "spava_W3")
@@ -368,7 +369,7 @@ def test_a_ranks_rows_rotate_as_the_whole_prompt_in_the_stock_module(family, pro
 def test_linear_scaling_needs_no_wrapper():
     """linear scaling divides every position by the factor whatever the sequence: the random model
     has it and the stock rotary module is left in place (the same on every rank already)."""
-    from spava_plan.runtime.hf_attention import language_model
+    from spava_plan.runtime.hf.attention import language_model
 
     plan = _plan("model.rope_scaling.rope_type=linear", "model.rope_scaling.factor=4.0")
     assert plan.model.rope_scaling == RopeScalingSpec("linear", 4.0, 8192)

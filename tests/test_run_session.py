@@ -1,4 +1,4 @@
-"""`spava-run` over spava_plan.session: a clean stop on Ctrl-C / SIGTERM, one frame-sampling rule
+"""`spava-run` over spava_plan.entry.session: a clean stop on Ctrl-C / SIGTERM, one frame-sampling rule
 for re-planning, questions in any script, what random weights do with a question, warmup=true and
 tune_only=true. The tiny model with random weights on the CPU (no checkpoint needed)."""
 from __future__ import annotations
@@ -23,10 +23,10 @@ from spava_plan.config import SpavaConfig  # noqa: E402
 from spava_plan.errors import ConfigError  # noqa: E402
 from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
-from spava_plan.run_config import compose_entry_config, hydra_quote  # noqa: E402
+from spava_plan.entry.run_config import compose_entry_config, hydra_quote  # noqa: E402
 from spava_plan.video_meta import plan_for_clip  # noqa: E402
 
-RUN = [sys.executable, "-m", "spava_plan.run"]
+RUN = [sys.executable, "-m", "spava_plan.entry.run"]
 TINY = ["model=tiny", "model.init=random", "device=cpu"]
 
 
@@ -104,9 +104,9 @@ def test_a_clip_of_another_size_is_refused_from_its_metadata(plan54, tmp_path, m
     """A 2160x3840 clip for the 112x168 plan: refused naming video.resolution before any frame is
     decoded (issue 30: an 8K clip decoded and processed for 74 s before the mismatch was reported);
     a clip of the plan's own size still runs."""
-    from spava_plan import session as session_mod
-    from spava_plan.run import run_emulated
-    from spava_plan.run_config import compose_entry_config
+    from spava_plan.entry import session as session_mod
+    from spava_plan.entry.run import run_emulated
+    from spava_plan.entry.run_config import compose_entry_config
 
     big = mf.write_video(tmp_path / "big.mp4", frames=54, height=2160, width=3840)
     monkeypatch.setattr(session_mod, "read_frames", lambda *a, **k: pytest.fail("decoded before the size check"))
@@ -190,7 +190,7 @@ def test_a_signal_during_an_emulated_run_stops_it_cleanly(plan54, tmp_path, sig)
 
 def test_sigterm_under_torchrun_stops_every_rank_cleanly(plan54, tmp_path):
     """torchrun forwards SIGTERM to every worker: each rank stops with one line, none aborts."""
-    from spava_plan.runtime.comm_dist import free_port
+    from spava_plan.runtime.comm.dist import free_port
 
     port = free_port()
     procs = [_start([f"plan={plan54}", *TINY, "max_new_tokens=30000"], tmp_path, mf.dist_env(r, 2, port))
@@ -209,7 +209,7 @@ def test_sigterm_under_torchrun_stops_every_rank_cleanly(plan54, tmp_path):
                 proc.kill()
 
 
-@pytest.mark.parametrize("module", ["spava_plan.run", "spava_plan.serve", "spava_plan.session"])
+@pytest.mark.parametrize("module", ["spava_plan.entry.run", "spava_plan.server.serve", "spava_plan.entry.session"])
 def test_the_wait_policy_is_set_before_torch_loads(module):
     """OpenMP reads OMP_WAIT_POLICY once, as torch loads it: the entry modules set it before that."""
     code = ("import os, sys\n"

@@ -1,4 +1,4 @@
-"""The chunking planner/memory.py assumes (runtime/chunking.py) computes what the stock model does,
+"""The chunking planner/memory.py assumes (runtime/vision/chunking.py) computes what the stock model does,
 and really runs in chunks; the chunk sizes come from the plan."""
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.plan import Chunking  # noqa: E402
 from spava_plan.plan_load import load_plan  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
-from spava_plan.runtime import chunking, hf_model  # noqa: E402
-from spava_plan.runtime.hf_attention import language_model  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
-from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
+from spava_plan.runtime.vision import chunking
+from spava_plan.runtime.hf import model as hf_model  # noqa: E402
+from spava_plan.runtime.hf.attention import language_model  # noqa: E402
+from spava_plan.runtime.vision.parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision.tower import vision_module  # noqa: E402
 
 TINY_25 = ("model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
 # fp64, one process, one thread count: the chunked and stock paths differ only where the GEMM

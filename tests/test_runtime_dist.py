@@ -18,7 +18,7 @@ import torch
 from spava_plan.errors import DistributedError, SpavaError
 from spava_plan.plan_load import plan_from_dict
 from spava_plan.runtime.attention import RankAttention
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.launch import results_or_raise, run_local_world
 from spava_plan.runtime.reference import dense_attention, local_rows
 

@@ -10,7 +10,7 @@ import torch
 from spava_plan.errors import DistributedError, InputError, PlanMismatchError
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.links import ALL_TO_ALL, Links
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.critical_path import Sync
 from spava_plan.runtime.reference import assemble, dense_attention, local_rows
 

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from spava_plan import run  # noqa: E402
+from spava_plan.entry import run  # noqa: E402
 from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
 from spava_plan.runtime.solo import SoloComm  # noqa: E402

@@ -80,7 +80,7 @@ def test_emulated_replay_of_the_planned_durations_gives_the_planned_layer(overri
 
     from spava_plan.hydra_conf import compose_config
     from spava_plan.planner.build import build_plan
-    from spava_plan.runtime.comm_emulated import EmulatedWorld
+    from spava_plan.runtime.comm.emulated import EmulatedWorld
 
     # slow links: communication is exposed on some ranks, so stalls are compared too
     plan = build_plan(compose_config(["model=qwen2vl_2b", "frames=64", "video.resolution=360p",

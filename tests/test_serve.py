@@ -70,7 +70,7 @@ def test_greedy_answer_equals_spava_run_and_streaming_matches(server, root):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     # spava-run on the same inputs (it plans for the clip from the same config) answers the same;
     # its checkpoint given as a model id found in the local Hugging Face cache.
-    p = subprocess.run([sys.executable, "-m", "spava_plan.run", *COMMON, "model.checkpoint=spava/tiny",
+    p = subprocess.run([sys.executable, "-m", "spava_plan.entry.run", *COMMON, "model.checkpoint=spava/tiny",
                         f"video={root / 'media' / 'clip.mp4'}", f"question={mf.QUESTION}", "max_new_tokens=6"],
                        cwd=str(root), env={**_env(), "HF_HUB_CACHE": str(root / "hub")}, capture_output=True,
                        text=True, timeout=180)
@@ -296,21 +296,21 @@ def test_health_says_warming_up_until_the_plans_ran_once(server, root):
 
 
 def test_a_plan_dir_that_is_a_file_is_refused_at_start(root):
-    p = subprocess.run([sys.executable, "-m", "spava_plan.serve", "model=tiny", f"plan_dir={root / 'media' / 'clip.mp4'}"],
+    p = subprocess.run([sys.executable, "-m", "spava_plan.server.serve", "model=tiny", f"plan_dir={root / 'media' / 'clip.mp4'}"],
                        cwd=str(root), env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1].startswith("spava-serve: error: plan_dir") and "Traceback" not in p.stderr
 
 
 def test_serve_config_errors_are_one_line(root):
-    p = subprocess.run([sys.executable, "-m", "spava_plan.serve", "model=tiny", "queue_size=-1"], cwd=str(root),
+    p = subprocess.run([sys.executable, "-m", "spava_plan.server.serve", "model=tiny", "queue_size=-1"], cwd=str(root),
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("spava-serve: error: queue_size")
     assert "Traceback" not in p.stderr
 
 
 def test_parse_body_refuses_what_it_cannot_serve():
-    from spava_plan.serve_api import RequestError, parse_body
+    from spava_plan.server.api import RequestError, parse_body
 
     ok = {"messages": _messages("/tmp/a.mp4"), "stop": "x", "seed": 3, "temperature": 0.5, "unknown_field": 1}
     req = parse_body(json.dumps(ok).encode(), 100)

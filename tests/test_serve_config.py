@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spava_plan.errors import ConfigError
-from spava_plan.run_config import compose_entry_config, data_url_bytes
+from spava_plan.entry.run_config import compose_entry_config, data_url_bytes
 
 
 def test_the_defaults_are_secure(monkeypatch):

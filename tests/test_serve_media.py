@@ -1,4 +1,4 @@
-"""spava_plan.media: every kind of video URL against the policy, with real files, a real FIFO and a
+"""spava_plan.server.media: every kind of video URL against the policy, with real files, a real FIFO and a
 real HTTP server on 127.0.0.1 (no model, no server process: these run in about a second)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from spava_plan.media import MediaError, MediaPolicy, fetch_media, media_from_bytes
+from spava_plan.server.media import MediaError, MediaPolicy, fetch_media, media_from_bytes
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8  # any bytes: media never parses them
 

@@ -17,14 +17,14 @@ SMALL = ["model=qwen2vl_2b", "frames=64", "video.resolution=360p"]
 def test_the_plan_again_command_carries_the_overrides_and_plans_the_same(tmp_path):
     given = [*SMALL, "gpus=8", "nodes=2", "topology.link_latency_us=7", "tune=latency", "tune.min_passing=0",
              "tune.methods=[spava,apb]", "kernels=false"]
-    res = subprocess.run([sys.executable, "-m", "spava_plan.cli", *given, "hydra.run.dir=a"], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *given, "hydra.run.dir=a"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     command = (tmp_path / "a" / "tuning.md").read_text().split("without tuning: `")[1].split("`")[0]
     args = shlex.split(command)
     assert args[0] == "spava-plan" and "topology.link_latency_us=7" in args and "video.resolution=360p" in args
     assert not any(a.startswith(("tune", "hydra")) for a in args)
-    again = subprocess.run([sys.executable, "-m", "spava_plan.cli", *args[1:], "hydra.run.dir=b"], cwd=tmp_path,
+    again = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *args[1:], "hydra.run.dir=b"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert load_plan(tmp_path / "a" / "plan.json").hash == load_plan(tmp_path / "b" / "plan.json").hash

@@ -11,7 +11,7 @@ import torch
 
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.backends.torch_ref import TorchBackend
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.reference import local_rows
 from spava_plan.runtime.tune_launches import tune_plan_launches
 

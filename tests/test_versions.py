@@ -43,8 +43,8 @@ def test_the_apis_the_runtime_uses_exist():
     from transformers import AttentionInterface, Qwen2_5_VLModel, Qwen2VLModel
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
-    assert callable(AttentionInterface.register)  # runtime/hf_attention.py, vision_attention.py
-    # 5.0: RoPE settings as rope_parameters (runtime/hf_model.py builds and reads them)
+    assert callable(AttentionInterface.register)  # runtime/hf/attention.py, runtime/vision/attention.py
+    # 5.0: RoPE settings as rope_parameters (runtime/hf/model.py builds and reads them)
     cfg = Qwen2VLTextConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
     assert cfg.rope_parameters["rope_theta"] == 1e4
     for cls in (Qwen2VLModel, Qwen2_5_VLModel):

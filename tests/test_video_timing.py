@@ -94,7 +94,7 @@ def test_temporal_positions_follow_the_clips_real_timing(tmp_path):
     the longer clip, while a plan's video.fps no longer decides them."""
     from transformers.video_utils import read_video_pyav
 
-    from spava_plan.runtime import hf_inputs, hf_model
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
 
     sample = _processor_sample_frames()
     ckpt = mf.build_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
@@ -126,7 +126,7 @@ PLAN = ["model=tiny", "gpus=2", "method.pass_all=true", "method.anchor_tokens=8"
 
 
 def test_plan_for_a_clip_takes_frames_and_size_from_its_metadata(clips, tmp_path):
-    from spava_plan.cli import plan_job
+    from spava_plan.entry.cli import plan_job
     from spava_plan.hydra_conf import compose_config
 
     path = clips[(50, 5)]  # 10 s at 5 fps: the processor samples 20 frames at 2 per second
@@ -148,7 +148,7 @@ def test_a_missing_or_unreadable_clip_is_one_line_and_exit_2(tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video" * 50)
     for clip, match in ((tmp_path / "missing.mp4", "no video file at"), (junk, "cannot open .* as a video")):
-        res = subprocess.run([sys.executable, "-m", "spava_plan.cli", *PLAN, f"video.path={clip}",
+        res = subprocess.run([sys.executable, "-m", "spava_plan.entry.cli", *PLAN, f"video.path={clip}",
                               "hydra.run.dir=out"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
@@ -169,8 +169,8 @@ def test_without_pyav_the_error_names_the_extra(monkeypatch, clips):
 def test_a_clip_scaled_to_a_family_plans_frame_size_gets_its_grid(clips, tmp_path):
     """PlanStore picks a larger plan for a small clip; its frames scaled to the plan's frame size
     give exactly the plan's token grid through the processor."""
-    from spava_plan.plan_store import PlanStore
-    from spava_plan.runtime import hf_inputs
+    from spava_plan.entry.plan_store import PlanStore
+    from spava_plan.runtime.hf import inputs as hf_inputs
 
     store = PlanStore(tmp_path / "family", [*PLAN, "video.resolution=56x84"])
     chosen = store.choose(frames=8, height=56, width=84, question_tokens=5)  # planned on the fly

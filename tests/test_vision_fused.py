@@ -1,4 +1,4 @@
-"""runtime/vision_fused.py: each fused kernel against transformers' own code on fresh random
+"""runtime/vision/fused.py: each fused kernel against transformers' own code on fresh random
 inputs (fp32: the kernels do the stock fp32 math, so only summation order and FMA contraction can
 differ), and the whole tiny Qwen2.5-VL tower with and without the fused kernels. Without CUDA the
 kernels run under TRITON_INTERPRET=1 (tests/conftest.py)."""
@@ -15,9 +15,10 @@ pytest.importorskip("transformers")
 import model_fixtures as mf  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25  # noqa: E402
 
-from spava_plan.runtime import hf_model, vision_attention, vision_fused  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
-from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
+from spava_plan.runtime.hf import model as hf_model
+from spava_plan.runtime.vision import attention as vision_attention, fused as vision_fused  # noqa: E402
+from spava_plan.runtime.vision.parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision.tower import vision_module  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -205,7 +206,7 @@ def test_kernels_address_rows_past_two_to_the_31_elements():
 def test_vision_pixels_reach_the_device_in_the_model_dtype():
     """to_device copies host pixels as they are and casts on the device (one call would cast on
     the host into a pageable buffer): the values are the one-call conversion's."""
-    from spava_plan.runtime.vision_parallel import to_device
+    from spava_plan.runtime.vision.parallel import to_device
 
     g = torch.Generator().manual_seed(5)
     pixels = torch.randn(40, 1176, generator=g)

@@ -19,20 +19,20 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 import model_fixtures as mf  # noqa: E402
-from spava_plan import run
+from spava_plan.entry import run
 from spava_plan.hydra_conf import compose_config, with_method
 from spava_plan.planner.build import build_plan, derive
 from spava_plan.planner.compare import COMPARED, ONE_GPU_RING, compare, row_name
 from spava_plan.planner.cost import CostModel
 from spava_plan.planner.vision import vision_unit
 from spava_plan.plan_load import plan_from_dict
-from spava_plan.runtime import hf_attention, hf_inputs, hf_model
+from spava_plan.runtime.hf import attention as hf_attention, inputs as hf_inputs, model as hf_model
 from spava_plan.runtime.attention import RankAttention
 from spava_plan.runtime.backends.torch_ref import TorchBackend
-from spava_plan.runtime.comm_emulated import EmulatedWorld
+from spava_plan.runtime.comm.emulated import EmulatedWorld
 from spava_plan.runtime.generate import RankRunner
-from spava_plan.runtime.vision_parallel import encode_video
-from spava_plan.runtime.vision_tower import vision_module
+from spava_plan.runtime.vision.parallel import encode_video
+from spava_plan.runtime.vision.tower import vision_module
 from spava_plan.vision_exchange import plan_vision_exchange
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

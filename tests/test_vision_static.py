@@ -1,4 +1,4 @@
-"""The ViT's grid-derived inputs computed once per grid shape (runtime/vision_static.py): the tower
+"""The ViT's grid-derived inputs computed once per grid shape (runtime/vision/static.py): the tower
 gives what the stock tower gives, really receives them precomputed, and computes them once."""
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ vision_utils = pytest.importorskip("transformers.vision_utils")
 from spava_plan.hydra_conf import compose_config  # noqa: E402
 from spava_plan.plan import Chunking  # noqa: E402
 from spava_plan.planner.build import build_plan  # noqa: E402
-from spava_plan.runtime import chunking, hf_model, vision_attention, vision_static  # noqa: E402
-from spava_plan.runtime.vision_parallel import encode_video  # noqa: E402
-from spava_plan.runtime.vision_tower import vision_module  # noqa: E402
+from spava_plan.runtime.vision import chunking, attention as vision_attention, static as vision_static
+from spava_plan.runtime.hf import model as hf_model  # noqa: E402
+from spava_plan.runtime.vision.parallel import encode_video  # noqa: E402
+from spava_plan.runtime.vision.tower import vision_module  # noqa: E402
 
 TINY_25 = ("model.family=qwen2_5_vl", "model.name=tiny_25", "model.tokens_per_second=2")
 TOL = dict(rtol=1e-10, atol=1e-12)  # fp64, one process: the same arithmetic in the same order

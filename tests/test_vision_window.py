@@ -1,4 +1,4 @@
-"""runtime/vision_window.py: the one-launch window attention against SDPA run piece by piece on
+"""runtime/vision/window.py: the one-launch window attention against SDPA run piece by piece on
 fresh random inputs, with the strided (1, H, S, D) views the ViT hands over, uneven pieces (edge
 windows), a head dim that is not a power of two (the ViT's 80) and GQA. fp32 under
 TRITON_INTERPRET=1 on CPU (tests/conftest.py); bf16 on a GPU."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spava_plan.runtime.vision_window import window_attention
+from spava_plan.runtime.vision.window import window_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 (interpreter): summation order only; bf16 (GPU): P and the output rounded to bf16

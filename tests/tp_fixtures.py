@@ -50,8 +50,8 @@ def gloo_worker(root: str) -> None:
     import torch
 
     from spava_plan.plan_load import load_plan
-    from spava_plan.runtime import hf_inputs, hf_model
-    from spava_plan.runtime.comm_dist import TorchDistComm
+    from spava_plan.runtime.hf import inputs as hf_inputs, model as hf_model
+    from spava_plan.runtime.comm.dist import TorchDistComm
     from spava_plan.runtime.tensor_parallel import TPRankRunner
 
     comm = TorchDistComm.from_env(backend="gloo", timeout_s=120)
