@@ -19,10 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from .errors import ConfigError
-from .plan import DTYPE_BYTES, RopeType
 from .calibration_config import CalibrationConfig
+from .errors import ConfigError
 from .tune_config import TuneConfig
+from .vocab import DTYPE_BYTES, RopeType
 
 # Resolution presets: (height, width) of the source video before the processor resizes it.
 RESOLUTION_PRESETS = {
@@ -54,7 +54,7 @@ VISION_PARALLELS = ("frames", "one_gpu")
 # broadcast: rank 0, which holds the anchor as its first rows, sends their K/V every layer.
 ANCHOR_MODES = ("broadcast", "recompute")
 ANCHOR_METHODS = ("spava", "apb", "star")  # the methods with an anchor (dense and zigzag_ring ignore it)
-DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.plan)
+DTYPES = DTYPE_BYTES  # plan dtype -> bytes per element (spava_plan.vocab)
 
 # Sanity ceilings: beyond these a value is a typo, not a workload. The planner's time and its
 # artifacts grow with gpus: at the ceilings (the largest sizes benchmarks/plan_speed.py times)

@@ -51,13 +51,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, NamedTuple, get_args
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, get_args
 
+from .config import SpavaConfig, to_config
 from .errors import PlanMismatchError
 from .links import Links
-
-if TYPE_CHECKING:  # config.py imports this module: only the type checker sees the other direction
-    from .config import SpavaConfig
+from .vocab import DTYPE_BYTES, DType, RopeType  # noqa: F401 - part of the plan's vocabulary (shared with config.py)
 
 # 3: ModelSpec carries RoPE (rope_theta, mrope_section, tokens_per_second), tie_word_embeddings and
 # the vision tower (ModelSpec.vision): a random-weight model is built from the plan alone.
@@ -78,12 +77,6 @@ OpKind = Literal["compute", "comm_start", "comm_wait"]
 Stream = Literal["compute", "comm"]
 ComputeOp = Literal["qkv", "out_mlp", "select", "attend", "merge"]
 Method = Literal["spava", "apb", "star", "zigzag_ring", "dense", "dense_tp"]
-RopeType = Literal["default", "linear", "dynamic"]  # the RoPE scalings the runtime reproduces
-DType = Literal["bf16", "fp16", "fp32"]
-# The one dtype table: bytes per element of each plan dtype (config validation, cost and memory
-# models, collective sizes). runtime/dtypes.py maps the same names to torch dtypes.
-DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
-assert tuple(DTYPE_BYTES) == get_args(DType)
 Family = Literal["qwen2_vl", "qwen2_5_vl", "internvl3"]
 Selection = Literal["query_aware", "key_norm"]
 # Where the vision tower runs (config vision.parallel): every rank its grids, or rank 0 the whole video.
@@ -497,12 +490,9 @@ class Plan:
         re-planning."""
         return merge_config(self.config, self.deployment)
 
-    def source_config(self) -> "SpavaConfig":
+    def source_config(self) -> SpavaConfig:
         """The validated SpavaConfig the plan was made from (``config`` plus ``deployment``), for a
-        typed re-plan: ``dataclasses.replace`` on it, then the planner. Imported here, not at the
-        top: spava_plan.config imports this module."""
-        from .config import to_config
-
+        typed re-plan: ``dataclasses.replace`` on it, then the planner."""
         return to_config(self.resolved_config())
 
     def save(self, path: str | Path) -> Path:
