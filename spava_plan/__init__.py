@@ -1,7 +1,9 @@
 """spava-plan: a declarative planner/compiler for Spava sequence-parallel approximate attention.
 
 The core package holds the config schemas, the Plan format and the error family; the planner,
-codegen and runtime stages install as its subpackages (spava_plan.planner, .codegen, .runtime).
+codegen and runtime stages install as its subpackages (spava_plan.planner, .codegen, .runtime), and
+the entry points that wire them together live in spava_plan.entry (the commands, the Session, the
+plan store) and spava_plan.server (spava-serve). docs/architecture.md draws the layers.
 """
 from .errors import SpavaError
 from .plan import Plan
