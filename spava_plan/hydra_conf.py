@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from .compared_rows import row_setting
 from .config import CommandLineConfig, MethodConfig, SpavaConfig, VisionParallelConfig, to_config
 from .errors import ConfigError
-from .planner.compare import row_setting
 
 CONFIG_MODULE = "spava_plan.conf"
 CONFIG_NAME = "config"
@@ -126,7 +126,7 @@ def method_preset(name: str) -> MethodConfig:
 
 def with_method(cfg: SpavaConfig, name: str) -> SpavaConfig:
     """``cfg`` with its method group replaced by the preset of comparison row ``name``'s method
-    and its vision placement by the row's (planner/compare.py row_setting: a plain method name is
+    and its vision placement by the row's (compared_rows.row_setting: a plain method name is
     the frame-parallel ViT; model, topology, video and solver unchanged). ``method.anchor`` carries
     over, so every method with an anchor is compared with the same anchor mode."""
     import dataclasses
