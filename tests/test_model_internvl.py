@@ -110,9 +110,12 @@ def work(tmp_path_factory):
     inputs = mf.tiny_internvl_inputs(ckpt, video, 11)
     torch.save(inputs, d / "inputs.pt")
     for W in (2, 3):
-        # an anchor that ends inside the second frame's tile: both kinds of vision exchange run
-        mf.tiny_internvl_plan(inputs, W, 11, "method.pass_all=true", "method.anchor_tokens=150").save(
-            d / f"plan_W{W}.json")
+        # an anchor that ends inside the second frame's tile. W=2 recomputes it on every rank: both
+        # kinds of vision exchange run; W=3 broadcasts its K/V from rank 0 (method.anchor=broadcast,
+        # the default): the other ranks never see its rows
+        mode = "recompute" if W == 2 else "broadcast"
+        mf.tiny_internvl_plan(inputs, W, 11, "method.pass_all=true", "method.anchor_tokens=150",
+                              f"method.anchor={mode}").save(d / f"plan_W{W}.json")
     stock = hf_model.load_checkpoint(str(ckpt), dtype=torch.float64, device="cpu")
     kw = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values_videos)
     with torch.inference_mode():
@@ -145,7 +148,8 @@ def test_pass_all_spava_equals_stock_model_under_gloo(work, W):
 
     root, inputs, ref = work
     ex = plan_vision_exchange(load_plan(root / "internvl3" / f"plan_W{W}.json"))
-    assert ex.shared and any(ex.send_rows(r) for r in range(W))  # broadcast and all-to-all both run
+    # recompute (W=2): the anchor's rows broadcast and the rest all-to-all; broadcast (W=3): rank 0 alone holds them
+    assert bool(ex.shared) == (W == 2) and any(ex.send_rows(r) for r in range(W))
     code = f"import model_fixtures as mf; mf.exactness_worker({str(root)!r}, 'internvl3', {NEW_TOKENS})"
     results = mf.launch(lambda r: ["-c", code], W, cwd=mf.Path(mf.__file__).parent, timeout=240)
     for rank, (rc, _, err) in enumerate(results):
