@@ -18,4 +18,4 @@ tv_ok() { python -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(
 tv_ok || python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q -e ".[model,serve,test]"
 tv_ok || { echo "torch / torchvision do not load together: $(python -c 'import torch, torchvision' 2>&1 | tail -1)" >&2; exit 1; }
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=30 tests "$@"

@@ -26,10 +26,11 @@ from spava_plan.runtime.vision.tower import vision_module
 from spava_plan.vision_exchange import grid_ranges, plan_vision_exchange, vision_exchange
 
 # 112x112 gives 4x4 merged tokens per grid (several Qwen2.5-VL attention windows per grid); 10
-# frames give 5 grids. An anchor of 24 tokens holds the first 9 video tokens, so the shared rows'
-# broadcast and the all-to-all both run.
+# frames give 5 grids. An anchor of 24 tokens holds the first 9 video tokens, recomputed on every
+# rank, so the shared rows' broadcast and the all-to-all both run (with the default
+# method.anchor=broadcast only rank 0 holds the anchor's rows: tests/test_model_spava.py, W=3).
 FRAMES, RESOLUTION = 10, "112x112"
-EXTRA = ("method.pass_all=true", "method.anchor_tokens=24")
+EXTRA = ("method.pass_all=true", "method.anchor_tokens=24", "method.anchor=recompute")
 # Per-rank ViT rows against the whole video's: the Qwen2.5-VL tower's RMSNorm rounds through fp32, so a
 # different batching can show at fp32 resolution relative to rows of magnitude ~1.
 VIDEO_ATOL = 1e-5
