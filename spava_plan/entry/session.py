@@ -52,7 +52,7 @@ from ..runtime.tensor_parallel import TPRankRunner
 from ..runtime.video_io import probe, read_frames
 from ..runtime.vision.parallel import check_grids
 from ..video_meta import frames_for_rate, plan_for_clip
-from ..vision_exchange import plan_vision_exchange
+from ..vision_exchange import plan_encoders, plan_vision_exchange
 
 OnToken = Callable[[list[int]], bool]
 
@@ -185,12 +185,6 @@ def replan(plan: Plan, settings: Mapping[str, Any]) -> Plan:
     cfg: SpavaConfig = with_settings(plan.source_config(), settings)
     cfg = dataclasses.replace(cfg, topology=dataclasses.replace(cfg.topology, gpus=plan.world_size), kernels=False)
     return build_plan(cfg)
-
-
-def _grid_ranks(plan: Plan, world: int) -> int:
-    """Ranks that each need a temporal grid of their own: all of them when the frames are split
-    among the ranks; one for dense_tp, whose every rank encodes every grid with its shard."""
-    return 1 if plan.method == "dense_tp" else world
 
 
 def _check_clip_size(plan: Plan, height: int, width: int) -> None:
@@ -400,8 +394,9 @@ class Session:
         if own is not None and self._own_frames(plan, frames_n) != own:
             raise SpavaError(f"rank {self.rank}: the plan made for this input splits the frames otherwise than the "
                              f"one they were decoded for; use video_decode=all", setting="video_decode")
-        check_grids(int(inputs.video_grid_thw[0, 0]), _grid_ranks(plan, self.world_size), plan.video.temporal_patch,
-                    plan.vision_parallel)
+        # every encoding rank needs a temporal grid of its own (dense_tp: one, each rank encodes them all)
+        encoders = plan_encoders(self.world_size, plan.vision_parallel, plan.method)
+        check_grids(int(inputs.video_grid_thw[0, 0]), encoders, plan.video.temporal_patch)
         torch.manual_seed(cfg.seed)
         plan_dir = Path(cfg.plan).resolve().parent if cfg.plan else Path(self.out_dir or ".").resolve()
         return Prepared(plan, plan_dir, self.model, self.processing, inputs, positions, self.device, self.eos,
@@ -524,8 +519,9 @@ class Session:
             hf_inputs.check_against_plan(plan, inputs, positions)
         inputs, positions = hf_inputs.pad_query(plan, inputs, positions)
         # the plan's own ranks: a short clip's plan may run on fewer than the server's (emulated)
-        check_grids(int(inputs.video_grid_thw[0, 0]), _grid_ranks(plan, plan.world_size), plan.video.temporal_patch,
-                    plan.vision_parallel)
+        # every encoding rank needs a temporal grid of its own (dense_tp: one, each rank encodes them all)
+        encoders = plan_encoders(plan.world_size, plan.vision_parallel, plan.method)
+        check_grids(int(inputs.video_grid_thw[0, 0]), encoders, plan.video.temporal_patch)
         return Prepared(plan, self.store.root, self.model, self.processing, inputs, positions, self.device, self.eos,
                         [], time.perf_counter() - t0, plan is not self.fixed, decode_s=self.last_decode_s)
 
